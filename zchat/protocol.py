@@ -1,0 +1,388 @@
+"""The zchat wire format: message kinds, topics, limits, error codes, encode/decode.
+
+Plain values only: nothing here touches a socket or a clock, so every layer (broker
+core, client library, tests, other-language clients via docs/protocol.md) agrees on
+one definition. Bodies are MessagePack maps tagged by ``k``; every body carries the
+protocol version ``v``.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Final, Literal, Union
+
+import msgspec
+
+PROTOCOL_VERSION: Final = 1
+
+#: Largest body (bytes) the broker accepts; also set as ZMQ_MAXMSGSIZE on its sockets.
+MAX_MESSAGE_BYTES: Final = 64 * 1024
+MAX_NAME_LEN: Final = 32
+MAX_ROOM_LEN: Final = 64
+MAX_CID_LEN: Final = 64
+MAX_HISTORY: Final = 1000
+
+NAME_RE: Final = re.compile(r"[a-z0-9][a-z0-9_-]{0,%d}\Z" % (MAX_NAME_LEN - 1))
+ROOM_RE: Final = re.compile(r"[a-z0-9][a-z0-9_.-]{0,%d}\Z" % (MAX_ROOM_LEN - 1))
+
+#: Topic frames: a kind byte, the name, then NUL. The NUL terminator makes ZeroMQ's
+#: prefix matching exact: a subscription to ``#dev\0`` never matches ``#devops\0``.
+ROOM_PREFIX: Final = b"#"
+INBOX_PREFIX: Final = b"@"
+SYSTEM_TOPIC: Final = b"$\x00"
+
+# The broker's ports are the user's port (ROUTER) plus these offsets, and are also
+# told in the Welcome reply so a client never has to guess.
+PULL_OFFSET: Final = 1
+PUB_OFFSET: Final = 2
+
+MsgKind = Literal["text", "me", "join", "part"]
+
+
+class ErrorCode:
+    """Machine-readable error codes; ``Error.message`` carries the human sentence."""
+
+    BAD_FRAME = "bad_frame"  # wrong number of frames
+    BAD_ENCODING = "bad_encoding"  # not MessagePack, or invalid UTF-8
+    BAD_VERSION = "bad_version"  # v is not a version this broker speaks
+    BAD_REQUEST = "bad_request"  # unknown kind, missing field, wrong type
+    TOO_LARGE = "too_large"  # body over MAX_MESSAGE_BYTES
+    BAD_NAME = "bad_name"
+    BAD_ROOM = "bad_room"
+    UNKNOWN_ROOM = "unknown_room"
+    UNKNOWN_USER = "unknown_user"
+    NOT_MEMBER = "not_member"
+    RATE_LIMITED = "rate_limited"
+    NO_SESSION = "no_session"  # say hello (again) first
+    NAME_TAKEN = "name_taken"  # refused at the handshake (ZAP status 400)
+    SHUTTING_DOWN = "shutting_down"
+    INTERNAL = "internal"
+
+    ALL: Final = frozenset(
+        {
+            BAD_FRAME, BAD_ENCODING, BAD_VERSION, BAD_REQUEST, TOO_LARGE, BAD_NAME,
+            BAD_ROOM, UNKNOWN_ROOM, UNKNOWN_USER, NOT_MEMBER, RATE_LIMITED,
+            NO_SESSION, NAME_TAKEN, SHUTTING_DOWN, INTERNAL,
+        }
+    )
+
+
+class ProtocolError(Exception):
+    """A body that cannot be accepted; ``code`` is one of ErrorCode."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+class _Body(msgspec.Struct, tag_field="k", frozen=True, kw_only=True):
+    v: int = PROTOCOL_VERSION
+
+
+# ---------------------------------------------------------------- value types
+
+
+class Member(msgspec.Struct, frozen=True):
+    name: str
+    online: bool
+
+
+class RoomInfo(msgspec.Struct, frozen=True):
+    name: str
+    members: int
+    online: int
+
+
+# ------------------------------------------------- client -> broker (DEALER/ROUTER)
+
+
+class Hello(_Body, tag="hello"):
+    rid: int
+    client: str = ""
+
+
+class Join(_Body, tag="join"):
+    rid: int
+    room: str
+
+
+class Part(_Body, tag="part"):
+    rid: int
+    room: str
+
+
+class History(_Body, tag="history"):
+    """Messages of ``room`` with after < seq < before, at most ``limit``.
+
+    With ``after`` set the oldest matching come first; otherwise the newest ``limit``
+    below ``before`` (or the head). Always returned in ascending seq order.
+    """
+
+    rid: int
+    room: str
+    limit: int = 100
+    before: int = 0  # 0: no upper bound
+    after: int = -1  # -1: no lower bound (newest first selection)
+
+
+class Who(_Body, tag="who"):
+    rid: int
+    room: str
+
+
+class Rooms(_Body, tag="rooms"):
+    rid: int
+
+
+class Ping(_Body, tag="ping"):
+    rid: int
+
+
+class Bye(_Body, tag="bye"):
+    rid: int
+
+
+Request = Union[Hello, Join, Part, History, Who, Rooms, Ping, Bye]
+
+# ------------------------------------------------------ client -> broker (PUSH/PULL)
+
+
+class Send(_Body, tag="send"):
+    """A chat line. Exactly one of ``room`` / ``to`` is set. ``sid`` names the
+    session whose DEALER receives the Ack; ``cid`` makes resends idempotent."""
+
+    sid: str
+    cid: str
+    text: str
+    room: str = ""
+    to: str = ""
+    me: bool = False
+
+
+# ----------------------------------------------------- broker -> client (ROUTER)
+
+
+class Welcome(_Body, tag="welcome"):
+    rid: int
+    name: str
+    epoch: str
+    boot: str
+    pull_port: int
+    pub_port: int
+    heartbeat: float
+    max_bytes: int
+    rate: float
+    burst: float
+    rooms: dict[str, int] = {}  # the user's rooms and DM conversations -> head seq
+
+
+class Joined(_Body, tag="joined"):
+    rid: int
+    room: str
+    head: int
+    epoch: str
+    members: list[Member] = []
+
+
+class Ok(_Body, tag="ok"):
+    rid: int
+
+
+class HistoryReply(_Body, tag="hist"):
+    rid: int
+    room: str
+    epoch: str
+    head: int
+    messages: list["Msg"] = []
+
+
+class WhoReply(_Body, tag="members"):
+    rid: int
+    room: str
+    members: list[Member] = []
+
+
+class RoomsReply(_Body, tag="roomlist"):
+    rid: int
+    rooms: list[RoomInfo] = []
+
+
+class Pong(_Body, tag="pong"):
+    rid: int
+    boot: str
+    epoch: str
+    heads: dict[str, int] = {}
+
+
+class Stored(msgspec.Struct, frozen=True):
+    cid: str
+    room: str
+    seq: int
+    id: str
+    ts: float
+
+
+class Ack(_Body, tag="ack"):
+    stored: list[Stored]
+
+
+class Error(_Body, tag="error"):
+    code: str
+    message: str
+    rid: int = 0
+    cid: str = ""
+    retry_after: float = 0.0
+
+
+Reply = Union[Welcome, Joined, Ok, HistoryReply, WhoReply, RoomsReply, Pong, Ack, Error]
+
+# ------------------------------------------------------- broker -> client (PUB/SUB)
+
+
+class Msg(_Body, tag="msg"):
+    """A stored, sequenced event of a room or DM conversation."""
+
+    room: str
+    seq: int
+    id: str
+    ts: float
+    sender: str
+    text: str = ""
+    kind: MsgKind = "text"
+    to: str = ""
+    cid: str = ""
+    epoch: str = ""
+
+
+class Presence(_Body, tag="presence"):
+    """Transient online/offline change of a member; not sequenced, not stored."""
+
+    room: str
+    name: str
+    online: bool
+    ts: float
+
+
+class Notice(_Body, tag="notice"):
+    """Broker-wide announcement on SYSTEM_TOPIC, e.g. ``shutdown``."""
+
+    event: str
+    boot: str
+    ts: float
+
+
+Event = Union[Msg, Presence, Notice]
+
+# ------------------------------------------------------------------- codecs
+
+_encoder = msgspec.msgpack.Encoder()
+_request_decoder = msgspec.msgpack.Decoder(Request)
+_send_decoder = msgspec.msgpack.Decoder(Send)
+_reply_decoder = msgspec.msgpack.Decoder(Reply)
+_event_decoder = msgspec.msgpack.Decoder(Event)
+_version_decoder = msgspec.msgpack.Decoder(dict)
+
+
+def encode(body: msgspec.Struct) -> bytes:
+    return _encoder.encode(body)
+
+
+def _decode(data: bytes, decoder: msgspec.msgpack.Decoder):  # type: ignore[type-arg]
+    if len(data) > MAX_MESSAGE_BYTES:
+        raise ProtocolError(ErrorCode.TOO_LARGE, f"body is {len(data)} bytes; limit {MAX_MESSAGE_BYTES}")
+    try:
+        body = decoder.decode(data)
+    except UnicodeDecodeError as exc:
+        raise ProtocolError(ErrorCode.BAD_ENCODING, f"invalid UTF-8: {exc.reason}") from None
+    except msgspec.DecodeError as exc:
+        raise _explain(data, exc) from None
+    if body.v != PROTOCOL_VERSION:
+        raise ProtocolError(ErrorCode.BAD_VERSION, f"protocol version {body.v} not supported; speak {PROTOCOL_VERSION}")
+    return body
+
+
+def _explain(data: bytes, exc: msgspec.DecodeError) -> ProtocolError:
+    """Turn a decode failure into the most specific code: version, encoding or shape."""
+    try:
+        raw = _version_decoder.decode(data)
+    except (msgspec.DecodeError, UnicodeDecodeError):
+        return ProtocolError(ErrorCode.BAD_ENCODING, f"not a MessagePack map: {exc}")
+    if not isinstance(raw, dict):
+        return ProtocolError(ErrorCode.BAD_REQUEST, f"body must be a map: {exc}")
+    version = raw.get("v", PROTOCOL_VERSION)
+    if version != PROTOCOL_VERSION:
+        return ProtocolError(ErrorCode.BAD_VERSION, f"protocol version {version!r} not supported; speak {PROTOCOL_VERSION}")
+    return ProtocolError(ErrorCode.BAD_REQUEST, str(exc))
+
+
+def decode_request(data: bytes) -> Request:
+    return _decode(data, _request_decoder)
+
+
+def decode_send(data: bytes) -> Send:
+    return _decode(data, _send_decoder)
+
+
+def decode_reply(data: bytes) -> Reply:
+    return _decode(data, _reply_decoder)
+
+
+def decode_event(data: bytes) -> Event:
+    return _decode(data, _event_decoder)
+
+
+# ------------------------------------------------------------------- topics
+
+
+def room_topic(room: str) -> bytes:
+    return ROOM_PREFIX + room.encode() + b"\x00"
+
+
+def inbox_topic(name: str) -> bytes:
+    return INBOX_PREFIX + name.encode() + b"\x00"
+
+
+def parse_topic(topic: bytes) -> tuple[str, str] | None:
+    """``(kind, name)`` for a well-formed topic ('room', 'inbox' or 'system'), else None."""
+    if topic == SYSTEM_TOPIC:
+        return ("system", "")
+    if len(topic) < 3 or not topic.endswith(b"\x00"):
+        return None
+    try:
+        name = topic[1:-1].decode("ascii")
+    except UnicodeDecodeError:
+        return None
+    head = topic[:1]
+    if head == ROOM_PREFIX and ROOM_RE.match(name):
+        return ("room", name)
+    if head == INBOX_PREFIX and NAME_RE.match(name):
+        return ("inbox", name)
+    return None
+
+
+def dm_room(a: str, b: str) -> str:
+    """The conversation id two users share: ``@`` then both names sorted, ``:`` between."""
+    lo, hi = sorted((a, b))
+    return f"@{lo}:{hi}"
+
+
+def is_dm_room(room: str) -> bool:
+    return room.startswith("@")
+
+
+def dm_peers(room: str) -> tuple[str, str] | None:
+    if not room.startswith("@"):
+        return None
+    lo, sep, hi = room[1:].partition(":")
+    if not sep or not NAME_RE.match(lo) or not NAME_RE.match(hi):
+        return None
+    return (lo, hi)
+
+
+def valid_name(name: str) -> bool:
+    return bool(NAME_RE.match(name))
+
+
+def valid_room(room: str) -> bool:
+    return bool(ROOM_RE.match(room))

@@ -1,0 +1,61 @@
+"""The storage interface the broker writes history, users and memberships through.
+
+Small on purpose: the broker core assigns sequence numbers and message ids; storage
+only keeps what it is given, durably, and answers range queries. SQLite (one broker)
+and Redis (several brokers) implement it and pass one shared test suite
+(tests/integration/test_storage.py).
+"""
+
+from __future__ import annotations
+
+from typing import Protocol, Sequence
+
+from zchat.protocol import Msg
+
+
+class StorageError(Exception):
+    """Storage refused or failed an operation (for example a (room, seq) already stored)."""
+
+
+class Storage(Protocol):
+    async def open(self) -> str:
+        """Create or open the store; return its history epoch.
+
+        The epoch is a random string made when the store is first created and kept
+        for its lifetime: a new epoch tells clients that earlier history is gone.
+        """
+
+    async def close(self) -> None: ...
+
+    async def append(self, messages: Sequence[Msg]) -> None:
+        """Store messages atomically (all or none), durable when this returns.
+
+        Raises StorageError if any (room, seq) is already stored.
+        """
+
+    async def heads(self) -> dict[str, int]:
+        """Highest stored seq of every room (0 for none)."""
+
+    async def range(self, room: str, after: int, limit: int, before: int = 0) -> list[Msg]:
+        """Messages with after < seq (< before when before > 0), oldest first, at most limit."""
+
+    async def last(self, room: str, limit: int, before: int = 0) -> list[Msg]:
+        """The newest ``limit`` messages (with seq < before when before > 0), oldest first."""
+
+    async def first_seq(self, room: str) -> int:
+        """Lowest seq still stored for room (0 when empty); shows what was trimmed."""
+
+    async def recent(self, limit: int) -> list[Msg]:
+        """The newest ``limit`` messages over all rooms that carry a cid (for dedup warm-up)."""
+
+    async def get_user(self, name: str) -> bytes | None:
+        """The stored secret digest for name, or None if the name is free."""
+
+    async def add_user(self, name: str, digest: bytes) -> bool:
+        """Claim name with digest; False if it was already claimed (the first owner wins)."""
+
+    async def members(self) -> dict[str, set[str]]:
+        """Every room's (and DM conversation's) members."""
+
+    async def set_member(self, room: str, name: str, member: bool) -> None:
+        """Add (member=True) or remove name from room's members."""
