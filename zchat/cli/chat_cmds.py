@@ -1,0 +1,3 @@
+"""Commands of this module are registered by zchat.cli."""
+
+COMMANDS: list = []
