@@ -1,0 +1,323 @@
+"""The broker process: a thin asyncio shell around zchat.core.
+
+One task owns every socket. It waits on a poller, drains whatever is ready without
+blocking (so one client can never stall the others), feeds the core, then carries
+out the core's Outcome: store (one transaction per batch), publish, reply.
+
+Sockets (all PLAIN-authenticated through the ZAP handler below):
+  ROUTER  port P    requests and replies, acks and errors for chat lines
+  PULL    port P+1  chat lines from the clients' PUSH
+  XPUB    port P+2  fan-out; XPUB_MANUAL so each subscription is authorised
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import secrets
+import time
+from typing import Any
+
+import zmq
+import zmq.asyncio
+
+from zchat import __version__, auth
+from zchat import protocol as p
+from zchat.core import Core, Limits, Outcome
+from zchat.storage import Storage, StorageError
+
+log = logging.getLogger(__name__)
+
+ZAP_ENDPOINT = "inproc://zeromq.zap.01"
+ZAP_DOMAIN = b"zchat"
+BATCH = 512  # most messages taken from one socket per loop turn
+
+
+class RateLimitedLog:
+    """Logs bad input at most once a second per kind, with how many were suppressed."""
+
+    def __init__(self) -> None:
+        self.last: dict[str, float] = {}
+        self.suppressed: dict[str, int] = {}
+
+    def warn(self, kind: str, detail: str, now: float) -> None:
+        if now - self.last.get(kind, 0.0) < 1.0:
+            self.suppressed[kind] = self.suppressed.get(kind, 0) + 1
+            return
+        extra = self.suppressed.pop(kind, 0)
+        self.last[kind] = now
+        log.warning("bad input (%s): %s%s", kind, detail, f" (+{extra} more suppressed)" if extra else "")
+
+
+def split_endpoint(endpoint: str) -> tuple[str, int]:
+    """``tcp://host:port`` -> (``tcp://host``, port); port 0 means pick free ports."""
+    base, _, port = endpoint.rpartition(":")
+    if not endpoint.startswith("tcp://") or not port.isdigit():
+        raise ValueError(f"endpoint must look like tcp://HOST:PORT, got {endpoint!r}")
+    return base, int(port)
+
+
+class Broker:
+    def __init__(self, bind: str, storage: Storage, limits: Limits = Limits(), tick: float | None = None) -> None:
+        self.bind = bind
+        self.storage = storage
+        self.limits = limits
+        self.tick_every = tick if tick is not None else min(1.0, limits.heartbeat / 2)
+        self.ctx = zmq.asyncio.Context()
+        self.core: Core | None = None
+        self.endpoint = ""
+        self.ports: tuple[int, int, int] = (0, 0, 0)
+        self.digests: dict[str, bytes] = {}
+        self.bad = RateLimitedLog()
+        self.stopping = asyncio.Event()
+        self.stopped = asyncio.Event()
+
+    # ------------------------------------------------------------ set-up
+
+    def _socket(self, kind: int, **options: Any) -> zmq.asyncio.Socket:
+        sock = self.ctx.socket(kind)
+        sock.linger = 0
+        for name, value in options.items():
+            sock.setsockopt(getattr(zmq, name.upper()), value)
+        return sock
+
+    async def start(self) -> None:
+        epoch = await self.storage.open()
+        heads = await self.storage.heads()
+        members = await self.storage.members()
+        recent = await self.storage.recent(10_000)
+        self.zap = self._socket(zmq.REP)
+        self.zap.bind(ZAP_ENDPOINT)
+        secure = dict(plain_server=1, zap_domain=ZAP_DOMAIN, maxmsgsize=self.limits.max_bytes)
+        self.router = self._socket(zmq.ROUTER, router_handover=1, **secure)
+        self.pull = self._socket(zmq.PULL, rcvhwm=100_000, **secure)
+        self.xpub = self._socket(zmq.XPUB, xpub_manual=1, sndhwm=100_000, **secure)
+        base, port = split_endpoint(self.bind)
+        ports = []
+        for offset, sock in enumerate((self.router, self.pull, self.xpub)):
+            if port:
+                sock.bind(f"{base}:{port + offset}")
+                ports.append(port + offset)
+            else:
+                sock.bind(f"{base}:*")
+                ports.append(int(sock.last_endpoint.decode().rpartition(":")[2]))
+        self.ports = (ports[0], ports[1], ports[2])
+        self.endpoint = f"{base}:{ports[0]}"
+        limits = Limits(**{**self.limits.__dict__, "pull_port": ports[1], "pub_port": ports[2]})
+        self.core = Core(
+            epoch=epoch, boot=secrets.token_hex(6), limits=limits, heads=heads, members=members,
+            recent=recent, id_prefix=secrets.token_hex(4) + "-",
+        )
+        # Shadows share the socket but send/recv without futures: the loop drains them
+        # with NOBLOCK after the poller says they are ready.
+        self._r, self._pl, self._x, self._z = (zmq.Socket.shadow(s.underlying) for s in (self.router, self.pull, self.xpub, self.zap))
+        log.info(
+            "zchat %s broker up: requests %s, chat in %s:%d, fan-out %s:%d, epoch %s, pid %d",
+            __version__, self.endpoint, base, ports[1], base, ports[2], epoch, os.getpid(),
+        )
+
+    # ------------------------------------------------------------ main loop
+
+    async def run(self) -> None:
+        """Serve until ``stop()``; always closes sockets and storage on the way out."""
+        assert self.core is not None, "start() first"
+        poller = zmq.asyncio.Poller()
+        for sock in (self.zap, self.router, self.pull, self.xpub):
+            poller.register(sock, zmq.POLLIN)
+        next_tick = time.time() + self.tick_every
+        stop_wait = asyncio.ensure_future(self.stopping.wait())
+        try:
+            while not self.stopping.is_set():
+                poll = asyncio.ensure_future(poller.poll(int(self.tick_every * 1000)))
+                await asyncio.wait({poll, stop_wait}, return_when=asyncio.FIRST_COMPLETED)
+                if not poll.done():
+                    poll.cancel()
+                    break
+                ready = dict(poll.result())
+                now = time.time()
+                out = Outcome()
+                if self.zap in ready:
+                    await self._zap()
+                if self.xpub in ready:
+                    self._subscriptions(now)
+                if self.router in ready:
+                    self._requests(now, out)
+                if self.pull in ready:
+                    self._chat(now, out)
+                if now >= next_tick:
+                    self.core.tick(now, out)
+                    next_tick = now + self.tick_every
+                await self._apply(out)
+            await self._farewell()
+        finally:
+            stop_wait.cancel()
+            self._close()
+            await self.storage.close()
+            log.info("broker stopped; history closed cleanly")
+            self.stopped.set()
+
+    def stop(self) -> None:
+        self.stopping.set()
+
+    async def _farewell(self) -> None:
+        """Tell subscribers we are going, and answer stragglers, for a moment."""
+        out = Outcome()
+        self.core.shutdown(time.time(), out)  # type: ignore[union-attr]
+        await self._apply(out)
+        deadline = time.monotonic() + 0.2
+        while time.monotonic() < deadline:
+            try:
+                frames = self._r.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                await asyncio.sleep(0.02)
+                continue
+            if len(frames) == 2:
+                self._r.send_multipart([frames[0], p.encode(p.Error(code=p.ErrorCode.SHUTTING_DOWN, message="broker is shutting down"))], zmq.NOBLOCK)
+
+    def _close(self) -> None:
+        for sock in (self.router, self.pull, self.xpub, self.zap):
+            sock.close(linger=0)
+        self.ctx.term()
+
+    # ------------------------------------------------------------ inputs
+
+    async def _zap(self) -> None:
+        for _ in range(BATCH):
+            try:
+                frames = self._z.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            version, request_id, _domain, address, _identity, mechanism, *creds = frames + [b""] * max(0, 6 - len(frames))
+            if mechanism == b"PLAIN" and len(creds) == 2:
+                name = creds[0].decode("ascii", "replace")
+                stored = self.digests.get(name)
+                if stored is None:
+                    stored = await self.storage.get_user(name) if p.valid_name(name) else None
+                verdict = auth.check_plain(creds[0], creds[1], stored)
+                if verdict.claim is not None:
+                    if await self.storage.add_user(name, verdict.claim):
+                        self.core.add_user(name)  # type: ignore[union-attr]
+                        log.info("name %r claimed from %s", name, address.decode(errors="replace"))
+                    else:  # another broker claimed it first; decide again against that owner
+                        verdict = auth.check_plain(creds[0], creds[1], await self.storage.get_user(name))
+                if verdict.status == b"200":
+                    self.digests[name] = verdict.claim or stored or b""
+                else:
+                    log.info("refused %s from %s: %s", name, address.decode(errors="replace"), verdict.text)
+            else:
+                verdict = auth.Verdict(b"400", "use the PLAIN mechanism")
+            self._z.send_multipart([version, request_id, verdict.status, verdict.text.encode(), verdict.user_id.encode(), b""])
+
+    def _subscriptions(self, now: float) -> None:
+        core = self.core
+        assert core is not None
+        for _ in range(BATCH):
+            try:
+                frame = self._x.recv(zmq.NOBLOCK, copy=False)
+            except zmq.Again:
+                return
+            data = frame.bytes
+            if not data:
+                continue
+            topic = data[1:]
+            if data[0] == 0:
+                self._x.setsockopt(zmq.UNSUBSCRIBE, topic)
+            elif data[0] == 1 and core.may_subscribe(frame.get("User-Id"), topic):
+                self._x.setsockopt(zmq.SUBSCRIBE, topic)
+            else:
+                core.count("bad_subscription")
+                self.bad.warn("subscription", f"{frame.get('User-Id')} may not subscribe to {topic[:80]!r}", now)
+
+    def _requests(self, now: float, out: Outcome) -> None:
+        core = self.core
+        assert core is not None
+        for _ in range(BATCH):
+            try:
+                frames = self._r.recv_multipart(zmq.NOBLOCK, copy=False)
+            except zmq.Again:
+                return
+            sid = frames[0].bytes.decode("latin-1")
+            if len(frames) != 2:
+                core.count("bad_frame")
+                out.error(sid, p.ErrorCode.BAD_FRAME, f"expected 1 body frame, got {len(frames) - 1}")
+                continue
+            try:
+                req = p.decode_request(frames[1].bytes)
+            except p.ProtocolError as exc:
+                core.count(exc.code)
+                self.bad.warn(exc.code, exc.message, now)
+                out.error(sid, exc.code, exc.message)
+                continue
+            core.request(sid, frames[1].get("User-Id"), req, now, out)
+
+    def _chat(self, now: float, out: Outcome) -> None:
+        core = self.core
+        assert core is not None
+        for _ in range(BATCH):
+            try:
+                frames = self._pl.recv_multipart(zmq.NOBLOCK, copy=False)
+            except zmq.Again:
+                return
+            if len(frames) != 1:
+                core.count("bad_frame")
+                self.bad.warn("bad_frame", f"chat line with {len(frames)} frames", now)
+                continue
+            try:
+                msg = p.decode_send(frames[0].bytes)
+            except p.ProtocolError as exc:
+                core.count(exc.code)
+                self.bad.warn(exc.code, exc.message, now)
+                continue
+            core.send(frames[0].get("User-Id"), msg, now, out)
+
+    # ------------------------------------------------------------ outputs
+
+    async def _apply(self, out: Outcome) -> None:
+        core = self.core
+        assert core is not None
+        if out.store:
+            try:
+                await self.storage.append(out.store)
+            except StorageError as exc:
+                log.error("storing %d messages failed: %s", len(out.store), exc)
+                core.rollback(await self.storage.heads(), out.store)
+                failed = {m.id for m in out.store}
+                out.publish = [(t, m) for t, m in out.publish if not (isinstance(m, p.Msg) and m.id in failed)]
+                for sid, items in out.acks.items():
+                    for item in items:
+                        if item.id in failed:
+                            out.error(sid, p.ErrorCode.INTERNAL, "could not store the message; resend it", cid=item.cid)
+                out.acks = {sid: [i for i in items if i.id not in failed] for sid, items in out.acks.items()}
+        for room, name, member in out.members:
+            await self.storage.set_member(room, name, member)
+        send = self._x.send_multipart
+        encode = p.encode
+        for topic, body in out.publish:
+            send([topic, encode(body)], zmq.NOBLOCK)
+        reply = self._r.send_multipart
+        for sid, body in out.replies:
+            reply([sid.encode("latin-1"), encode(body)], zmq.NOBLOCK)
+        for sid, items in out.acks.items():
+            if items:
+                reply([sid.encode("latin-1"), encode(p.Ack(stored=items))], zmq.NOBLOCK)
+        for query in out.queries:
+            req = query.request
+            if req.after >= 0:
+                msgs = await self.storage.range(req.room, req.after, req.limit, req.before)
+            else:
+                msgs = await self.storage.last(req.room, req.limit, req.before)
+            body = p.HistoryReply(rid=req.rid, room=req.room, epoch=core.epoch, head=query.head, messages=msgs)
+            reply([query.sid.encode("latin-1"), encode(body)], zmq.NOBLOCK)
+
+
+async def serve(bind: str, storage: Storage, limits: Limits = Limits()) -> None:
+    """Run a broker until SIGINT or SIGTERM."""
+    import signal
+
+    broker = Broker(bind, storage, limits)
+    await broker.start()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, broker.stop)
+    await broker.run()

@@ -1,0 +1,397 @@
+"""The broker's state machine, sans I/O: rooms, members, sessions, presence,
+sequence numbers, dedup and rate limits.
+
+The asyncio shell (zchat.broker) feeds it decoded bodies, the authenticated user
+name (from ZAP's User-Id, never from a payload) and the time; the core fills an
+``Outcome`` with what to store, publish and reply. It never touches a socket, a clock
+or storage, so tests drive it with plain values.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections import OrderedDict
+from typing import Iterable
+
+from zchat import protocol as p
+from zchat.protocol import ErrorCode as E
+
+DEDUP_CAPACITY = 100_000
+
+
+@dataclasses.dataclass(frozen=True)
+class Limits:
+    heartbeat: float = 10.0  # seconds between client pings
+    rate: float = 20.0  # messages/second per user; 0 disables the limit
+    burst: float = 100.0
+    max_bytes: int = p.MAX_MESSAGE_BYTES
+    pull_port: int = 0
+    pub_port: int = 0
+
+    @property
+    def presence_timeout(self) -> float:
+        """A session unheard of for this long is gone: three missed heartbeats."""
+        return 3 * self.heartbeat
+
+
+@dataclasses.dataclass(frozen=True)
+class HistoryQuery:
+    """A history request the core has authorised; the shell runs it against storage."""
+
+    sid: str
+    request: p.History
+    head: int
+
+
+@dataclasses.dataclass
+class Outcome:
+    """What the shell must do, in this order: store, persist members, publish, reply."""
+
+    store: list[p.Msg] = dataclasses.field(default_factory=list)
+    members: list[tuple[str, str, bool]] = dataclasses.field(default_factory=list)
+    publish: list[tuple[bytes, p.Msg | p.Presence | p.Notice]] = dataclasses.field(default_factory=list)
+    replies: list[tuple[str, p.Reply]] = dataclasses.field(default_factory=list)
+    acks: dict[str, list[p.Stored]] = dataclasses.field(default_factory=dict)
+    queries: list[HistoryQuery] = dataclasses.field(default_factory=list)
+
+    def error(self, sid: str, code: str, message: str, *, rid: int = 0, cid: str = "", retry_after: float = 0.0) -> None:
+        self.replies.append((sid, p.Error(code=code, message=message, rid=rid, cid=cid, retry_after=retry_after)))
+
+
+@dataclasses.dataclass
+class Session:
+    sid: str
+    name: str
+    last_seen: float
+
+
+class TokenBucket:
+    """Refills ``rate`` tokens a second up to ``burst``; one token per message."""
+
+    __slots__ = ("tokens", "stamp")
+
+    def __init__(self, burst: float, now: float) -> None:
+        self.tokens = burst
+        self.stamp = now
+
+    def take(self, rate: float, burst: float, now: float) -> float:
+        """0.0 if a token was taken, else the seconds until one is available."""
+        self.tokens = min(burst, self.tokens + (now - self.stamp) * rate)
+        self.stamp = now
+        if self.tokens >= 1.0:
+            self.tokens -= 1.0
+            return 0.0
+        return (1.0 - self.tokens) / rate
+
+
+class Core:
+    def __init__(
+        self,
+        *,
+        epoch: str,
+        boot: str,
+        limits: Limits = Limits(),
+        heads: dict[str, int] | None = None,
+        members: dict[str, set[str]] | None = None,
+        users: Iterable[str] = (),
+        recent: Iterable[p.Msg] = (),
+        id_prefix: str = "",
+    ) -> None:
+        self.epoch = epoch
+        self.boot = boot
+        self.limits = limits
+        self.heads: dict[str, int] = dict(heads or {})
+        self.members: dict[str, set[str]] = {room: set(names) for room, names in (members or {}).items() if names}
+        self.rooms_of: dict[str, set[str]] = {}
+        for room, names in self.members.items():
+            for name in names:
+                self.rooms_of.setdefault(name, set()).add(room)
+        self.users: set[str] = set(users) | set(self.rooms_of)
+        self.sessions: dict[str, Session] = {}
+        self.devices: dict[str, set[str]] = {}  # name -> live session ids
+        self.buckets: dict[str, TokenBucket] = {}
+        self.dedup: OrderedDict[tuple[str, str], p.Stored] = OrderedDict()
+        for msg in recent:
+            if msg.cid:
+                self._remember(msg.sender, msg)
+        self.id_prefix = id_prefix
+        self.counter = 0
+        self.counters: dict[str, int] = {}
+
+    # ------------------------------------------------------------ queries
+
+    def online(self, name: str) -> bool:
+        return bool(self.devices.get(name))
+
+    def member_list(self, room: str) -> list[p.Member]:
+        return [p.Member(name, self.online(name)) for name in sorted(self.members.get(room, ()))]
+
+    def heads_of(self, name: str) -> dict[str, int]:
+        return {room: self.heads.get(room, 0) for room in self.rooms_of.get(name, ())}
+
+    def count(self, what: str) -> None:
+        self.counters[what] = self.counters.get(what, 0) + 1
+
+    # ------------------------------------------------------------ auth & subscriptions
+
+    def add_user(self, name: str) -> None:
+        """A name was claimed at the handshake (the shell stored its digest)."""
+        self.users.add(name)
+
+    def may_subscribe(self, name: str, topic: bytes) -> bool:
+        """Whether ``name`` may receive ``topic``: own inbox, rooms it is in, the system topic.
+
+        Only exact topics pass: a bare prefix such as ``@`` or ``#de`` would let ZeroMQ's
+        prefix match deliver other people's traffic.
+        """
+        parsed = p.parse_topic(topic)
+        if parsed is None:
+            return False
+        kind, target = parsed
+        if kind == "system":
+            return True
+        if kind == "inbox":
+            return target == name
+        return name in self.members.get(target, ())
+
+    # ------------------------------------------------------------ sessions
+
+    def hello(self, sid: str, name: str, req: p.Hello, now: float, out: Outcome) -> None:
+        session = self.sessions.get(sid)
+        if session is not None and session.name != name:
+            self.count("session_spoof")
+            out.error(sid, E.NO_SESSION, "that session id belongs to another user", rid=req.rid)
+            return
+        self.users.add(name)
+        if session is None:
+            self._open_session(sid, name, now, out)
+        else:
+            session.last_seen = now
+        lim = self.limits
+        out.replies.append(
+            (
+                sid,
+                p.Welcome(
+                    rid=req.rid, name=name, epoch=self.epoch, boot=self.boot,
+                    pull_port=lim.pull_port, pub_port=lim.pub_port, heartbeat=lim.heartbeat,
+                    max_bytes=lim.max_bytes, rate=lim.rate, burst=lim.burst,
+                    rooms=self.heads_of(name),
+                ),
+            )
+        )
+
+    def _open_session(self, sid: str, name: str, now: float, out: Outcome) -> None:
+        self.sessions[sid] = Session(sid, name, now)
+        devices = self.devices.setdefault(name, set())
+        devices.add(sid)
+        if len(devices) == 1:
+            self._announce(name, True, now, out)
+
+    def _close_session(self, sid: str, now: float, out: Outcome) -> None:
+        session = self.sessions.pop(sid)
+        devices = self.devices.get(session.name, set())
+        devices.discard(sid)
+        if not devices:
+            self.devices.pop(session.name, None)
+            self._announce(session.name, False, now, out)
+
+    def _announce(self, name: str, online: bool, now: float, out: Outcome) -> None:
+        for room in sorted(self.rooms_of.get(name, ())):
+            if not p.is_dm_room(room):
+                out.publish.append((p.room_topic(room), p.Presence(room=room, name=name, online=online, ts=now)))
+
+    def tick(self, now: float, out: Outcome) -> None:
+        """Expire sessions that missed their heartbeats: their users go offline."""
+        deadline = now - self.limits.presence_timeout
+        for sid in [s.sid for s in self.sessions.values() if s.last_seen < deadline]:
+            self.count("session_expired")
+            self._close_session(sid, now, out)
+
+    def _session(self, sid: str, name: str, rid: int, now: float, out: Outcome) -> Session | None:
+        session = self.sessions.get(sid)
+        if session is None or session.name != name:
+            out.error(sid, E.NO_SESSION, "no session: send hello first", rid=rid)
+            return None
+        session.last_seen = now
+        return session
+
+    # ------------------------------------------------------------ requests
+
+    def request(self, sid: str, name: str, req: p.Request, now: float, out: Outcome) -> None:
+        """Handle one DEALER request from ``sid``, authenticated as ``name``."""
+        if isinstance(req, p.Hello):
+            self.hello(sid, name, req, now, out)
+            return
+        if self._session(sid, name, req.rid, now, out) is None:
+            return
+        if isinstance(req, p.Ping):
+            out.replies.append((sid, p.Pong(rid=req.rid, boot=self.boot, epoch=self.epoch, heads=self.heads_of(name))))
+        elif isinstance(req, p.Join):
+            self._join(sid, name, req, now, out)
+        elif isinstance(req, p.Part):
+            self._part(sid, name, req, now, out)
+        elif isinstance(req, p.History):
+            self._history(sid, name, req, out)
+        elif isinstance(req, p.Who):
+            if self._readable(sid, name, req.room, req.rid, out):
+                out.replies.append((sid, p.WhoReply(rid=req.rid, room=req.room, members=self.member_list(req.room))))
+        elif isinstance(req, p.Rooms):
+            out.replies.append((sid, p.RoomsReply(rid=req.rid, rooms=self.room_list())))
+        elif isinstance(req, p.Bye):
+            self._close_session(sid, now, out)
+            out.replies.append((sid, p.Ok(rid=req.rid)))
+
+    def room_list(self) -> list[p.RoomInfo]:
+        return [
+            p.RoomInfo(room, len(names), sum(1 for n in names if self.online(n)))
+            for room, names in sorted(self.members.items())
+            if not p.is_dm_room(room)
+        ]
+
+    def _join(self, sid: str, name: str, req: p.Join, now: float, out: Outcome) -> None:
+        if not p.valid_room(req.room):
+            out.error(sid, E.BAD_ROOM, f"bad room name {req.room!r}: use a-z, 0-9, '_', '-', '.' (max {p.MAX_ROOM_LEN})", rid=req.rid)
+            return
+        if name not in self.members.get(req.room, ()):
+            self._set_member(req.room, name, True, out)
+            self._sequence(req.room, name, "", "join", "", "", now, out, p.room_topic(req.room))
+        out.replies.append(
+            (sid, p.Joined(rid=req.rid, room=req.room, head=self.heads.get(req.room, 0), epoch=self.epoch, members=self.member_list(req.room)))
+        )
+
+    def _part(self, sid: str, name: str, req: p.Part, now: float, out: Outcome) -> None:
+        if name not in self.members.get(req.room, ()):
+            out.error(sid, E.NOT_MEMBER, f"you are not in {req.room!r}", rid=req.rid)
+            return
+        if not p.is_dm_room(req.room):
+            self._sequence(req.room, name, "", "part", "", "", now, out, p.room_topic(req.room))
+        self._set_member(req.room, name, False, out)
+        out.replies.append((sid, p.Ok(rid=req.rid)))
+
+    def _set_member(self, room: str, name: str, member: bool, out: Outcome) -> None:
+        if member:
+            self.members.setdefault(room, set()).add(name)
+            self.rooms_of.setdefault(name, set()).add(room)
+        else:
+            self.members.get(room, set()).discard(name)
+            if not self.members.get(room):
+                self.members.pop(room, None)
+            self.rooms_of.get(name, set()).discard(room)
+        out.members.append((room, name, member))
+
+    def _readable(self, sid: str, name: str, room: str, rid: int, out: Outcome) -> bool:
+        """Public rooms are readable by anyone; a DM conversation only by its two users."""
+        peers = p.dm_peers(room)
+        if peers is not None:
+            if name not in peers:
+                out.error(sid, E.NOT_MEMBER, "that conversation is not yours", rid=rid)
+                return False
+        elif not p.valid_room(room):
+            out.error(sid, E.BAD_ROOM, f"bad room name {room!r}", rid=rid)
+            return False
+        if room not in self.members and room not in self.heads:
+            out.error(sid, E.UNKNOWN_ROOM, f"no room {room!r}", rid=rid)
+            return False
+        return True
+
+    def _history(self, sid: str, name: str, req: p.History, out: Outcome) -> None:
+        if not self._readable(sid, name, req.room, req.rid, out):
+            return
+        if not 1 <= req.limit <= p.MAX_HISTORY:
+            out.error(sid, E.BAD_REQUEST, f"limit must be 1..{p.MAX_HISTORY}", rid=req.rid)
+            return
+        out.queries.append(HistoryQuery(sid, req, self.heads.get(req.room, 0)))
+
+    # ------------------------------------------------------------ chat lines
+
+    def send(self, name: str, msg: p.Send, now: float, out: Outcome) -> None:
+        """Handle one PUSHed chat line from ``name``; errors and acks go to ``msg.sid``."""
+        sid, cid = msg.sid, msg.cid
+        session = self.sessions.get(sid)
+        if session is None or session.name != name:
+            self.count("no_session")
+            if session is None:  # a real client re-hellos on this; a spoofed sid is dropped
+                out.error(sid, E.NO_SESSION, "no session: send hello first", cid=cid)
+            return
+        session.last_seen = now
+        if not 0 < len(cid) <= p.MAX_CID_LEN:
+            out.error(sid, E.BAD_REQUEST, f"cid must be 1..{p.MAX_CID_LEN} characters", cid=cid[: p.MAX_CID_LEN])
+            return
+        seen = self.dedup.get((name, cid))
+        if seen is not None:
+            self.count("duplicate")
+            out.acks.setdefault(sid, []).append(seen)
+            return
+        if not msg.text.strip():
+            out.error(sid, E.BAD_REQUEST, "empty message", cid=cid)
+            return
+        if bool(msg.room) == bool(msg.to):
+            out.error(sid, E.BAD_REQUEST, "give exactly one of room and to", cid=cid)
+            return
+        if msg.room:
+            room = msg.room
+            if not p.valid_room(room):
+                out.error(sid, E.BAD_ROOM, f"bad room name {room!r}", cid=cid)
+                return
+            if room not in self.members:
+                out.error(sid, E.UNKNOWN_ROOM, f"no room {room!r}: join it first", cid=cid)
+                return
+            if name not in self.members[room]:
+                out.error(sid, E.NOT_MEMBER, f"join {room!r} before sending to it", cid=cid)
+                return
+            topics: tuple[bytes, ...] = (p.room_topic(room),)
+        else:
+            if not p.valid_name(msg.to):
+                out.error(sid, E.BAD_NAME, f"bad user name {msg.to!r}", cid=cid)
+                return
+            if msg.to not in self.users:
+                out.error(sid, E.UNKNOWN_USER, f"no user {msg.to!r}", cid=cid)
+                return
+            room = p.dm_room(name, msg.to)
+            for member in (name, msg.to):
+                if member not in self.members.get(room, ()):
+                    self._set_member(room, member, True, out)
+            topics = tuple({p.inbox_topic(name), p.inbox_topic(msg.to)})
+        if self.limits.rate > 0:
+            bucket = self.buckets.get(name)
+            if bucket is None:
+                bucket = self.buckets[name] = TokenBucket(self.limits.burst, now)
+            wait = bucket.take(self.limits.rate, self.limits.burst, now)
+            if wait:
+                self.count("rate_limited")
+                out.error(sid, E.RATE_LIMITED, f"slow down: try again in {wait:.2f}s", cid=cid, retry_after=wait)
+                return
+        stored = self._sequence(room, name, msg.text, "me" if msg.me else "text", msg.to, cid, now, out, *topics)
+        out.acks.setdefault(sid, []).append(stored)
+
+    def _sequence(
+        self, room: str, sender: str, text: str, kind: p.MsgKind, to: str, cid: str, now: float, out: Outcome, *topics: bytes
+    ) -> p.Stored:
+        seq = self.heads.get(room, 0) + 1
+        self.heads[room] = seq
+        self.counter += 1
+        msg = p.Msg(
+            room=room, seq=seq, id=f"{self.id_prefix}{self.counter:x}", ts=now, sender=sender,
+            text=text, kind=kind, to=to, cid=cid, epoch=self.epoch,
+        )
+        out.store.append(msg)
+        for topic in topics:
+            out.publish.append((topic, msg))
+        return self._remember(sender, msg) if cid else p.Stored(cid, room, seq, msg.id, now)
+
+    def _remember(self, sender: str, msg: p.Msg) -> p.Stored:
+        stored = p.Stored(msg.cid, msg.room, msg.seq, msg.id, msg.ts)
+        self.dedup[(sender, msg.cid)] = stored
+        if len(self.dedup) > DEDUP_CAPACITY:
+            self.dedup.popitem(last=False)
+        return stored
+
+    def rollback(self, heads: dict[str, int], failed: Iterable[p.Msg]) -> None:
+        """Storage refused a batch: forget its seqs and cids so resends are taken afresh."""
+        self.heads = dict(heads)
+        for msg in failed:
+            if msg.cid:
+                self.dedup.pop((msg.sender, msg.cid), None)
+
+    def shutdown(self, now: float, out: Outcome) -> None:
+        out.publish.append((p.SYSTEM_TOPIC, p.Notice(event="shutdown", boot=self.boot, ts=now)))
