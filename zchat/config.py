@@ -1,14 +1,34 @@
 """One settings object for every command.
 
 Precedence, highest first: command-line flags, ``ZCHAT_*`` environment variables,
-the TOML file (``--config PATH`` or ``config.toml`` in the user's config directory),
-then defaults. ``sources`` records where each value came from, for ``zchat config``.
+the TOML file, then defaults. ``sources`` records where each value came from, for
+``zchat config``.
+
+The file is the one named by ``--config PATH``, else by ``ZCHAT_CONFIG``, else
+``config.toml`` in the user's config directory (``ZCHAT_CONFIG_DIR`` overrides that
+directory; see :func:`config_dir`). A file named explicitly must exist; the default
+one is optional. Its keys are flat, top-level keys named like the settings below
+(``log-level`` and ``log_level`` both work); tables and unknown keys are errors, so
+a typo never passes silently::
+
+    broker = "tcp://chat.example.org:5555"
+    name = "carol"
+    log-level = "DEBUG"
+    rate = 20.0
+
+Each setting ``x`` is also read from the environment variable ``ZCHAT_X`` (for
+example ``ZCHAT_LOG_LEVEL``); an empty variable counts as unset. Every bad value,
+wherever it came from, raises :class:`ConfigError` naming the setting, the source
+and what was expected.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import difflib
+import math
 import os
+import re
 import secrets
 import tomllib
 from pathlib import Path
@@ -16,20 +36,39 @@ from typing import Any, Mapping
 
 import platformdirs
 
+from zchat.protocol import MAX_MESSAGE_BYTES, valid_name
+
 APP = "zchat"
 ENV_PREFIX = "ZCHAT_"
+#: Environment variable naming the config file (below ``--config``, above the default).
+CONFIG_ENV = "ZCHAT_CONFIG"
+#: Environment variables that place zchat's directories rather than set a setting.
+DIR_ENVS = ("ZCHAT_CONFIG_DIR", "ZCHAT_DATA_DIR")
+
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+LOG_FORMATS = ("text", "json")
+STORAGE_SCHEMES = ("redis://", "rediss://", "unix://")
+_ENDPOINT_RE = re.compile(r"tcp://(?P<host>\[[0-9A-Fa-f:.]+\]|[^\s:/\[\]]+):(?P<port>[0-9]{1,5})\Z")
 
 
-def config_dir() -> Path:
-    return Path(os.environ.get("ZCHAT_CONFIG_DIR") or platformdirs.user_config_dir(APP))
+class ConfigError(ValueError):
+    """A setting, the config file or an environment variable cannot be used."""
 
 
-def data_dir() -> Path:
-    return Path(os.environ.get("ZCHAT_DATA_DIR") or platformdirs.user_data_dir(APP))
+def config_dir(env: Mapping[str, str] | None = None) -> Path:
+    """Where config.toml and the per-name secrets live (``ZCHAT_CONFIG_DIR`` overrides)."""
+    env = os.environ if env is None else env
+    return Path(env.get("ZCHAT_CONFIG_DIR") or platformdirs.user_config_dir(APP)).expanduser()
 
 
-def default_config_path() -> Path:
-    return config_dir() / "config.toml"
+def data_dir(env: Mapping[str, str] | None = None) -> Path:
+    """Where the broker keeps its SQLite history by default (``ZCHAT_DATA_DIR`` overrides)."""
+    env = os.environ if env is None else env
+    return Path(env.get("ZCHAT_DATA_DIR") or platformdirs.user_data_dir(APP)).expanduser()
+
+
+def default_config_path(env: Mapping[str, str] | None = None) -> Path:
+    return config_dir(env) / "config.toml"
 
 
 @dataclasses.dataclass
@@ -44,21 +83,179 @@ class Settings:
     heartbeat: float = 10.0  # seconds between client pings; presence timeout is 3x
     rate: float = 20.0  # messages per second per user (token bucket refill)
     burst: float = 100.0  # token bucket size
-    max_bytes: int = 64 * 1024
+    max_bytes: int = MAX_MESSAGE_BYTES
 
     def db_path(self) -> Path:
-        return Path(self.db) if self.db else data_dir() / "history.db"
+        return Path(self.db).expanduser() if self.db else data_dir() / "history.db"
 
 
 FIELDS = {f.name: f for f in dataclasses.fields(Settings)}
 
+#: One line per setting, shown by ``zchat config`` and the README.
+HELP = {
+    "broker": "endpoint clients connect to (the broker's ROUTER), tcp://HOST:PORT",
+    "bind": "endpoint the broker binds; it also binds PORT+1 and PORT+2",
+    "name": "your chat name: lowercase letters, digits, _ and -",
+    "db": "SQLite history file; empty means DATA_DIR/history.db",
+    "storage": "'sqlite' or a redis:// URL",
+    "log_level": "one of " + ", ".join(LOG_LEVELS),
+    "log_format": "'text' or 'json' (one object a line)",
+    "heartbeat": "seconds between client pings; presence times out after 3",
+    "rate": "messages a second each user may send, on average",
+    "burst": "messages a user may send at once before the rate applies",
+    "max_bytes": f"largest message body in bytes (at most {MAX_MESSAGE_BYTES})",
+}
 
-def _coerce(name: str, value: Any) -> Any:
+
+def env_var(name: str) -> str:
+    """The environment variable that sets ``name``: ``ZCHAT_`` plus its name in capitals."""
+    return ENV_PREFIX + name.upper()
+
+
+# ------------------------------------------------------------------ values
+
+
+def _fail(name: str, source: str, value: Any, expected: str) -> ConfigError:
+    return ConfigError(f"setting {name!r} from {source}: expected {expected}, got {value!r}")
+
+
+def _to_type(name: str, value: Any, source: str, from_text: bool) -> Any:
+    """Turn ``value`` into the field's type. Text (env, flags) is parsed; TOML values
+    must already have the right type (an integer is fine where a float is wanted)."""
     kind = type(FIELDS[name].default)
+    if kind is str:
+        if isinstance(value, str):
+            return value.strip() if from_text else value
+        raise _fail(name, source, value, "a string")
+    if isinstance(value, bool):  # bool is an int subclass; true is never a number here
+        raise _fail(name, source, value, f"a number ({kind.__name__})")
+    if kind is int:
+        if isinstance(value, int):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        if from_text and isinstance(value, str):
+            try:
+                return int(value.strip().replace("_", ""), 10)
+            except ValueError:
+                pass
+        raise _fail(name, source, value, "an integer")
+    if kind is float:
+        if isinstance(value, (int, float)):
+            number = float(value)
+        elif from_text and isinstance(value, str):
+            try:
+                number = float(value.strip())
+            except ValueError:
+                raise _fail(name, source, value, "a number") from None
+        else:
+            raise _fail(name, source, value, "a number")
+        if not math.isfinite(number):
+            raise _fail(name, source, value, "a finite number")
+        return number
+    raise AssertionError(f"no coercion for {kind}")  # pragma: no cover
+
+
+def _check_endpoint(name: str, value: str, source: str) -> str:
+    m = _ENDPOINT_RE.match(value)
+    # The broker binds PORT, PORT+1 and PORT+2, so PORT may be at most 65533.
+    if not m or not 1 <= int(m["port"]) <= 65533:
+        raise _fail(name, source, value, "an endpoint tcp://HOST:PORT with PORT from 1 to 65533")
+    return value
+
+
+def _validate(name: str, value: Any, source: str) -> Any:
+    """Check the meaning of an already-typed value; returns it, maybe normalised."""
+    if name in ("broker", "bind"):
+        return _check_endpoint(name, value, source)
+    if name == "name":
+        if value and not valid_name(value):
+            raise _fail(name, source, value, "a name of 1-32 lowercase letters, digits, _ or - (starting with a letter or digit)")
+        return value
+    if name == "storage":
+        if value == "sqlite" or value.startswith(STORAGE_SCHEMES):
+            return value
+        raise _fail(name, source, value, "'sqlite' or a redis:// URL")
+    if name == "log_level":
+        level = value.upper()
+        if level == "WARN":
+            level = "WARNING"
+        if level not in LOG_LEVELS:
+            raise _fail(name, source, value, "one of " + ", ".join(LOG_LEVELS))
+        return level
+    if name == "log_format":
+        fmt = value.lower()
+        if fmt not in LOG_FORMATS:
+            raise _fail(name, source, value, "'text' or 'json'")
+        return fmt
+    if name in ("heartbeat", "rate"):
+        if value <= 0:
+            raise _fail(name, source, value, "a number above 0")
+        return value
+    if name == "burst":
+        if value < 1:
+            raise _fail(name, source, value, "a number of at least 1")
+        return value
+    if name == "max_bytes":
+        if not 1 <= value <= MAX_MESSAGE_BYTES:
+            raise _fail(name, source, value, f"an integer from 1 to {MAX_MESSAGE_BYTES}")
+        return value
+    return value
+
+
+def coerce(name: str, value: Any, source: str = "a flag", from_text: bool = True) -> Any:
+    """The typed, checked value of setting ``name``; raises ConfigError naming ``source``."""
+    if name not in FIELDS:
+        raise ConfigError(f"unknown setting {name!r}{_suggest(name)}")
+    return _validate(name, _to_type(name, value, source, from_text), source)
+
+
+def _suggest(key: str) -> str:
+    close = difflib.get_close_matches(key, list(FIELDS), n=1)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+# ------------------------------------------------------------------ file
+
+
+def read_config_file(path: Path) -> dict[str, Any]:
+    """The file's settings by field name, typed and checked; raises ConfigError."""
     try:
-        return kind(value)
-    except (TypeError, ValueError):
-        raise ValueError(f"setting {name!r}: expected {kind.__name__}, got {value!r}") from None
+        with path.open("rb") as fh:
+            data = tomllib.load(fh)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"config file {path} is not valid TOML: {exc}") from None
+    except IsADirectoryError:
+        raise ConfigError(f"config file {path} is a directory") from None
+    except OSError as exc:
+        raise ConfigError(f"config file {path} cannot be read: {exc.strerror or exc}") from None
+    values: dict[str, Any] = {}
+    source = f"file {path}"
+    for raw_key, value in data.items():
+        key = raw_key.replace("-", "_")
+        if isinstance(value, dict):
+            raise ConfigError(
+                f"config file {path}: [{raw_key}] is a table; zchat's keys are flat, top-level "
+                f"keys (for example: log-level = \"DEBUG\")"
+            )
+        if key not in FIELDS:
+            raise ConfigError(
+                f"config file {path}: unknown key {raw_key!r}{_suggest(key)}; known keys: {', '.join(FIELDS)}"
+            )
+        values[key] = _validate(key, _to_type(key, value, f"{source} (key {raw_key!r})", False), source)
+    return values
+
+
+def resolve_config_path(
+    config_path: str | Path | None, env: Mapping[str, str] | None = None
+) -> tuple[Path, bool]:
+    """The config file to read and whether it was named explicitly (so must exist)."""
+    env = os.environ if env is None else env
+    if config_path:
+        return Path(config_path).expanduser(), True
+    if env.get(CONFIG_ENV):
+        return Path(env[CONFIG_ENV]).expanduser(), True
+    return default_config_path(env), False
 
 
 def load_settings(
@@ -66,42 +263,82 @@ def load_settings(
     config_path: str | Path | None = None,
     env: Mapping[str, str] | None = None,
 ) -> tuple[Settings, dict[str, str]]:
-    """Merge defaults < file < environment < flags; flags that are None are unset."""
+    """Merge defaults < file < environment < flags; flags that are None are unset.
+
+    ``sources`` maps every setting to ``"default"``, ``"file PATH"``,
+    ``"env ZCHAT_X"`` or ``"flag"``. Raises ConfigError for a missing explicit
+    config file, a bad file or any bad value.
+    """
     env = os.environ if env is None else env
     values: dict[str, Any] = {}
     sources = {name: "default" for name in FIELDS}
-    path = Path(config_path) if config_path else default_config_path()
+    path, explicit = resolve_config_path(config_path, env)
     if path.exists():
-        with path.open("rb") as fh:
-            data = tomllib.load(fh)
-        for key, value in data.items():
-            key = key.replace("-", "_")
-            if key in FIELDS:
-                values[key], sources[key] = _coerce(key, value), f"file {path}"
-    elif config_path:
-        raise FileNotFoundError(f"config file {path} does not exist")
+        source = f"file {path}"
+        for key, value in read_config_file(path).items():
+            values[key], sources[key] = value, source
+    elif explicit:
+        how = "--config" if config_path else CONFIG_ENV
+        raise ConfigError(f"config file {path} (from {how}) does not exist")
     for key in FIELDS:
-        raw = env.get(ENV_PREFIX + key.upper())
+        var = env_var(key)
+        raw = env.get(var)
         if raw is not None and raw != "":
-            values[key], sources[key] = _coerce(key, raw), f"env {ENV_PREFIX}{key.upper()}"
+            values[key], sources[key] = coerce(key, raw, f"env {var}"), f"env {var}"
     for key, value in (flags or {}).items():
-        if value is not None and key in FIELDS:
-            values[key], sources[key] = _coerce(key, value), "flag"
+        if value is None:
+            continue
+        if key not in FIELDS:
+            raise ConfigError(f"unknown setting {key!r}{_suggest(key)}")
+        flag = "--" + key.replace("_", "-")
+        values[key], sources[key] = coerce(key, value, f"flag {flag}"), "flag"
     return Settings(**values), sources
 
 
+# ------------------------------------------------------------------ secrets
+
+
 def secret_path(name: str) -> Path:
+    if not valid_name(name):
+        raise ConfigError(f"cannot keep a secret for {name!r}: not a valid chat name")
     return config_dir() / "secrets" / name
 
 
 def load_secret(name: str) -> str:
-    """The secret that proves this machine owns ``name``; made on first use, mode 0600."""
+    """The secret that proves this machine owns ``name``; made on first use, mode 0600.
+
+    Safe against two processes starting at once: the secret is written to a temporary
+    file and linked into place, so every caller reads the same, complete token.
+    """
     path = secret_path(name)
-    if path.exists():
-        return path.read_text().strip()
+    token = _read_secret(path)
+    if token:
+        return token
     path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-    token = secrets.token_urlsafe(32)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(fd, "w") as fh:
-        fh.write(token + "\n")
+    tmp = path.with_name(f".{name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        with os.fdopen(fd, "w") as fh:
+            fh.write(secrets.token_urlsafe(32) + "\n")
+            fh.flush()
+            os.fsync(fh.fileno())
+        try:
+            os.link(tmp, path)
+        except FileExistsError:
+            pass  # another process won the race; use its token
+    finally:
+        tmp.unlink(missing_ok=True)
+    token = _read_secret(path)
+    if not token:
+        raise ConfigError(f"secret file {path} is empty; delete it to make a new one")
     return token
+
+
+def _read_secret(path: Path) -> str:
+    try:
+        mode = path.stat().st_mode
+    except FileNotFoundError:
+        return ""
+    if mode & 0o077:
+        os.chmod(path, 0o600)  # someone loosened it; a secret is for its owner only
+    return path.read_text().strip()
