@@ -94,7 +94,7 @@ FIELDS = {f.name: f for f in dataclasses.fields(Settings)}
 #: One line per setting, shown by ``zchat config`` and the README.
 HELP = {
     "broker": "endpoint clients connect to (the broker's ROUTER), tcp://HOST:PORT",
-    "bind": "endpoint the broker binds; it also binds PORT+1 and PORT+2",
+    "bind": "endpoint the broker binds; it also binds PORT+1 and PORT+2 (port 0: any free ports)",
     "name": "your chat name: lowercase letters, digits, _ and -",
     "db": "SQLite history file; empty means DATA_DIR/history.db",
     "storage": "'sqlite' or a redis:// URL",
@@ -158,9 +158,11 @@ def _to_type(name: str, value: Any, source: str, from_text: bool) -> Any:
 
 def _check_endpoint(name: str, value: str, source: str) -> str:
     m = _ENDPOINT_RE.match(value)
-    # The broker binds PORT, PORT+1 and PORT+2, so PORT may be at most 65533.
-    if not m or not 1 <= int(m["port"]) <= 65533:
-        raise _fail(name, source, value, "an endpoint tcp://HOST:PORT with PORT from 1 to 65533")
+    # The broker binds PORT, PORT+1 and PORT+2, so PORT may be at most 65533; a
+    # broker bound to port 0 picks three free ports (useful in tests).
+    lowest = 0 if name == "bind" else 1
+    if not m or not lowest <= int(m["port"]) <= 65533:
+        raise _fail(name, source, value, f"an endpoint tcp://HOST:PORT with PORT from {lowest} to 65533")
     return value
 
 

@@ -135,6 +135,7 @@ def test_missing_default_config_file_is_fine(home):
         ('log_format = "xml"\n', r"'log_format'.*'text' or 'json'"),
         ('broker = "localhost:5555"\n', r"'broker'.*tcp://HOST:PORT"),
         ('bind = "tcp://*:65535"\n', r"'bind'.*65533"),
+        ('broker = "tcp://localhost:0"\n', r"'broker'.*PORT from 1 to"),
         ('storage = "postgres://x"\n', r"'storage'.*redis://"),
         ("heartbeat = 0\n", r"'heartbeat'.*above 0"),
         ("max_bytes = 10000000\n", r"'max_bytes'.*from 1 to"),
@@ -161,6 +162,11 @@ def test_bad_config_file_values(home, text, match):
 def test_bad_env_values(home, var, raw, match):
     with pytest.raises(ConfigError, match=match):
         load_settings({}, None, env={var: raw})
+
+
+def test_bind_to_port_zero_is_allowed(home):
+    settings, _ = load_settings({"bind": "tcp://127.0.0.1:0"}, None, env={})
+    assert settings.bind == "tcp://127.0.0.1:0"
 
 
 def test_env_text_is_parsed(home):
