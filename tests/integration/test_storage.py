@@ -1,0 +1,286 @@
+"""One suite for every Storage implementation: SQLite on a temp file, Redis on a real server."""
+
+from __future__ import annotations
+
+import socket
+import uuid
+from pathlib import Path
+from typing import AsyncIterator, Callable
+
+import pytest
+
+from zchat.protocol import Msg, dm_room
+from zchat.storage import Storage, StorageError, open_storage
+from zchat.storage.redis import RedisStorage
+from zchat.storage.sqlite import SqliteStorage
+
+
+class Backend:
+    """Makes storage objects on one backing store (same file / same prefix) or on a fresh one."""
+
+    def __init__(self, make: Callable[[str], Storage]) -> None:
+        self._make = make
+        self.location = uuid.uuid4().hex
+
+    def new(self) -> Storage:
+        return self._make(self.location)
+
+    def fresh(self) -> Storage:
+        return self._make(uuid.uuid4().hex)
+
+
+@pytest.fixture(params=["sqlite", "redis"])
+def backend(request: pytest.FixtureRequest, tmp_path: Path) -> Backend:
+    if request.param == "sqlite":
+        return Backend(lambda loc: SqliteStorage(tmp_path / loc / "history.db"))
+    url = request.getfixturevalue("redis_url")
+    return Backend(lambda loc: RedisStorage(url, prefix=f"zchat-test:{loc}:"))
+
+
+@pytest.fixture
+async def storage(backend: Backend) -> AsyncIterator[Storage]:
+    store = backend.new()
+    await store.open()
+    yield store
+    await store.close()
+
+
+def msg(room: str, seq: int, text: str = "", **kw: object) -> Msg:
+    fields: dict = {"id": f"{room}-{seq}", "ts": 1_700_000_000.0 + seq, "sender": "alice", "text": text or f"m{seq}"}
+    fields.update(kw)
+    return Msg(room=room, seq=seq, **fields)
+
+
+def seqs(messages: list[Msg]) -> list[int]:
+    return [m.seq for m in messages]
+
+
+# ------------------------------------------------------------------ epoch
+
+
+async def test_epoch_stable_across_reopen_and_new_for_fresh_store(backend: Backend) -> None:
+    first = backend.new()
+    epoch = await first.open()
+    await first.close()
+    again = backend.new()
+    assert await again.open() == epoch
+    await again.close()
+    other = backend.fresh()
+    other_epoch = await other.open()
+    await other.close()
+    assert epoch and other_epoch and other_epoch != epoch
+
+
+# ---------------------------------------------------------------- history
+
+
+async def test_append_and_heads(storage: Storage) -> None:
+    assert await storage.heads() == {}
+    await storage.append([msg("dev", 1), msg("dev", 2), msg("ops", 1)])
+    await storage.append([msg("dev", 3)])
+    assert await storage.heads() == {"dev": 3, "ops": 1}
+    await storage.append([msg("dev", 6), msg("dev", 5)])  # the head is the maximum, not the last written
+    await storage.append([msg("dev", 4)])
+    assert await storage.heads() == {"dev": 6, "ops": 1}
+
+
+async def test_append_empty_batch_is_a_no_op(storage: Storage) -> None:
+    await storage.append([])
+    assert await storage.heads() == {}
+
+
+async def test_range_bounds_are_exclusive_and_ascending(storage: Storage) -> None:
+    await storage.append([msg("dev", s) for s in range(1, 11)])
+    assert seqs(await storage.range("dev", after=0, limit=100)) == list(range(1, 11))
+    assert seqs(await storage.range("dev", after=3, limit=100)) == list(range(4, 11))
+    assert seqs(await storage.range("dev", after=3, limit=100, before=7)) == [4, 5, 6]
+    assert seqs(await storage.range("dev", after=3, limit=2)) == [4, 5]
+    assert seqs(await storage.range("dev", after=0, limit=100, before=2)) == [1]
+    assert await storage.range("dev", after=10, limit=100) == []
+    assert await storage.range("dev", after=4, limit=100, before=5) == []
+    assert await storage.range("dev", after=0, limit=0) == []
+    assert await storage.range("nowhere", after=0, limit=10) == []
+
+
+async def test_last_with_and_without_before(storage: Storage) -> None:
+    assert await storage.last("dev", 5) == []
+    await storage.append([msg("dev", s) for s in range(1, 11)])
+    assert seqs(await storage.last("dev", 5)) == [6, 7, 8, 9, 10]
+    assert seqs(await storage.last("dev", 100)) == list(range(1, 11))
+    assert seqs(await storage.last("dev", 3, before=8)) == [5, 6, 7]
+    assert seqs(await storage.last("dev", 5, before=4)) == [1, 2, 3]
+    assert await storage.last("dev", 5, before=1) == []
+    assert await storage.last("dev", 0) == []
+
+
+async def test_first_seq(storage: Storage) -> None:
+    assert await storage.first_seq("dev") == 0
+    await storage.append([msg("dev", 7), msg("dev", 5), msg("dev", 9)])
+    assert await storage.first_seq("dev") == 5
+    assert await storage.first_seq("ops") == 0
+
+
+async def test_duplicate_seq_raises_and_stores_nothing_of_the_batch(storage: Storage) -> None:
+    await storage.append([msg("dev", 1, cid="c1")])
+    batch = [msg("ops", 1, cid="c2"), msg("dev", 2, cid="c3"), msg("dev", 1, text="again", cid="c4")]
+    with pytest.raises(StorageError):
+        await storage.append(batch)
+    assert await storage.heads() == {"dev": 1}
+    assert [m.text for m in await storage.range("dev", after=0, limit=10)] == ["m1"]
+    assert await storage.range("ops", after=0, limit=10) == []
+    assert [m.cid for m in await storage.recent(10)] == ["c1"]
+
+
+async def test_duplicate_within_one_batch_raises_and_stores_nothing(storage: Storage) -> None:
+    with pytest.raises(StorageError):
+        await storage.append([msg("dev", 1), msg("dev", 2), msg("dev", 1, text="twin")])
+    assert await storage.heads() == {}
+    assert await storage.range("dev", after=0, limit=10) == []
+
+
+async def test_rooms_sharing_a_prefix_stay_apart(storage: Storage) -> None:
+    await storage.append([msg("dev", 1, "in dev"), msg("devops", 1, "in devops"), msg("devops", 2, "also devops")])
+    assert [m.text for m in await storage.last("dev", 10)] == ["in dev"]
+    assert [m.text for m in await storage.range("devops", after=0, limit=10)] == ["in devops", "also devops"]
+    assert await storage.first_seq("de") == 0
+    assert await storage.heads() == {"dev": 1, "devops": 2}
+
+
+async def test_dm_conversation_rooms_work_as_keys(storage: Storage) -> None:
+    room = dm_room("bob", "alice")
+    assert room == "@alice:bob"
+    await storage.append([msg(room, 1, "hi bob", to="bob"), msg(room, 2, "hi alice", sender="bob", to="alice")])
+    assert [(m.sender, m.to) for m in await storage.last(room, 10)] == [("alice", "bob"), ("bob", "alice")]
+    assert await storage.heads() == {room: 2}
+    assert await storage.first_seq(room) == 1
+    await storage.set_member(room, "alice", True)
+    assert await storage.members() == {room: {"alice"}}
+
+
+async def test_all_msg_fields_round_trip(storage: Storage) -> None:
+    original = Msg(
+        room="dev", seq=42, id="01HZX3", ts=1_712_345_678.123456, sender="zoë",
+        text="grüße, 世界 👋🏽 — \"quotes\" and\nnewlines\x00nul", kind="me", to="bob", cid="c-42",
+    )
+    big = msg("dev", 43, "ä" * 40_000)  # encodes to ~80 KB: larger than one wire body
+    await storage.append([original, big])
+    assert await storage.range("dev", after=0, limit=10) == [original, big]
+    assert await storage.last("dev", 1, before=43) == [original]
+    assert await storage.recent(10) == [original]
+
+
+async def test_msg_epoch_is_not_stored(storage: Storage) -> None:
+    """The epoch belongs to the store, not to a message: both backends return it empty."""
+    await storage.append([msg("dev", 1, epoch="old-epoch")])
+    [stored] = await storage.range("dev", after=0, limit=1)
+    assert stored.epoch == ""
+    assert stored == msg("dev", 1)
+
+
+async def test_recent_is_newest_with_cid_oldest_first(storage: Storage) -> None:
+    await storage.append([msg("dev", 1, cid="a"), msg("dev", 2), msg("ops", 1, ts=1_700_000_002.5, cid="b")])
+    await storage.append([msg("dev", 3, cid="c"), msg("@alice:bob", 1, ts=1_700_000_004.0, cid="d")])
+    assert [m.cid for m in await storage.recent(10)] == ["a", "b", "c", "d"]
+    assert [m.cid for m in await storage.recent(2)] == ["c", "d"]
+    assert [(m.room, m.seq) for m in await storage.recent(2)] == [("dev", 3), ("@alice:bob", 1)]
+    assert await storage.recent(0) == []
+
+
+# ------------------------------------------------------- users and members
+
+
+async def test_add_user_first_owner_wins(storage: Storage) -> None:
+    assert await storage.get_user("alice") is None
+    assert await storage.add_user("alice", b"\x00first\xff") is True
+    assert await storage.add_user("alice", b"second") is False
+    assert await storage.get_user("alice") == b"\x00first\xff"
+    assert await storage.add_user("bob", b"bob") is True
+    assert await storage.get_user("bob") == b"bob"
+
+
+async def test_members_add_remove_list(storage: Storage) -> None:
+    assert await storage.members() == {}
+    await storage.set_member("dev", "alice", True)
+    await storage.set_member("dev", "bob", True)
+    await storage.set_member("dev", "bob", True)
+    await storage.set_member("devops", "carol", True)
+    assert await storage.members() == {"dev": {"alice", "bob"}, "devops": {"carol"}}
+    await storage.set_member("dev", "alice", False)
+    await storage.set_member("dev", "nobody", False)
+    await storage.set_member("devops", "carol", False)
+    assert await storage.members() == {"dev": {"bob"}}
+
+
+# ------------------------------------------------------------ persistence
+
+
+async def test_everything_survives_close_and_reopen(backend: Backend) -> None:
+    store = backend.new()
+    epoch = await store.open()
+    await store.append([msg("dev", 1, cid="x"), msg("dev", 2)])
+    await store.add_user("alice", b"digest")
+    await store.set_member("dev", "alice", True)
+    await store.close()
+
+    store = backend.new()
+    try:
+        assert await store.open() == epoch
+        assert await store.range("dev", after=0, limit=10) == [msg("dev", 1, cid="x"), msg("dev", 2)]
+        assert await store.heads() == {"dev": 2}
+        assert await store.get_user("alice") == b"digest"
+        assert await store.members() == {"dev": {"alice"}}
+        assert [m.cid for m in await store.recent(10)] == ["x"]
+    finally:
+        await store.close()
+
+
+# ------------------------------------------------------------ sqlite only
+
+
+@pytest.mark.parametrize(
+    "content",
+    [b"this is my diary, not a database\n" * 100, b"SQLite format 3\x00" + b"\xde\xad\xbe\xef" * 1024],
+    ids=["text", "bad-sqlite-body"],
+)
+async def test_sqlite_refuses_a_foreign_file_and_leaves_it_untouched(tmp_path: Path, content: bytes) -> None:
+    path = tmp_path / "history.db"
+    path.write_bytes(content)
+    store = SqliteStorage(path)
+    with pytest.raises(StorageError, match="history.db"):
+        await store.open()
+    assert path.read_bytes() == content
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["history.db"]
+
+
+async def test_sqlite_creates_parent_directories(tmp_path: Path) -> None:
+    path = tmp_path / "a" / "b" / "history.db"
+    store = SqliteStorage(str(path))
+    await store.open()
+    await store.close()
+    assert path.is_file()
+
+
+# ------------------------------------------------------------ redis only
+
+
+async def test_redis_unreachable_raises_storage_error() -> None:
+    with socket.socket() as sock:  # bound but never listening: connections are refused
+        sock.bind(("127.0.0.1", 0))
+        store = RedisStorage(f"redis://127.0.0.1:{sock.getsockname()[1]}/0")
+        with pytest.raises(StorageError, match="cannot use Redis"):
+            await store.open()
+
+
+# ---------------------------------------------------------------- factory
+
+
+def test_open_storage_picks_the_backend(tmp_path: Path) -> None:
+    db = tmp_path / "h.db"
+    sqlite = open_storage("sqlite", db)
+    assert isinstance(sqlite, SqliteStorage) and sqlite.path == db
+    for url in ("redis://localhost:6379/0", "rediss://h:6380", "unix:///tmp/redis.sock"):
+        redis = open_storage(url, db)
+        assert isinstance(redis, RedisStorage) and redis.url == url
+    for bad in ("", "sqlite3", "postgres://x", "redis:/oops"):
+        with pytest.raises(ValueError, match="unknown storage"):
+            open_storage(bad, db)

@@ -1,0 +1,213 @@
+"""History, users and memberships in Redis, so several brokers can share one store.
+
+Layout (every key starts with ``prefix``):
+
+- ``room:{room}``     sorted set, score = seq, member = MessagePack-encoded Msg
+- ``heads``           hash room -> highest seq
+- ``recent``          list of encoded Msgs that carry a cid, newest first, capped
+- ``epoch``           string, set once with SET NX
+- ``users``           hash name -> digest, claimed with HSETNX (first owner wins)
+- ``members:{room}``  set of names; ``rooms`` is the set of rooms that have members
+
+``append`` is one Lua script, so it is atomic across brokers and refuses a duplicate
+(room, seq) before writing anything. Durability is the Redis server's: run it with
+``appendonly yes`` (and ``appendfsync always`` to survive power loss).
+The redis package is imported lazily: zchat runs without the ``redis`` extra.
+"""
+
+from __future__ import annotations
+
+import logging
+import secrets
+from typing import TYPE_CHECKING, Any, Sequence
+
+import msgspec
+
+from zchat.protocol import Msg, encode
+from zchat.storage.base import StorageError
+
+if TYPE_CHECKING:
+    from redis.asyncio import Redis
+
+log = logging.getLogger(__name__)
+
+#: How many cid-carrying messages ``recent`` can return (the dedup warm-up window).
+RECENT_CAP = 10_000
+
+# KEYS: heads, recent, then one room key per message.
+# ARGV: recent cap, then (room, seq, encoded msg, has-cid "1"/"0") per message.
+# Returns 0 when stored, else the 1-based index of the first duplicate message.
+_APPEND_LUA = """
+local n = #KEYS - 2
+local seen = {}
+for i = 1, n do
+    local key, seq = KEYS[i + 2], ARGV[4 * i - 1]
+    seen[key] = seen[key] or {}
+    if seen[key][seq] or redis.call('ZCOUNT', key, seq, seq) > 0 then
+        return i
+    end
+    seen[key][seq] = true
+end
+local pushed = false
+for i = 1, n do
+    local room, seq, body = ARGV[4 * i - 2], tonumber(ARGV[4 * i - 1]), ARGV[4 * i]
+    redis.call('ZADD', KEYS[i + 2], seq, body)
+    local head = tonumber(redis.call('HGET', KEYS[1], room) or '0')
+    if seq > head then
+        redis.call('HSET', KEYS[1], room, seq)
+    end
+    if ARGV[4 * i + 1] == '1' then
+        redis.call('LPUSH', KEYS[2], body)
+        pushed = true
+    end
+end
+if pushed then
+    redis.call('LTRIM', KEYS[2], 0, tonumber(ARGV[1]) - 1)
+end
+return 0
+"""
+
+# KEYS: members:{room}, rooms. ARGV: name, room. Drops the room once nobody is left.
+_LEAVE_LUA = """
+redis.call('SREM', KEYS[1], ARGV[1])
+if redis.call('SCARD', KEYS[1]) == 0 then
+    redis.call('SREM', KEYS[2], ARGV[2])
+end
+return 0
+"""
+
+# Our own decoder: protocol.decode_event enforces the wire size limit, which a stored
+# Msg (a near-limit Send plus seq, id, ts, sender) may legitimately exceed.
+_msg_decoder = msgspec.msgpack.Decoder(Msg)
+
+
+def _import_redis() -> Any:
+    try:
+        import redis.asyncio as aioredis
+    except ImportError as exc:
+        raise StorageError("Redis storage needs the redis package: pip install 'zchat[redis]'") from exc
+    return aioredis
+
+
+class RedisStorage:
+    """The Storage interface on a Redis server (see zchat.storage.base)."""
+
+    def __init__(self, url: str, prefix: str = "zchat:") -> None:
+        self._aioredis = _import_redis()
+        self.url = url
+        self.prefix = prefix
+        self.epoch = ""
+        self._client: Redis | None = None
+        self._append_script: Any = None
+        self._leave_script: Any = None
+
+    def _key(self, *parts: str) -> str:
+        return self.prefix + ":".join(parts)
+
+    # ------------------------------------------------------------ lifecycle
+
+    async def open(self) -> str:
+        client = self._aioredis.from_url(self.url)
+        try:
+            await client.ping()
+            await client.set(self._key("epoch"), secrets.token_hex(8), nx=True)
+            epoch = await client.get(self._key("epoch"))
+        except self._aioredis.RedisError as exc:
+            await client.aclose()
+            raise StorageError(f"cannot use Redis at {self.url}: {exc}") from exc
+        self._client = client
+        self._append_script = client.register_script(_APPEND_LUA)
+        self._leave_script = client.register_script(_LEAVE_LUA)
+        self.epoch = epoch.decode()
+        log.info("opened Redis history %s prefix %r (epoch %s)", self.url, self.prefix, self.epoch)
+        return self.epoch
+
+    async def close(self) -> None:
+        if self._client is not None:
+            await self._client.aclose()
+            self._client = None
+
+    @property
+    def _redis(self) -> Redis:
+        if self._client is None:
+            raise StorageError("Redis storage is not open")
+        return self._client
+
+    # -------------------------------------------------------------- history
+
+    async def append(self, messages: Sequence[Msg]) -> None:
+        """Store all messages in one script run; a duplicate (room, seq) stores none."""
+        if not messages:
+            return
+        client = self._redis
+        keys = [self._key("heads"), self._key("recent")]
+        args: list[str | int | bytes] = [RECENT_CAP]
+        for m in messages:
+            body = encode(msgspec.structs.replace(m, epoch="") if m.epoch else m)
+            keys.append(self._key("room", m.room))
+            args += [m.room, m.seq, body, "1" if m.cid else "0"]
+        try:
+            duplicate = await self._append_script(keys=keys, args=args, client=client)
+        except self._aioredis.RedisError as exc:
+            raise StorageError(f"Redis append failed: {exc}") from exc
+        if duplicate:
+            m = messages[duplicate - 1]
+            raise StorageError(
+                f"refused {len(messages)} messages: (room, seq) ({m.room!r}, {m.seq}) already stored"
+            )
+
+    async def heads(self) -> dict[str, int]:
+        raw = await self._redis.hgetall(self._key("heads"))
+        return {room.decode(): int(seq) for room, seq in raw.items()}
+
+    async def range(self, room: str, after: int, limit: int, before: int = 0) -> list[Msg]:
+        if limit <= 0:
+            return []
+        upper = f"({before}" if before > 0 else "+inf"
+        raw = await self._redis.zrangebyscore(self._key("room", room), f"({after}", upper, start=0, num=limit)
+        return [_msg_decoder.decode(body) for body in raw]
+
+    async def last(self, room: str, limit: int, before: int = 0) -> list[Msg]:
+        if limit <= 0:
+            return []
+        upper = f"({before}" if before > 0 else "+inf"
+        raw = await self._redis.zrevrangebyscore(self._key("room", room), upper, "-inf", start=0, num=limit)
+        return [_msg_decoder.decode(body) for body in reversed(raw)]
+
+    async def first_seq(self, room: str) -> int:
+        first = await self._redis.zrange(self._key("room", room), 0, 0, withscores=True)
+        return int(first[0][1]) if first else 0
+
+    async def recent(self, limit: int) -> list[Msg]:
+        if limit <= 0:
+            return []
+        raw = await self._redis.lrange(self._key("recent"), 0, limit - 1)
+        return [_msg_decoder.decode(body) for body in reversed(raw)]
+
+    # ---------------------------------------------------- users and members
+
+    async def get_user(self, name: str) -> bytes | None:
+        digest: bytes | None = await self._redis.hget(self._key("users"), name)
+        return digest
+
+    async def add_user(self, name: str, digest: bytes) -> bool:
+        return bool(await self._redis.hsetnx(self._key("users"), name, digest))
+
+    async def members(self) -> dict[str, set[str]]:
+        r = self._redis
+        rooms = sorted(room.decode() for room in await r.smembers(self._key("rooms")))
+        async with r.pipeline(transaction=False) as pipe:
+            for room in rooms:
+                pipe.smembers(self._key("members", room))
+            sets = await pipe.execute()
+        return {room: {n.decode() for n in names} for room, names in zip(rooms, sets) if names}
+
+    async def set_member(self, room: str, name: str, member: bool) -> None:
+        r = self._redis
+        if member:
+            async with r.pipeline(transaction=True) as pipe:
+                pipe.sadd(self._key("members", room), name)
+                pipe.sadd(self._key("rooms"), room)
+                await pipe.execute()
+        else:
+            await self._leave_script(keys=[self._key("members", room), self._key("rooms")], args=[name, room])
