@@ -148,7 +148,10 @@ class Broker:
                 if now >= next_tick:
                     self.core.tick(now, out)
                     next_tick = now + self.tick_every
-                await self._apply(out)
+                try:
+                    await self._apply(out)
+                except Exception:  # never let one bad turn take the broker down
+                    log.exception("failed to carry out a batch (%d to store)", len(out.store))
             await self._farewell()
         finally:
             stop_wait.cancel()
@@ -189,25 +192,33 @@ class Broker:
             except zmq.Again:
                 return
             version, request_id, _domain, address, _identity, mechanism, *creds = frames + [b""] * max(0, 6 - len(frames))
-            if mechanism == b"PLAIN" and len(creds) == 2:
-                name = creds[0].decode("ascii", "replace")
-                stored = self.digests.get(name)
-                if stored is None:
-                    stored = await self.storage.get_user(name) if p.valid_name(name) else None
-                verdict = auth.check_plain(creds[0], creds[1], stored)
-                if verdict.claim is not None:
-                    if await self.storage.add_user(name, verdict.claim):
-                        self.core.add_user(name)  # type: ignore[union-attr]
-                        log.info("name %r claimed from %s", name, address.decode(errors="replace"))
-                    else:  # another broker claimed it first; decide again against that owner
-                        verdict = auth.check_plain(creds[0], creds[1], await self.storage.get_user(name))
-                if verdict.status == b"200":
-                    self.digests[name] = verdict.claim or stored or b""
-                else:
-                    log.info("refused %s from %s: %s", name, address.decode(errors="replace"), verdict.text)
-            else:
-                verdict = auth.Verdict(b"400", "use the PLAIN mechanism")
+            try:
+                verdict = await self._decide(mechanism, creds, address.decode(errors="replace"))
+            except Exception:
+                log.exception("ZAP decision failed")
+                verdict = auth.Verdict(b"500", "internal error")
             self._z.send_multipart([version, request_id, verdict.status, verdict.text.encode(), verdict.user_id.encode(), b""])
+
+    async def _decide(self, mechanism: bytes, creds: list[bytes], address: str) -> auth.Verdict:
+        if mechanism != b"PLAIN" or len(creds) != 2:
+            return auth.Verdict(b"400", "use the PLAIN mechanism")
+        name = creds[0].decode("ascii", "replace")
+        stored = self.digests.get(name)
+        if stored is None and p.valid_name(name):
+            stored = await self.storage.get_user(name)
+        verdict = auth.check_plain(creds[0], creds[1], stored)
+        if verdict.claim is not None:
+            if await self.storage.add_user(name, verdict.claim):
+                self.core.add_user(name)  # type: ignore[union-attr]
+                log.info("name %r claimed from %s", name, address)
+            else:  # another broker claimed it first; decide again against that owner
+                stored = await self.storage.get_user(name)
+                verdict = auth.check_plain(creds[0], creds[1], stored)
+        if verdict.status == b"200":
+            self.digests[name] = verdict.claim or stored or b""
+        else:
+            log.info("refused %r from %s: %s", name, address, verdict.text)
+        return verdict
 
     def _subscriptions(self, now: float) -> None:
         core = self.core
@@ -243,7 +254,7 @@ class Broker:
                 out.error(sid, p.ErrorCode.BAD_FRAME, f"expected 1 body frame, got {len(frames) - 1}")
                 continue
             try:
-                req = p.decode_request(frames[1].bytes)
+                req = p.decode_request(frames[1].bytes, self.limits.max_bytes)
             except p.ProtocolError as exc:
                 core.count(exc.code)
                 self.bad.warn(exc.code, exc.message, now)
@@ -264,7 +275,7 @@ class Broker:
                 self.bad.warn("bad_frame", f"chat line with {len(frames)} frames", now)
                 continue
             try:
-                msg = p.decode_send(frames[0].bytes)
+                msg = p.decode_send(frames[0].bytes, self.limits.max_bytes)
             except p.ProtocolError as exc:
                 core.count(exc.code)
                 self.bad.warn(exc.code, exc.message, now)

@@ -288,9 +288,9 @@ def encode(body: msgspec.Struct) -> bytes:
     return _encoder.encode(body)
 
 
-def _decode(data: bytes, decoder: msgspec.msgpack.Decoder):  # type: ignore[type-arg]
-    if len(data) > MAX_MESSAGE_BYTES:
-        raise ProtocolError(ErrorCode.TOO_LARGE, f"body is {len(data)} bytes; limit {MAX_MESSAGE_BYTES}")
+def _decode(data: bytes, decoder: msgspec.msgpack.Decoder, limit: int = 0):  # type: ignore[type-arg]
+    if limit and len(data) > limit:
+        raise ProtocolError(ErrorCode.TOO_LARGE, f"body is {len(data)} bytes; limit {limit}")
     try:
         body = decoder.decode(data)
     except UnicodeDecodeError as exc:
@@ -316,15 +316,17 @@ def _explain(data: bytes, exc: msgspec.DecodeError) -> ProtocolError:
     return ProtocolError(ErrorCode.BAD_REQUEST, str(exc))
 
 
-def decode_request(data: bytes) -> Request:
-    return _decode(data, _request_decoder)
+def decode_request(data: bytes, limit: int = MAX_MESSAGE_BYTES) -> Request:
+    """A client's request, as the broker reads it: bodies over ``limit`` are refused."""
+    return _decode(data, _request_decoder, limit)
 
 
-def decode_send(data: bytes) -> Send:
-    return _decode(data, _send_decoder)
+def decode_send(data: bytes, limit: int = MAX_MESSAGE_BYTES) -> Send:
+    return _decode(data, _send_decoder, limit)
 
 
 def decode_reply(data: bytes) -> Reply:
+    """A broker's reply; no size limit (a history page can hold many full messages)."""
     return _decode(data, _reply_decoder)
 
 

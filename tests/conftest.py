@@ -1,0 +1,186 @@
+"""Shared fixtures: real brokers on 127.0.0.1 with real SQLite files, real clients.
+
+``broker`` runs in the test's event loop (cheap, lets tests look at its core);
+``broker_proc`` runs ``zchat broker`` as a subprocess (for CLI tests and for killing
+and restarting). Both pick free ports; neither uses fixed sleeps.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import AsyncIterator, Awaitable, Callable, Iterator
+
+import pytest
+
+from zchat.broker import Broker
+from zchat.client import Client
+from zchat.core import Limits
+from zchat.storage.sqlite import SqliteStorage
+
+HEARTBEAT = 0.5  # seconds; presence timeout is 3x
+
+
+def free_port_base(count: int = 3) -> int:
+    """A port P with P..P+count-1 free on 127.0.0.1 right now."""
+    for _ in range(200):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            base = s.getsockname()[1]
+        if base + count >= 65535:
+            continue
+        ok = True
+        for port in range(base, base + count):
+            with socket.socket() as s:
+                try:
+                    s.bind(("127.0.0.1", port))
+                except OSError:
+                    ok = False
+                    break
+        if ok:
+            return base
+    raise RuntimeError("no free port range")
+
+
+async def wait_for(predicate: Callable[[], bool], timeout: float = 10.0, what: str = "condition") -> None:
+    """Poll ``predicate`` until true or fail after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        await asyncio.sleep(0.01)
+
+
+async def collect(client: Client, count: int, timeout: float = 10.0, kinds: tuple[type, ...] | None = None) -> list:
+    """The next ``count`` events of ``client`` (only instances of ``kinds`` when given)."""
+    from zchat import protocol as p
+
+    kinds = kinds or (p.Msg,)
+    got: list = []
+
+    async def read() -> None:
+        async for event in client.events():
+            if isinstance(event, kinds):
+                got.append(event)
+                if len(got) >= count:
+                    return
+
+    try:
+        await asyncio.wait_for(read(), timeout)
+    except asyncio.TimeoutError:
+        raise AssertionError(f"got {len(got)} of {count} events within {timeout}s: {got}") from None
+    return got
+
+
+class RunningBroker:
+    def __init__(self, path: Path, limits: Limits, bind: str = "tcp://127.0.0.1:0") -> None:
+        self.path = path
+        self.limits = limits
+        self.bind = bind
+        self.broker: Broker | None = None
+        self.task: asyncio.Task | None = None
+
+    async def start(self) -> "RunningBroker":
+        self.broker = Broker(self.bind, SqliteStorage(self.path), self.limits)
+        await self.broker.start()
+        self.bind = self.broker.endpoint  # restarts reuse the same ports
+        self.task = asyncio.create_task(self.broker.run())
+        return self
+
+    @property
+    def endpoint(self) -> str:
+        assert self.broker is not None
+        return self.broker.endpoint
+
+    @property
+    def core(self):  # type: ignore[no-untyped-def]
+        assert self.broker is not None and self.broker.core is not None
+        return self.broker.core
+
+    async def stop(self) -> None:
+        if self.broker is not None and self.task is not None:
+            self.broker.stop()
+            await asyncio.wait_for(self.task, 10)
+            self.task = None
+
+
+@pytest.fixture
+async def broker(tmp_path: Path) -> AsyncIterator[RunningBroker]:
+    running = await RunningBroker(tmp_path / "history.db", Limits(heartbeat=HEARTBEAT, rate=1000, burst=1000)).start()
+    yield running
+    await running.stop()
+
+
+@pytest.fixture
+async def connect(broker: RunningBroker) -> AsyncIterator[Callable[..., Awaitable[Client]]]:
+    """``await connect("alice")``: a connected client of ``broker``, closed after the test."""
+    clients: list[Client] = []
+
+    async def make(name: str, secret: str | None = None, **kwargs) -> Client:  # type: ignore[no-untyped-def]
+        client = Client(broker.endpoint, name, secret or f"secret-of-{name}-0123456789", **kwargs)
+        await client.connect()
+        clients.append(client)
+        return client
+
+    yield make
+    for client in clients:
+        await client.close()
+
+
+@pytest.fixture
+def cli_env(tmp_path: Path) -> dict[str, str]:
+    """Environment for CLI subprocesses: private config and data directories."""
+    env = dict(os.environ)
+    env["ZCHAT_CONFIG_DIR"] = str(tmp_path / "config")
+    env["ZCHAT_DATA_DIR"] = str(tmp_path / "data")
+    for key in list(env):
+        if key.startswith("ZCHAT_") and key not in ("ZCHAT_CONFIG_DIR", "ZCHAT_DATA_DIR"):
+            del env[key]
+    return env
+
+
+class BrokerProcess:
+    def __init__(self, db: Path, env: dict[str, str], *extra: str) -> None:
+        self.db = db
+        self.env = env
+        self.extra = extra
+        self.port = free_port_base()
+        self.endpoint = f"tcp://127.0.0.1:{self.port}"
+        self.proc: subprocess.Popen | None = None
+
+    def start(self) -> "BrokerProcess":
+        cmd = [sys.executable, "-m", "zchat", "broker", "--bind", self.endpoint, "--db", str(self.db), *self.extra]
+        self.proc = subprocess.Popen(cmd, env=self.env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        deadline = time.monotonic() + 15
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"broker exited: {self.proc.stdout.read() if self.proc.stdout else ''}")
+            with socket.socket() as s:
+                if s.connect_ex(("127.0.0.1", self.port + 2)) == 0:
+                    return self
+            time.sleep(0.02)  # polling interval, not a wait for an event
+        raise RuntimeError("broker did not start listening within 15s")
+
+    def stop(self, sig: int = 15) -> str:
+        """Signal the broker (SIGTERM by default) and return its output."""
+        assert self.proc is not None
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+        try:
+            out, _ = self.proc.communicate(timeout=15)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            out, _ = self.proc.communicate()
+        return out or ""
+
+
+@pytest.fixture
+def broker_proc(tmp_path: Path, cli_env: dict[str, str]) -> Iterator[BrokerProcess]:
+    proc = BrokerProcess(tmp_path / "proc-history.db", cli_env, "--heartbeat", str(HEARTBEAT)).start()
+    yield proc
+    proc.stop()
