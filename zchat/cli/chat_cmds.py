@@ -1,3 +1,151 @@
-"""Commands of this module are registered by zchat.cli."""
+"""Scriptable client commands: send, tail, who, rooms, ping. Each is a few lines over
+``zchat.client``; exit codes: 0 done, 1 refused by the broker, 2 bad usage, 3 no broker."""
 
-COMMANDS: list = []
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+
+import click
+
+from zchat import protocol as p
+from zchat import render
+from zchat.cli.options import client_options, fallback_name, require_name, run_client, with_settings
+from zchat.client import Client
+from zchat.config import Settings
+
+EXIT_CODES = "Exit status: 0 done, 1 refused by the broker, 2 bad usage, 3 broker unreachable."
+
+
+def _room(value: str | None) -> str | None:
+    return value.lstrip("#").lower() if value else value
+
+
+@click.command("send", epilog=EXIT_CODES)
+@client_options
+@click.option("--room", "-r", help="Room to send to (joined if needed).")
+@click.option("--to", "to", help="Send a direct message to this user instead.")
+@click.option("--me", is_flag=True, help="Send as an action (/me).")
+@click.option("--timeout", type=float, default=10.0, show_default=True, help="Seconds to wait for the broker to store it.")
+@click.argument("text", nargs=-1, required=True)
+@with_settings
+def send(s: Settings, room: str | None, to: str | None, me: bool, timeout: float, text: tuple[str, ...]) -> None:
+    """Send TEXT; exit 0 once the broker has stored it.
+
+    \b
+    Examples:
+      zchat send --name bot --room general "build passed"
+      zchat send --name carol --to dave "lunch?"
+      echo "deploy done" | xargs -0 zchat send -n ci -r ops
+    """
+    name = require_name(s)
+    room, message = _room(room), " ".join(text)
+    if bool(room) == bool(to):
+        raise click.UsageError("give exactly one of --room and --to")
+
+    async def body(client: Client) -> p.Stored:
+        if room:
+            await client.join(room)
+            return await client.send(room, message, me=me, timeout=timeout)
+        return await client.send_dm(to.lower(), message, me=me, timeout=timeout)  # type: ignore[union-attr]
+
+    stored = run_client(s.broker, name, body)
+    click.echo(f"stored {stored.room} #{stored.seq} id {stored.id}", err=True)
+
+
+@click.command("tail", epilog=EXIT_CODES)
+@client_options
+@click.option("--room", "-r", required=True, help="Room to follow.")
+@click.option("--history", type=int, default=10, show_default=True, help="Earlier messages to print first.")
+@click.option("--json", "as_json", is_flag=True, help="One JSON object per line (room, seq, sender, text, ts, id, kind).")
+@click.option("--count", type=int, help="Exit after this many messages.")
+@click.option("--timeout", type=float, help="Exit after this many seconds.")
+@with_settings
+def tail(s: Settings, room: str, history: int, as_json: bool, count: int | None, timeout: float | None) -> None:
+    """Print a room's history, then its live messages, in order, with nothing missed.
+
+    \b
+    Examples:
+      zchat tail --name watcher --room general
+      zchat tail -n bot -r general --json --history 100 --count 100 --timeout 5
+      zchat tail -n bot -r ops --json | jq -r 'select(.kind=="text") | .text'
+    """
+    name, room = require_name(s), _room(room)
+    if not 0 <= history <= p.MAX_HISTORY:
+        raise click.UsageError(f"--history must be 0..{p.MAX_HISTORY}")
+
+    async def body(client: Client) -> None:
+        await client.join(room, history=history)  # type: ignore[arg-type]
+        deadline = None if timeout is None else time.monotonic() + timeout
+        seen = 0
+        events = client.events()
+        while count is None or seen < count:
+            left = None if deadline is None else deadline - time.monotonic()
+            if left is not None and left <= 0:
+                return
+            try:
+                event = await asyncio.wait_for(anext(events), left)
+            except (asyncio.TimeoutError, StopAsyncIteration):
+                return
+            if isinstance(event, p.Msg) and event.room == room:
+                seen += 1
+                click.echo(json.dumps(render.as_json(event), ensure_ascii=False) if as_json else render.line(event, name))
+            elif not as_json and (text := render.line(event, name)) is not None:
+                click.echo(text, err=True)
+
+    run_client(s.broker, name, body)
+
+
+@click.command("who", epilog=EXIT_CODES)
+@client_options
+@click.option("--room", "-r", required=True, help="Room to list.")
+@click.option("--json", "as_json", is_flag=True)
+@with_settings
+def who(s: Settings, room: str, as_json: bool) -> None:
+    """List a room's members and whether they are online.
+
+    \b
+    Example:
+      zchat who --room general
+    """
+    members = run_client(s.broker, s.name or fallback_name(), lambda c: c.who(_room(room)))  # type: ignore[arg-type]
+    for m in members:
+        click.echo(json.dumps({"name": m.name, "online": m.online}) if as_json else f"{m.name}\t{'online' if m.online else 'offline'}")
+
+
+@click.command("rooms", epilog=EXIT_CODES)
+@client_options
+@click.option("--json", "as_json", is_flag=True)
+@with_settings
+def rooms(s: Settings, as_json: bool) -> None:
+    """List rooms with their member and online counts.
+
+    \b
+    Example:
+      zchat rooms --broker tcp://chat.example:5555
+    """
+    for r in run_client(s.broker, s.name or fallback_name(), lambda c: c.rooms()):
+        if as_json:
+            click.echo(json.dumps({"room": r.name, "members": r.members, "online": r.online}))
+        else:
+            click.echo(f"#{r.name}\t{r.members} members\t{r.online} online")
+
+
+@click.command("ping", epilog=EXIT_CODES)
+@client_options
+@click.option("--timeout", type=float, default=5.0, show_default=True, help="Seconds to wait for an answer.")
+@with_settings
+def ping(s: Settings, timeout: float) -> None:
+    """Check that the broker answers; exit 0 if it does.
+
+    \b
+    Examples:
+      zchat ping
+      zchat ping --broker tcp://broker:5555 --timeout 2   # a container healthcheck
+    """
+    rtt = run_client(s.broker, s.name or fallback_name(), lambda c: c.ping(timeout), timeout=timeout)
+    click.echo(f"broker {s.broker} answered in {rtt * 1000:.1f} ms")
+
+
+COMMANDS = [send, tail, who, rooms, ping]
