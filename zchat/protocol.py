@@ -297,6 +297,8 @@ def _decode(data: bytes, decoder: msgspec.msgpack.Decoder, limit: int = 0):  # t
         raise ProtocolError(ErrorCode.BAD_ENCODING, f"invalid UTF-8: {exc.reason}") from None
     except msgspec.DecodeError as exc:
         raise _explain(data, exc) from None
+    except RecursionError:  # valid MessagePack nested deeper than the decoder recurses
+        raise ProtocolError(ErrorCode.BAD_REQUEST, "body nested too deeply") from None
     if body.v != PROTOCOL_VERSION:
         raise ProtocolError(ErrorCode.BAD_VERSION, f"protocol version {body.v} not supported; speak {PROTOCOL_VERSION}")
     return body
@@ -308,6 +310,8 @@ def _explain(data: bytes, exc: msgspec.DecodeError) -> ProtocolError:
         raw = _version_decoder.decode(data)
     except (msgspec.DecodeError, UnicodeDecodeError):
         return ProtocolError(ErrorCode.BAD_ENCODING, f"not a MessagePack map: {exc}")
+    except RecursionError:
+        return ProtocolError(ErrorCode.BAD_REQUEST, f"body nested too deeply: {exc}")
     if not isinstance(raw, dict):
         return ProtocolError(ErrorCode.BAD_REQUEST, f"body must be a map: {exc}")
     version = raw.get("v", PROTOCOL_VERSION)
