@@ -281,7 +281,7 @@ _request_decoder = msgspec.msgpack.Decoder(Request)
 _send_decoder = msgspec.msgpack.Decoder(Send)
 _reply_decoder = msgspec.msgpack.Decoder(Reply)
 _event_decoder = msgspec.msgpack.Decoder(Event)
-_version_decoder = msgspec.msgpack.Decoder(dict)
+_version_decoder = msgspec.msgpack.Decoder()  # any value: a non-map body is bad_request, not bad_encoding
 
 
 def encode(body: msgspec.Struct) -> bytes:
