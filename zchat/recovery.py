@@ -42,7 +42,7 @@ class Tracker:
         if msg.seq == self.last + 1 and not self.early:
             self.last = msg.seq
             return [msg]
-        if len(self.early) < MAX_BUFFER:
+        if len(self.early) < MAX_BUFFER or msg.seq == self.last + 1:
             self.early[msg.seq] = msg
         return self._drain()
 
