@@ -183,7 +183,7 @@ EOF
 history="$WORK/history.jsonl"
 say "waiting until bots in different containers have answered each other"
 while :; do
-    podman exec "$broker_ctr" zchat tail --broker tcp://127.0.0.1:5555 --name smoke --room lobby \
+    podman exec "$broker_ctr" zchat tail --broker tcp://127.0.0.1:5555 --name smoke --room general \
         --history 1000 --json --timeout 1 >"$history" 2>"$WORK/tail.err" || true
     if summary=$(python3 -c "$check_py" "${BOTS[*]}" "$history"); then
         say "$summary"
@@ -205,7 +205,7 @@ done
 # service name, the way `docker compose run --rm talk` reaches the broker.
 say "reading the history from a one-off container via tcp://broker:5555"
 podman run --rm --network "${PROJECT}_default" "$IMAGE" tail --broker tcp://broker:5555 --name reader \
-    --room lobby --history 1000 --json --timeout 1 >"$WORK/history2.jsonl" 2>"$WORK/tail2.err" \
+    --room general --history 1000 --json --timeout 1 >"$WORK/history2.jsonl" 2>"$WORK/tail2.err" \
     || { cat "$WORK/tail2.err"; die "a one-off container could not read the history"; }
 summary2=$(python3 -c "$check_py" "${BOTS[*]}" "$WORK/history2.jsonl") || die "one-off reader saw: $summary2"
 say "one-off reader: $summary2"

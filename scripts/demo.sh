@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The compose demo as local processes: a broker on a temporary database and free
-# ports, three bots chatting in #lobby, then the conversation as `zchat tail` prints it.
+# ports, three bots chatting in #general, then the conversation as `zchat tail` prints it.
 #
 #   scripts/demo.sh                 # about 15 seconds
 #   DEMO_LINES=10 scripts/demo.sh   # longer
@@ -86,11 +86,11 @@ until "${ZCHAT[@]}" ping --broker "$BROKER" --name demo --timeout 1 >/dev/null 2
     sleep 0.2
 done
 
-echo "== bots alice, bob and carol say $LINES lines each in #lobby and answer mentions"
+echo "== bots alice, bob and carol say $LINES lines each in #general and answer mentions"
 BOT_PIDS=()
 for spec in alice:1.0 bob:1.3 carol:1.7; do
     name=${spec%%:*} every=${spec##*:}
-    "${ZCHAT[@]}" bot --broker "$BROKER" --name "$name" --room lobby --every "$every" --count "$LINES" --reply \
+    "${ZCHAT[@]}" bot --broker "$BROKER" --name "$name" --room general --every "$every" --count "$LINES" --reply \
         >"$WORK/$name.out" 2>"$WORK/$name.err" &
     PIDS+=($!)
     BOT_PIDS+=($!)
@@ -109,10 +109,10 @@ if ((status != 0)); then
 fi
 
 echo "== the conversation, as \`zchat tail --history 100\` shows it"
-"${ZCHAT[@]}" tail --broker "$BROKER" --name demo --room lobby --history 100 --timeout 1 2>/dev/null
+"${ZCHAT[@]}" tail --broker "$BROKER" --name demo --room general --history 100 --timeout 1 2>/dev/null
 
 echo "== the same as JSON lines (zchat tail --json), first three"
-"${ZCHAT[@]}" tail --broker "$BROKER" --name demo --room lobby --history 100 --json --timeout 1 2>/dev/null | head -n 3 || true
+"${ZCHAT[@]}" tail --broker "$BROKER" --name demo --room general --history 100 --json --timeout 1 2>/dev/null | head -n 3 || true
 
 echo "== what alice heard live"
 tail -n 4 "$WORK/alice.out"
