@@ -5,7 +5,8 @@
 #   scripts/demo.sh                 # about 15 seconds
 #   DEMO_LINES=10 scripts/demo.sh   # longer
 #
-# Uses `zchat` from PATH, or this checkout with `python3 -m zchat`. Settings and name
+# Runs this checkout with `python3 -m zchat` (PYTHON=... picks the interpreter), or
+# `zchat` from PATH when that Python lacks the dependencies. Settings and name
 # secrets go to a temporary directory, never to your own config. Everything it starts
 # is stopped by PID on exit.
 set -euo pipefail
@@ -14,11 +15,15 @@ ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 LINES=${DEMO_LINES:-5}
 PY=${PYTHON:-python3}
 
-if command -v zchat >/dev/null 2>&1; then
-    ZCHAT=(zchat)
-else
+# This checkout's code when its Python has the dependencies, else `zchat` from PATH.
+if [[ -f $ROOT/zchat/__init__.py ]] && "$PY" -c "import zmq, msgspec, click, platformdirs" 2>/dev/null; then
     ZCHAT=("$PY" -m zchat)
     export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
+elif command -v zchat >/dev/null 2>&1; then
+    ZCHAT=(zchat)
+else
+    echo "demo: install zchat first (pip install .), or set PYTHON to a Python that has its dependencies" >&2
+    exit 1
 fi
 
 WORK=$(mktemp -d -t zchat-demo.XXXXXX)

@@ -14,6 +14,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
 SMOKE = ROOT / "scripts" / "compose-smoke.sh"
+DEMO = ROOT / "scripts" / "demo.sh"
 COMPOSE_FILE = ROOT / "docker-compose.yml"
 SKIPPED = 77
 
@@ -53,6 +54,28 @@ def test_docker_compose_config_validates(tmp_path):
     assert "healthcheck:" in out and "ping" in out
     # only the broker container binds; every client reaches it by service name
     assert "ZCHAT_BROKER: tcp://broker:5555" in out
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_local_demo_script(tmp_path):
+    """scripts/demo.sh: a broker and three bots as local processes, then `zchat tail`."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("ZCHAT_")}
+    env.update(PYTHON=sys.executable, DEMO_LINES="3", TMPDIR=str(tmp_path))
+    proc = subprocess.run(
+        ["bash", str(DEMO)], cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=240
+    )
+    assert proc.returncode == 0, proc.stdout[-4000:]
+    out = proc.stdout
+    for bot in ("alice", "bob", "carol"):
+        assert f"<{bot}> hello" in out, out
+    assert "re @" in out, out  # a bot answered a mention: lines crossed between processes
+    assert list(tmp_path.iterdir()) == [], "demo.sh left files behind"
+
+
+def test_scripts_are_valid_bash():
+    assert os.access(DEMO, os.X_OK), "scripts/demo.sh must be executable"
+    subprocess.run(["bash", "-n", str(DEMO)], check=True)
 
 
 def test_smoke_script_is_valid_bash():
