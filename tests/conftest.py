@@ -56,8 +56,12 @@ async def wait_for(predicate: Callable[[], bool], timeout: float = 10.0, what: s
         await asyncio.sleep(0.01)
 
 
-async def collect(client: Client, count: int, timeout: float = 10.0, kinds: tuple[type, ...] | None = None) -> list:
-    """The next ``count`` events of ``client`` (only instances of ``kinds`` when given)."""
+async def collect(
+    client: Client, count: int, timeout: float = 10.0, kinds: tuple[type, ...] | None = None,
+    where: Callable[[object], bool] | None = None,
+) -> list:
+    """The next ``count`` events of ``client`` that are instances of ``kinds`` (default
+    Msg) and satisfy ``where``."""
     from zchat import protocol as p
 
     kinds = kinds or (p.Msg,)
@@ -65,7 +69,7 @@ async def collect(client: Client, count: int, timeout: float = 10.0, kinds: tupl
 
     async def read() -> None:
         async for event in client.events():
-            if isinstance(event, kinds):
+            if isinstance(event, kinds) and (where is None or where(event)):
                 got.append(event)
                 if len(got) >= count:
                     return
@@ -75,6 +79,18 @@ async def collect(client: Client, count: int, timeout: float = 10.0, kinds: tupl
     except asyncio.TimeoutError:
         raise AssertionError(f"got {len(got)} of {count} events within {timeout}s: {got}") from None
     return got
+
+
+def is_chat(event: object) -> bool:
+    """A text or /me message (not a join/part line)."""
+    from zchat import protocol as p
+
+    return isinstance(event, p.Msg) and event.kind in ("text", "me")
+
+
+async def chat(client: Client, count: int, timeout: float = 10.0) -> list:
+    """The next ``count`` chat lines (text or /me) ``client`` receives."""
+    return await collect(client, count, timeout, where=is_chat)
 
 
 class RunningBroker:

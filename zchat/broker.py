@@ -92,7 +92,7 @@ class Broker:
         secure = dict(plain_server=1, zap_domain=ZAP_DOMAIN, maxmsgsize=self.limits.max_bytes)
         self.router = self._socket(zmq.ROUTER, router_handover=1, **secure)
         self.pull = self._socket(zmq.PULL, rcvhwm=100_000, **secure)
-        self.xpub = self._socket(zmq.XPUB, xpub_manual=1, sndhwm=100_000, **secure)
+        self.xpub = self._socket(zmq.XPUB, xpub_manual=1, sndhwm=self.limits.pub_hwm, **secure)
         base, port = split_endpoint(self.bind)
         ports = []
         for offset, sock in enumerate((self.router, self.pull, self.xpub)):
@@ -292,7 +292,7 @@ class Broker:
                 await self.storage.append(out.store)
             except StorageError as exc:
                 log.error("storing %d messages failed: %s", len(out.store), exc)
-                core.rollback(await self.storage.heads(), out.store)
+                core.forget(out.store)
                 failed = {m.id for m in out.store}
                 out.publish = [(t, m) for t, m in out.publish if not (isinstance(m, p.Msg) and m.id in failed)]
                 for sid, items in out.acks.items():

@@ -155,6 +155,7 @@ class Client:
         recover_limit: int = 1000,
         ack_timeout: float = 3.0,
         label: str = "zchat",
+        sub_hwm: int = 100_000,
     ) -> None:
         if not p.valid_name(name):
             raise ClientError(p.ErrorCode.BAD_NAME, f"bad name {name!r}: use a-z, 0-9, '_', '-' (1-{p.MAX_NAME_LEN} characters, lowercase)")
@@ -169,6 +170,7 @@ class Client:
         self.label = label
         self.recover_limit = recover_limit
         self.ack_timeout = ack_timeout
+        self.sub_hwm = sub_hwm
         self.sid = secrets.token_hex(8)
         self.state = "offline"
         self.state_since = time.time()
@@ -224,7 +226,7 @@ class Client:
         welcome = hello.result()
         self._take_welcome(welcome)
         sub = self._socket(zmq.SUB)
-        sub.rcvhwm = 100_000
+        sub.rcvhwm = self.sub_hwm
         sub.connect(f"{self.base}:{welcome.pub_port}")
         push = self._socket(zmq.PUSH)
         push.sndhwm = 100_000
@@ -512,7 +514,11 @@ class Client:
                 self.recovered += len(delivered)
                 self._events.put_nowait(Recovered(room, len(delivered)))
             if not msgs and tracker.missing() == gap:
-                tracker.skip(upper, "no longer in history")
+                gap_event = tracker.skip(upper, "no longer in history")
+                if gap_event is not None:
+                    self._events.put_nowait(gap_event)
+                for msg in tracker.release():
+                    self._events.put_nowait(msg)
                 return
 
     # ------------------------------------------------------------ liveness
@@ -567,12 +573,25 @@ class Client:
             welcome = await self._request(lambda rid: p.Hello(rid=rid, client=self.label))
             assert isinstance(welcome, p.Welcome)
             epoch_changed = welcome.epoch != self.epoch
+            old = self.welcome
             self._take_welcome(welcome)
+            if old is not None and (old.pub_port, old.pull_port) != (welcome.pub_port, welcome.pull_port):
+                self._move(self._sub, old.pub_port, welcome.pub_port)
+                self._move(self._push, old.pull_port, welcome.pull_port)
             if epoch_changed:
                 for room in [r for r in self._trackers if not p.is_dm_room(r)]:
                     await self._request(lambda rid, r=room: p.Join(rid=rid, room=r))
             self._set_state("connected")
             self._resend_all()
+
+    def _move(self, pump: _Pump, old: int, new: int) -> None:
+        """The restarted broker listens on other ports (it was bound to port 0)."""
+
+        def move(sock: zmq.Socket) -> None:
+            sock.disconnect(f"{self.base}:{old}")
+            sock.connect(f"{self.base}:{new}")
+
+        pump.submit(move)
 
     def _resend_all(self) -> None:
         for pending in self._pending.values():

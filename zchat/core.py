@@ -16,7 +16,42 @@ from typing import Iterable
 from zchat import protocol as p
 from zchat.protocol import ErrorCode as E
 
-DEDUP_CAPACITY = 100_000
+DEDUP_CAPACITY = 10_000  # cids remembered per user
+
+
+class Dedup:
+    """The last DEDUP_CAPACITY (user, cid) -> Stored of each user.
+
+    Per user so that a chatty user cannot push a quiet user's cids out before the
+    quiet user's client had a chance to resend.
+    """
+
+    def __init__(self) -> None:
+        self.by_user: dict[str, OrderedDict[str, p.Stored]] = {}
+
+    def get(self, key: tuple[str, str]) -> p.Stored | None:
+        cids = self.by_user.get(key[0])
+        return None if cids is None else cids.get(key[1])
+
+    def add(self, user: str, stored: p.Stored) -> None:
+        cids = self.by_user.setdefault(user, OrderedDict())
+        cids[stored.cid] = stored
+        if len(cids) > DEDUP_CAPACITY:
+            cids.popitem(last=False)
+
+    def forget(self, user: str, cid: str) -> None:
+        cids = self.by_user.get(user)
+        if cids is not None:
+            cids.pop(cid, None)
+
+    def __contains__(self, key: tuple[str, str]) -> bool:
+        return self.get(key) is not None
+
+    def __iter__(self):  # type: ignore[no-untyped-def]
+        return ((user, cid) for user, cids in self.by_user.items() for cid in cids)
+
+    def __len__(self) -> int:
+        return sum(len(cids) for cids in self.by_user.values())
 
 
 @dataclasses.dataclass(frozen=True)
@@ -27,6 +62,7 @@ class Limits:
     max_bytes: int = p.MAX_MESSAGE_BYTES
     pull_port: int = 0
     pub_port: int = 0
+    pub_hwm: int = 100_000  # per-subscriber queue on the broker before PUB drops
 
     @property
     def presence_timeout(self) -> float:
@@ -110,7 +146,7 @@ class Core:
         self.sessions: dict[str, Session] = {}
         self.devices: dict[str, set[str]] = {}  # name -> live session ids
         self.buckets: dict[str, TokenBucket] = {}
-        self.dedup: OrderedDict[tuple[str, str], p.Stored] = OrderedDict()
+        self.dedup = Dedup()
         for msg in recent:
             if msg.cid:
                 self._remember(msg.sender, msg)
@@ -348,9 +384,6 @@ class Core:
                 out.error(sid, E.UNKNOWN_USER, f"no user {msg.to!r}", cid=cid)
                 return
             room = p.dm_room(name, msg.to)
-            for member in (name, msg.to):
-                if member not in self.members.get(room, ()):
-                    self._set_member(room, member, True, out)
             topics = tuple({p.inbox_topic(name), p.inbox_topic(msg.to)})
         if self.limits.rate > 0:
             bucket = self.buckets.get(name)
@@ -361,6 +394,10 @@ class Core:
                 self.count("rate_limited")
                 out.error(sid, E.RATE_LIMITED, f"slow down: try again in {wait:.2f}s", cid=cid, retry_after=wait)
                 return
+        if msg.to:  # a DM conversation exists from its first message
+            for member in (name, msg.to):
+                if member not in self.members.get(room, ()):
+                    self._set_member(room, member, True, out)
         stored = self._sequence(room, name, msg.text, "me" if msg.me else "text", msg.to, cid, now, out, *topics)
         out.acks.setdefault(sid, []).append(stored)
 
@@ -381,17 +418,19 @@ class Core:
 
     def _remember(self, sender: str, msg: p.Msg) -> p.Stored:
         stored = p.Stored(msg.cid, msg.room, msg.seq, msg.id, msg.ts)
-        self.dedup[(sender, msg.cid)] = stored
-        if len(self.dedup) > DEDUP_CAPACITY:
-            self.dedup.popitem(last=False)
+        self.dedup.add(sender, stored)
         return stored
 
-    def rollback(self, heads: dict[str, int], failed: Iterable[p.Msg]) -> None:
-        """Storage refused a batch: forget its seqs and cids so resends are taken afresh."""
-        self.heads = dict(heads)
+    def forget(self, failed: Iterable[p.Msg]) -> None:
+        """Storage refused a batch: forget its cids so resends are taken afresh.
+
+        Heads stay where they are: replies of that batch may already carry them, and
+        reusing a seq would let a client take a new message for one it has seen. The
+        hole is reported to clients as a Gap (not in history).
+        """
         for msg in failed:
             if msg.cid:
-                self.dedup.pop((msg.sender, msg.cid), None)
+                self.dedup.forget(msg.sender, msg.cid)
 
     def shutdown(self, now: float, out: Outcome) -> None:
         out.publish.append((p.SYSTEM_TOPIC, p.Notice(event="shutdown", boot=self.boot, ts=now)))

@@ -680,21 +680,20 @@ def test_may_subscribe() -> None:
 # ------------------------------------------------------------------ rollback & shutdown
 
 
-def test_rollback_restores_heads_and_forgets_cids() -> None:
+def test_forget_after_failed_store_keeps_heads_and_drops_cids() -> None:
     core = two_in_dev(heads={"dev": 2})
     kept = send(core, "alice", "a1", "c0", room="dev")  # stored fine in an earlier batch
-    heads_before = dict(core.heads)
     batch = Outcome()
     core.send("alice", p.Send(sid="a1", cid="c1", text="one", room="dev"), 1.0, batch)
     core.send("bob", p.Send(sid="b1", cid="c2", text="two", room="dev"), 1.0, batch)
     core.send("alice", p.Send(sid="a1", cid="c0", text="dup", room="dev"), 1.0, batch)
     assert stored_seqs(batch) == [("dev", 4), ("dev", 5)]
-    core.rollback(heads_before, batch.store)
-    assert core.heads == {"dev": 3}
+    core.forget(batch.store)
+    assert core.heads == {"dev": 5}  # never reused: clients may have seen 4 and 5 announced
     assert ("alice", "c1") not in core.dedup and ("bob", "c2") not in core.dedup
     assert ("alice", "c0") in core.dedup
     retry = send(core, "alice", "a1", "c1", "one", room="dev")
-    assert stored_seqs(retry) == [("dev", 4)]
+    assert stored_seqs(retry) == [("dev", 6)]
     assert send(core, "alice", "a1", "c0", room="dev").acks == kept.acks
     ids = {m.id for m in batch.store}
     assert retry.store[0].id not in ids  # ids are never reused

@@ -1,0 +1,325 @@
+"""A real broker and real clients over TCP on 127.0.0.1: the core issue's scenarios."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import zmq
+import zmq.asyncio
+
+from tests.conftest import HEARTBEAT, RunningBroker, chat, collect, wait_for
+from zchat import protocol as p
+from zchat.client import AuthError, Client, ClientError, StateChange
+from zchat.core import Limits
+
+PEER = str(Path(__file__).with_name("peer.py"))
+
+
+def texts(events: list) -> list[str]:
+    return [e.text for e in events if isinstance(e, p.Msg) and e.kind == "text"]
+
+
+async def test_three_users_two_rooms(connect) -> None:
+    alice, bob, carol = await connect("alice"), await connect("bob"), await connect("carol")
+    for c in (alice, bob, carol):
+        await c.join("general")
+    await alice.join("dev")
+    await bob.join("dev")
+    await alice.send("general", "hi all")
+    await carol.send("general", "hi alice")
+    await bob.send("dev", "dev talk")
+    got_carol = await chat(carol, 2)
+    assert [(m.room, m.sender, m.text) for m in got_carol] == [("general", "alice", "hi all"), ("general", "carol", "hi alice")]
+    got_alice = await chat(alice, 3)
+    by_room = {(m.room, m.sender, m.text) for m in got_alice}
+    assert by_room == {("general", "alice", "hi all"), ("general", "carol", "hi alice"), ("dev", "bob", "dev talk")}
+    general = [m for m in got_alice if m.room == "general"]
+    assert [m.seq for m in general] == sorted(m.seq for m in general)
+    rooms = {r.name: (r.members, r.online) for r in await carol.rooms()}
+    assert rooms == {"general": (3, 3), "dev": (2, 2)}
+
+
+async def test_room_prefix_isolation(connect, broker) -> None:
+    alice, bob = await connect("alice"), await connect("bob")
+    await alice.join("dev")
+    await bob.join("devops")
+    await alice.join("devops")
+    await alice.send("devops", "ops only")
+    await alice.send("dev", "dev only")
+    (msg,) = await chat(bob, 1)
+    assert (msg.room, msg.text) == ("devops", "ops only")
+    # A raw subscriber asking for a bare prefix gets nothing: the broker refuses it.
+    ctx = zmq.asyncio.Context.instance()
+    sub = ctx.socket(zmq.SUB)
+    sub.linger = 0
+    sub.plain_username, sub.plain_password = b"bob", b"secret-of-bob-0123456789"
+    sub.connect(f"tcp://127.0.0.1:{broker.broker.ports[2]}")
+    for prefix in (b"#dev", b"#", b"@", b""):
+        sub.subscribe(prefix)
+    before = broker.core.counters.get("bad_subscription", 0)
+    await wait_for(lambda: broker.core.counters.get("bad_subscription", 0) >= before + 4, what="refused subscriptions")
+    await alice.send("dev", "still dev only")
+    await alice.send("devops", "sync marker")
+    assert [m.text for m in await chat(bob, 1)] == ["sync marker"]
+    assert await sub.poll(200) == 0, "a bare-prefix subscriber received traffic"
+    sub.close()
+
+
+async def test_dm_reaches_only_recipient(connect, broker) -> None:
+    alice, bob, carol = await connect("alice"), await connect("bob"), await connect("carol")
+    for c in (alice, bob, carol):
+        await c.join("general")
+    # carol tries to eavesdrop on bob's inbox with a raw subscriber using her own credentials
+    ctx = zmq.asyncio.Context.instance()
+    spy = ctx.socket(zmq.SUB)
+    spy.linger = 0
+    spy.plain_username, spy.plain_password = b"carol", b"secret-of-carol-0123456789"
+    spy.connect(f"tcp://127.0.0.1:{broker.broker.ports[2]}")
+    spy.subscribe(p.inbox_topic("bob"))
+    await wait_for(lambda: broker.core.counters.get("bad_subscription", 0) >= 1, what="spy refused")
+    stored = await alice.send_dm("bob", "secret plan")
+    assert stored.room == "@alice:bob"
+    (dm,) = await chat(bob, 1)
+    assert (dm.sender, dm.to, dm.text, dm.room) == ("alice", "bob", "secret plan", "@alice:bob")
+    await alice.send("general", "public marker")
+    got = await chat(carol, 1)
+    assert [m.text for m in got] == ["public marker"]
+    assert await spy.poll(200) == 0
+    spy.close()
+    with pytest.raises(ClientError) as err:
+        await carol.history("@alice:bob")
+    assert err.value.code == p.ErrorCode.NOT_MEMBER
+    with pytest.raises(ClientError) as err:
+        await alice.send_dm("nobody", "hello?")
+    assert err.value.code == p.ErrorCode.UNKNOWN_USER
+
+
+async def test_me_action_is_its_own_kind(connect) -> None:
+    alice, bob = await connect("alice"), await connect("bob")
+    await alice.join("general")
+    await bob.join("general")
+    await alice.send("general", "waves", me=True)
+    (msg,) = await chat(bob, 1)
+    assert (msg.kind, msg.text, msg.sender) == ("me", "waves", "alice")
+
+
+async def test_late_joiner_history_then_live(connect) -> None:
+    alice = await connect("alice")
+    await alice.join("general")
+    for i in range(30):
+        await alice.send("general", f"early {i}")
+    late = await connect("late")
+    await late.join("general", history=20)
+    pump = asyncio.create_task(_send_many(alice, "general", "live", 30))
+    got = await collect(late, 50)  # 20 of history (with late's own join line), then 30 live
+    await pump
+    seqs = [m.seq for m in got]
+    assert seqs == list(range(seqs[0], seqs[0] + len(seqs))), "gap or duplicate"
+    assert texts(got)[:19] == [f"early {i}" for i in range(11, 30)]
+    assert texts(got)[-30:] == [f"live {i}" for i in range(30)]
+
+
+async def _send_many(client: Client, room: str, prefix: str, n: int) -> None:
+    for i in range(n):
+        await client.send(room, f"{prefix} {i}")
+
+
+async def test_overflowing_subscriber_recovers_everything(tmp_path: Path) -> None:
+    """A subscriber that stops reading loses messages at PUB; the library refills them."""
+    running = await RunningBroker(tmp_path / "h.db", Limits(heartbeat=5, rate=0, pub_hwm=50)).start()
+    try:
+        sender = Client(running.endpoint, "flood", "secret-of-flood-0123456789")
+        await sender.connect()
+        await sender.join("firehose")
+        total = 1500
+        proc = subprocess.Popen([sys.executable, PEER, running.endpoint, "slow", "firehose", "collect", str(total)],
+                                stdout=subprocess.PIPE, text=True)
+        try:
+            assert await asyncio.to_thread(proc.stdout.readline) == "ready\n"
+            os.kill(proc.pid, signal.SIGSTOP)
+            text = "x" * 4000
+            for start in range(0, total, 100):
+                await asyncio.gather(*(sender.send("firehose", f"{i} {text}") for i in range(start, start + 100)))
+            os.kill(proc.pid, signal.SIGCONT)
+            out, _ = await asyncio.to_thread(proc.communicate, timeout=60)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+        summary = json.loads(out.strip().splitlines()[-1])
+        seqs = summary["seqs"]
+        assert len(seqs) == total and seqs == sorted(set(seqs)) and seqs == list(range(seqs[0], seqs[0] + total))
+        assert summary["recovered"] > 0, "nothing was dropped, so recovery was not exercised"
+        await sender.close()
+    finally:
+        await running.stop()
+
+
+async def test_killed_client_reported_gone(connect, broker) -> None:
+    watcher = await connect("watcher")
+    await watcher.join("general")
+    proc = subprocess.Popen([sys.executable, PEER, broker.endpoint, "ghost", "general", "idle"], stdout=subprocess.PIPE, text=True)
+    try:
+        assert await asyncio.to_thread(proc.stdout.readline) == "ready\n"
+        assert {m.name: m.online for m in await watcher.who("general")}["ghost"] is True
+        proc.kill()
+        proc.wait()
+        gone = await collect(watcher, 1, timeout=3 * HEARTBEAT + 5, kinds=(p.Presence,))
+        assert (gone[0].name, gone[0].online) == ("ghost", False)
+        assert {m.name: m.online for m in await watcher.who("general")}["ghost"] is False
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+async def test_name_theft_refused(connect, broker) -> None:
+    alice = await connect("alice")
+    thief = Client(broker.endpoint, "alice", "not-alices-secret-0123456789")
+    with pytest.raises(AuthError) as err:
+        await thief.connect(timeout=5)
+    assert "alice" in err.value.message
+    await alice.join("general")
+    stored = await alice.send("general", "still me")
+    assert stored.seq >= 1
+
+
+async def test_two_devices_one_user(connect) -> None:
+    phone = await connect("dana", "dana-shared-secret-0123456789")
+    laptop = await connect("dana", "dana-shared-secret-0123456789")
+    eve = await connect("eve")
+    for c in (phone, laptop, eve):
+        await c.join("general")
+    await eve.send_dm("dana", "to both devices")
+    assert [m.text for m in await chat(phone, 1)] == ["to both devices"]
+    assert [m.text for m in await chat(laptop, 1)] == ["to both devices"]
+    members = await eve.who("general")
+    assert [(m.name, m.online) for m in members if m.name == "dana"] == [("dana", True)]
+    assert {r.name: r.online for r in await eve.rooms()}["general"] == 2
+    await phone.close()
+    await eve.send("general", "after phone left")
+    await chat(laptop, 1)
+    assert {m.name: m.online for m in await eve.who("general")}["dana"] is True
+
+
+async def test_rate_limit_is_clear(tmp_path: Path) -> None:
+    running = await RunningBroker(tmp_path / "h.db", Limits(heartbeat=5, rate=1, burst=3)).start()
+    try:
+        client = Client(running.endpoint, "spammer", "secret-of-spammer-0123456789")
+        await client.connect()
+        await client.join("general")
+        results = await asyncio.gather(*(client.send("general", f"m{i}") for i in range(6)), return_exceptions=True)
+        refused = [r for r in results if isinstance(r, ClientError)]
+        assert len(results) - len(refused) == 3
+        assert refused and all(r.code == p.ErrorCode.RATE_LIMITED for r in refused)
+        await client.close()
+    finally:
+        await running.stop()
+
+
+async def test_resends_are_stored_once(connect, broker) -> None:
+    eager = await connect("eager", ack_timeout=0.001)  # resends before any ack can arrive
+    await eager.join("general")
+    for i in range(20):
+        await eager.send("general", f"once {i}")
+    history = await eager.history("general", limit=100)
+    assert texts(history) == [f"once {i}" for i in range(20)]
+
+
+async def test_offline_client_gets_what_it_missed(connect, broker) -> None:
+    talker = await connect("talker")
+    await talker.join("general")
+    away = await connect("away")
+    await away.join("general")
+    await talker.send("general", "before")
+    assert texts(await chat(away, 1)) == ["before"]
+    cursors = away.cursors()
+    await away.close()
+    for i in range(5):
+        await talker.send("general", f"missed {i}")
+    back = await connect("away", cursors=cursors)
+    await back.join("general")
+    assert texts(await chat(back, 5)) == [f"missed {i}" for i in range(5)]
+    # beyond the bound: the client is told what it could not get
+    cursors = back.cursors()
+    await back.close()
+    for i in range(8):
+        await talker.send("general", f"later {i}")
+    bounded = await connect("away", cursors=cursors, recover_limit=3)
+    await bounded.join("general")
+    from zchat.recovery import Gap
+
+    events = await collect(bounded, 4, kinds=(p.Msg, Gap), where=lambda e: isinstance(e, Gap) or e.kind == "text")
+    gap = events[0]
+    assert isinstance(gap, Gap) and gap.last - gap.first + 1 == 5
+    assert texts(events[1:]) == [f"later {i}" for i in range(5, 8)]
+
+
+async def test_broker_restart_keeps_history_and_clients(connect, broker) -> None:
+    alice, bob = await connect("alice"), await connect("bob")
+    await alice.join("general")
+    await bob.join("general")
+    await alice.send("general", "before restart")
+    await chat(bob, 1)
+    await broker.stop()
+    await wait_for(lambda: alice.state == "reconnecting", timeout=10, what="alice notices")
+    pending = asyncio.create_task(alice.send("general", "sent while down"))
+    await broker.start()
+    await asyncio.wait_for(pending, 20)
+    await wait_for(lambda: bob.state == "connected", timeout=10, what="bob reconnects")
+    await alice.send("general", "after restart")
+    got = await chat(bob, 2, timeout=15)
+    assert texts(got) == ["sent while down", "after restart"]
+    history = await bob.history("general")
+    assert texts(history) == ["before restart", "sent while down", "after restart"]
+
+
+async def test_malformed_barrage_leaves_broker_serving(connect, broker) -> None:
+    alice, bob = await connect("alice"), await connect("bob")
+    await alice.join("general")
+    await bob.join("general")
+    await alice.send("general", "before barrage")
+    await chat(bob, 1)
+    ctx = zmq.asyncio.Context.instance()
+    creds = (b"mallory", b"secret-of-mallory-0123456789")
+    dealer, push, sub = ctx.socket(zmq.DEALER), ctx.socket(zmq.PUSH), ctx.socket(zmq.SUB)
+    ports = broker.broker.ports
+    for sock, port in ((dealer, ports[0]), (push, ports[1]), (sub, ports[2])):
+        sock.linger = 0
+        sock.plain_username, sock.plain_password = creds
+        sock.connect(f"tcp://127.0.0.1:{port}")
+    garbage = [
+        b"", b"\xc1", b"\xff" * 100, b"not msgpack at all", p.encode(p.Ping(rid=1))[:-2],
+        b"\x83\xa1k\xa4ping\xa1v\x07\xa3rid\x01",  # unknown version
+        b"\x83\xa1k\xa4join\xa1v\x01\xa3rid\xa1x",  # wrong type
+        b"\x84\xa1k\xa4join\xa1v\x01\xa3rid\x01\xa4room\xa2\xc3\x28",  # invalid UTF-8
+        b"\x82\xa1k\xa4nope\xa1v\x01",  # unknown kind
+    ]
+    for body in garbage:
+        await dealer.send(body)
+        await push.send(body)
+    await dealer.send_multipart([b"two", b"frames"])
+    await push.send_multipart([b"two", b"frames"])
+    sub.subscribe(b"#" + b"x" * 20_000)
+    sub.subscribe(b"\xff\xfe")
+    replies = []
+    for _ in range(len(garbage) + 1):
+        assert await dealer.poll(5000), "no error reply for a malformed request"
+        replies.append(p.decode_reply(await dealer.recv()))
+    codes = {r.code for r in replies if isinstance(r, p.Error)}
+    assert {p.ErrorCode.BAD_ENCODING, p.ErrorCode.BAD_VERSION, p.ErrorCode.BAD_REQUEST, p.ErrorCode.BAD_FRAME} <= codes
+    # an oversize chat line: MAXMSGSIZE makes libzmq drop the sender's connection
+    await push.send(b"\x00" * (70 * 1024))
+    await wait_for(lambda: broker.core.counters.get("bad_encoding", 0) >= 4, what="PULL garbage counted")
+    for sock in (dealer, push, sub):
+        sock.close()
+    await alice.send("general", "after barrage")
+    assert texts(await chat(bob, 1)) == ["after barrage"]
+    assert texts(await bob.history("general")) == ["before barrage", "after barrage"]
