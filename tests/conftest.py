@@ -94,15 +94,16 @@ async def chat(client: Client, count: int, timeout: float = 10.0) -> list:
 
 
 class RunningBroker:
-    def __init__(self, path: Path, limits: Limits, bind: str = "tcp://127.0.0.1:0") -> None:
+    def __init__(self, path: Path, limits: Limits, bind: str = "tcp://127.0.0.1:0", storage: Callable[[], object] | None = None) -> None:
         self.path = path
         self.limits = limits
         self.bind = bind
+        self.storage = storage or (lambda: SqliteStorage(self.path))
         self.broker: Broker | None = None
         self.task: asyncio.Task | None = None
 
     async def start(self) -> "RunningBroker":
-        self.broker = Broker(self.bind, SqliteStorage(self.path), self.limits)
+        self.broker = Broker(self.bind, self.storage(), self.limits)  # type: ignore[arg-type]
         await self.broker.start()
         self.bind = self.broker.endpoint  # restarts reuse the same ports
         self.task = asyncio.create_task(self.broker.run())

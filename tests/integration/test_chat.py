@@ -323,3 +323,33 @@ async def test_malformed_barrage_leaves_broker_serving(connect, broker) -> None:
     await alice.send("general", "after barrage")
     assert texts(await chat(bob, 1)) == ["after barrage"]
     assert texts(await bob.history("general")) == ["before barrage", "after barrage"]
+
+
+async def test_broker_on_redis_storage(tmp_path: Path, redis_url: str) -> None:
+    """The same broker on the Redis backend: chat, history, and a restart that keeps both."""
+    import secrets
+
+    from zchat.storage.redis import RedisStorage
+
+    prefix = f"zchat-test-{secrets.token_hex(4)}:"
+    running = await RunningBroker(tmp_path / "unused.db", Limits(heartbeat=HEARTBEAT), storage=lambda: RedisStorage(redis_url, prefix)).start()
+    try:
+        alice = Client(running.endpoint, "alice", "secret-of-alice-0123456789")
+        bob = Client(running.endpoint, "bob", "secret-of-bob-0123456789")
+        for c in (alice, bob):
+            await c.connect()
+            await c.join("general")
+        await alice.send("general", "via redis")
+        assert texts(await chat(bob, 1)) == ["via redis"]
+        await running.stop()
+        await running.start()
+        await alice.send("general", "after restart", timeout=20)
+        assert texts(await chat(bob, 1, timeout=20)) == ["after restart"]
+        assert texts(await bob.history("general")) == ["via redis", "after restart"]
+        thief = Client(running.endpoint, "alice", "another-secret-0123456789")
+        with pytest.raises(AuthError):
+            await thief.connect(timeout=5)
+        for c in (alice, bob):
+            await c.close()
+    finally:
+        await running.stop()
