@@ -444,26 +444,32 @@ class Client:
         if len(frames) != 2:
             return
         event = p.decode_event(frames[1])
-        if isinstance(event, p.Msg):
-            if event.sender == self.name and event.cid in self._pending:
-                self._acked(event.cid, p.Stored(event.cid, event.room, event.seq, event.id, event.ts))
-            if event.epoch != self.epoch:
-                return  # the heartbeat will notice the new epoch and reset
-            tracker = self._trackers.get(event.room)
-            if tracker is None:
-                if not p.is_dm_room(event.room):
-                    return
-                tracker = self._tracker_for(event.room)  # a new conversation: from its first message
-            for msg in tracker.offer(event):
-                self._events.put_nowait(msg)
-            if tracker.early:
-                self._wake_filler(event.room)
+        if isinstance(event, p.Batch):
+            for msg in event.items:
+                self._on_msg(msg)
+        elif isinstance(event, p.Msg):
+            self._on_msg(event)
         elif isinstance(event, p.Presence):
             if event.room in self._trackers:
                 self._events.put_nowait(event)
         elif isinstance(event, p.Notice):
             if event.event == "shutdown" and event.boot == self.boot:
                 self._set_state("reconnecting", "broker shut down")
+
+    def _on_msg(self, event: p.Msg) -> None:
+        if event.sender == self.name and event.cid in self._pending:
+            self._acked(event.cid, p.Stored(event.cid, event.room, event.seq, event.id, event.ts))
+        if event.epoch != self.epoch:
+            return  # the heartbeat will notice the new epoch and reset
+        tracker = self._trackers.get(event.room)
+        if tracker is None:
+            if not p.is_dm_room(event.room):
+                return
+            tracker = self._tracker_for(event.room)  # a new conversation: from its first message
+        for msg in tracker.offer(event):
+            self._events.put_nowait(msg)
+        if tracker.early:
+            self._wake_filler(event.room)
 
     def _wake_filler(self, *rooms: str) -> None:
         self._want_fill.update(rooms)

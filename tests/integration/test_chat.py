@@ -133,7 +133,7 @@ async def _send_many(client: Client, room: str, prefix: str, n: int) -> None:
 
 async def test_overflowing_subscriber_recovers_everything(tmp_path: Path) -> None:
     """A subscriber that stops reading loses messages at PUB; the library refills them."""
-    running = await RunningBroker(tmp_path / "h.db", Limits(heartbeat=5, rate=0, pub_hwm=50)).start()
+    running = await RunningBroker(tmp_path / "h.db", Limits(heartbeat=5, rate=0, pub_hwm=4)).start()
     try:
         sender = Client(running.endpoint, "flood", "secret-of-flood-0123456789")
         await sender.connect()
@@ -157,6 +157,7 @@ async def test_overflowing_subscriber_recovers_everything(tmp_path: Path) -> Non
         seqs = summary["seqs"]
         assert len(seqs) == total and seqs == sorted(set(seqs)) and seqs == list(range(seqs[0], seqs[0] + total))
         assert summary["recovered"] > 0, "nothing was dropped, so recovery was not exercised"
+        assert running.core.counters.get("batches", 0) > 0, "a flood should be published in batches"
         await sender.close()
     finally:
         await running.stop()

@@ -561,3 +561,9 @@ def test_valid_name(name: str, ok: bool) -> None:
 )
 def test_valid_room(room: str, ok: bool) -> None:
     assert p.valid_room(room) is ok
+
+
+def test_batch_of_messages_round_trips() -> None:
+    items = [p.Msg(room="dev", seq=i, id=f"x{i}", ts=1.5, sender="alice", text=f"m{i}", epoch="E") for i in (1, 2, 3)]
+    decoded = p.decode_event(p.encode(p.Batch(items=items)))
+    assert isinstance(decoded, p.Batch) and decoded.items == items
