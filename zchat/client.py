@@ -548,10 +548,10 @@ class Client:
             await asyncio.sleep(self.heartbeat if self.state == "connected" else min(1.0, self.heartbeat))
             try:
                 pong = await self._request(lambda rid: p.Ping(rid=rid), timeout=max(1.0, self.heartbeat))
-            except ClientError as exc:
-                if exc.code == p.ErrorCode.NO_SESSION:
-                    continue  # _on_reply started a new hello
-                raise
+            except ClientError as exc:  # no_session: _on_reply already says hello again
+                if exc.code != p.ErrorCode.NO_SESSION:
+                    self._set_state("reconnecting", exc.message)
+                continue
             except asyncio.TimeoutError:
                 self._set_state("reconnecting", "broker not answering")
                 continue
@@ -576,19 +576,25 @@ class Client:
         if self._rehello_lock.locked():
             return
         async with self._rehello_lock:
-            welcome = await self._request(lambda rid: p.Hello(rid=rid, client=self.label))
-            assert isinstance(welcome, p.Welcome)
-            epoch_changed = welcome.epoch != self.epoch
-            old = self.welcome
-            self._take_welcome(welcome)
-            if old is not None and (old.pub_port, old.pull_port) != (welcome.pub_port, welcome.pull_port):
-                self._move(self._sub, old.pub_port, welcome.pub_port)
-                self._move(self._push, old.pull_port, welcome.pull_port)
-            if epoch_changed:
-                for room in [r for r in self._trackers if not p.is_dm_room(r)]:
-                    await self._request(lambda rid, r=room: p.Join(rid=rid, room=r))
-            self._set_state("connected")
-            self._resend_all()
+            try:
+                await self._hello_again()
+            except (ClientError, asyncio.TimeoutError) as exc:
+                log.info("hello again failed (%s); the next heartbeat retries", exc)
+
+    async def _hello_again(self) -> None:
+        welcome = await self._request(lambda rid: p.Hello(rid=rid, client=self.label))
+        assert isinstance(welcome, p.Welcome)
+        epoch_changed = welcome.epoch != self.epoch
+        old = self.welcome
+        self._take_welcome(welcome)
+        if old is not None and (old.pub_port, old.pull_port) != (welcome.pub_port, welcome.pull_port):
+            self._move(self._sub, old.pub_port, welcome.pub_port)
+            self._move(self._push, old.pull_port, welcome.pull_port)
+        if epoch_changed:
+            for room in [r for r in self._trackers if not p.is_dm_room(r)]:
+                await self._request(lambda rid, r=room: p.Join(rid=rid, room=r))
+        self._set_state("connected")
+        self._resend_all()
 
     def _move(self, pump: _Pump, old: int, new: int) -> None:
         """The restarted broker listens on other ports (it was bound to port 0)."""

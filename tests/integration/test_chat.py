@@ -354,3 +354,23 @@ async def test_broker_on_redis_storage(tmp_path: Path, redis_url: str) -> None:
             await c.close()
     finally:
         await running.stop()
+
+
+async def test_history_loss_is_reported_and_chat_goes_on(connect, broker, tmp_path: Path) -> None:
+    """A broker that comes back with a new database (new epoch): clients are told, then carry on."""
+    from zchat.recovery import Gap
+
+    alice, bob = await connect("alice"), await connect("bob")
+    await alice.join("general")
+    await bob.join("general")
+    await alice.send("general", "old world")
+    await chat(bob, 1)
+    await broker.stop()
+    broker.path = tmp_path / "replacement.db"
+    await broker.start()
+    (gap,) = await collect(bob, 1, timeout=15, kinds=(Gap,))
+    assert gap.room == "general" and "reset" in gap.reason
+    await wait_for(lambda: alice.epoch == broker.core.epoch and alice.state == "connected", timeout=15, what="alice on the new epoch")
+    await alice.send("general", "new world", timeout=15)
+    got = await chat(bob, 1, timeout=15)
+    assert [(m.text, m.epoch) for m in got] == [("new world", broker.core.epoch)]
