@@ -152,6 +152,7 @@ class Core:
                 self._remember(msg.sender, msg)
         self.id_prefix = id_prefix
         self.counter = 0
+        self.topics: dict[str, bytes] = {}  # room -> topic frame, made once
         self.counters: dict[str, int] = {}
 
     # ------------------------------------------------------------ queries
@@ -358,24 +359,29 @@ class Core:
             self.count("duplicate")
             out.acks.setdefault(sid, []).append(seen)
             return
-        if not msg.text.strip():
+        text = msg.text
+        if not text or text.isspace():
             out.error(sid, E.BAD_REQUEST, "empty message", cid=cid)
             return
-        if bool(msg.room) == bool(msg.to):
+        room = msg.room
+        if bool(room) == bool(msg.to):
             out.error(sid, E.BAD_REQUEST, "give exactly one of room and to", cid=cid)
             return
-        if msg.room:
-            room = msg.room
-            if not p.valid_room(room):
-                out.error(sid, E.BAD_ROOM, f"bad room name {room!r}", cid=cid)
+        if room:
+            members = self.members.get(room)  # a room with members has a valid name
+            if members is None:
+                if not p.valid_room(room):
+                    out.error(sid, E.BAD_ROOM, f"bad room name {room!r}", cid=cid)
+                else:
+                    out.error(sid, E.UNKNOWN_ROOM, f"no room {room!r}: join it first", cid=cid)
                 return
-            if room not in self.members:
-                out.error(sid, E.UNKNOWN_ROOM, f"no room {room!r}: join it first", cid=cid)
-                return
-            if name not in self.members[room]:
+            if name not in members:
                 out.error(sid, E.NOT_MEMBER, f"join {room!r} before sending to it", cid=cid)
                 return
-            topics: tuple[bytes, ...] = (p.room_topic(room),)
+            topic = self.topics.get(room)
+            if topic is None:
+                topic = self.topics[room] = p.room_topic(room)
+            topics: tuple[bytes, ...] = (topic,)
         else:
             if not p.valid_name(msg.to):
                 out.error(sid, E.BAD_NAME, f"bad user name {msg.to!r}", cid=cid)
@@ -398,7 +404,7 @@ class Core:
             for member in (name, msg.to):
                 if member not in self.members.get(room, ()):
                     self._set_member(room, member, True, out)
-        stored = self._sequence(room, name, msg.text, "me" if msg.me else "text", msg.to, cid, now, out, *topics)
+        stored = self._sequence(room, name, text, "me" if msg.me else "text", msg.to, cid, now, out, *topics)
         out.acks.setdefault(sid, []).append(stored)
 
     def _sequence(
