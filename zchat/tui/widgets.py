@@ -1,0 +1,387 @@
+"""The pieces of the chat screen and the per-conversation state they show.
+
+``Buffer`` is one window: a room or a direct conversation, with its lines (messages
+in seq order plus local notes), unread count, mention mark and members. The widgets
+only draw buffers: ``MessageLog`` the lines, ``RoomList`` the windows, ``MemberList``
+the members, ``StatusBar`` the connection; ``ChatInput`` adds Tab completion and
+Up/Down recall to Textual's Input.
+"""
+
+from __future__ import annotations
+
+import bisect
+import dataclasses
+import re
+import time
+import zlib
+from typing import Iterable
+
+from rich.console import RenderableType
+from rich.table import Table
+from rich.text import Text
+from textual import events
+from textual.binding import Binding
+from textual.message import Message
+from textual.widgets import Input, RichLog, Static
+
+from zchat import protocol as p
+from zchat.tui.commands import Completer, InputHistory
+
+#: Nick colours: readable on dark and light backgrounds; a name always gets the same one.
+PALETTE = (
+    "#e06c75", "#98c379", "#e5c07b", "#61afef", "#c678dd", "#56b6c2",
+    "#d19a66", "#be5046", "#7ec699", "#f0a6ca", "#8abeb7", "#b294bb",
+    "#ff9e64", "#9ece6a", "#7aa2f7", "#bb9af7",
+)
+NICK_WIDTH = 12
+
+
+def nick_colour(name: str) -> str:
+    """A stable colour for ``name`` (crc32, not hash(): the same in every process)."""
+    return PALETTE[zlib.crc32(name.encode()) % len(PALETTE)]
+
+
+def mentions(name: str, text: str) -> bool:
+    """Whether ``text`` names ``name`` as a word (``carol``, ``@carol``, ``Carol:``)."""
+    return re.search(rf"(?<![a-z0-9_-]){re.escape(name)}(?![a-z0-9_-])", text.lower()) is not None
+
+
+# ------------------------------------------------------------------ model
+
+
+@dataclasses.dataclass
+class Note:
+    """A line of our own (an error, command output, a connection change), not a message."""
+
+    text: str
+    ts: float
+    style: str = "info"  # info, error, state
+
+
+@dataclasses.dataclass(order=True)
+class Entry:
+    key: tuple[int, int]
+    item: p.Msg | Note = dataclasses.field(compare=False)
+
+
+class Buffer:
+    """One window: a room (``key`` = room name) or a conversation (``key`` = ``@a:b``)."""
+
+    def __init__(self, key: str, me: str) -> None:
+        self.key = key
+        self.me = me
+        peers = p.dm_peers(key)
+        self.is_dm = peers is not None
+        self.peer = (peers[1] if peers[0] == me else peers[0]) if peers else ""
+        self.title = f"@{self.peer}" if self.is_dm else f"#{key}"
+        self.entries: list[Entry] = []
+        self.seqs: set[int] = set()
+        self.unread = 0
+        self.mentioned = False
+        self.members: dict[str, bool] = {me: True, self.peer: False} if self.is_dm else {}
+        self.loaded = False  # its recent history was fetched once
+        self.complete = False  # nothing older to fetch
+        self.cleared_below = 0  # /clear: the newest seq when the window was cleared
+        self.epoch = ""  # the broker history's epoch the seqs belong to
+        self._notes = 0
+
+    @property
+    def oldest(self) -> int:
+        """The lowest seq shown (0 when none)."""
+        for entry in self.entries:
+            if isinstance(entry.item, p.Msg):
+                return entry.item.seq
+        return 0
+
+    @property
+    def newest(self) -> int:
+        return max(self.seqs, default=self.cleared_below)
+
+    def add(self, msg: p.Msg) -> int | None:
+        """Insert ``msg`` in seq order; its index, or None if already there.
+
+        Seqs count within an epoch: a message of a new epoch (the broker's history was
+        replaced) starts the window afresh, since its seqs start again from 1."""
+        if msg.epoch and msg.epoch != self.epoch:
+            if self.epoch:
+                self.entries.clear()
+                self.seqs.clear()
+                self.complete = False
+                self.cleared_below = 0
+                self.epoch = msg.epoch
+                self.note("the broker's history was reset: earlier lines are gone", "error", ts=msg.ts)
+            self.epoch = msg.epoch
+        if msg.seq in self.seqs:
+            return None
+        self.seqs.add(msg.seq)
+        entry = Entry((msg.seq, 0), msg)
+        index = bisect.bisect(self.entries, entry)
+        self.entries.insert(index, entry)
+        return index
+
+    def note(self, text: str, style: str = "info", ts: float | None = None) -> Entry:
+        self._notes += 1
+        entry = Entry((self.newest, self._notes), Note(text, time.time() if ts is None else ts, style))
+        self.entries.append(entry)
+        return entry
+
+    def clear(self) -> None:
+        self.cleared_below = self.newest
+        self.entries.clear()
+        self.seqs.clear()
+
+    def count_unread(self, msg: p.Msg) -> None:
+        """A live message arrived while this window is not shown."""
+        if msg.sender == self.me or msg.kind not in ("text", "me"):
+            return
+        self.unread += 1
+        if self.is_dm or mentions(self.me, msg.text):
+            self.mentioned = True
+
+    def seen(self) -> None:
+        self.unread = 0
+        self.mentioned = False
+
+    def live(self, msg: p.Msg) -> None:
+        """Keep the member list in step with a live message."""
+        if msg.kind == "join":
+            self.members[msg.sender] = True
+        elif msg.kind == "part":
+            self.members.pop(msg.sender, None)
+        elif msg.sender not in self.members or not self.is_dm:
+            self.members[msg.sender] = True
+
+
+# ------------------------------------------------------------------ rendering
+
+
+def _clock(ts: float) -> str:
+    return time.strftime("%H:%M", time.localtime(ts))
+
+
+def _nick_cell(text: str, style: str) -> Text:
+    if len(text) > NICK_WIDTH:
+        text = text[: NICK_WIDTH - 1] + "…"
+    return Text(text, style=style, justify="right")
+
+
+def render_entry(entry: Entry, me: str) -> RenderableType:
+    """One line of the log: time, nick column, text (wrapped under the text column)."""
+    item = entry.item
+    grid = Table.grid(padding=(0, 1), expand=True)
+    grid.add_column(width=5, style="dim")
+    grid.add_column(width=NICK_WIDTH, no_wrap=True)
+    grid.add_column(ratio=1, overflow="fold")
+    if isinstance(item, Note):
+        styles = {"error": ("!!", "bold red", "red"), "state": ("--", "bold yellow", "yellow"), "info": ("--", "dim", "")}
+        mark, mark_style, text_style = styles.get(item.style, styles["info"])
+        grid.add_row(_clock(item.ts), _nick_cell(mark, mark_style), Text(item.text, style=text_style))
+        return grid
+    colour = nick_colour(item.sender)
+    where = "" if p.is_dm_room(item.room) else f" #{item.room}"
+    if item.kind == "me":
+        body = Text.assemble((item.sender, f"bold {colour}"), " ", (item.text, "italic"))
+        grid.add_row(_clock(item.ts), _nick_cell("*", f"bold {colour}"), body)
+    elif item.kind == "join":
+        body = Text.assemble((item.sender, colour), (f" joined{where}", "green"))
+        grid.add_row(_clock(item.ts), _nick_cell("-->", "bold green"), body)
+    elif item.kind == "part":
+        body = Text.assemble((item.sender, colour), (f" left{where}", "red"))
+        grid.add_row(_clock(item.ts), _nick_cell("<--", "bold red"), body)
+    else:
+        text = Text(item.text)
+        if item.sender != me and mentions(me, item.text):
+            text.stylize("bold reverse")
+        grid.add_row(_clock(item.ts), _nick_cell(item.sender, f"bold {colour}"), text)
+    return grid
+
+
+def day_of(ts: float) -> str:
+    return time.strftime("%a %d %b %Y", time.localtime(ts))
+
+
+# ------------------------------------------------------------------ widgets
+
+
+class MessageLog(RichLog):
+    """The lines of one buffer; asks for older history when scrolled to the top."""
+
+    class NeedOlder(Message):
+        """The user scrolled to the top of what is loaded."""
+
+    can_focus = False
+
+    def __init__(self, **kwargs) -> None:  # type: ignore[no-untyped-def]
+        super().__init__(wrap=True, min_width=20, auto_scroll=False, **kwargs)
+        self.buffer: Buffer | None = None
+        self._last_day = ""
+
+    def show(self, buffer: Buffer | None, keep_bottom: bool = True) -> None:
+        """Draw ``buffer`` from scratch (a switch, a resize, older lines above)."""
+        self.buffer = buffer
+        old_lines, old_y, at_end = len(self.lines), self.scroll_y, self.is_vertical_scroll_end
+        self.clear()
+        self._last_day = ""
+        if buffer is None or not self._size_known:
+            return
+        for entry in buffer.entries:
+            self._write(entry)
+        if keep_bottom or at_end:
+            self.scroll_end(animate=False, immediate=True)
+        else:  # older lines were added above: keep the same lines in view
+            self.scroll_to(y=old_y + len(self.lines) - old_lines, animate=False, immediate=True)
+
+    def append(self, entry: Entry) -> None:
+        at_end = self.is_vertical_scroll_end or self.max_scroll_y == 0
+        self._write(entry)
+        if at_end:
+            self.scroll_end(animate=False, immediate=True)
+
+    def _write(self, entry: Entry) -> None:
+        day = day_of(entry.item.ts)
+        if self._last_day and day != self._last_day:
+            self.write(Text(f"─── {day} ───", style="dim", justify="center"), width=self._width(), scroll_end=False)
+        self._last_day = day
+        me = self.buffer.me if self.buffer else ""
+        self.write(render_entry(entry, me), width=self._width(), scroll_end=False)
+
+    def _width(self) -> int:
+        return max(20, self.scrollable_content_region.width)
+
+    def plain_lines(self) -> list[str]:
+        """The text on screen, line by line (tests and the line-mode parity check)."""
+        return [strip.text.rstrip() for strip in self.lines]
+
+    def on_resize(self, event: events.Resize) -> None:
+        self.call_after_refresh(self.show, self.buffer)
+
+    def watch_scroll_y(self, old_value: float, new_value: float) -> None:
+        super().watch_scroll_y(old_value, new_value)
+        if new_value <= 0 < old_value:
+            self.post_message(self.NeedOlder())
+
+
+class RoomList(Static):
+    """The windows, numbered: unread counts, ``!`` for a mention of your name or a DM."""
+
+    plain = ""  # what is shown, as plain text
+
+    class Picked(Message):
+        def __init__(self, key: str) -> None:
+            super().__init__()
+            self.key = key
+
+    def __init__(self, **kwargs) -> None:  # type: ignore[no-untyped-def]
+        super().__init__(**kwargs)
+        self.keys: list[str] = []
+
+    def show(self, buffers: Iterable[Buffer], current: str) -> None:
+        text = Text(no_wrap=True, overflow="ellipsis")
+        self.keys = []
+        for n, buf in enumerate(buffers, 1):
+            self.keys.append(buf.key)
+            if n > 1:
+                text.append("\n")
+            selected = buf.key == current
+            style = "bold reverse" if selected else ("bold magenta" if buf.mentioned else ("bold" if buf.unread else ""))
+            text.append(f"{n:>2} {buf.title}", style=style)
+            if buf.unread:
+                text.append(f" ({buf.unread}{'!' if buf.mentioned else ''})", style="bold magenta" if buf.mentioned else "bold cyan")
+            elif buf.mentioned:
+                text.append(" (!)", style="bold magenta")
+        self.plain = text.plain
+        self.update(text)
+
+    def on_click(self, event: events.Click) -> None:
+        if 0 <= event.y < len(self.keys):
+            self.post_message(self.Picked(self.keys[event.y]))
+
+
+class MemberList(Static):
+    plain = ""
+    def show(self, buffer: Buffer | None) -> None:
+        text = Text(no_wrap=True, overflow="ellipsis")
+        if buffer is not None:
+            members = sorted(buffer.members.items(), key=lambda kv: (not kv[1], kv[0]))
+            online = sum(1 for _, on in members if on)
+            text.append(f"{online}/{len(members)} online\n", style="dim")
+            for name, on in members:
+                text.append("● " if on else "○ ", style="green" if on else "dim")
+                text.append(name + "\n", style=f"bold {nick_colour(name)}" if on else "dim")
+        self.plain = text.plain
+        self.update(text)
+
+
+class StatusBar(Static):
+    """broker │ connection state and for how long │ name │ window │ recovered │ queued."""
+
+    plain = ""
+
+    def show(self, broker: str, state: str, since: float, name: str, where: str, recovered: int, queued: int, detail: str = "") -> None:
+        icons = {"connected": ("●", "green"), "reconnecting": ("⟳", "yellow"), "connecting": ("…", "yellow"),
+                 "offline": ("✕", "red"), "closed": ("✕", "red")}
+        icon, colour = icons.get(state, ("?", "red"))
+        text = Text(no_wrap=True, overflow="ellipsis")
+        text.append(f" {broker} ", style="dim")
+        text.append("│ ", style="dim")
+        text.append(f"{icon} {state}", style=f"bold {colour}")
+        if state != "connected":
+            text.append(f" {_ago(time.time() - since)}", style=colour)
+            if detail:
+                text.append(f" ({detail})", style=colour)
+        text.append(" │ ", style="dim")
+        text.append(name, style=f"bold {nick_colour(name)}")
+        text.append(" │ ", style="dim")
+        text.append(where or "-", style="bold")
+        text.append(" │ ", style="dim")
+        text.append(f"recovered {recovered}", style="cyan" if recovered else "dim")
+        if queued:
+            text.append(" │ ", style="dim")
+            text.append(f"{queued} queued", style="bold yellow")
+        self.plain = text.plain
+        self.update(text)
+
+
+def _ago(seconds: float) -> str:
+    seconds = max(0, int(seconds))
+    if seconds < 60:
+        return f"{seconds}s"
+    if seconds < 3600:
+        return f"{seconds // 60}m{seconds % 60:02d}s"
+    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
+
+
+class ChatInput(Input):
+    """The input line: Enter sends, Up/Down recall, Tab completes names and commands."""
+
+    BINDINGS = [
+        Binding("tab", "complete", "Complete", show=False),
+        Binding("up", "recall(-1)", "Earlier line", show=False),
+        Binding("down", "recall(1)", "Later line", show=False),
+    ]
+
+    class CompleteRequest(Message):
+        """Asks the app for the names and rooms to complete from."""
+
+    def __init__(self, **kwargs) -> None:  # type: ignore[no-untyped-def]
+        super().__init__(**kwargs)
+        self.completer = Completer()
+        self.recall = InputHistory()
+        self.nicks: list[str] = []
+        self.rooms: list[str] = []
+
+    def action_complete(self) -> None:
+        done = self.completer.complete(self.value, self.cursor_position, self.nicks, self.rooms)
+        if done is not None:
+            self.value = done.value
+            self.cursor_position = done.cursor
+
+    def action_recall(self, step: int) -> None:
+        line = self.recall.previous(self.value) if step < 0 else self.recall.next(self.value)
+        if line is not None:
+            self.value = line
+            self.cursor_position = len(line)
+
+    def remember(self, line: str) -> None:
+        self.recall.add(line)
+        self.completer.reset()
