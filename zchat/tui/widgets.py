@@ -29,9 +29,8 @@ from zchat.tui.commands import Completer, InputHistory
 
 #: Nick colours: readable on dark and light backgrounds; a name always gets the same one.
 PALETTE = (
-    "#e06c75", "#98c379", "#e5c07b", "#61afef", "#c678dd", "#56b6c2",
-    "#d19a66", "#be5046", "#7ec699", "#f0a6ca", "#8abeb7", "#b294bb",
-    "#ff9e64", "#9ece6a", "#7aa2f7", "#bb9af7",
+    "#e06c75", "#98c379", "#e5c07b", "#61afef", "#c678dd", "#56b6c2", "#d19a66", "#f0a6ca",
+    "#7ec699", "#ff9e64", "#9ece6a", "#7aa2f7", "#bb9af7", "#8abeb7", "#b294bb", "#e0af68",
 )
 NICK_WIDTH = 12
 
