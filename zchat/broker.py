@@ -86,10 +86,13 @@ class Broker:
         epoch = await self.storage.open()
         heads = await self.storage.heads()
         members = await self.storage.members()
+        users = await self.storage.users()
         recent = await self.storage.recent(10_000)
         self.zap = self._socket(zmq.REP)
         self.zap.bind(ZAP_ENDPOINT)
-        secure = dict(plain_server=1, zap_domain=ZAP_DOMAIN, maxmsgsize=self.limits.max_bytes)
+        # The socket limit is twice the body limit: a body a little too big gets a clear
+        # too_large error; a frame beyond twice the limit costs its sender the connection.
+        secure = dict(plain_server=1, zap_domain=ZAP_DOMAIN, maxmsgsize=2 * self.limits.max_bytes)
         self.router = self._socket(zmq.ROUTER, router_handover=1, **secure)
         self.pull = self._socket(zmq.PULL, rcvhwm=100_000, **secure)
         self.xpub = self._socket(zmq.XPUB, xpub_manual=1, sndhwm=self.limits.pub_hwm, **secure)
@@ -106,7 +109,7 @@ class Broker:
         self.endpoint = f"{base}:{ports[0]}"
         limits = Limits(**{**self.limits.__dict__, "pull_port": ports[1], "pub_port": ports[2]})
         self.core = Core(
-            epoch=epoch, boot=secrets.token_hex(6), limits=limits, heads=heads, members=members,
+            epoch=epoch, boot=secrets.token_hex(6), limits=limits, heads=heads, members=members, users=users,
             recent=recent, id_prefix=secrets.token_hex(4) + "-",
         )
         # Shadows share the socket but send/recv without futures: the loop drains them
@@ -258,7 +261,7 @@ class Broker:
             except p.ProtocolError as exc:
                 core.count(exc.code)
                 self.bad.warn(exc.code, exc.message, now)
-                out.error(sid, exc.code, exc.message)
+                out.error(sid, exc.code, exc.message, rid=exc.rid)
                 continue
             core.request(sid, frames[1].get("User-Id"), req, now, out)
 
@@ -279,6 +282,9 @@ class Broker:
             except p.ProtocolError as exc:
                 core.count(exc.code)
                 self.bad.warn(exc.code, exc.message, now)
+                session = core.sessions.get(exc.sid)
+                if session is not None and session.name == frames[0].get("User-Id"):
+                    out.error(exc.sid, exc.code, exc.message, cid=exc.cid)  # the sender's own session
                 continue
             core.send(frames[0].get("User-Id"), msg, now, out)
 
@@ -316,7 +322,8 @@ class Broker:
                 msgs = await self.storage.range(req.room, req.after, req.limit, req.before)
             else:
                 msgs = await self.storage.last(req.room, req.limit, req.before)
-            body = p.HistoryReply(rid=req.rid, room=req.room, epoch=core.epoch, head=query.head, messages=msgs)
+            head = max(query.head, msgs[-1].seq if msgs else 0)  # this turn may have stored more
+            body = p.HistoryReply(rid=req.rid, room=req.room, epoch=core.epoch, head=head, messages=msgs)
             reply([query.sid.encode("latin-1"), encode(body)], zmq.NOBLOCK)
 
 

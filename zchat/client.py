@@ -496,19 +496,22 @@ class Client:
                 return
             after, before = gap
             upper = before - 1 if before else tracker.known_head
+            if upper - after > self.recover_limit:  # too far behind: keep only the newest
+                gap_event = tracker.skip(upper - self.recover_limit, "beyond the recovery limit")
+                if gap_event is not None:
+                    self._events.put_nowait(gap_event)
+                after = tracker.last
             wanted = upper - after
-            if wanted > self.recover_limit:
-                reply = await self._request(lambda rid: p.History(rid=rid, room=room, limit=self.recover_limit, before=upper + 1))
-            else:
-                reply = await self._request(lambda rid: p.History(rid=rid, room=room, limit=min(wanted, p.MAX_HISTORY), before=before, after=after))
+            reply = await self._request(
+                lambda rid: p.History(rid=rid, room=room, limit=min(wanted, p.MAX_HISTORY), before=before, after=after)
+            )
             assert isinstance(reply, p.HistoryReply)
             if reply.epoch != tracker.epoch:
                 return
             msgs = [msgspec.structs.replace(m, epoch=reply.epoch) for m in reply.messages]
             if not msgs or msgs[0].seq > after + 1:
                 first_held = msgs[0].seq if msgs else (before or reply.head + 1)
-                reason = "beyond the recovery limit" if wanted > self.recover_limit else "no longer in history"
-                gap_event = tracker.skip(first_held - 1, reason)
+                gap_event = tracker.skip(first_held - 1, "no longer in history")
                 if gap_event is not None:
                     self._events.put_nowait(gap_event)
             tracker.saw_head(reply.head)
@@ -590,9 +593,11 @@ class Client:
         if old is not None and (old.pub_port, old.pull_port) != (welcome.pub_port, welcome.pull_port):
             self._move(self._sub, old.pub_port, welcome.pub_port)
             self._move(self._push, old.pull_port, welcome.pull_port)
-        if epoch_changed:
+        if epoch_changed:  # the new broker knows none of our rooms: join and subscribe again
             for room in [r for r in self._trackers if not p.is_dm_room(r)]:
                 await self._request(lambda rid, r=room: p.Join(rid=rid, room=r))
+                topic = p.room_topic(room)
+                self._sub.submit(lambda s, t=topic: s.setsockopt(zmq.SUBSCRIBE, t))
         self._set_state("connected")
         self._resend_all()
 

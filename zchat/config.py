@@ -101,7 +101,7 @@ HELP = {
     "log_level": "one of " + ", ".join(LOG_LEVELS),
     "log_format": "'text' or 'json' (one object a line)",
     "heartbeat": "seconds between client pings; presence times out after 3",
-    "rate": "messages a second each user may send, on average",
+    "rate": "messages a second each user may send, on average (0: no limit)",
     "burst": "messages a user may send at once before the rate applies",
     "max_bytes": f"largest message body in bytes (at most {MAX_MESSAGE_BYTES})",
 }
@@ -190,9 +190,13 @@ def _validate(name: str, value: Any, source: str) -> Any:
         if fmt not in LOG_FORMATS:
             raise _fail(name, source, value, "'text' or 'json'")
         return fmt
-    if name in ("heartbeat", "rate"):
+    if name == "heartbeat":
         if value <= 0:
             raise _fail(name, source, value, "a number above 0")
+        return value
+    if name == "rate":
+        if value < 0:
+            raise _fail(name, source, value, "0 (no limit) or a number above 0")
         return value
     if name == "burst":
         if value < 1:

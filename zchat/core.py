@@ -344,6 +344,9 @@ class Core:
     def send(self, name: str, msg: p.Send, now: float, out: Outcome) -> None:
         """Handle one PUSHed chat line from ``name``; errors and acks go to ``msg.sid``."""
         sid, cid = msg.sid, msg.cid
+        if not (0 < len(sid) <= p.MAX_CID_LEN and sid.isascii()):
+            self.count("bad_sid")  # not a session id this broker could have given
+            return
         session = self.sessions.get(sid)
         if session is None or session.name != name:
             self.count("no_session")

@@ -74,6 +74,11 @@ class ProtocolError(Exception):
         super().__init__(message)
         self.code = code
         self.message = message
+        # What could still be read from the bad body, so the error can find its way
+        # back (rid for a request, sid and cid for a chat line); empty when unreadable.
+        self.rid = 0
+        self.sid = ""
+        self.cid = ""
 
 
 class _Body(msgspec.Struct, tag_field="k", frozen=True, kw_only=True):
@@ -300,6 +305,31 @@ def encode(body: msgspec.Struct) -> bytes:
 
 
 def _decode(data: bytes, decoder: msgspec.msgpack.Decoder, limit: int = 0):  # type: ignore[type-arg]
+    try:
+        return _decode_strict(data, decoder, limit)
+    except ProtocolError as exc:
+        _add_context(exc, data)
+        raise
+
+
+def _add_context(exc: ProtocolError, data: bytes) -> None:
+    """Salvage rid, sid and cid from a body that failed, if they are readable and sane."""
+    try:
+        raw = _version_decoder.decode(data)
+    except Exception:  # garbage of any kind: nothing to salvage
+        return
+    if not isinstance(raw, dict):
+        return
+    rid, sid, cid = raw.get("rid"), raw.get("sid"), raw.get("cid")
+    if isinstance(rid, int) and not isinstance(rid, bool) and 0 < rid < 2**63:
+        exc.rid = rid
+    if isinstance(sid, str) and 0 < len(sid) <= MAX_CID_LEN and sid.isascii():
+        exc.sid = sid
+    if isinstance(cid, str) and 0 < len(cid) <= MAX_CID_LEN:
+        exc.cid = cid
+
+
+def _decode_strict(data: bytes, decoder: msgspec.msgpack.Decoder, limit: int):  # type: ignore[type-arg]
     if limit and len(data) > limit:
         raise ProtocolError(ErrorCode.TOO_LARGE, f"body is {len(data)} bytes; limit {limit}")
     try:

@@ -292,6 +292,7 @@ async def test_malformed_barrage_leaves_broker_serving(connect, broker) -> None:
     creds = (b"mallory", b"secret-of-mallory-0123456789")
     dealer, push, sub = ctx.socket(zmq.DEALER), ctx.socket(zmq.PUSH), ctx.socket(zmq.SUB)
     ports = broker.broker.ports
+    dealer.routing_id = b"mallory-session"
     for sock, port in ((dealer, ports[0]), (push, ports[1]), (sub, ports[2])):
         sock.linger = 0
         sock.plain_username, sock.plain_password = creds
@@ -316,6 +317,21 @@ async def test_malformed_barrage_leaves_broker_serving(connect, broker) -> None:
         replies.append(p.decode_reply(await dealer.recv()))
     codes = {r.code for r in replies if isinstance(r, p.Error)}
     assert {p.ErrorCode.BAD_ENCODING, p.ErrorCode.BAD_VERSION, p.ErrorCode.BAD_REQUEST, p.ErrorCode.BAD_FRAME} <= codes
+    # the rid of a bad request is echoed when it can be read; oversize requests are named
+    await dealer.send(b"\x83\xa1k\xa4ping\xa1v\x07\xa3rid\x2a")
+    await dealer.send(p.encode(p.Join(rid=43, room="x" * (70 * 1024))))
+    echoed = [p.decode_reply(await dealer.recv()) for _ in range(2)]
+    assert [(e.code, e.rid) for e in echoed] == [(p.ErrorCode.BAD_VERSION, 42), (p.ErrorCode.TOO_LARGE, 43)]
+    # a malformed chat line from a real session gets its error back, with its cid
+    await dealer.send(p.encode(p.Hello(rid=44)))
+    assert isinstance(p.decode_reply(await dealer.recv()), p.Welcome)
+    await push.send(b"\x85\xa1k\xa4send\xa1v\x01\xa3sid\xafmallory-session\xa3cid\xa2c1\xa4text\x05")
+    assert await dealer.poll(5000)
+    err = p.decode_reply(await dealer.recv())
+    assert (err.code, err.cid) == (p.ErrorCode.BAD_REQUEST, "c1")
+    # a session id no broker could have issued (not ASCII) is dropped, and breaks nothing
+    await push.send(p.encode(p.Send(sid="€uro", cid="c2", text="hi", room="general")))
+    await wait_for(lambda: broker.core.counters.get("bad_sid", 0) >= 1, what="bad sid counted")
     # an oversize chat line: MAXMSGSIZE makes libzmq drop the sender's connection
     await push.send(b"\x00" * (70 * 1024))
     await wait_for(lambda: broker.core.counters.get("bad_encoding", 0) >= 4, what="PULL garbage counted")
@@ -374,3 +390,30 @@ async def test_history_loss_is_reported_and_chat_goes_on(connect, broker, tmp_pa
     await alice.send("general", "new world", timeout=15)
     got = await chat(bob, 1, timeout=15)
     assert [(m.text, m.epoch) for m in got] == [("new world", broker.core.epoch)]
+
+
+async def test_dm_to_a_user_known_only_from_before_a_restart(connect, broker) -> None:
+    quiet = await connect("quiet")  # claims the name, joins nothing
+    await quiet.close()
+    await broker.stop()
+    await broker.start()
+    alice = await connect("alice")
+    stored = await alice.send_dm("quiet", "you there?")
+    assert stored.room == "@alice:quiet"
+
+
+async def test_catch_up_beyond_one_history_page(connect, broker) -> None:
+    talker = await connect("talker")
+    await talker.join("general")
+    away = await connect("away")
+    await away.join("general")
+    cursors = away.cursors()
+    await away.close()
+    total = 1500  # more than one history page (MAX_HISTORY)
+    for start in range(0, total, 250):
+        await asyncio.gather(*(talker.send("general", f"n{i}") for i in range(start, start + 250)))
+    back = await connect("away", cursors=cursors, recover_limit=5000)
+    await back.join("general")
+    got = await chat(back, total, timeout=30)
+    assert sorted(int(m.text[1:]) for m in got) == list(range(total))
+    assert [m.seq for m in got] == sorted(m.seq for m in got)

@@ -196,6 +196,7 @@ async def test_add_user_first_owner_wins(storage: Storage) -> None:
     assert await storage.get_user("alice") == b"\x00first\xff"
     assert await storage.add_user("bob", b"bob") is True
     assert await storage.get_user("bob") == b"bob"
+    assert await storage.users() == {"alice", "bob"}
 
 
 async def test_members_add_remove_list(storage: Storage) -> None:

@@ -329,3 +329,10 @@ def test_logging_rejects_bad_values(clean_root):
         setup_logging("LOUD", "text")
     with pytest.raises(ConfigError):
         setup_logging("INFO", "xml")
+
+
+def test_rate_zero_means_no_limit_but_negative_is_refused() -> None:
+    settings, _ = load_settings({"rate": 0}, env={})
+    assert settings.rate == 0.0
+    with pytest.raises(ConfigError, match=r"'rate'.*0 \(no limit\)"):
+        load_settings({"rate": -1}, env={})

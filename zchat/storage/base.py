@@ -51,6 +51,9 @@ class Storage(Protocol):
     async def get_user(self, name: str) -> bytes | None:
         """The stored secret digest for name, or None if the name is free."""
 
+    async def users(self) -> set[str]:
+        """Every claimed name (so a broker that restarts knows who may get DMs)."""
+
     async def add_user(self, name: str, digest: bytes) -> bool:
         """Claim name with digest; False if it was already claimed (the first owner wins)."""
 

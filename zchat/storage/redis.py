@@ -190,6 +190,9 @@ class RedisStorage:
         digest: bytes | None = await self._redis.hget(self._key("users"), name)
         return digest
 
+    async def users(self) -> set[str]:
+        return {name.decode() for name in await self._redis.hkeys(self._key("users"))}
+
     async def add_user(self, name: str, digest: bytes) -> bool:
         return bool(await self._redis.hsetnx(self._key("users"), name, digest))
 

@@ -191,6 +191,9 @@ class SqliteStorage:
         row = self._db.execute("SELECT digest FROM users WHERE name = ?", (name,)).fetchone()
         return None if row is None else bytes(row[0])
 
+    async def users(self) -> set[str]:
+        return {name for (name,) in self._db.execute("SELECT name FROM users")}
+
     async def add_user(self, name: str, digest: bytes) -> bool:
         cur = self._db.execute(
             "INSERT INTO users (name, digest) VALUES (?, ?) ON CONFLICT(name) DO NOTHING", (name, digest)
