@@ -1,0 +1,5 @@
+import sys
+
+from zchat.bench import main
+
+sys.exit(main())

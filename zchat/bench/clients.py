@@ -1,0 +1,609 @@
+"""Client side of every system: publisher processes and subscriber-group processes.
+
+A subscriber group is one process holding many subscribers of one system (SUB sockets,
+Redis connections, TCP sockets, or ``zchat.client.Client`` objects). Each group:
+
+1. connects its subscribers and waits until every one has received a readiness probe
+   (a ``PR`` line the publishers send every ``probe`` seconds; never counted);
+2. says ready and waits for *go*;
+3. counts the lines each subscriber receives (and, by mode, their latency);
+4. stops when every subscriber has ``expected`` lines, when nothing arrived for
+   ``quiet`` seconds after ``expected`` is known, or on *stop*; then reports.
+
+Publishers connect, probe until told to stop probing, wait for *go*, run their mode
+(``blast``: as fast as they can up to a budget or a time window; ``paced``: a fixed rate;
+``none``), report, then obey commands (``flush``: send one more line; ``exit``).
+
+zchat publishers and subscribers only use the client library (``zchat.client.Client``):
+``connect``, ``join``, ``send`` (returns once the broker acked) and ``events``.
+"""
+
+from __future__ import annotations
+
+import array
+import dataclasses
+import selectors
+import socket
+import threading
+import time
+from typing import Any, Callable
+
+from zchat.bench import procs
+from zchat.bench.common import FLUSH, PROBE, RECORD, ROOM, SECRET, now, record, stamp, text
+
+HWM = 100_000
+CHANNEL = b"bench"  # Redis channel
+ZCHAT_WINDOW = 256  # sends in flight per zchat publisher in blast mode
+REDIS_PIPELINE = 100  # PUBLISH commands per round trip for a blasting Redis publisher
+
+
+@dataclasses.dataclass
+class Ctl:
+    """Shared between the orchestrator and its workers (created before the fork)."""
+
+    ready: Any  # Queue of ("sub", gid) / ("pub", idx) / ("error", who, text)
+    results: Any  # Queue of ("sub", gid, dict) / ("pub", idx, dict)
+    go: Any  # Event
+    probes_off: Any  # Event
+    stop: Any  # Event
+    join_go: Any  # Event: every group is connected; zchat subscribers may join now
+
+    @classmethod
+    def make(cls) -> "Ctl":
+        m = procs.mp()
+        return cls(m.Queue(), m.Queue(), m.Event(), m.Event(), m.Event(), m.Event())
+
+
+def _report_error(ctl: Ctl, who: str) -> None:
+    import traceback
+
+    ctl.ready.put(("error", who, traceback.format_exc(limit=8)))
+
+
+# ====================================================================== subscribers
+
+
+class Tally:
+    """What one group saw, per subscriber."""
+
+    def __init__(self, n: int, mode: str) -> None:
+        self.n = n
+        self.mode = mode
+        self.counts = [0] * n
+        self.last = [0.0] * n
+        self.probed = [False] * n
+        self.nprobed = 0
+        self.garbled = [0] * n
+        self.recovered = [0] * n
+        self.gaps = [0] * n
+        self.lat = array.array("d") if mode == "latency" else None
+        self.hop: array.array | None = None
+        self.maxlat: dict[int, float] = {}  # scale mode: line number -> slowest arrival
+        self.incomplete = False
+        self.error = ""
+
+    def probe(self, i: int) -> None:
+        if not self.probed[i]:
+            self.probed[i] = True
+            self.nprobed += 1
+
+    def scale_line(self, line: str | bytes, t: float) -> None:
+        n = int(line[3:12])
+        lat = t - stamp(line)
+        if lat > self.maxlat.get(n, -1.0):
+            self.maxlat[n] = lat
+
+    def report(self) -> dict[str, Any]:
+        return {
+            "counts": self.counts, "last": self.last, "garbled": self.garbled, "recovered": self.recovered,
+            "gaps": self.gaps, "lat": self.lat.tobytes() if self.lat is not None else b"",
+            "hop": self.hop.tobytes() if self.hop is not None else b"",
+            "maxlat": self.maxlat, "incomplete": self.incomplete, "error": self.error,
+        }
+
+
+class Driver:
+    """The group's life cycle around a ``pump(timeout)`` that moves data into a Tally."""
+
+    def __init__(self, tally: Tally, gid: int, ctl: Ctl, expected: Any, quiet: float) -> None:
+        self.tally, self.gid, self.ctl, self.expected, self.quiet = tally, gid, ctl, expected, quiet
+        self.phase = "probe"
+        self.last_tick = now()
+        self.last_progress = now()
+        self.progress = 0
+        self.next_check = 0.0
+
+    def step(self) -> bool:
+        """Advance the life cycle after a pump; True when the group is done."""
+        t = now()
+        if t < self.next_check:
+            return False
+        self.next_check = t + 0.02
+        tally, ctl = self.tally, self.ctl
+        if self.phase == "probe":
+            if ctl.stop.is_set():
+                return True
+            if tally.nprobed >= tally.n:
+                ctl.ready.put(("sub", self.gid))
+                self.phase = "wait"
+            return False
+        if self.phase == "wait":
+            if ctl.stop.is_set():
+                return True
+            if ctl.go.is_set():
+                self.phase = "run"
+                self.last_tick = self.last_progress = t
+            return False
+        if t - self.last_tick > 0.5:  # we were frozen (SIGSTOP): restart the quiet clock
+            self.last_progress = t
+        self.last_tick = t
+        total = sum(tally.counts)
+        if total != self.progress:
+            self.progress, self.last_progress = total, t
+        expected = self.expected.value
+        if expected >= 0 and min(tally.counts) >= expected:
+            return True
+        if expected >= 0 and t - self.last_progress > self.quiet:
+            tally.incomplete = True
+            return True
+        if ctl.stop.is_set():
+            tally.incomplete = expected < 0 or min(tally.counts) < expected
+            return True
+        return False
+
+    def finish(self) -> None:
+        self.ctl.results.put(("sub", self.gid, self.tally.report()))
+
+
+def sub_group(system: str, ep: dict, n: int, gid: int, mode: str, ctl: Ctl, expected: Any, quiet: float) -> None:
+    procs.raise_nofile()
+    tally = Tally(n, mode)
+    driver = Driver(tally, gid, ctl, expected, quiet)
+    try:
+        if system == "zchat":
+            import asyncio
+
+            asyncio.run(_zchat_subs(ep, n, gid, tally, driver))
+        else:
+            pump = {"zmq-proxy": _zmq_subs, "py-forwarder": _zmq_subs, "redis": _redis_subs, "threaded": _threaded_subs}[system](ep, n, gid, tally)
+            ctl.ready.put(("connected", gid))
+            while not driver.step():
+                pump(20)
+    except Exception:
+        _report_error(ctl, f"{system} subscriber group {gid}")
+        tally.error = "failed"
+    driver.finish()
+    time.sleep(0.2)  # let the queue's feeder thread hand the report over
+
+
+def _zmq_subs(ep: dict, n: int, gid: int, tally: Tally) -> Callable[[int], None]:
+    import zmq
+
+    ctx = zmq.Context()
+    ctx.max_sockets = n * 2 + 64
+    socks = []
+    for _ in range(n):
+        s = ctx.socket(zmq.SUB)
+        s.rcvhwm = HWM
+        s.linger = 0
+        s.connect(ep["pub"])
+        s.subscribe(b"")
+        socks.append(s)
+    poller = zmq.Poller()
+    index = {}
+    for i, s in enumerate(socks):
+        poller.register(s, zmq.POLLIN)
+        index[s] = i
+    counts, last, lat, mode = tally.counts, tally.last, tally.lat, tally.mode
+    NOBLOCK, Again = zmq.NOBLOCK, zmq.Again
+
+    def pump(timeout: int) -> None:
+        for s, _ in poller.poll(timeout):
+            i, got = index[s], False
+            recv = s.recv
+            for _ in range(2000):
+                try:
+                    m = recv(NOBLOCK)
+                except Again:
+                    break
+                head = m[:2]
+                if head == b"PR":
+                    tally.probe(i)
+                    continue
+                counts[i] += 1
+                if head == b"FL":
+                    if mode == "scale":
+                        tally.scale_line(m, now())
+                    continue
+                got = True
+                if lat is not None:
+                    lat.append(now() - stamp(m))
+            if got:
+                last[i] = now()
+
+    return pump
+
+
+def _redis_subs(ep: dict, n: int, gid: int, tally: Tally) -> Callable[[int], None]:
+    import redis
+
+    sel = selectors.DefaultSelector()
+    subs, owners = [], []
+    for i in range(n):
+        r = redis.Redis(host=ep["host"], port=ep["port"])
+        owners.append(r)  # a collected Redis object closes its pool, and with it our connection
+        ps = r.pubsub()
+        ps.subscribe(CHANNEL)
+        subs.append(ps)
+        sel.register(ps.connection._sock, selectors.EVENT_READ, i)  # readiness only; reads go through redis-py
+    counts, last, lat, mode = tally.counts, tally.last, tally.lat, tally.mode
+
+    def pump(timeout: int) -> None:
+        pump.owners = owners  # type: ignore[attr-defined]
+        for key, _ in sel.select(timeout / 1000):
+            i, got = key.data, False
+            get = subs[i].get_message
+            while True:
+                m = get(timeout=0.0)
+                if m is None:
+                    break
+                if m["type"] != "message":
+                    continue
+                data = m["data"]
+                head = data[:2]
+                if head == b"PR":
+                    tally.probe(i)
+                    continue
+                counts[i] += 1
+                if head == b"FL":
+                    if mode == "scale":
+                        tally.scale_line(data, now())
+                    continue
+                got = True
+                if lat is not None:
+                    lat.append(now() - stamp(data))
+            if got:
+                last[i] = now()
+
+    return pump
+
+
+def _threaded_subs(ep: dict, n: int, gid: int, tally: Tally) -> Callable[[int], None]:
+    sel = selectors.DefaultSelector()
+    carry = [b""] * n
+    # The server listens with a backlog of 5: a burst of connects overflows it and each
+    # overflow costs a 1 s SYN retransmit, so connect at a pace its accept loop keeps up with.
+    pace = 0.0012 * ep.get("groups", 1)
+    for i in range(n):
+        s = socket.create_connection((ep["host"], ep["port"]))
+        s.sendall(f"sub{gid}-{i}".encode())  # the first read is the user's name
+        s.setblocking(False)
+        sel.register(s, selectors.EVENT_READ, i)
+        time.sleep(pace)
+    counts, last, lat, mode, garbled = tally.counts, tally.last, tally.lat, tally.mode, tally.garbled
+    width = RECORD - 1
+
+    def pump(timeout: int) -> None:
+        for key, _ in sel.select(timeout / 1000):
+            i = key.data
+            try:
+                data = key.fileobj.recv(262144)  # type: ignore[union-attr]
+            except BlockingIOError:
+                continue
+            if not data:
+                sel.unregister(key.fileobj)
+                continue
+            lines = (carry[i] + data).split(b"\n")
+            carry[i] = lines.pop()
+            t, got = now(), False
+            for line in lines:
+                if len(line) != width or line[2:3] != b"|":
+                    garbled[i] += 1  # no framing: concurrent sendalls can interleave
+                    continue
+                head = line[:2]
+                if head == b"PR":
+                    tally.probe(i)
+                    continue
+                counts[i] += 1
+                if head == b"FL":
+                    if mode == "scale":
+                        tally.scale_line(line, t)
+                    continue
+                got = True
+                if lat is not None:
+                    lat.append(t - stamp(line))
+            if got:
+                last[i] = t
+
+    return pump
+
+
+async def _zchat_subs(ep: dict, n: int, gid: int, tally: Tally, driver: Driver) -> None:
+    import asyncio
+
+    import zmq
+    import zmq.asyncio
+
+    from zchat import protocol as p
+    from zchat.client import Client, Gap
+
+    zmq.asyncio.Context.instance().max_sockets = n * 8 + 64
+    clients = [Client(ep["broker"], f"s{gid}-{i}", SECRET, recover_limit=10**9, label="bench") for i in range(n)]
+    for start in range(0, n, 100):
+        await asyncio.gather(*(c.connect(timeout=120) for c in clients[start : start + 100]))
+    driver.ctl.ready.put(("connected", gid))
+    while not driver.ctl.join_go.is_set():
+        if driver.ctl.stop.is_set():
+            return
+        await asyncio.sleep(0.01)
+    for start in range(0, n, 100):
+        await asyncio.gather(*(c.join(ROOM) for c in clients[start : start + 100]))
+    counts, last, lat, mode = tally.counts, tally.last, tally.lat, tally.mode
+    hop = tally.hop = array.array("d") if lat is not None else None  # broker -> subscriber (wall clock)
+    Msg = p.Msg
+    wall = time.time
+
+    async def consume(i: int, client: Client) -> None:
+        async for ev in client.events():
+            if type(ev) is Msg:
+                if ev.kind != "text":
+                    continue
+                line = ev.text
+                head = line[:2]
+                if head == "PR":
+                    tally.probe(i)
+                    continue
+                counts[i] += 1
+                if head == "FL":
+                    if mode == "scale":
+                        tally.scale_line(line, now())
+                    continue
+                t = last[i] = now()
+                if lat is not None:
+                    lat.append(t - stamp(line))
+                    hop.append(wall() - ev.ts)  # type: ignore[union-attr]
+            elif type(ev) is Gap:
+                tally.gaps[i] += ev.last - ev.first + 1
+
+    tasks = [asyncio.ensure_future(consume(i, c)) for i, c in enumerate(clients)]
+    base: list[int] | None = None  # recovered during set-up (probes before the subscription took) is not counted
+    try:
+        while not driver.step():
+            if base is None and driver.phase == "run":
+                base = [c.recovered for c in clients]
+            await asyncio.sleep(0.02)
+    finally:
+        base = base or [c.recovered for c in clients]
+        for i, c in enumerate(clients):
+            tally.recovered[i] = c.recovered - base[i]
+        for t in tasks:
+            t.cancel()
+        # No goodbyes: N clients saying bye would cost N*N/2 offline notices; the broker
+        # is stopped right after the run anyway.
+
+
+# ====================================================================== publishers
+
+
+@dataclasses.dataclass
+class PubPlan:
+    mode: str  # "blast", "paced" or "none"
+    budget: int = 0  # blast: most lines
+    window: float = 0.0  # blast: most seconds
+    rate: float = 0.0  # paced: lines per second
+    seconds: float = 0.0  # paced: how long
+    probe: float = 0.02  # seconds between readiness probes
+
+
+def publisher(system: str, ep: dict, idx: int, plan: PubPlan, ctl: Ctl, conn: Any) -> None:
+    procs.raise_nofile()
+    try:
+        if system == "zchat":
+            import asyncio
+
+            asyncio.run(_zchat_pub(ep, idx, plan, ctl, conn))
+            return
+        send = {"zmq-proxy": _zmq_pub, "py-forwarder": _zmq_pub, "redis": _redis_pub, "threaded": _threaded_pub}[system](ep, idx)
+        ctl.ready.put(("pub", idx))
+        while not ctl.probes_off.is_set():
+            send.one(record(PROBE, 0))
+            time.sleep(plan.probe)
+        ctl.go.wait()
+        n, t_first = 0, now()
+        if plan.mode == "blast":
+            deadline = t_first + plan.window
+            n = send.blast(idx, plan.budget, deadline)
+        elif plan.mode == "paced":
+            total, step = int(plan.rate * plan.seconds), 1.0 / plan.rate
+            while n < total:
+                due = t_first + n * step
+                t = now()
+                if t < due:
+                    time.sleep(due - t)
+                if not send.one(record(idx, n), deadline=now() + 5):
+                    break
+                n += 1
+        ctl.results.put(("pub", idx, {"sent": n, "t_first": t_first, "t_end": now()}))
+        while True:
+            cmd = conn.recv()
+            if cmd == "flush":
+                ok = send.one(record(FLUSH, n), deadline=now() + 2)  # a stuck server (threaded chat) stays stuck
+                n += ok
+                conn.send(n)
+            else:
+                break
+        send.close()
+    except Exception:
+        _report_error(ctl, f"{system} publisher {idx}")
+    time.sleep(0.2)
+
+
+class _ZmqSend:
+    def __init__(self, ep: dict, idx: int) -> None:
+        import zmq
+
+        self.ctx = zmq.Context()
+        self.push = self.ctx.socket(zmq.PUSH)
+        self.push.sndhwm = HWM
+        self.push.linger = 1000
+        self.push.connect(ep["pull"])
+
+    def one(self, data: bytes, deadline: float = 0.0) -> bool:
+        self.push.send(data)
+        return True
+
+    def blast(self, idx: int, budget: int, deadline: float) -> int:
+        send, n = self.push.send, 0
+        while n < budget:
+            send(record(idx, n))
+            n += 1
+            if not n & 127 and now() > deadline:
+                break
+        return n
+
+    def close(self) -> None:
+        self.push.close()
+        self.ctx.term()
+
+
+def _zmq_pub(ep: dict, idx: int) -> _ZmqSend:
+    return _ZmqSend(ep, idx)
+
+
+class _RedisSend:
+    def __init__(self, ep: dict, idx: int) -> None:
+        import redis
+
+        self.r = redis.Redis(host=ep["host"], port=ep["port"])
+        self.r.ping()
+
+    def one(self, data: bytes, deadline: float = 0.0) -> bool:
+        self.r.publish(CHANNEL, data)
+        return True
+
+    def blast(self, idx: int, budget: int, deadline: float) -> int:
+        pipe, n = self.r.pipeline(transaction=False), 0
+        while n < budget:
+            for _ in range(min(REDIS_PIPELINE, budget - n)):
+                pipe.publish(CHANNEL, record(idx, n))
+                n += 1
+            pipe.execute()
+            if now() > deadline:
+                break
+        return n
+
+    def close(self) -> None:
+        self.r.close()
+
+
+def _redis_pub(ep: dict, idx: int) -> _RedisSend:
+    return _RedisSend(ep, idx)
+
+
+class _ThreadedSend:
+    """A classic chat client: the name first, a reader thread, one sendall per line."""
+
+    def __init__(self, ep: dict, idx: int) -> None:
+        self.s = socket.create_connection((ep["host"], ep["port"]))
+        self.s.sendall(f"pub{idx}".encode())
+        time.sleep(0.1)  # so the name is not merged with the first line (no framing)
+        self.s.settimeout(0.1)
+        self.closed = False
+        threading.Thread(target=self._reader, daemon=True).start()
+
+    def _reader(self) -> None:
+        while not self.closed:  # the other publishers' lines come back to us: read them
+            try:
+                if not self.s.recv(262144):
+                    return
+            except socket.timeout:
+                continue
+            except OSError:
+                return
+
+    def one(self, data: bytes, deadline: float = 0.0) -> bool:
+        """Send every byte of one line; False if the server stopped reading past ``deadline``."""
+        view, sent = memoryview(data), 0
+        while sent < len(data):
+            try:
+                sent += self.s.send(view[sent:])
+            except socket.timeout:
+                if deadline and now() > deadline:
+                    return False
+        return True
+
+    def blast(self, idx: int, budget: int, deadline: float) -> int:
+        n = 0
+        while n < budget:
+            if not self.one(record(idx, n), deadline):
+                break
+            n += 1
+            if not n & 127 and now() > deadline:
+                break
+        return n
+
+    def close(self) -> None:
+        self.closed = True
+        self.s.close()
+
+
+def _threaded_pub(ep: dict, idx: int) -> _ThreadedSend:
+    return _ThreadedSend(ep, idx)
+
+
+async def _zchat_pub(ep: dict, idx: int, plan: PubPlan, ctl: Ctl, conn: Any) -> None:
+    import asyncio
+
+    from zchat.client import Client
+
+    client = Client(ep["broker"], f"p{idx}", SECRET, label="bench")
+    await client.connect(timeout=60)
+    await client.join(ROOM)
+
+    async def discard() -> None:  # a member receives its room: read it like any client
+        async for _ in client.events():
+            pass
+
+    reader = asyncio.ensure_future(discard())
+    ctl.ready.put(("pub", idx))
+    while not ctl.probes_off.is_set():
+        await client.send(ROOM, text(PROBE, 0))
+        await asyncio.sleep(plan.probe)
+    while not ctl.go.is_set():
+        await asyncio.sleep(0.001)
+    sent, n, t_first = 0, 0, now()
+    if plan.mode == "blast":
+        deadline = t_first + plan.window
+
+        async def worker() -> None:
+            nonlocal sent, n
+            while n < plan.budget and now() < deadline:
+                line = text(idx, n)
+                n += 1
+                await client.send(ROOM, line)
+                sent += 1
+
+        await asyncio.gather(*(worker() for _ in range(ZCHAT_WINDOW)))
+    elif plan.mode == "paced":
+        total, step, pending = int(plan.rate * plan.seconds), 1.0 / plan.rate, []
+        while n < total:
+            due = t_first + n * step
+            t = now()
+            if t < due:
+                await asyncio.sleep(due - t)
+            pending.append(asyncio.ensure_future(client.send(ROOM, text(idx, n))))
+            n += 1
+        await asyncio.gather(*pending)
+        sent = n
+    ctl.results.put(("pub", idx, {"sent": sent, "t_first": t_first, "t_end": now()}))
+    while True:
+        while not conn.poll():
+            await asyncio.sleep(0.005)
+        cmd = conn.recv()
+        if cmd != "flush":
+            break
+        await asyncio.wait_for(client.send(ROOM, text(FLUSH, sent)), 10)
+        sent += 1
+        conn.send(sent)
+    reader.cancel()
+    await client.close()
