@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import random
 import socket
 import subprocess
 import sys
@@ -27,23 +28,21 @@ HEARTBEAT = 0.5  # seconds; presence timeout is 3x
 
 
 def free_port_base(count: int = 3) -> int:
-    """A port P with P..P+count-1 free on 127.0.0.1 right now."""
-    for _ in range(200):
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            base = s.getsockname()[1]
-        if base + count >= 65535:
-            continue
-        ok = True
-        for port in range(base, base + count):
-            with socket.socket() as s:
-                try:
+    """A port P with P..P+count-1 free on 127.0.0.1 right now.
+
+    Taken below the kernel's ephemeral range, so that a broker restarted on the same
+    ports does not find one of them taken by some client's outgoing connection.
+    """
+    rng = random.Random()
+    for _ in range(500):
+        base = rng.randrange(20000, 32000 - count)
+        try:
+            for port in range(base, base + count):
+                with socket.socket() as s:
                     s.bind(("127.0.0.1", port))
-                except OSError:
-                    ok = False
-                    break
-        if ok:
-            return base
+        except OSError:
+            continue
+        return base
     raise RuntimeError("no free port range")
 
 
@@ -94,10 +93,10 @@ async def chat(client: Client, count: int, timeout: float = 10.0) -> list:
 
 
 class RunningBroker:
-    def __init__(self, path: Path, limits: Limits, bind: str = "tcp://127.0.0.1:0", storage: Callable[[], object] | None = None) -> None:
+    def __init__(self, path: Path, limits: Limits, bind: str | None = None, storage: Callable[[], object] | None = None) -> None:
         self.path = path
         self.limits = limits
-        self.bind = bind
+        self.bind = bind or f"tcp://127.0.0.1:{free_port_base()}"
         self.storage = storage or (lambda: SqliteStorage(self.path))
         self.broker: Broker | None = None
         self.task: asyncio.Task | None = None

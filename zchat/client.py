@@ -298,7 +298,7 @@ class Client:
 
     # ------------------------------------------------------------ requests
 
-    async def _request(self, make: Callable[[int], p.Request], timeout: float | None = 10.0) -> p.Reply:
+    async def _request(self, make: Callable[[int], p.Request], timeout: float | None = 10.0, retry: bool = True) -> p.Reply:
         self._rid += 1
         rid = self._rid
         fut = asyncio.get_running_loop().create_future()
@@ -310,6 +310,9 @@ class Client:
         finally:
             self._waiting.pop(rid, None)
         if isinstance(reply, p.Error):
+            if reply.code == p.ErrorCode.NO_SESSION and retry:  # the broker restarted: hello, then again
+                await self._rehello()
+                return await self._request(make, timeout, retry=False)
             raise ClientError(reply.code, reply.message)
         return reply
 
@@ -576,9 +579,10 @@ class Client:
 
     async def _rehello(self) -> None:
         """The broker restarted (or forgot us): new session, same rooms, resend what is unacked."""
-        if self._rehello_lock.locked():
-            return
+        boot = self.boot
         async with self._rehello_lock:
+            if self.boot != boot:
+                return  # another task has just said hello to the new broker
             try:
                 await self._hello_again()
             except (ClientError, asyncio.TimeoutError) as exc:

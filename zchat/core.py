@@ -372,7 +372,7 @@ class Core:
             return
         if room:
             members = self.members.get(room)  # a room with members has a valid name
-            if members is None:
+            if members is None or room[0] == "@":  # DM conversations are reached with `to`
                 if not p.valid_room(room):
                     out.error(sid, E.BAD_ROOM, f"bad room name {room!r}", cid=cid)
                 else:

@@ -144,3 +144,9 @@ def test_sigterm_keeps_history_and_clients_reconnect(cli_env: dict[str, str], tm
         assert texts == ["kept 0", "kept 1", "kept 2", "after restart"]
     finally:
         proc.stop()
+
+
+def test_second_broker_on_a_taken_port_says_so(broker_proc: BrokerProcess, cli_env: dict[str, str], tmp_path) -> None:
+    done = zchat(cli_env, "broker", "--bind", broker_proc.endpoint, "--db", str(tmp_path / "other.db"), timeout=20)
+    assert done.returncode == 1
+    assert "cannot listen on" in done.stderr and "Traceback" not in done.stderr

@@ -705,3 +705,10 @@ def test_shutdown_publishes_a_notice() -> None:
     core.shutdown(9.0, out)
     assert out.publish == [(p.SYSTEM_TOPIC, p.Notice(event="shutdown", boot="B1", ts=9.0))]
     assert (out.store, out.replies) == ([], [])
+
+
+def test_dm_conversation_id_is_not_a_room_even_for_its_members() -> None:
+    core = make(members={"@alice:bob": {"alice", "bob"}})
+    hello(core, "a1", "alice")
+    err = only_error(send(core, "alice", "a1", "c1", room="@alice:bob"), "a1")
+    assert err.code == E.BAD_ROOM

@@ -6,6 +6,7 @@ import asyncio
 import logging
 
 import click
+import zmq
 
 from zchat.cli.options import settings
 from zchat.core import Limits
@@ -48,7 +49,7 @@ def broker(config_path: str | None, **flags: object) -> None:
         asyncio.run(serve(s.bind, store, limits))
     except StorageError as exc:
         raise click.ClickException(f"cannot open history: {exc}") from None
-    except OSError as exc:  # zmq.ZMQError is an OSError: address in use, bad interface
+    except (OSError, zmq.ZMQError) as exc:  # address in use, unknown interface
         raise click.ClickException(f"cannot listen on {s.bind}: {exc}") from None
     except ValueError as exc:
         raise click.UsageError(str(exc)) from None
