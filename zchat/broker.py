@@ -130,24 +130,32 @@ class Broker:
             poller.register(sock, zmq.POLLIN)
         next_tick = time.time() + self.tick_every
         stop_wait = asyncio.ensure_future(self.stopping.wait())
+        everything = {self.zap: zmq.POLLIN, self.xpub: zmq.POLLIN, self.router: zmq.POLLIN, self.pull: zmq.POLLIN}
+        busy = False
         try:
             while not self.stopping.is_set():
-                poll = asyncio.ensure_future(poller.poll(int(self.tick_every * 1000)))
-                await asyncio.wait({poll, stop_wait}, return_when=asyncio.FIRST_COMPLETED)
-                if not poll.done():
-                    poll.cancel()
-                    break
-                ready = dict(poll.result())
+                if busy:  # the last turn read something: more is likely queued, skip the poller
+                    await asyncio.sleep(0)
+                    ready = everything
+                else:
+                    poll = asyncio.ensure_future(poller.poll(int(self.tick_every * 1000)))
+                    await asyncio.wait({poll, stop_wait}, return_when=asyncio.FIRST_COMPLETED)
+                    if not poll.done():
+                        poll.cancel()
+                        break
+                    ready = dict(poll.result())
                 now = time.time()
                 out = Outcome()
                 if self.zap in ready:
                     await self._zap()
                 if self.xpub in ready:
                     self._subscriptions(now)
+                read = 0
                 if self.router in ready:
-                    self._requests(now, out)
+                    read += self._requests(now, out)
                 if self.pull in ready:
-                    self._chat(now, out)
+                    read += self._chat(now, out)
+                busy = read > 0
                 if now >= next_tick:
                     self.core.tick(now, out)
                     next_tick = now + self.tick_every
@@ -243,14 +251,15 @@ class Broker:
                 core.count("bad_subscription")
                 self.bad.warn("subscription", f"{frame.get('User-Id')} may not subscribe to {topic[:80]!r}", now)
 
-    def _requests(self, now: float, out: Outcome) -> None:
+    def _requests(self, now: float, out: Outcome) -> int:
+        """Read up to BATCH requests; return how many."""
         core = self.core
         assert core is not None
-        for _ in range(BATCH):
+        for count in range(BATCH):
             try:
                 frames = self._r.recv_multipart(zmq.NOBLOCK, copy=False)
             except zmq.Again:
-                return
+                return count
             sid = frames[0].bytes.decode("latin-1")
             if len(frames) != 2:
                 core.count("bad_frame")
@@ -264,15 +273,17 @@ class Broker:
                 out.error(sid, exc.code, exc.message, rid=exc.rid)
                 continue
             core.request(sid, frames[1].get("User-Id"), req, now, out)
+        return BATCH
 
-    def _chat(self, now: float, out: Outcome) -> None:
+    def _chat(self, now: float, out: Outcome) -> int:
+        """Read up to BATCH chat lines; return how many."""
         core = self.core
         assert core is not None
-        for _ in range(BATCH):
+        for count in range(BATCH):
             try:
                 frames = self._pl.recv_multipart(zmq.NOBLOCK, copy=False)
             except zmq.Again:
-                return
+                return count
             if len(frames) != 1:
                 core.count("bad_frame")
                 self.bad.warn("bad_frame", f"chat line with {len(frames)} frames", now)
@@ -287,6 +298,7 @@ class Broker:
                     out.error(exc.sid, exc.code, exc.message, cid=exc.cid)  # the sender's own session
                 continue
             core.send(frames[0].get("User-Id"), msg, now, out)
+        return BATCH
 
     # ------------------------------------------------------------ outputs
 
