@@ -157,7 +157,10 @@ class Broker:
                     read += self._chat(now, out)
                 busy = read > 0
                 if now >= next_tick:
+                    live = len(self.core.sessions)
                     self.core.tick(now, out)
+                    if len(self.core.sessions) < live:
+                        log.info("%d session(s) gone silent for %.0fs: dropped", live - len(self.core.sessions), self.limits.presence_timeout)
                     next_tick = now + self.tick_every
                 try:
                     await self._apply(out)
@@ -272,7 +275,12 @@ class Broker:
                 self.bad.warn(exc.code, exc.message, now)
                 out.error(sid, exc.code, exc.message, rid=exc.rid)
                 continue
-            core.request(sid, frames[1].get("User-Id"), req, now, out)
+            user = frames[1].get("User-Id")
+            if isinstance(req, p.Hello) and sid not in core.sessions:
+                log.info("%s connected (session %s, %s)", user, sid, req.client[:40] or "unknown client")
+            elif isinstance(req, p.Bye):
+                log.info("%s said goodbye (session %s)", user, sid)
+            core.request(sid, user, req, now, out)
         return BATCH
 
     def _chat(self, now: float, out: Outcome) -> int:
