@@ -143,11 +143,11 @@ def main(argv: list[str] | None = None) -> int:
     extra_scale = []
     if "scale" in wanted and "zchat" in systems:
         for n in sizes.scale_clients:
-            if scenarios.FDS_PER_CLIENT_AT_SERVER["zchat"] * n + 100 > hard:
+            if scenarios.FDS_PER_CLIENT_AT_SERVER["zchat"] * n + scenarios.FD_MARGIN > hard:
                 extra_scale.append(n)
     for n in extra_scale:
         def scale_max(n: int = n) -> dict:
-            feasible = int((hard - 100) // scenarios.FDS_PER_CLIENT_AT_SERVER["zchat"] // 500 * 500)
+            feasible = scenarios.max_clients("zchat", hard)
             row = bench._guard("scale-max", feasible, "zchat", lambda: bench._scale_run("zchat", feasible))
             row["instead_of"] = n
             return row
