@@ -14,7 +14,7 @@ from typing import Callable
 
 from textual.pilot import Pilot
 
-from tests.conftest import collect
+from tests.conftest import RunningBroker, collect
 from zchat import protocol as p
 from zchat.tui.app import ChatApp
 from zchat.tui.widgets import MemberList, RoomList, StatusBar
@@ -22,7 +22,7 @@ from zchat.tui.widgets import MemberList, RoomList, StatusBar
 SIZE = (120, 36)
 
 
-def app_for(broker, name: str = "alice", rooms: list[str] | None = None, history: int = 50) -> ChatApp:  # type: ignore[no-untyped-def]
+def app_for(broker: RunningBroker, name: str = "alice", rooms: list[str] | None = None, history: int = 50) -> ChatApp:
     return ChatApp(broker.endpoint, name, rooms or ["general"], secret=f"secret-of-{name}-0123456789", history=history)
 
 
@@ -38,9 +38,23 @@ async def until(pilot: Pilot, predicate: Callable[[], bool], what: str, timeout:
             assert isinstance(app, ChatApp)
             raise AssertionError(
                 f"timed out after {timeout}s waiting for {what}\nlog: {app.log_view.plain_lines()}\n"
-                f"rooms: {rooms_text(app)!r}\nstatus: {status_text(app)!r}"
+                f"rooms: {rooms_text(app)!r}\nstatus: {status_text(app)!r}\nclient: {client_health(app)}"
             )
         await asyncio.sleep(0.02)
+
+
+async def soon(awaitable, timeout: float = 10.0):  # type: ignore[no-untyped-def]
+    """Await a client call with a deadline, so a stuck broker fails the test at its line."""
+    return await asyncio.wait_for(awaitable, timeout)
+
+
+def client_health(app: ChatApp) -> str:
+    """For failure messages: the client's state and any of its tasks that ended."""
+    client = app.client
+    if client is None:
+        return "no client"
+    ended = [(t.get_coro().__qualname__, t.exception() if not t.cancelled() else "cancelled") for t in client._tasks if t.done()]
+    return f"state {client.state} since {time.time() - client.state_since:.1f}s, pending sends {len(client._pending)}, ended tasks {ended}"
 
 
 def lines(app: ChatApp) -> list[str]:
@@ -122,8 +136,8 @@ async def test_join_and_switching_rooms(broker, connect) -> None:  # type: ignor
         assert rooms_text(app).splitlines() == [" 1 #general", " 2 #dev"]
         assert "#dev" in status_text(app)
 
-        await bob.join("dev")
-        await bob.send("dev", "welcome to dev")
+        await soon(bob.join("dev"))
+        await soon(bob.send("dev", "welcome to dev"))
         await until(pilot, lambda: shown(app, "bob", "welcome to dev") == 1, "bob's line in #dev")
         await until(pilot, lambda: "● bob" in members_text(app), "bob in the member list")
 
@@ -144,22 +158,22 @@ async def test_join_and_switching_rooms(broker, connect) -> None:  # type: ignor
 
 async def test_unread_counts_and_mention_marks(broker, connect) -> None:  # type: ignore[no-untyped-def]
     bob = await connect("bob")
-    await bob.join("random")
-    await bob.join("general")
+    await soon(bob.join("random"))
+    await soon(bob.join("general"))
     app = app_for(broker, rooms=["general", "random"])
     async with app.run_test(size=SIZE) as pilot:
         await connected(pilot)
         await until(pilot, lambda: app.buffers["random"].loaded, "#random loaded")
         assert app.current == "general"
         for n in range(3):
-            await bob.send("random", f"news {n}")
+            await soon(bob.send("random", f"news {n}"))
         await until(pilot, lambda: app.buffers["random"].unread == 3, "3 unread in #random")
         assert " 2 #random (3)" in rooms_text(app).splitlines()
         assert not app.buffers["random"].mentioned
 
-        await bob.send("random", "alice: are you there?")
+        await soon(bob.send("random", "alice: are you there?"))
         await until(pilot, lambda: "#random (4!)" in rooms_text(app), "a mention mark")
-        await bob.send("general", "not counted: you are looking at it")
+        await soon(bob.send("general", "not counted: you are looking at it"))
         await until(pilot, lambda: shown(app, "not counted") == 1, "the line in #general")
         assert app.buffers["general"].unread == 0
 
@@ -186,7 +200,7 @@ async def test_msg_opens_a_direct_conversation(broker, connect) -> None:  # type
         await until(pilot, lambda: shown(app, "alice", "are you free for lunch?") == 1, "her line in the conversation")
         assert "@bob" in rooms_text(app) and "@bob" in status_text(app)
 
-        await bob.send_dm("alice", "sure, noon?")
+        await soon(bob.send_dm("alice", "sure, noon?"))
         await until(pilot, lambda: shown(app, "bob", "sure, noon?") == 1, "bob's answer in the conversation")
         await typed(pilot, "noon it is")  # plain text in a DM window goes to bob
         (reply,) = [m for m in await collect(bob, 2) if m.sender == "alice"]
@@ -195,7 +209,7 @@ async def test_msg_opens_a_direct_conversation(broker, connect) -> None:  # type
         # a DM from someone else opens its own window, marked, without switching to it
         await pilot.press("ctrl+p")
         assert app.current == "general"
-        await carol.send_dm("alice", "psst")
+        await soon(carol.send_dm("alice", "psst"))
         await until(pilot, lambda: "@carol (1!)" in rooms_text(app), "carol's conversation, marked")
         assert app.current == "general"
         assert shown(app, "psst") == 0
@@ -227,9 +241,9 @@ async def test_command_errors_are_one_line(broker) -> None:  # type: ignore[no-u
         assert app.is_running
 
 
-async def test_reconnect_indicator_and_nothing_lost_or_doubled(broker, connect) -> None:  # type: ignore[no-untyped-def]
+async def test_reconnect_indicator_and_nothing_lost_or_doubled(broker: RunningBroker, connect) -> None:  # type: ignore[no-untyped-def]
     bob = await connect("bob")
-    await bob.join("general")
+    await soon(bob.join("general"))
     app = app_for(broker)
     async with app.run_test(size=SIZE) as pilot:
         await connected(pilot)
@@ -253,7 +267,7 @@ async def test_reconnect_indicator_and_nothing_lost_or_doubled(broker, connect) 
         except asyncio.TimeoutError:
             dead = [(t.get_coro().__name__, t.exception()) for t in bob._tasks if t.done()]
             raise AssertionError(f"bob's send never acked: state {bob.state}, pending {len(bob._pending)}, dead tasks {dead}") from None
-        await bob.send("general", "after the restart")
+        await soon(bob.send("general", "after the restart"))
         await until(pilot, lambda: shown(app, "after the restart") == 1 and "queued" not in status_text(app), "the queue sent", timeout=20)
         for text in ("before the restart", "while it was down 1", "while it was down 2", "bob, also while down", "after the restart"):
             await until(pilot, lambda: shown(app, text) >= 1, f"{text!r} shown")
@@ -262,15 +276,15 @@ async def test_reconnect_indicator_and_nothing_lost_or_doubled(broker, connect) 
         assert f"recovered {app.client.recovered}" in status_text(app)  # type: ignore[union-attr]
 
     # and stored once each, in the order typed
-    texts = [m.text for m in await bob.history("general", limit=100) if m.sender == "alice" and m.kind == "text"]
+    texts = [m.text for m in await soon(bob.history("general", limit=100)) if m.sender == "alice" and m.kind == "text"]
     assert texts == ["before the restart", "while it was down 1", "while it was down 2"]
 
 
 async def test_scrolling_to_the_top_loads_older_history(broker, connect) -> None:  # type: ignore[no-untyped-def]
     bob = await connect("bob")
-    await bob.join("general")
+    await soon(bob.join("general"))
     for n in range(80):
-        await bob.send("general", f"old line {n}")
+        await soon(bob.send("general", f"old line {n}"))
     app = app_for(broker, history=20)
     async with app.run_test(size=SIZE) as pilot:
         await connected(pilot)
@@ -289,7 +303,7 @@ async def test_scrolling_to_the_top_loads_older_history(broker, connect) -> None
         assert shown(app, "old line") == 0
 
 
-async def test_offline_at_start_then_the_broker_comes(broker) -> None:  # type: ignore[no-untyped-def]
+async def test_offline_at_start_then_the_broker_comes(broker: RunningBroker) -> None:
     await broker.stop()
     app = ChatApp(broker.endpoint, "alice", ["general"], secret="secret-of-alice-0123456789", connect_timeout=0.5)
     async with app.run_test(size=SIZE) as pilot:

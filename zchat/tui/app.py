@@ -261,6 +261,8 @@ class ChatApp(App[None]):
                     await self._join(room, retry=True)
                 except ClientError as exc:
                     self.error(f"could not join #{room}: {exc.message} [{exc.code}]", room)
+                except asyncio.TimeoutError:
+                    self.error(f"#{room}: the broker did not send its history in time; switch to it again to retry", room)
             for room in sorted(r for r in known if p.is_dm_room(r)):
                 self._buffer(room)
             self._online.set()
@@ -268,6 +270,10 @@ class ChatApp(App[None]):
             if self.buffer is not None and not self.buffer.loaded:
                 self._spawn(self._load_recent(self.buffer))
             await reader
+        except Exception as exc:  # a bug here must not take the screen down with a traceback
+            log.debug("client set-up failed", exc_info=True)
+            self.error(f"client set-up failed: {exc!r}")
+            self._online.set()
         finally:
             reader.cancel()
 
