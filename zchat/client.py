@@ -387,26 +387,37 @@ class Client:
 
     async def send(self, room: str, text: str, *, me: bool = False, timeout: float | None = None) -> p.Stored:
         """Send to a room; returns once the broker has stored it (resending until then)."""
-        return await self._submit(lambda cid: p.Send(sid=self.sid, cid=cid, text=text, room=room, me=me), timeout)
+        return await self._wait(self.post(room, text, me=me), timeout)
 
     async def send_dm(self, to: str, text: str, *, me: bool = False, timeout: float | None = None) -> p.Stored:
         """Send a direct message that only ``to`` (and your other devices) receive."""
-        return await self._submit(lambda cid: p.Send(sid=self.sid, cid=cid, text=text, to=to, me=me), timeout)
+        return await self._wait(self.post_dm(to, text, me=me), timeout)
 
-    async def _submit(self, make: Callable[[str], p.Send], timeout: float | None) -> p.Stored:
-        cid = secrets.token_hex(8)
-        data = p.encode(make(cid))
+    def post(self, room: str, text: str, *, me: bool = False) -> asyncio.Future:
+        """Queue a send without awaiting it: a future of its Stored (for bulk senders;
+        no coroutine or task per message). Resent until acked, like ``send``."""
+        return self._submit(p.Send(sid=self.sid, cid=secrets.token_hex(8), text=text, room=room, me=me))
+
+    def post_dm(self, to: str, text: str, *, me: bool = False) -> asyncio.Future:
+        return self._submit(p.Send(sid=self.sid, cid=secrets.token_hex(8), text=text, to=to, me=me))
+
+    def _submit(self, body: p.Send) -> asyncio.Future:
+        data = p.encode(body)
         if len(data) > self.max_bytes:
             raise ClientError(p.ErrorCode.TOO_LARGE, f"message is {len(data)} bytes encoded; the broker takes at most {self.max_bytes}")
         fut = asyncio.get_running_loop().create_future()
+        cid = body.cid
         self._pending[cid] = _Pending(data, fut, time.monotonic())
+        fut.add_done_callback(lambda _: self._pending.pop(cid, None))  # acked, failed or given up
         self._push.submit(lambda s: s.send(data, zmq.NOBLOCK))
-        try:
-            return await asyncio.wait_for(asyncio.shield(fut), timeout)
-        finally:
-            if not fut.done():
-                fut.cancel()
-            self._pending.pop(cid, None)
+        return fut
+
+    @staticmethod
+    async def _wait(fut: asyncio.Future, timeout: float | None) -> p.Stored:
+        """Await a posted send; on timeout or cancellation it is no longer resent."""
+        if timeout is None:
+            return await fut
+        return await asyncio.wait_for(fut, timeout)
 
     def _acked(self, cid: str, stored: p.Stored) -> None:
         pending = self._pending.pop(cid, None)
