@@ -414,7 +414,8 @@ class Client:
 
     @staticmethod
     async def _wait(fut: asyncio.Future, timeout: float | None) -> p.Stored:
-        """Await a posted send; on timeout or cancellation it is no longer resent."""
+        """Await a posted send. On timeout or cancellation it is no longer resent, but it
+        is unconfirmed rather than cancelled: a copy already queued may still be stored."""
         if timeout is None:
             return await fut
         return await asyncio.wait_for(fut, timeout)

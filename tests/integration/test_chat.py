@@ -417,3 +417,25 @@ async def test_catch_up_beyond_one_history_page(connect, broker) -> None:
     got = await chat(back, total, timeout=30)
     assert sorted(int(m.text[1:]) for m in got) == list(range(total))
     assert [m.seq for m in got] == sorted(m.seq for m in got)
+
+
+async def test_post_many_then_gather(connect) -> None:
+    bulk = await connect("bulk")
+    await bulk.join("general")
+    stored = await asyncio.gather(*[bulk.post("general", f"p{i}") for i in range(300)])
+    assert sorted(s.seq for s in stored) == list(range(2, 302))  # seq 1 is bulk's join line
+    assert not bulk._pending
+
+
+async def test_send_timeout_gives_up_and_forgets(connect, broker) -> None:
+    alice = await connect("alice")
+    await alice.join("general")
+    await broker.stop()
+    with pytest.raises(asyncio.TimeoutError):
+        await alice.send("general", "into the void", timeout=0.2)
+    assert not alice._pending  # no longer resent
+    await broker.start()
+    await wait_for(lambda: alice.state == "connected", timeout=15, what="reconnect")
+    await alice.send("general", "back", timeout=15)
+    # a timed-out send is unconfirmed, not cancelled: a copy queued in the socket may still land
+    assert texts(await alice.history("general"))[-1] == "back"
