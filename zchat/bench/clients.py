@@ -82,6 +82,7 @@ class Tally:
         self.incomplete = False
         self.error = ""
         self.dead: set[int] = set()  # zchat clients that could not join: left out, reported
+        self.stuck: list[dict] = []  # zchat clients short of expected at the end: their state
 
     def kill(self, i: int) -> None:
         if i not in self.dead:
@@ -111,6 +112,7 @@ class Tally:
             "gaps": self.gaps, "lat": self.lat.tobytes() if self.lat is not None else b"",
             "hop": self.hop.tobytes() if self.hop is not None else b"",
             "maxlat": self.maxlat, "incomplete": self.incomplete, "error": self.error, "dead": sorted(self.dead),
+            "stuck": self.stuck,
         }
 
 
@@ -418,6 +420,19 @@ async def _zchat_subs(ep: dict, n: int, gid: int, tally: Tally, driver: Driver) 
         base = base or [c.recovered for c in clients]
         for i, c in enumerate(clients):
             tally.recovered[i] = c.recovered - base[i]
+        expected = driver.expected.value
+        for i, c in enumerate(clients):  # why a client fell short: for the report, not for control
+            if i in tally.dead or (expected >= 0 and counts[i] >= expected):
+                continue
+            if len(tally.stuck) >= 5:
+                break
+            tracker = c._trackers.get(ROOM)
+            failed = [repr(t.exception())[:200] for t in c._tasks if t.done() and not t.cancelled() and t.exception()]
+            tally.stuck.append({
+                "client": i, "count": counts[i], "state": c.state,
+                "tracker": None if tracker is None else {"last": tracker.last, "known_head": tracker.known_head, "early": len(tracker.early)},
+                "queued_events": c._events.qsize(), "dead_tasks": failed, "consumer_done": tasks[i].done(),
+            })
         for t in tasks:
             t.cancel()
         # No goodbyes: N clients saying bye would cost N*N/2 offline notices; the broker

@@ -25,6 +25,9 @@ FDS_PER_CLIENT_AT_SERVER = {"zchat": 3, "zmq-proxy": 1, "py-forwarder": 1, "redi
 FD_MARGIN = 2000  # reconnects and half-closed connections need spare descriptors near the limit
 
 
+SCALE_MAX_RUN = 5000  # the largest zchat scale run the benchmark attempts in its time budget
+
+
 def max_clients(system: str, hard: int) -> int:
     """The most clients of ``system`` one server process can hold under RLIMIT_NOFILE ``hard``."""
     return int((hard - FD_MARGIN) // FDS_PER_CLIENT_AT_SERVER[system] // 500 * 500)
@@ -247,10 +250,14 @@ def summarize(res: dict[str, Any], groups: dict[int, dict | None]) -> dict[str, 
     incomplete = False
     import array
 
+    stuck: list = []
+    silent = 0
     for g in groups.values():
         if g is None:
             incomplete = True
+            silent += 1
             continue
+        stuck += g.get("stuck", [])
         dead = set(g.get("dead", ()))
         could_not_join += len(dead)
         counts += [c for i, c in enumerate(g["counts"]) if i not in dead]
@@ -290,6 +297,8 @@ def summarize(res: dict[str, Any], groups: dict[int, dict | None]) -> dict[str, 
         "garbled": garbled,
         "incomplete": incomplete,
         "could_not_join": could_not_join,
+        "groups_without_report": silent,
+        "stuck": stuck[:10],
     }
     if lat:
         lat.sort()
@@ -437,7 +446,7 @@ class Bench:
             started = now()
             res = Traffic(
                 server=server, groups=groups, pubs=1, plan=plan, mode="scale", drain=self.sizes.drain, quiet=3.0,
-                settle=0.5 if self.sizes.name != "full" else 1.0, rest=self.sizes.scale_rest, singles=3, ready_timeout=300.0,
+                settle=0.5 if self.sizes.name != "full" else 1.0, rest=self.sizes.scale_rest, singles=3, ready_timeout=200.0,
             ).run()
         finally:
             server.stop()
