@@ -109,7 +109,7 @@ def test_name_taken_and_bad_options(broker_proc: BrokerProcess, cli_env: dict[st
 def test_help_and_version(cli_env: dict[str, str]) -> None:
     version = zchat(cli_env, "--version")
     assert version.returncode == 0 and "zchat" in version.stdout
-    for command in ("broker", "send", "tail", "who", "rooms", "ping"):
+    for command in ("broker", "send", "tail", "who", "rooms", "ping", "talk", "bot", "config", "bench"):
         done = zchat(cli_env, command, "--help")
         assert done.returncode == 0 and "Example" in done.stdout, command
 
