@@ -56,6 +56,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="bench",
         description="Benchmark zchat against libzmq's proxy, a Python forwarder, Redis pub/sub and a threaded chat.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=(
+            "Examples:\n"
+            "  zchat bench --quick                 # under 2 minutes\n"
+            "  zchat bench --out results/today     # full run, under 15 minutes\n"
+            "  zchat bench --scenarios fanout latency --systems zchat zmq-proxy"
+        ),
     )
     size = parser.add_mutually_exclusive_group()
     size.add_argument("--quick", action="store_true", help="smaller sizes, under 2 minutes")
