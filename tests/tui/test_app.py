@@ -314,3 +314,15 @@ async def test_offline_at_start_then_the_broker_comes(broker: RunningBroker) -> 
         await until(pilot, lambda: app.state == "connected" and shown(app, "alice", "typed before the broker was there") == 1,
                     "connected, and the line sent", timeout=20)
         assert "queued" not in status_text(app) and "● connected" in status_text(app)
+
+
+async def test_a_name_owned_by_someone_else_ends_with_one_clear_message(broker, connect) -> None:  # type: ignore[no-untyped-def]
+    await connect("bob")  # bob's name now belongs to bob's secret
+    app = ChatApp(broker.endpoint, "bob", ["general"], secret="not-bobs-secret-0123456789")
+    async with app.run_test(size=SIZE):
+        deadline = time.monotonic() + 10
+        while app.is_running and time.monotonic() < deadline:
+            await asyncio.sleep(0.02)
+        assert not app.is_running
+    assert app.fatal_code == "refused"
+    assert "refused the name 'bob'" in app.fatal and "\n" not in app.fatal

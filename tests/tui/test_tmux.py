@@ -11,6 +11,7 @@ import json
 import os
 import shlex
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -68,8 +69,17 @@ class Tmux:
                 pass
 
 
-def zchat(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "zchat", *args], env=env, capture_output=True, text=True, timeout=30)
+def zchat(env: dict[str, str], *args: str, timeout: float = 30.0) -> subprocess.CompletedProcess[str]:
+    """Run a zchat CLI command; if it hangs, fail with the Python stacks it was stuck in."""
+    proc = subprocess.Popen([sys.executable, "-m", "zchat", *args], env=dict(env, PYTHONFAULTHANDLER="1"),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.send_signal(signal.SIGABRT)  # faulthandler prints every thread's stack
+        out, err = proc.communicate()
+        raise AssertionError(f"zchat {' '.join(args)} did not finish in {timeout}s; its stacks:\n{err}") from None
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
 
 
 def test_talk_in_a_real_terminal(broker_proc: BrokerProcess, cli_env: dict[str, str]) -> None:

@@ -77,29 +77,52 @@ def talk(
 
 
 def _line_mode(broker: str, name: str, rooms: list[str], history: int) -> None:
-    from zchat.cli.options import run_client
-    from zchat.client import Client
+    from zchat import config as cfg
+    from zchat.client import AuthError, Client, ClientError, ConnectError
     from zchat.logs import setup_logging
     from zchat.tui.linemode import run_line_mode
 
     setup_logging("WARNING", "text")
 
-    async def body(client: Client) -> int:
+    async def main() -> int:
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, stop.set)
-        return await run_line_mode(client, rooms, history, stop)
+        client = Client(broker, name)
+        await client.connect(timeout=5.0)
+        try:
+            return await run_line_mode(client, rooms, history, stop)
+        finally:
+            # bounded: a close that hangs must not keep a finished script alive
+            await asyncio.wait({asyncio.ensure_future(client.close())}, timeout=3.0)
 
-    sys.exit(run_client(broker, name, body))
+    # like zchat.cli.options.run_client, with the bounded close above
+    try:
+        code = asyncio.run(main())
+    except AuthError as exc:
+        fail(EXIT_REFUSED, exc.message)
+    except ConnectError as exc:
+        fail(EXIT_UNREACHABLE, exc.message)
+    except asyncio.TimeoutError:
+        fail(EXIT_UNREACHABLE, f"the broker at {broker} did not answer in time")
+    except ClientError as exc:
+        fail(EXIT_REFUSED, f"{exc.message} [{exc.code}]")
+    except (ValueError, cfg.ConfigError) as exc:
+        raise click.UsageError(str(exc)) from None
+    except KeyboardInterrupt:
+        sys.exit(130)
+    sys.exit(code)
 
 
 def _full_screen(broker: str, name: str, rooms: list[str], history: int) -> None:
     from zchat.tui.app import ChatApp
 
+    from zchat.client import ClientError
+
     try:
         app = ChatApp(broker, name, rooms, history=history)
-    except ValueError as exc:  # a bad broker address or name
+    except (ValueError, ClientError) as exc:  # a bad broker address or name
         raise click.UsageError(str(exc)) from None
     app.run()
     if app.fatal:

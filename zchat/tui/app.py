@@ -281,10 +281,11 @@ class ChatApp(App[None]):
         client, self.client = self.client, None
         self._online.clear()
         if client is not None:
-            try:
-                await client.close()
-            except Exception:
-                log.debug("closing the client failed", exc_info=True)
+            # bounded: if the client's close never finishes, leaving must still work
+            closing = asyncio.ensure_future(client.close())
+            await asyncio.wait({closing}, timeout=3.0)
+            if closing.done() and not closing.cancelled() and closing.exception() is not None:
+                log.debug("closing the client failed: %r", closing.exception())
 
     async def _read_events(self, client: Client) -> None:
         async for event in client.events():
@@ -299,7 +300,7 @@ class ChatApp(App[None]):
             self._on_msg(event)
         elif isinstance(event, p.Presence):
             buf = self.buffers.get(event.room)
-            if buf is not None:
+            if buf is not None and event.name != self.me:  # this client is the truth about me
                 buf.members[event.name] = event.online
                 if buf is self.buffer:
                     self._refresh_side()
