@@ -225,7 +225,7 @@ class ChatApp(App[None]):
             return
         text = {
             "connected": f"connected to {self.broker}",
-            "reconnecting": f"lost the broker{': ' + detail if detail else ''}; reconnecting (what you type is kept and sent later)",
+            "reconnecting": f"lost the broker{' (' + detail + ')' if detail else ''}; reconnecting, your lines are queued",
             "offline": f"cannot reach {self.broker}{': ' + detail if detail else ''}; retrying",
             "closed": "disconnected",
         }.get(state, state)

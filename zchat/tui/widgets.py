@@ -312,7 +312,7 @@ class MemberList(Static):
 
 
 class StatusBar(Static):
-    """broker │ connection state and for how long │ name │ window │ recovered │ queued."""
+    """broker │ connection state and for how long │ queued │ name │ window │ recovered."""
 
     plain = ""
 
@@ -328,15 +328,15 @@ class StatusBar(Static):
             text.append(f" {_ago(time.time() - since)}", style=colour)
             if detail:
                 text.append(f" ({detail})", style=colour)
+        if queued:  # early in the line: it matters while the broker is away
+            text.append(" │ ", style="dim")
+            text.append(f"{queued} queued", style="bold yellow")
         text.append(" │ ", style="dim")
         text.append(name, style=f"bold {nick_colour(name)}")
         text.append(" │ ", style="dim")
         text.append(where or "-", style="bold")
         text.append(" │ ", style="dim")
         text.append(f"recovered {recovered}", style="cyan" if recovered else "dim")
-        if queued:
-            text.append(" │ ", style="dim")
-            text.append(f"{queued} queued", style="bold yellow")
         self.plain = text.plain
         self.update(text)
 
