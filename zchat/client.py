@@ -261,12 +261,13 @@ class Client:
         """Say goodbye (briefly, if the broker is there) and release every socket."""
         if self.state == "connected":
             try:
-                await self._request(lambda rid: p.Bye(rid=rid), timeout=0.5)
+                await self._request(lambda rid: p.Bye(rid=rid), timeout=0.5, retry=False)
             except (ClientError, asyncio.TimeoutError):
                 pass
         for task in self._tasks:
             task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self._tasks:  # bounded: closing must never hang its caller
+            await asyncio.wait(self._tasks, timeout=2.0)
         self._tasks.clear()
         for sock in self._socks:
             sock.close(linger=0)
