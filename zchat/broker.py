@@ -83,6 +83,18 @@ class Broker:
         return sock
 
     async def start(self) -> None:
+        """Open storage and bind; on failure release whatever was opened, then raise."""
+        try:
+            await self._start()
+        except BaseException:
+            for sock in (getattr(self, name, None) for name in ("router", "pull", "xpub", "zap")):
+                if sock is not None:
+                    sock.close(linger=0)
+            self.ctx.term()
+            await self.storage.close()
+            raise
+
+    async def _start(self) -> None:
         epoch = await self.storage.open()
         heads = await self.storage.heads()
         members = await self.storage.members()

@@ -90,25 +90,37 @@ class _Pump:
                     get = asyncio.ensure_future(self.ops.get())
                 if recv is None and self.on_recv is not None:
                     recv = self.sock.recv_multipart()
-                done, _ = await asyncio.wait([f for f in (get, recv) if f is not None], return_when=asyncio.FIRST_COMPLETED)
+                # The timeout is a safety net: ZeroMQ's readiness signal is edge-triggered,
+                # and our own sends on the shadow socket can consume an edge.
+                done, _ = await asyncio.wait(
+                    [f for f in (get, recv) if f is not None], timeout=1.0, return_when=asyncio.FIRST_COMPLETED
+                )
                 if get in done:
                     op, get = get.result(), None
                     self._run(op)
                     while not self.ops.empty():
                         self._run(self.ops.get_nowait())
-                if recv is not None and recv in done:
+                if recv is not None and recv.done():
                     frames, recv = recv.result(), None
                     self._deliver(frames)
-                    for _ in range(1000):  # drain what is already queued without futures
-                        try:
-                            frames = self.sync.recv_multipart(zmq.NOBLOCK)
-                        except zmq.Again:
-                            break
-                        self._deliver(frames)
+                if self.on_recv is not None:
+                    self._drain()
         finally:
             for fut in (get, recv):
                 if fut is not None:
                     fut.cancel()
+
+    def _drain(self) -> None:
+        """Read what is already queued, without futures (and whatever our sends hid)."""
+        sync = self.sync
+        for _ in range(1000):
+            if not sync.getsockopt(zmq.EVENTS) & zmq.POLLIN:
+                return
+            try:
+                frames = sync.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            self._deliver(frames)
 
     def _run(self, op: Callable[[zmq.Socket], None]) -> None:
         try:
