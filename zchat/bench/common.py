@@ -90,8 +90,8 @@ class Sizes:
         if name == "quick":
             return cls(
                 name="quick", window=0.8, ingest_budget=200_000, ingest_pubs=(1, 4), fanout_subs=(10, 100, 1000),
-                fanout_deliveries=100_000, latency_seconds=1.0, latency_rate=2_000, latency_subs=(10, 1),
-                stall_subs=9, stall_messages=100_000, stall_window=1.5, scale_clients=(500,), scale_rest=1.0,
+                fanout_deliveries=100_000, latency_seconds=0.75, latency_rate=2_000, latency_subs=(10, 1),
+                stall_subs=9, stall_messages=100_000, stall_window=1.2, scale_clients=(500,), scale_rest=1.0,
                 history_rows=1_000_000, history_queries=50, drain=8.0, heartbeat=5.0,
             )
         if name == "full":

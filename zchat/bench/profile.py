@@ -79,6 +79,7 @@ def summarize(raw: Path, top: int = 15) -> dict:
             continue
         n = int(count)
         frames = [_short(f) for f in stack.split(";") if f and not f.startswith("process ") and not f.startswith("thread ")]
+        frames = [f for f in frames if "zchat/bench/" not in f and "multiprocessing/" not in f]  # the fork's ancestry
         if not frames:
             continue
         total += n
