@@ -9,7 +9,7 @@ import sys
 import click
 
 from zchat import protocol as p
-from zchat.cli.options import EXIT_REFUSED, EXIT_UNREACHABLE, client_options, fail, require_name, settings
+from zchat.cli.options import EXIT_REFUSED, EXIT_UNREACHABLE, client_options, fail, require_name, run_client, settings
 
 EXIT_CODES = (
     "Exit status: 0 done, 1 refused by the broker (name taken, a line refused in line mode), "
@@ -77,42 +77,20 @@ def talk(
 
 
 def _line_mode(broker: str, name: str, rooms: list[str], history: int) -> None:
-    from zchat import config as cfg
-    from zchat.client import AuthError, Client, ClientError, ConnectError
+    from zchat.client import Client
     from zchat.logs import setup_logging
     from zchat.tui.linemode import run_line_mode
 
     setup_logging("WARNING", "text")
 
-    async def main() -> int:
+    async def body(client: Client) -> int:
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, stop.set)
-        client = Client(broker, name)
-        await client.connect(timeout=5.0)
-        try:
-            return await run_line_mode(client, rooms, history, stop)
-        finally:
-            # bounded: a close that hangs must not keep a finished script alive
-            await asyncio.wait({asyncio.ensure_future(client.close())}, timeout=3.0)
+        return await run_line_mode(client, rooms, history, stop)
 
-    # like zchat.cli.options.run_client, with the bounded close above
-    try:
-        code = asyncio.run(main())
-    except AuthError as exc:
-        fail(EXIT_REFUSED, exc.message)
-    except ConnectError as exc:
-        fail(EXIT_UNREACHABLE, exc.message)
-    except asyncio.TimeoutError:
-        fail(EXIT_UNREACHABLE, f"the broker at {broker} did not answer in time")
-    except ClientError as exc:
-        fail(EXIT_REFUSED, f"{exc.message} [{exc.code}]")
-    except (ValueError, cfg.ConfigError) as exc:
-        raise click.UsageError(str(exc)) from None
-    except KeyboardInterrupt:
-        sys.exit(130)
-    sys.exit(code)
+    sys.exit(run_client(broker, name, body))
 
 
 def _full_screen(broker: str, name: str, rooms: list[str], history: int) -> None:
