@@ -16,7 +16,7 @@ import zmq.asyncio
 
 from tests.conftest import HEARTBEAT, RunningBroker, chat, collect, wait_for
 from zchat import protocol as p
-from zchat.client import AuthError, Client, ClientError, StateChange
+from zchat.client import AuthError, Client, ClientError
 from zchat.core import Limits
 
 PEER = str(Path(__file__).with_name("peer.py"))

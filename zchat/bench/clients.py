@@ -100,6 +100,21 @@ class Tally:
             self.probed[i] = True
             self.nprobed += 1
 
+    def take(self, i: int, line: str | bytes, t: float) -> bool:
+        """Count one line subscriber ``i`` received at ``t``; True for a timed chat line."""
+        head = line[:2]
+        if head == b"PR" or head == "PR":
+            self.probe(i)
+            return False
+        self.counts[i] += 1
+        if head == b"FL" or head == "FL":
+            if self.mode == "scale":
+                self.scale_line(line, t)
+            return False
+        if self.lat is not None:
+            self.lat.append(t - stamp(line))
+        return True
+
     def scale_line(self, line: str | bytes, t: float) -> None:
         n = int(line[3:12])
         lat = t - stamp(line)
@@ -214,7 +229,7 @@ def _zmq_subs(ep: dict, n: int, gid: int, tally: Tally) -> Callable[[int], None]
     sel = selectors.DefaultSelector()
     for i, s in enumerate(socks):
         sel.register(s.getsockopt(zmq.FD), selectors.EVENT_READ, i)
-    counts, last, lat, mode = tally.counts, tally.last, tally.lat, tally.mode
+    last, take = tally.last, tally.take
     NOBLOCK, Again = zmq.NOBLOCK, zmq.Again
     sweep = [0.0]
 
@@ -226,18 +241,8 @@ def _zmq_subs(ep: dict, n: int, gid: int, tally: Tally) -> Callable[[int], None]
                 m = recv(NOBLOCK)
             except Again:
                 break
-            head = m[:2]
-            if head == b"PR":
-                tally.probe(i)
-                continue
-            counts[i] += 1
-            if head == b"FL":
-                if mode == "scale":
-                    tally.scale_line(m, now())
-                continue
-            got = True
-            if lat is not None:
-                lat.append(now() - stamp(m))
+            if take(i, m, now()):
+                got = True
         if got:
             last[i] = now()
 
@@ -268,7 +273,7 @@ def _redis_subs(ep: dict, n: int, gid: int, tally: Tally) -> Callable[[int], Non
         ps.subscribe(CHANNEL)
         subs.append(ps)
         sel.register(ps.connection._sock, selectors.EVENT_READ, i)  # readiness only; reads go through redis-py
-    counts, last, lat, mode = tally.counts, tally.last, tally.lat, tally.mode
+    last, take = tally.last, tally.take
 
     def pump(timeout: int) -> None:
         pump.owners = owners  # type: ignore[attr-defined]
@@ -281,19 +286,8 @@ def _redis_subs(ep: dict, n: int, gid: int, tally: Tally) -> Callable[[int], Non
                     break
                 if m["type"] != "message":
                     continue
-                data = m["data"]
-                head = data[:2]
-                if head == b"PR":
-                    tally.probe(i)
-                    continue
-                counts[i] += 1
-                if head == b"FL":
-                    if mode == "scale":
-                        tally.scale_line(data, now())
-                    continue
-                got = True
-                if lat is not None:
-                    lat.append(now() - stamp(data))
+                if take(i, m["data"], now()):
+                    got = True
             if got:
                 last[i] = now()
 
@@ -312,7 +306,7 @@ def _threaded_subs(ep: dict, n: int, gid: int, tally: Tally) -> Callable[[int], 
         s.setblocking(False)
         sel.register(s, selectors.EVENT_READ, i)
         time.sleep(pace)
-    counts, last, lat, mode, garbled = tally.counts, tally.last, tally.lat, tally.mode, tally.garbled
+    last, garbled, take = tally.last, tally.garbled, tally.take
     width = RECORD - 1
 
     def pump(timeout: int) -> None:
@@ -332,18 +326,8 @@ def _threaded_subs(ep: dict, n: int, gid: int, tally: Tally) -> Callable[[int], 
                 if len(line) != width or line[2:3] != b"|":
                     garbled[i] += 1  # no framing: concurrent sendalls can interleave
                     continue
-                head = line[:2]
-                if head == b"PR":
-                    tally.probe(i)
-                    continue
-                counts[i] += 1
-                if head == b"FL":
-                    if mode == "scale":
-                        tally.scale_line(line, t)
-                    continue
-                got = True
-                if lat is not None:
-                    lat.append(t - stamp(line))
+                if take(i, line, t):
+                    got = True
             if got:
                 last[i] = t
 
@@ -382,7 +366,7 @@ async def _zchat_subs(ep: dict, n: int, gid: int, tally: Tally, driver: Driver) 
 
     for start in range(0, n, 10):
         await asyncio.gather(*(join(start + k, c) for k, c in enumerate(clients[start : start + 10])))
-    counts, last, lat, mode = tally.counts, tally.last, tally.lat, tally.mode
+    counts, last, lat, take = tally.counts, tally.last, tally.lat, tally.take
     hop = tally.hop = array.array("d") if lat is not None else None  # broker -> subscriber (wall clock)
     Msg = p.Msg
     wall = time.time
@@ -392,20 +376,11 @@ async def _zchat_subs(ep: dict, n: int, gid: int, tally: Tally, driver: Driver) 
             if type(ev) is Msg:
                 if ev.kind != "text":
                     continue
-                line = ev.text
-                head = line[:2]
-                if head == "PR":
-                    tally.probe(i)
-                    continue
-                counts[i] += 1
-                if head == "FL":
-                    if mode == "scale":
-                        tally.scale_line(line, now())
-                    continue
-                t = last[i] = now()
-                if lat is not None:
-                    lat.append(t - stamp(line))
-                    hop.append(wall() - ev.ts)  # type: ignore[union-attr]
+                t = now()
+                if take(i, ev.text, t):
+                    last[i] = t
+                    if hop is not None:
+                        hop.append(wall() - ev.ts)
             elif type(ev) is Gap:
                 tally.gaps[i] += ev.last - ev.first + 1
 
