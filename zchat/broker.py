@@ -72,6 +72,7 @@ class Broker:
         self.bad = RateLimitedLog()
         self.stopping = asyncio.Event()
         self.stopped = asyncio.Event()
+        self._wake: asyncio.Future | None = None
 
     # ------------------------------------------------------------ set-up
 
@@ -135,39 +136,37 @@ class Broker:
     # ------------------------------------------------------------ main loop
 
     async def run(self) -> None:
-        """Serve until ``stop()``; always closes sockets and storage on the way out."""
-        assert self.core is not None, "start() first"
-        poller = zmq.asyncio.Poller()
-        for sock in (self.zap, self.router, self.pull, self.xpub):
-            poller.register(sock, zmq.POLLIN)
+        """Serve until ``stop()``; always closes sockets and storage on the way out.
+
+        Each socket's ZMQ_FD wakes the loop (it is edge-triggered: after every pass the
+        loop asks ZMQ_EVENTS what is really readable before it sleeps again). While
+        input keeps coming the loop only yields to other tasks between passes.
+        """
+        assert self.core is not None
+        loop = asyncio.get_running_loop()
+        self._wake = loop.create_future()
+        socks = (self._z, self._x, self._r, self._pl)
+        fds = [s.getsockopt(zmq.FD) for s in socks]
+        for fd in fds:
+            loop.add_reader(fd, self._poke)
         next_tick = time.time() + self.tick_every
-        stop_wait = asyncio.ensure_future(self.stopping.wait())
-        everything = {self.zap: zmq.POLLIN, self.xpub: zmq.POLLIN, self.router: zmq.POLLIN, self.pull: zmq.POLLIN}
-        busy = False
+        EVENTS, POLLIN = zmq.EVENTS, zmq.POLLIN
+        zap, xpub, router, pull = socks
         try:
             while not self.stopping.is_set():
-                if busy:  # the last turn read something: more is likely queued, skip the poller
-                    await asyncio.sleep(0)
-                    ready = everything
-                else:
-                    poll = asyncio.ensure_future(poller.poll(int(self.tick_every * 1000)))
-                    await asyncio.wait({poll, stop_wait}, return_when=asyncio.FIRST_COMPLETED)
-                    if not poll.done():
-                        poll.cancel()
-                        break
-                    ready = dict(poll.result())
                 now = time.time()
                 out = Outcome()
-                if self.zap in ready:
-                    await self._zap()
-                if self.xpub in ready:
-                    self._subscriptions(now)
                 read = 0
-                if self.router in ready:
+                if zap.getsockopt(EVENTS) & POLLIN:
+                    await self._zap()
+                    read += 1
+                if xpub.getsockopt(EVENTS) & POLLIN:
+                    self._subscriptions(now)
+                    read += 1
+                if router.getsockopt(EVENTS) & POLLIN:
                     read += self._requests(now, out)
-                if self.pull in ready:
+                if pull.getsockopt(EVENTS) & POLLIN:
                     read += self._chat(now, out)
-                busy = read > 0
                 if now >= next_tick:
                     live = len(self.core.sessions)
                     self.core.tick(now, out)
@@ -178,16 +177,32 @@ class Broker:
                     await self._apply(out)
                 except Exception:  # never let one bad turn take the broker down
                     log.exception("failed to carry out a batch (%d to store)", len(out.store))
+                if read:  # more is likely queued: let other tasks run, then look again
+                    await asyncio.sleep(0)
+                    continue
+                if any(s.getsockopt(EVENTS) & POLLIN for s in socks):
+                    continue  # our own sends may have eaten the edge
+                self._wake = loop.create_future()
+                timer = loop.call_at(loop.time() + max(0.0, next_tick - time.time()), self._poke)
+                await self._wake
+                timer.cancel()
             await self._farewell()
         finally:
-            stop_wait.cancel()
+            for fd in fds:
+                loop.remove_reader(fd)
             self._close()
             await self.storage.close()
             log.info("broker stopped; history closed cleanly")
             self.stopped.set()
 
+    def _poke(self) -> None:
+        if self._wake is not None and not self._wake.done():
+            self._wake.set_result(None)
+
     def stop(self) -> None:
         self.stopping.set()
+        if self._wake is not None:
+            self._poke()
 
     async def _farewell(self) -> None:
         """Tell subscribers we are going, and answer stragglers, for a moment."""
@@ -296,29 +311,39 @@ class Broker:
         return BATCH
 
     def _chat(self, now: float, out: Outcome) -> int:
-        """Read up to BATCH chat lines; return how many."""
+        """Read frames until about BATCH chat lines were taken; return how many frames."""
         core = self.core
         assert core is not None
-        for count in range(BATCH):
+        count = lines = 0
+        while lines < BATCH:
             try:
                 frames = self._pl.recv_multipart(zmq.NOBLOCK, copy=False)
             except zmq.Again:
                 return count
+            count += 1
+            lines += 1
             if len(frames) != 1:
                 core.count("bad_frame")
                 self.bad.warn("bad_frame", f"chat line with {len(frames)} frames", now)
                 continue
+            user = frames[0].get("User-Id")
             try:
-                msg = p.decode_send(frames[0].bytes, self.limits.max_bytes)
+                msgs, bad = p.decode_sends(frames[0].bytes, self.limits.max_bytes)
             except p.ProtocolError as exc:
+                msgs, bad = [], [exc]
+            for exc in bad:
                 core.count(exc.code)
                 self.bad.warn(exc.code, exc.message, now)
                 session = core.sessions.get(exc.sid)
-                if session is not None and session.name == frames[0].get("User-Id"):
+                if session is not None and session.name == user:
                     out.error(exc.sid, exc.code, exc.message, cid=exc.cid)  # the sender's own session
-                continue
-            core.send(frames[0].get("User-Id"), msg, now, out)
-        return BATCH
+            if len(msgs) + len(bad) > 1:
+                core.count("packed_frames")
+            send = core.send
+            for msg in msgs:
+                send(user, msg, now, out)
+            lines += len(msgs)
+        return count
 
     # ------------------------------------------------------------ outputs
 

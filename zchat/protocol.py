@@ -165,6 +165,23 @@ class Send(_Body, tag="send"):
     me: bool = False
 
 
+class Sends(_Body, tag="sends"):
+    """Several chat lines in one PUSH frame, taken in order as if sent one by one.
+
+    A client packs what it queued in one turn of its loop (a busy bot, a paste); a
+    lone line still goes as a plain Send, so a quiet chat keeps its latency. The frame
+    as a whole is held to the body limit; each item is checked like a Send.
+    """
+
+    items: list[Send]
+
+
+class _RawSends(_Body, tag="sends"):
+    """Sends with its items left undecoded: to salvage the good items of a bad frame."""
+
+    items: list[msgspec.Raw]
+
+
 # ----------------------------------------------------- broker -> client (ROUTER)
 
 
@@ -294,7 +311,9 @@ Event = Union[Msg, Presence, Notice, Batch]
 
 _encoder = msgspec.msgpack.Encoder()
 _request_decoder = msgspec.msgpack.Decoder(Request)
-_send_decoder = msgspec.msgpack.Decoder(Send)
+_send_decoder = msgspec.msgpack.Decoder(Union[Send, Sends])
+_single_send_decoder = msgspec.msgpack.Decoder(Send)
+_raw_sends_decoder = msgspec.msgpack.Decoder(_RawSends)
 _reply_decoder = msgspec.msgpack.Decoder(Reply)
 _event_decoder = msgspec.msgpack.Decoder(Event)
 _version_decoder = msgspec.msgpack.Decoder()  # any value: a non-map body is bad_request, not bad_encoding
@@ -367,7 +386,41 @@ def decode_request(data: bytes, limit: int = MAX_MESSAGE_BYTES) -> Request:
 
 
 def decode_send(data: bytes, limit: int = MAX_MESSAGE_BYTES) -> Send:
-    return _decode(data, _send_decoder, limit)
+    """One Send (a ``sends`` frame is refused here: use decode_sends)."""
+    return _decode(data, _single_send_decoder, limit)
+
+
+def decode_sends(data: bytes, limit: int = MAX_MESSAGE_BYTES) -> tuple[list[Send], list[ProtocolError]]:
+    """A PULL frame (``send`` or ``sends``): the lines to take, and an error per bad one.
+
+    A ``sends`` frame is decoded in one pass; if any item is bad, the items are decoded
+    one by one so the good ones are still taken and each bad one gets its own error
+    (with its sid and cid when readable). Raises ProtocolError if the frame itself is bad.
+    """
+    try:
+        body = _decode_strict(data, _send_decoder, limit)
+    except ProtocolError as first:
+        if first.code == ErrorCode.TOO_LARGE:
+            _add_context(first, data)
+            raise
+        try:
+            raw = _raw_sends_decoder.decode(data)
+        except Exception:
+            _add_context(first, data)
+            raise first from None
+        if raw.v != PROTOCOL_VERSION:
+            raise first from None
+        good: list[Send] = []
+        bad: list[ProtocolError] = []
+        for item in raw.items:
+            try:
+                good.append(_decode(bytes(item), _single_send_decoder))
+            except ProtocolError as exc:
+                bad.append(exc)
+        return good, bad
+    if type(body) is Send:
+        return [body], []
+    return body.items, []
 
 
 def decode_reply(data: bytes) -> Reply:

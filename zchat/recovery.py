@@ -46,6 +46,18 @@ class Tracker:
             self.early[msg.seq] = msg
         return self._drain()
 
+    def offer_run(self, msgs: list[Msg]) -> bool:
+        """A run of live messages of this room with ascending consecutive seqs, as the
+        broker publishes a Batch: True if it was taken whole because it follows on
+        exactly; False (nothing changed) to offer them one by one."""
+        first, last = msgs[0], msgs[-1]
+        if self.early or first.seq != self.last + 1 or last.seq - first.seq != len(msgs) - 1:
+            return False
+        self.last = last.seq
+        if last.seq > self.known_head:
+            self.known_head = last.seq
+        return True
+
     def fill(self, msgs: list[Msg], head: int) -> list[Msg]:
         """History fetched for the gap; ``head`` is the broker's head at that moment."""
         self.known_head = max(self.known_head, head)

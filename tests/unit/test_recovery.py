@@ -192,3 +192,52 @@ def test_any_lossy_stream_plus_history_yields_each_seq_once_in_order(
     assert t.missing() is None
     assert t.early == {}
     assert t.last == n
+
+
+def test_a_run_that_follows_on_is_taken_whole() -> None:
+    t = Tracker("dev", "E1", 4)
+    run = [m(s) for s in range(5, 105)]
+    assert t.offer_run(run)
+    assert (t.last, t.known_head, t.early) == (104, 104, {})
+    assert t.offer(m(104)) == []  # and is not delivered twice
+
+
+@pytest.mark.parametrize(
+    ("last", "run", "early"),
+    [
+        (4, [6, 7, 8], ()),  # starts after a hole
+        (4, [3, 4, 5], ()),  # overlaps what was delivered
+        (4, [5, 7, 8], ()),  # a hole inside (span is not its length)
+        (4, [5, 6, 7], (9,)),  # something is already buffered: keep the slow path's order
+    ],
+)
+def test_a_run_that_does_not_follow_on_is_refused_untouched(last: int, run: list[int], early: tuple[int, ...]) -> None:
+    t = Tracker("dev", "E1", last)
+    for seq in early:
+        t.offer(m(seq))
+    before = (t.last, t.known_head, dict(t.early))
+    assert not t.offer_run([m(s) for s in run])
+    assert (t.last, t.known_head, dict(t.early)) == before
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.tuples(st.integers(1, 60), st.integers(1, 8)), max_size=30))
+def test_runs_and_single_offers_agree(runs: list[tuple[int, int]]) -> None:
+    """Taking a batch whole when it follows on delivers exactly what offering it one
+    message at a time would. Batches are what a broker publishes: ascending runs of
+    consecutive seqs, arriving late, early, repeated or overlapping."""
+    fast, slow = Tracker("dev", "E1", 0), Tracker("dev", "E1", 0)
+    got_fast: list[int] = []
+    got_slow: list[int] = []
+    for start, length in runs:
+        batch = list(range(start, start + length))
+        msgs = [m(s) for s in batch]
+        if fast.offer_run(msgs):
+            got_fast += batch
+        else:
+            for msg in msgs:
+                got_fast += seqs(fast.offer(msg))
+        for msg in msgs:
+            got_slow += seqs(slow.offer(msg))
+    assert got_fast == got_slow
+    assert (fast.last, fast.known_head) == (slow.last, slow.known_head)
