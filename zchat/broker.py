@@ -150,6 +150,13 @@ class Broker:
         for fd in fds:
             loop.add_reader(fd, self._poke)
         next_tick = time.time() + self.tick_every
+
+        def tick() -> None:  # one standing timer wakes the loop for the tick
+            nonlocal ticker
+            self._poke()
+            ticker = loop.call_later(self.tick_every, tick)
+
+        ticker = loop.call_later(self.tick_every, tick)
         EVENTS, POLLIN = zmq.EVENTS, zmq.POLLIN
         zap, xpub, router, pull = socks
         try:
@@ -183,11 +190,10 @@ class Broker:
                 if any(s.getsockopt(EVENTS) & POLLIN for s in socks):
                     continue  # our own sends may have eaten the edge
                 self._wake = loop.create_future()
-                timer = loop.call_at(loop.time() + max(0.0, next_tick - time.time()), self._poke)
-                await self._wake
-                timer.cancel()
+                await self._wake  # a socket, stop() or the ticker
             await self._farewell()
         finally:
+            ticker.cancel()
             for fd in fds:
                 loop.remove_reader(fd)
             self._close()

@@ -73,9 +73,11 @@ Event = p.Msg | p.Presence | StateChange | Recovered | Gap
 class _Pump:
     """Owns one socket: runs queued operations on it and hands received frames on.
 
-    The socket's ZMQ_FD wakes the pump; the FD is edge-triggered, so after every pass
-    the pump asks ZMQ_EVENTS whether more is readable before it sleeps again (a send
-    of ours can consume the edge). A slow timer re-checks as a safety net.
+    Everything runs in event-loop callbacks on the loop's thread, never in parallel:
+    the socket's ZMQ_FD readiness, ``submit()`` (scheduled with call_soon) and a
+    one-second safety timer all call ``_service``. The FD is edge-triggered, so each
+    pass reads until ZMQ_EVENTS says nothing is left (a send of ours can consume the
+    edge). No task sits between a frame's arrival and its handler.
     """
 
     def __init__(self, sock: zmq.asyncio.Socket, on_recv: Callable[[list[bytes]], None] | None) -> None:
@@ -83,43 +85,54 @@ class _Pump:
         self.sync = zmq.Socket.shadow(sock.underlying)
         self.on_recv = on_recv
         self.ops: collections.deque[Callable[[zmq.Socket], None]] = collections.deque()
-        self._wake: asyncio.Future | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._scheduled = False
+        self._closed = False
 
     def submit(self, op: Callable[[zmq.Socket], None]) -> None:
         self.ops.append(op)
-        wake = self._wake
-        if wake is not None and not wake.done():
-            wake.set_result(None)
-
-    def _poke(self) -> None:
-        wake = self._wake
-        if wake is not None and not wake.done():
-            wake.set_result(None)
+        if not self._scheduled and self._loop is not None:
+            self._scheduled = True
+            self._loop.call_soon(self._service)
 
     async def run(self) -> None:
-        loop = asyncio.get_running_loop()
-        sync, ops = self.sync, self.ops
-        fd = sync.getsockopt(zmq.FD) if self.on_recv is not None else None
+        """Serve the socket until cancelled."""
+        loop = self._loop = asyncio.get_running_loop()
+        fd = self.sync.getsockopt(zmq.FD) if self.on_recv is not None else None
+        safety: asyncio.TimerHandle | None = None
+
+        def recheck() -> None:  # one standing timer, not one per wait
+            nonlocal safety
+            self._service()
+            safety = loop.call_later(1.0, recheck)
+
         if fd is not None:
-            loop.add_reader(fd, self._poke)
+            loop.add_reader(fd, self._service)
+            safety = loop.call_later(1.0, recheck)
+        self._service()  # whatever was submitted before the loop was known
         try:
-            while True:
-                while ops:
-                    self._run(ops.popleft())
-                more = self._drain() if fd is not None else False
-                if more or ops:
-                    await asyncio.sleep(0)  # let others run, then carry on
-                    continue
-                self._wake = loop.create_future()
-                timer = loop.call_later(1.0, self._poke)
-                try:
-                    await self._wake
-                finally:
-                    timer.cancel()
-                    self._wake = None
+            await loop.create_future()  # forever: the callbacks do the work
         finally:
+            self._closed = True
+            if safety is not None:
+                safety.cancel()
             if fd is not None:
                 loop.remove_reader(fd)
+
+    def _service(self) -> None:
+        self._scheduled = False
+        if self._closed:
+            return
+        ops = self.ops
+        while ops:
+            op = ops.popleft()
+            try:
+                op(self.sync)
+            except zmq.Again:
+                log.debug("socket full; the operation will be retried by its owner")
+        if self.on_recv is not None and self._drain() and not self._scheduled:
+            self._scheduled = True  # more is queued: carry on after others had a turn
+            self._loop.call_soon(self._service)  # type: ignore[union-attr]
 
     def _drain(self) -> bool:
         """Read what is queued (a bounded amount); True if more is left."""
@@ -135,17 +148,13 @@ class _Pump:
             deliver(frames)
         return True
 
-    def _run(self, op: Callable[[zmq.Socket], None]) -> None:
-        try:
-            op(self.sync)
-        except zmq.Again:
-            log.debug("socket full; the operation will be retried by its owner")
-
     def _deliver(self, frames: list[bytes]) -> None:
         try:
             self.on_recv(frames)  # type: ignore[misc]
         except p.ProtocolError as exc:
             log.warning("ignored a malformed message from the broker: %s", exc)
+        except Exception:  # a bug in a handler must not stop the socket being served
+            log.exception("failed to handle a message from the broker")
 
 
 class _Pending:
