@@ -29,6 +29,7 @@ from zchat import protocol as p
 from zchat.recovery import Gap, Tracker
 
 log = logging.getLogger(__name__)
+_encode = msgspec.msgpack.Encoder().encode
 
 __all__ = ["Client", "ClientError", "AuthError", "ConnectError", "StateChange", "Recovered", "Gap", "Event"]
 
@@ -453,22 +454,23 @@ class Client:
         """Queue a send without awaiting it: a future of its Stored (for bulk senders;
         no coroutine or task per message). Resent until acked, like ``send``. Lines
         posted in one turn of the event loop travel to the broker in one frame."""
-        return self._submit(p.Send(sid=self.sid, cid=self._next_cid(), text=text, room=room, me=me))
+        return self._submit(room, "", text, me)
 
     def post_dm(self, to: str, text: str, *, me: bool = False) -> asyncio.Future:
-        return self._submit(p.Send(sid=self.sid, cid=self._next_cid(), text=text, to=to, me=me))
+        return self._submit("", to, text, me)
 
-    def _next_cid(self) -> str:
+    def _submit(self, room: str, to: str, text: str, me: bool) -> asyncio.Future:
         self._cid_count += 1
-        return f"{self._cid_base}{self._cid_count:x}"
-
-    def _submit(self, body: p.Send) -> asyncio.Future:
-        data = p.encode(body)
+        cid = f"{self._cid_base}{self._cid_count:x}"  # no random draw per line
+        data = _encode(p.Send(sid=self.sid, cid=cid, text=text, room=room, to=to, me=me))
         if len(data) > self.max_bytes:
             raise ClientError(p.ErrorCode.TOO_LARGE, f"message is {len(data)} bytes encoded; the broker takes at most {self.max_bytes}")
         fut = asyncio.get_running_loop().create_future()
-        self._pending[body.cid] = _Pending(data, fut, time.monotonic())
-        self._queue(data)
+        self._pending[cid] = _Pending(data, fut, time.monotonic())
+        outbox = self._outbox
+        outbox.append(data)
+        if len(outbox) == 1:  # the first of this turn: the pump packs them all when it runs
+            self._push.submit(self._flush)
         return fut
 
     def _queue(self, data: bytes) -> None:

@@ -23,6 +23,7 @@ from __future__ import annotations
 import array
 import collections
 import dataclasses
+import gc
 import selectors
 import socket
 import threading
@@ -164,6 +165,9 @@ class Driver:
             if ctl.go.is_set():
                 self.phase = "run"
                 self.last_tick = self.last_progress = t
+                # Set-up objects (sockets, clients, connections) stop being scanned by the
+                # cyclic GC during the run; done alike for every system's subscribers.
+                gc.freeze()
             return False
         if t - self.last_tick > 0.5:  # we were frozen (SIGSTOP): restart the quiet clock
             self.last_progress = t
@@ -451,6 +455,7 @@ def publisher(system: str, ep: dict, idx: int, plan: PubPlan, ctl: Ctl, conn: An
             send.one(record(PROBE, 0))
             time.sleep(plan.probe)
         ctl.go.wait()
+        gc.freeze()  # as in the subscribers: set-up objects are not scanned during the run
         n, t_first = 0, now()
         if plan.mode == "blast":
             deadline = t_first + plan.window
@@ -624,6 +629,7 @@ async def _zchat_pub(ep: dict, idx: int, plan: PubPlan, ctl: Ctl, conn: Any) -> 
         await asyncio.sleep(plan.probe)
     while not ctl.go.is_set():
         await asyncio.sleep(0.001)
+    gc.freeze()
     sent, n, t_first = 0, 0, now()
     if plan.mode == "blast":
         # post() a chunk per turn (one frame to the broker), keep ZCHAT_WINDOW lines in
