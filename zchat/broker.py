@@ -23,6 +23,7 @@ import zmq
 import zmq.asyncio
 
 from zchat import __version__, auth
+from zchat.sockio import NOBLOCK, readable, recv_frames, recv_parts, send_parts
 from zchat import protocol as p
 from zchat.core import Core, Limits, Outcome
 from zchat.storage import Storage, StorageError
@@ -138,17 +139,34 @@ class Broker:
     async def run(self) -> None:
         """Serve until ``stop()``; always closes sockets and storage on the way out.
 
-        Each socket's ZMQ_FD wakes the loop (it is edge-triggered: after every pass the
-        loop asks ZMQ_EVENTS what is really readable before it sleeps again). While
-        input keeps coming the loop only yields to other tasks between passes.
+        Each socket's ZMQ_FD wakes the loop. The FD is edge-triggered, so a socket is
+        asked for ZMQ_EVENTS whenever its FD fired or we used the socket since we last
+        asked (our own sends can consume an edge), and only then: asking costs a few
+        microseconds a socket. While input keeps coming the loop only yields to other
+        tasks between passes.
         """
         assert self.core is not None
         loop = asyncio.get_running_loop()
         self._wake = loop.create_future()
         socks = (self._z, self._x, self._r, self._pl)
+        ZAP, XPUB, ROUTER, PULL = range(4)
+        stale = [True] * 4
+
+        def fired(i: int) -> None:
+            stale[i] = True
+            self._poke()
+
+        def ready(i: int) -> bool:
+            if not stale[i]:
+                return False
+            if readable(socks[i]):
+                return True  # stays stale: we are about to read it
+            stale[i] = False
+            return False
+
         fds = [s.getsockopt(zmq.FD) for s in socks]
-        for fd in fds:
-            loop.add_reader(fd, self._poke)
+        for i, fd in enumerate(fds):
+            loop.add_reader(fd, fired, i)
         next_tick = time.time() + self.tick_every
 
         def tick() -> None:  # one standing timer wakes the loop for the tick
@@ -157,22 +175,20 @@ class Broker:
             ticker = loop.call_later(self.tick_every, tick)
 
         ticker = loop.call_later(self.tick_every, tick)
-        EVENTS, POLLIN = zmq.EVENTS, zmq.POLLIN
-        zap, xpub, router, pull = socks
         try:
             while not self.stopping.is_set():
                 now = time.time()
                 out = Outcome()
                 read = 0
-                if zap.getsockopt(EVENTS) & POLLIN:
+                if ready(ZAP):
                     await self._zap()
                     read += 1
-                if xpub.getsockopt(EVENTS) & POLLIN:
+                if ready(XPUB):
                     self._subscriptions(now)
                     read += 1
-                if router.getsockopt(EVENTS) & POLLIN:
+                if ready(ROUTER):
                     read += self._requests(now, out)
-                if pull.getsockopt(EVENTS) & POLLIN:
+                if ready(PULL):
                     read += self._chat(now, out)
                 if now >= next_tick:
                     live = len(self.core.sessions)
@@ -180,6 +196,10 @@ class Broker:
                     if len(self.core.sessions) < live:
                         log.info("%d session(s) gone silent for %.0fs: dropped", live - len(self.core.sessions), self.limits.presence_timeout)
                     next_tick = now + self.tick_every
+                if out.publish:
+                    stale[XPUB] = True
+                if out.replies or out.acks or out.queries:
+                    stale[ROUTER] = True
                 try:
                     await self._apply(out)
                 except Exception:  # never let one bad turn take the broker down
@@ -187,8 +207,8 @@ class Broker:
                 if read:  # more is likely queued: let other tasks run, then look again
                     await asyncio.sleep(0)
                     continue
-                if any(s.getsockopt(EVENTS) & POLLIN for s in socks):
-                    continue  # our own sends may have eaten the edge
+                if any(stale):
+                    continue  # ask the sockets we just used
                 self._wake = loop.create_future()
                 await self._wake  # a socket, stop() or the ticker
             await self._farewell()
@@ -218,12 +238,12 @@ class Broker:
         deadline = time.monotonic() + 0.2
         while time.monotonic() < deadline:
             try:
-                frames = self._r.recv_multipart(zmq.NOBLOCK)
+                frames = recv_parts(self._r)
             except zmq.Again:
                 await asyncio.sleep(0.02)
                 continue
             if len(frames) == 2:
-                self._r.send_multipart([frames[0], p.encode(p.Error(code=p.ErrorCode.SHUTTING_DOWN, message="broker is shutting down"))], zmq.NOBLOCK)
+                send_parts(self._r, [frames[0], p.encode(p.Error(code=p.ErrorCode.SHUTTING_DOWN, message="broker is shutting down"))])
 
     def _close(self) -> None:
         for sock in (self.router, self.pull, self.xpub, self.zap):
@@ -235,7 +255,7 @@ class Broker:
     async def _zap(self) -> None:
         for _ in range(BATCH):
             try:
-                frames = self._z.recv_multipart(zmq.NOBLOCK)
+                frames = recv_parts(self._z)
             except zmq.Again:
                 return
             version, request_id, _domain, address, _identity, mechanism, *creds = frames + [b""] * max(0, 6 - len(frames))
@@ -272,7 +292,7 @@ class Broker:
         assert core is not None
         for _ in range(BATCH):
             try:
-                frame = self._x.recv(zmq.NOBLOCK, copy=False)
+                frame = self._x.recv(NOBLOCK, copy=False)
             except zmq.Again:
                 return
             data = frame.bytes
@@ -293,7 +313,7 @@ class Broker:
         assert core is not None
         for count in range(BATCH):
             try:
-                frames = self._r.recv_multipart(zmq.NOBLOCK, copy=False)
+                frames = recv_frames(self._r)
             except zmq.Again:
                 return count
             sid = frames[0].bytes.decode("latin-1")
@@ -323,7 +343,7 @@ class Broker:
         count = lines = 0
         while lines < BATCH:
             try:
-                frames = self._pl.recv_multipart(zmq.NOBLOCK, copy=False)
+                frames = recv_frames(self._pl)
             except zmq.Again:
                 return count
             count += 1
@@ -373,12 +393,12 @@ class Broker:
             await self.storage.set_member(room, name, member)
         self._publish(out.publish)
         encode = p.encode
-        reply = self._r.send_multipart
+        router = self._r
         for sid, body in out.replies:
-            reply([sid.encode("latin-1"), encode(body)], zmq.NOBLOCK)
+            send_parts(router, [sid.encode("latin-1"), encode(body)])
         for sid, items in out.acks.items():
             if items:
-                reply([sid.encode("latin-1"), encode(p.Ack(stored=items))], zmq.NOBLOCK)
+                send_parts(router, [sid.encode("latin-1"), encode(p.Ack(stored=items))])
         for query in out.queries:
             req = query.request
             if req.after >= 0:
@@ -387,12 +407,12 @@ class Broker:
                 msgs = await self.storage.last(req.room, req.limit, req.before)
             head = max(query.head, msgs[-1].seq if msgs else 0)  # this turn may have stored more
             body = p.HistoryReply(rid=req.rid, room=req.room, epoch=core.epoch, head=head, messages=msgs)
-            reply([query.sid.encode("latin-1"), encode(body)], zmq.NOBLOCK)
+            send_parts(router, [query.sid.encode("latin-1"), encode(body)])
 
 
     def _publish(self, publish: list[tuple[bytes, p.Msg | p.Presence | p.Notice]]) -> None:
         """Send in order; consecutive Msgs of one topic go out as one Batch."""
-        send, encode = self._x.send_multipart, p.encode
+        xpub, encode = self._x, p.encode
         i, n = 0, len(publish)
         while i < n:
             topic, body = publish[i]
@@ -401,9 +421,9 @@ class Broker:
                 while j < n and publish[j][0] == topic and isinstance(publish[j][1], p.Msg):
                     j += 1
             if j - i == 1:
-                send([topic, encode(body)], zmq.NOBLOCK)
+                send_parts(xpub, [topic, encode(body)])
             else:
-                send([topic, encode(p.Batch(items=[m for _, m in publish[i:j]]))], zmq.NOBLOCK)  # type: ignore[misc]
+                send_parts(xpub, [topic, encode(p.Batch(items=[m for _, m in publish[i:j]]))])  # type: ignore[misc]
                 self.core.count("batches")  # type: ignore[union-attr]
             i = j
 

@@ -27,6 +27,7 @@ from zmq.utils.monitor import parse_monitor_message
 
 from zchat import protocol as p
 from zchat.recovery import Gap, Tracker
+from zchat.sockio import NOBLOCK, readable, recv_parts
 
 log = logging.getLogger(__name__)
 _encode = msgspec.msgpack.Encoder().encode
@@ -138,12 +139,11 @@ class _Pump:
     def _drain(self) -> bool:
         """Read what is queued (a bounded amount); True if more is left."""
         sync, deliver = self.sync, self._deliver
-        EVENTS, POLLIN, NOBLOCK = zmq.EVENTS, zmq.POLLIN, zmq.NOBLOCK
         for _ in range(1000):
-            if not sync.getsockopt(EVENTS) & POLLIN:
+            if not readable(sync):
                 return False
             try:
-                frames = sync.recv_multipart(NOBLOCK)
+                frames = recv_parts(sync)
             except zmq.Again:
                 return False
             deliver(frames)
@@ -226,6 +226,7 @@ class Client:
         self._cid_base = secrets.token_hex(6) + "-"  # cids: random per client, then a counter
         self._cid_count = 0
         self._events: asyncio.Queue[list | None] = asyncio.Queue()  # lists of events, in order
+        self._listener: Callable[[list[Event]], None] | None = None
         self._want_fill: set[str] = set()
         self._fill_wake = asyncio.Event()
         self._auth_failed: asyncio.Future | None = None
@@ -319,7 +320,43 @@ class Client:
         self._events.put_nowait(None)
 
     def _emit(self, *events: Event) -> None:
-        self._events.put_nowait(list(events))
+        self._hand_over(list(events))
+
+    def _hand_over(self, events: list[Event]) -> None:
+        """To the listener if there is one, else to the queue ``events()`` reads."""
+        if self._listener is not None:
+            try:
+                self._listener(events)
+            except Exception:  # the listener's bug must not stop delivery or the client
+                log.exception("event listener failed")
+        else:
+            self._events.put_nowait(events)
+
+    def listen(self, handler: Callable[[list[Event]], None] | None) -> None:
+        """Hand events to ``handler`` as they arrive instead of queueing them for
+        ``events()``/``batches()``; ``None`` goes back to queueing.
+
+        The handler is called on the event loop, in order, with lists of events (as
+        ``batches()`` yields them). It must not block, and it cannot await: it is for
+        consumers that must keep up with thousands of lines a second (bridges, the
+        benchmark), with no task switch per arrival. An exception it raises is logged
+        and does not stop delivery. Events queued before the call go to it first.
+        """
+        self._listener = handler
+        if handler is None:
+            return
+        queued: list[Event] = []
+        closed = False
+        while not self._events.empty():
+            chunk = self._events.get_nowait()
+            if chunk is None:
+                closed = True
+            else:
+                queued += chunk
+        if queued:
+            self._hand_over(queued)
+        if closed:
+            self._events.put_nowait(None)
 
     async def __aenter__(self) -> "Client":
         await self.connect()
@@ -361,7 +398,7 @@ class Client:
         fut = asyncio.get_running_loop().create_future()
         self._waiting[rid] = fut
         data = p.encode(make(rid))
-        self._dealer.submit(lambda s: s.send(data, zmq.NOBLOCK))
+        self._dealer.submit(lambda s: s.send(data, NOBLOCK))
         try:
             reply = await asyncio.wait_for(fut, timeout)
         finally:
@@ -483,18 +520,18 @@ class Client:
         """Send the outbox: a lone line as a Send, several as Sends frames within max_bytes."""
         outbox, self._outbox = self._outbox, []
         if len(outbox) == 1:
-            sock.send(outbox[0], zmq.NOBLOCK)
+            sock.send(outbox[0], NOBLOCK)
             return
         room = self.max_bytes - 64  # the Sends envelope around the items
         group: list[msgspec.Raw] = []
         size = 0
         for data in outbox:
             if group and size + len(data) > room:
-                sock.send(p.encode(p.Sends(items=group)), zmq.NOBLOCK)  # type: ignore[arg-type]
+                sock.send(p.encode(p.Sends(items=group)), NOBLOCK)  # type: ignore[arg-type]
                 group, size = [], 0
             group.append(msgspec.Raw(data))
             size += len(data)
-        sock.send(p.encode(p.Sends(items=group)) if len(group) > 1 else bytes(group[0]), zmq.NOBLOCK)  # type: ignore[arg-type]
+        sock.send(p.encode(p.Sends(items=group)) if len(group) > 1 else bytes(group[0]), NOBLOCK)  # type: ignore[arg-type]
 
     async def _wait(self, fut: asyncio.Future, timeout: float | None) -> p.Stored:
         """Await a posted send. On timeout or cancellation it is no longer resent, but it
@@ -561,20 +598,20 @@ class Client:
             if items and frames[0][:1] == p.ROOM_PREFIX and items[0].epoch == self.epoch == items[-1].epoch:
                 tracker = self._trackers.get(items[0].room)
                 if tracker is not None and tracker.offer_run(items):
-                    self._events.put_nowait(items)
+                    self._hand_over(items)
                     return
             out: list[Event] = []
             for msg in items:
                 self._on_msg(msg, out)
             if out:
-                self._events.put_nowait(out)
+                self._hand_over(out)
         elif kind is p.Msg:
             if self._pending:
                 self._own(event)  # type: ignore[arg-type]
             out = []
             self._on_msg(event, out)  # type: ignore[arg-type]
             if out:
-                self._events.put_nowait(out)
+                self._hand_over(out)
         elif kind is p.Presence:
             if event.room in self._trackers:  # type: ignore[union-attr]
                 self._emit(event)  # type: ignore[arg-type]
@@ -646,12 +683,12 @@ class Client:
             delivered: list[Event] = [*tracker.fill(msgs, 0), *tracker.release()]
             if delivered:
                 self.recovered += len(delivered)
-                self._events.put_nowait([*delivered, Recovered(room, len(delivered))])
+                self._hand_over([*delivered, Recovered(room, len(delivered))])
             if not msgs and tracker.missing() == gap:
                 gap_event = tracker.skip(upper, "no longer in history")
                 tail: list[Event] = [*([gap_event] if gap_event is not None else []), *tracker.release()]
                 if tail:
-                    self._events.put_nowait(tail)
+                    self._hand_over(tail)
                 return
 
     # ------------------------------------------------------------ liveness

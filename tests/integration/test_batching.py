@@ -102,3 +102,29 @@ async def test_bad_lines_in_a_packed_frame_are_refused_one_by_one(connect, broke
     got = await chat(bob, 2)
     assert [(m.sender, m.cid) for m in got] == [("mallory", "ok1"), ("mallory", "ok2")]
     assert [m.cid for m in await bob.history("general") if m.kind == "text"] == ["ok1", "ok2"]
+
+
+async def test_a_listener_gets_every_event_in_order_and_survives_its_own_errors(connect) -> None:
+    alice, bob = await connect("alice"), await connect("bob")
+    await alice.join("general")
+    await bob.join("general")
+    await alice.send("general", "before listening")
+    await wait_for(lambda: not bob._events.empty(), what="a queued line")
+    seen: list[str] = []
+    calls = 0
+
+    def handler(events: list) -> None:
+        nonlocal calls
+        calls += 1
+        seen.extend(e.text for e in events if isinstance(e, p.Msg) and e.kind == "text")
+        if calls == 1:
+            raise RuntimeError("a bug in the listener")  # logged; delivery goes on
+
+    bob.listen(handler)
+    await asyncio.gather(*[alice.post("general", f"l{i}") for i in range(100)])
+    await alice.send("general", "last")
+    await wait_for(lambda: len(seen) >= 102, what="all lines at the listener")
+    assert seen == ["before listening"] + [f"l{i}" for i in range(100)] + ["last"]
+    bob.listen(None)  # back to the queue
+    await alice.send("general", "queued again")
+    assert [m.text for m in await chat(bob, 1)] == ["queued again"]

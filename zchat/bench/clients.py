@@ -377,8 +377,8 @@ async def _zchat_subs(ep: dict, n: int, gid: int, tally: Tally, driver: Driver) 
     Msg = p.Msg
     wall = time.time
 
-    async def consume(i: int, client: Client) -> None:
-        async for batch in client.batches():  # one await per arrival, however many lines it holds
+    def listener(i: int) -> Callable[[list], None]:
+        def take_batch(batch: list) -> None:  # called as lines arrive: no task switch per arrival
             t = now()
             got = False
             for ev in batch:
@@ -394,7 +394,10 @@ async def _zchat_subs(ep: dict, n: int, gid: int, tally: Tally, driver: Driver) 
             if got:
                 last[i] = t
 
-    tasks = [asyncio.ensure_future(consume(i, c)) for i, c in enumerate(clients)]
+        return take_batch
+
+    for i, c in enumerate(clients):
+        c.listen(listener(i))  # what arrived during set-up (probes) first, then live
     base: list[int] | None = None  # recovered during set-up (probes before the subscription took) is not counted
     try:
         while not driver.step():
@@ -416,10 +419,8 @@ async def _zchat_subs(ep: dict, n: int, gid: int, tally: Tally, driver: Driver) 
             tally.stuck.append({
                 "client": i, "count": counts[i], "state": c.state,
                 "tracker": None if tracker is None else {"last": tracker.last, "known_head": tracker.known_head, "early": len(tracker.early)},
-                "queued_events": c._events.qsize(), "dead_tasks": failed, "consumer_done": tasks[i].done(),
+                "queued_events": c._events.qsize(), "dead_tasks": failed,
             })
-        for t in tasks:
-            t.cancel()
         # No goodbyes: N clients saying bye would cost N*N/2 offline notices; the broker
         # is stopped right after the run anyway.
 
