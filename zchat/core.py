@@ -10,13 +10,57 @@ or storage, so tests drive it with plain values.
 from __future__ import annotations
 
 import dataclasses
-from collections import OrderedDict
+from collections import deque
 from typing import Iterable
 
 from zchat import protocol as p
 from zchat.protocol import ErrorCode as E
 
 DEDUP_CAPACITY = 10_000  # cids remembered per user
+
+# Core.send reads these as module globals: cheaper than an attribute of ``p`` per line.
+_MAX_CID_LEN = p.MAX_CID_LEN
+_Msg = p.Msg
+_Stored = p.Stored
+_HEX2 = [f"{i:02x}" for i in range(256)]  # the last two hex digits of a message id
+
+
+def valid_sid(sid: str) -> bool:
+    """Whether ``sid`` could be a session id this broker gave out."""
+    return 0 < len(sid) <= _MAX_CID_LEN and sid.isascii()
+
+
+def _ack(acks: dict[str, list[p.Stored]], sid: str, stored: p.Stored) -> None:
+    """Append to ``acks[sid]`` without building a throwaway list as setdefault would."""
+    items = acks.get(sid)
+    if items is None:
+        acks[sid] = [stored]
+    else:
+        items.append(stored)
+
+
+class RecentCids(dict):  # type: ignore[type-arg]
+    """One user's remembered cid -> Stored, oldest first, with the same cids in ``order``.
+
+    A plain dict plus a deque beside it: ``popleft`` finds the oldest cheaply, whereas
+    ``del d[next(iter(d))]`` on a full dict gets slower and slower (each call walks over
+    the dead slots earlier deletions left at its front: ~4 us a line at 10,000 cids),
+    and an OrderedDict costs about twice as much per insert and eviction.
+    """
+
+    __slots__ = ("order",)
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.order: deque[str] = deque()
+
+    def add_new(self, cid: str, stored: p.Stored) -> None:
+        """Remember ``cid``, which is not remembered yet; forget the oldest beyond capacity."""
+        self[cid] = stored
+        order = self.order
+        order.append(cid)
+        if len(order) > DEDUP_CAPACITY:
+            del self[order.popleft()]
 
 
 class Dedup:
@@ -27,22 +71,34 @@ class Dedup:
     """
 
     def __init__(self) -> None:
-        self.by_user: dict[str, OrderedDict[str, p.Stored]] = {}
+        self.by_user: dict[str, RecentCids] = {}
 
     def get(self, key: tuple[str, str]) -> p.Stored | None:
         cids = self.by_user.get(key[0])
         return None if cids is None else cids.get(key[1])
 
+    def of(self, user: str) -> RecentCids:
+        cids = self.by_user.get(user)
+        if cids is None:
+            cids = self.by_user[user] = RecentCids()
+        return cids
+
     def add(self, user: str, stored: p.Stored) -> None:
-        cids = self.by_user.setdefault(user, OrderedDict())
-        cids[stored.cid] = stored
-        if len(cids) > DEDUP_CAPACITY:
-            cids.popitem(last=False)
+        cids = self.of(user)
+        if stored.cid in cids:  # a known cid keeps its place, as in an OrderedDict (only the warm-up can do this)
+            cids[stored.cid] = stored
+        else:
+            cids.add_new(stored.cid, stored)
 
     def forget(self, user: str, cid: str) -> None:
         cids = self.by_user.get(user)
-        if cids is not None:
-            cids.pop(cid, None)
+        if cids is not None and cids.pop(cid, None) is not None:
+            order = cids.order
+            # Forgotten cids are the newest (of a batch storage refused): look from the end.
+            for i, known in enumerate(reversed(order), 1):
+                if known == cid:
+                    del order[-i]
+                    break
 
     def __contains__(self, key: tuple[str, str]) -> bool:
         return self.get(key) is not None
@@ -94,11 +150,21 @@ class Outcome:
         self.replies.append((sid, p.Error(code=code, message=message, rid=rid, cid=cid, retry_after=retry_after)))
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(slots=True)
 class Session:
     sid: str
     name: str
     last_seen: float
+    # Whether chat lines may name this session: checked once here, not per line in send.
+    sid_ok: bool = dataclasses.field(init=False, repr=False, compare=False)
+    # The user's state that send needs, shared by all of the user's sessions and held
+    # here to spare a lookup by name per line: their window in Core.dedup and their
+    # bucket in Core.buckets (never replaced once made), taken by send when it finds them.
+    recent: RecentCids | None = dataclasses.field(default=None, repr=False, compare=False)
+    bucket: TokenBucket | None = dataclasses.field(default=None, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        self.sid_ok = valid_sid(self.sid)
 
 
 class TokenBucket:
@@ -112,12 +178,15 @@ class TokenBucket:
 
     def take(self, rate: float, burst: float, now: float) -> float:
         """0.0 if a token was taken, else the seconds until one is available."""
-        self.tokens = min(burst, self.tokens + (now - self.stamp) * rate)
+        tokens = self.tokens + (now - self.stamp) * rate
+        if not tokens < burst:  # min(burst, tokens), without the call (and as min treats NaN)
+            tokens = burst
         self.stamp = now
-        if self.tokens >= 1.0:
-            self.tokens -= 1.0
+        if tokens >= 1.0:
+            self.tokens = tokens - 1.0
             return 0.0
-        return (1.0 - self.tokens) / rate
+        self.tokens = tokens
+        return (1.0 - tokens) / rate
 
 
 class Core:
@@ -150,10 +219,13 @@ class Core:
         for msg in recent:
             if msg.cid:
                 self._remember(msg.sender, msg)
-        self.id_prefix = id_prefix
+        self.id_prefix = id_prefix  # message ids are id_prefix + counter in hex
         self.counter = 0
         self.topics: dict[str, bytes] = {}  # room -> topic frame, made once
+        # sender -> to -> (DM room, inbox topics), made on the first good line between them
+        self.dms: dict[str, dict[str, tuple[str, tuple[bytes, ...]]]] = {}
         self.counters: dict[str, int] = {}
+        self._wait_texts: dict[float, str] = {}  # retry_after -> the rate_limited message, recently used
 
     # ------------------------------------------------------------ queries
 
@@ -342,73 +414,159 @@ class Core:
     # ------------------------------------------------------------ chat lines
 
     def send(self, name: str, msg: p.Send, now: float, out: Outcome) -> None:
-        """Handle one PUSHed chat line from ``name``; errors and acks go to ``msg.sid``."""
-        sid, cid = msg.sid, msg.cid
-        if not (0 < len(sid) <= p.MAX_CID_LEN and sid.isascii()):
-            self.count("bad_sid")  # not a session id this broker could have given
-            return
+        """Handle one PUSHed chat line from ``name``; errors and acks go to ``msg.sid``.
+
+        The broker's hot path, run once per chat line: attributes are read into locals
+        once, and message sequencing is done here rather than in ``_sequence``.
+        """
+        sid = msg.sid
+        cid = msg.cid
         session = self.sessions.get(sid)
-        if session is None or session.name != name:
-            self.count("no_session")
-            if session is None:  # a real client re-hellos on this; a spoofed sid is dropped
-                out.error(sid, E.NO_SESSION, "no session: send hello first", cid=cid)
+        if session is None or session.name != name or not session.sid_ok:
+            if not valid_sid(sid):
+                self.count("bad_sid")  # not a session id this broker could have given
+            else:
+                self.count("no_session")
+                if session is None:  # a real client re-hellos on this; a spoofed sid is dropped
+                    out.error(sid, E.NO_SESSION, "no session: send hello first", cid=cid)
             return
         session.last_seen = now
-        if not 0 < len(cid) <= p.MAX_CID_LEN:
-            out.error(sid, E.BAD_REQUEST, f"cid must be 1..{p.MAX_CID_LEN} characters", cid=cid[: p.MAX_CID_LEN])
+        if not 0 < len(cid) <= _MAX_CID_LEN:
+            out.error(sid, E.BAD_REQUEST, f"cid must be 1..{_MAX_CID_LEN} characters", cid=cid[:_MAX_CID_LEN])
             return
-        seen = self.dedup.get((name, cid))
-        if seen is not None:
-            self.count("duplicate")
-            out.acks.setdefault(sid, []).append(seen)
-            return
+        cids = session.recent
+        if cids is None:  # the user may have no window yet either: Core.dedup makes it on the first line
+            cids = session.recent = self.dedup.by_user.get(name)
+        if cids is not None:
+            seen = cids.get(cid)
+            if seen is not None:
+                self.count("duplicate")
+                _ack(out.acks, sid, seen)
+                return
         text = msg.text
         if not text or text.isspace():
             out.error(sid, E.BAD_REQUEST, "empty message", cid=cid)
             return
         room = msg.room
-        if bool(room) == bool(msg.to):
-            out.error(sid, E.BAD_REQUEST, "give exactly one of room and to", cid=cid)
-            return
+        to = msg.to
         if room:
-            members = self.members.get(room)  # a room with members has a valid name
-            if members is None or room[0] == "@":  # DM conversations are reached with `to`
-                if not p.valid_room(room):
-                    out.error(sid, E.BAD_ROOM, f"bad room name {room!r}", cid=cid)
-                else:
-                    out.error(sid, E.UNKNOWN_ROOM, f"no room {room!r}: join it first", cid=cid)
+            if to:
+                out.error(sid, E.BAD_REQUEST, "give exactly one of room and to", cid=cid)
                 return
+            members = self.members.get(room)  # a room with members has a valid name
+            topic = self.topics.get(room)  # only public rooms get one, so it spares the "@" test
+            if members is None or topic is None:
+                if members is None or room[0] == "@":  # DM conversations are reached with `to`
+                    if not p.valid_room(room):
+                        out.error(sid, E.BAD_ROOM, f"bad room name {room!r}", cid=cid)
+                    else:
+                        out.error(sid, E.UNKNOWN_ROOM, f"no room {room!r}: join it first", cid=cid)
+                    return
+                topic = self.topics[room] = p.room_topic(room)
             if name not in members:
                 out.error(sid, E.NOT_MEMBER, f"join {room!r} before sending to it", cid=cid)
                 return
-            topic = self.topics.get(room)
-            if topic is None:
-                topic = self.topics[room] = p.room_topic(room)
-            topics: tuple[bytes, ...] = (topic,)
+        elif not to:
+            out.error(sid, E.BAD_REQUEST, "give exactly one of room and to", cid=cid)
+            return
         else:
-            if not p.valid_name(msg.to):
-                out.error(sid, E.BAD_NAME, f"bad user name {msg.to!r}", cid=cid)
-                return
-            if msg.to not in self.users:
-                out.error(sid, E.UNKNOWN_USER, f"no user {msg.to!r}", cid=cid)
-                return
-            room = p.dm_room(name, msg.to)
-            topics = tuple({p.inbox_topic(name), p.inbox_topic(msg.to)})
-        if self.limits.rate > 0:
-            bucket = self.buckets.get(name)
+            peers = self.dms.get(name)
+            dm = None if peers is None else peers.get(to)
+            if dm is None:  # first line of this sender to this user: check `to` once
+                if not p.valid_name(to):
+                    out.error(sid, E.BAD_NAME, f"bad user name {to!r}", cid=cid)
+                    return
+                if to not in self.users:  # users are never removed, so a good pair stays good
+                    out.error(sid, E.UNKNOWN_USER, f"no user {to!r}", cid=cid)
+                    return
+                topics = tuple(dict.fromkeys((p.inbox_topic(name), p.inbox_topic(to))))  # once if to == name
+                dm = self.dms.setdefault(name, {})[to] = (p.dm_room(name, to), topics)
+            room, topics = dm
+        rate = self.limits.rate
+        if rate > 0:
+            bucket = session.bucket
+            burst = self.limits.burst
             if bucket is None:
-                bucket = self.buckets[name] = TokenBucket(self.limits.burst, now)
-            wait = bucket.take(self.limits.rate, self.limits.burst, now)
+                bucket = self.buckets.get(name)
+                if bucket is None:
+                    bucket = self.buckets[name] = TokenBucket(burst, now)
+                session.bucket = bucket
+            wait = bucket.take(rate, burst, now)
             if wait:
-                self.count("rate_limited")
-                out.error(sid, E.RATE_LIMITED, f"slow down: try again in {wait:.2f}s", cid=cid, retry_after=wait)
+                self._rate_limited(sid, cid, wait, out)
                 return
-        if msg.to:  # a DM conversation exists from its first message
-            for member in (name, msg.to):
-                if member not in self.members.get(room, ()):
-                    self._set_member(room, member, True, out)
-        stored = self._sequence(room, name, text, "me" if msg.me else "text", msg.to, cid, now, out, *topics)
-        out.acks.setdefault(sid, []).append(stored)
+        if to:  # a DM conversation exists from its first message
+            members = self.members.get(room)
+            if members is None or name not in members or to not in members:
+                for member in (name, to):
+                    if member not in self.members.get(room, ()):
+                        self._set_member(room, member, True, out)
+        # _sequence, inline
+        heads = self.heads
+        seq = heads[room] = heads.get(room, 0) + 1
+        self.counter = counter = self.counter + 1
+        if counter >> 8 == self._id_high:  # self._id(counter), inline
+            mid = self._id_base + _HEX2[counter & 0xFF]
+        else:
+            mid = self._id(counter)
+        # Positional arguments are faster than keywords; test_core checks the field order:
+        # Msg(room, seq, id, ts, sender, text, kind, to, cid, epoch)
+        line = _Msg(room, seq, mid, now, name, text, "me" if msg.me else "text", to, cid, self.epoch)
+        out.store.append(line)
+        if to:
+            publish = out.publish  # unrolled: faster than a loop over topics
+            publish.append((topics[0], line))
+            if len(topics) > 1:
+                publish.append((topics[1], line))
+        else:
+            out.publish.append((topic, line))
+        stored = _Stored(cid, room, seq, mid, now)
+        if cids is None:
+            cids = session.recent = self.dedup.of(name)
+        cids[cid] = stored  # RecentCids.add_new, inline
+        order = cids.order
+        order.append(cid)
+        if len(order) > DEDUP_CAPACITY:
+            del cids[order.popleft()]
+        acks = out.acks.get(sid)  # not setdefault: that builds a list to throw away
+        if acks is None:
+            out.acks[sid] = [stored]
+        else:
+            acks.append(stored)
+
+    def _rate_limited(self, sid: str, cid: str, wait: float, out: Outcome) -> None:
+        """Refuse a line over the rate limit: this runs for every line of a flood."""
+        counters = self.counters
+        counters["rate_limited"] = counters.get("rate_limited", 0) + 1
+        # Lines of one turn share `now`, so a flood is refused with few distinct waits,
+        # and formatting a float costs more than the rest of the refusal.
+        message = self._wait_texts.get(wait)
+        if message is None:
+            if len(self._wait_texts) >= 1024:
+                self._wait_texts.clear()
+            message = self._wait_texts[wait] = f"slow down: try again in {wait:.2f}s"
+        out.replies.append((sid, p.Error(code=E.RATE_LIMITED, message=message, cid=cid, retry_after=wait)))
+
+    def _id(self, counter: int) -> str:
+        """``f"{id_prefix}{counter:x}"``, made faster: the prefix and all but the last two
+        hex digits are formatted once per block of 256 ids (send inlines the fast case)."""
+        high = counter >> 8
+        if high != self._id_high:
+            if not high:  # below 0x100 the last two digits are not zero-padded
+                return f"{self._id_prefix}{counter:x}"
+            self._id_high = high
+            self._id_base = f"{self._id_prefix}{high:x}"
+        return self._id_base + _HEX2[counter & 0xFF]
+
+    @property
+    def id_prefix(self) -> str:
+        return self._id_prefix
+
+    @id_prefix.setter
+    def id_prefix(self, prefix: str) -> None:
+        self._id_prefix = prefix
+        self._id_high = -1  # no block formatted yet
+        self._id_base = ""
 
     def _sequence(
         self, room: str, sender: str, text: str, kind: p.MsgKind, to: str, cid: str, now: float, out: Outcome, *topics: bytes
@@ -417,7 +575,7 @@ class Core:
         self.heads[room] = seq
         self.counter += 1
         msg = p.Msg(
-            room=room, seq=seq, id=f"{self.id_prefix}{self.counter:x}", ts=now, sender=sender,
+            room=room, seq=seq, id=self._id(self.counter), ts=now, sender=sender,
             text=text, kind=kind, to=to, cid=cid, epoch=self.epoch,
         )
         out.store.append(msg)

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+from collections import OrderedDict
+
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from zchat import core as core_mod
 from zchat import protocol as p
@@ -712,3 +716,167 @@ def test_dm_conversation_id_is_not_a_room_even_for_its_members() -> None:
     hello(core, "a1", "alice")
     err = only_error(send(core, "alice", "a1", "c1", room="@alice:bob"), "a1")
     assert err.code == E.BAD_ROOM
+
+
+# ------------------------------------------------------------------ hot path equivalence
+# Core.send is written for speed (positional structs, caches, inlined helpers); these
+# pin it to the plain behaviour it replaced.
+
+
+def test_send_builds_the_same_msg_as_keywords_would() -> None:
+    """Core.send builds Msg and Stored positionally: a change of field order shows here."""
+    core = two_in_dev(id_prefix="x-")
+    room = send(core, "alice", "a1", "c1", "hello", room="dev", me=True, now=4.5)
+    dm = send(core, "alice", "a1", "c2", "psst", to="bob", now=5.5)
+    (r,), (d,) = room.store, dm.store
+    assert r == p.Msg(
+        room="dev", seq=1, id="x-1", ts=4.5, sender="alice", text="hello", kind="me", to="", cid="c1", epoch="E1"
+    )
+    assert d == p.Msg(
+        room="@alice:bob", seq=1, id="x-2", ts=5.5, sender="alice", text="psst", kind="text", to="bob", cid="c2", epoch="E1"
+    )
+    assert room.acks == {"a1": [p.Stored(cid="c1", room="dev", seq=1, id="x-1", ts=4.5)]}
+    assert dm.acks == {"a1": [p.Stored(cid="c2", room="@alice:bob", seq=1, id="x-2", ts=5.5)]}
+    assert sorted(dm.publish) == [(b"@alice\x00", d), (b"@bob\x00", d)]
+
+
+def test_message_ids_are_the_prefix_and_the_counter_in_hex() -> None:
+    core = two_in_dev(id_prefix="b1-")
+    ids = [send(core, "alice", "a1", f"c{i}", room="dev").store[0].id for i in range(600)]
+    ids.append(request(core, "a1", "alice", p.Join(rid=1, room="new")).store[0].id)
+    assert ids == [f"b1-{n:x}" for n in range(1, 602)]
+    core.counter = 0xFFFFFE  # anywhere, even backwards, the id follows the counter
+    core.id_prefix = "b2-"
+    ids = [send(core, "alice", "a1", f"d{i}", room="dev").store[0].id for i in range(3)]
+    assert ids == ["b2-ffffff", "b2-1000000", "b2-1000001"]
+    core.counter = 5
+    assert send(core, "alice", "a1", "e", room="dev").store[0].id == "b2-6"
+
+
+def test_a_session_whose_sid_chat_lines_cannot_name_drops_them() -> None:
+    core = make(members={"dev": {"alice"}})
+    for sid in ("s\xe9", "s" * (p.MAX_CID_LEN + 1)):
+        hello(core, sid, "alice")
+        out = send(core, "alice", sid, "c1", room="dev")
+        assert (out.replies, out.acks, out.store) == ([], {}, [])
+    assert send(core, "alice", "", "c1", room="dev").replies == []
+    assert core.counters == {"bad_sid": 3}
+    hello(core, "s" * p.MAX_CID_LEN, "alice")
+    assert send(core, "alice", "s" * p.MAX_CID_LEN, "c1", room="dev").store
+
+
+def test_a_dm_after_a_part_brings_the_conversation_back() -> None:
+    core = two_in_dev()
+    send(core, "alice", "a1", "c1", to="bob")
+    request(core, "b1", "bob", p.Part(rid=1, room="@alice:bob"))
+    out = send(core, "alice", "a1", "c2", to="bob")
+    assert out.members == [("@alice:bob", "bob", True)]
+    assert stored_seqs(out) == [("@alice:bob", 2)]
+    assert only_error(send(core, "alice", "a1", "c3", to="zed"), "a1").code == E.UNKNOWN_USER
+    core.add_user("zed")
+    assert stored_seqs(send(core, "alice", "a1", "c3", to="zed")) == [("@alice:zed", 1)]
+
+
+def test_rate_limited_message_tells_the_wait() -> None:
+    core = two_in_dev(limits=Limits(rate=3.0, burst=1.0))
+    send(core, "alice", "a1", "c0", room="dev", now=0.0)
+    for now in (0.0, 0.0, 0.1, 0.1, 0.2, 0.0):
+        err = only_error(send(core, "alice", "a1", "c1", room="dev", now=now), "a1")
+        assert err.message == f"slow down: try again in {err.retry_after:.2f}s"
+    assert core.counters["rate_limited"] == 6
+
+
+def test_a_session_opened_later_shares_the_users_bucket_and_window() -> None:
+    core = two_in_dev(limits=Limits(rate=1.0, burst=2.0))
+    first = send(core, "alice", "a1", "c1", room="dev")
+    hello(core, "a2", "alice")
+    assert send(core, "alice", "a2", "c1", room="dev").acks == {"a2": first.acks["a1"]}  # a resend takes no token
+    assert send(core, "alice", "a2", "c2", room="dev").store
+    assert only_error(send(core, "alice", "a1", "c3", room="dev"), "a1").code == E.RATE_LIMITED
+    assert only_error(send(core, "alice", "a2", "c3", room="dev"), "a2").code == E.RATE_LIMITED
+    assert send(core, "bob", "b1", "c3", room="dev").store
+    assert set(core.buckets) == {"alice", "bob"}
+
+
+@pytest.mark.parametrize(
+    ("tokens", "stamp", "rate", "burst", "now"),
+    [(0.5, 0.0, 2.0, 3.0, 0.25), (2.0, 0.0, 1.0, 3.0, 1.0), (2.0, 0.0, 1.0, 3.0, 9.0), (0.0, 1.0, float("inf"), 2.0, 1.0),
+     (0.0, 1.0, float("inf"), 2.0, 2.0), (0.2, 5.0, 0.5, 1.0, 5.0), (3.0, 0.0, 1.0, 3.0, 0.0)],
+)
+def test_token_bucket_take_is_unchanged(tokens: float, stamp: float, rate: float, burst: float, now: float) -> None:
+    bucket = core_mod.TokenBucket(burst, stamp)
+    bucket.tokens = tokens
+    # the original: self.tokens = min(burst, ...); take one or tell the wait
+    want_tokens = min(burst, tokens + (now - stamp) * rate)
+    want = (want_tokens - 1.0, 0.0) if want_tokens >= 1.0 else (want_tokens, (1.0 - want_tokens) / rate)
+    got = bucket.take(rate, burst, now)
+    assert repr((bucket.tokens, got)) == repr(want)  # repr: NaN equals NaN
+    assert bucket.stamp == now
+
+
+class ModelDedup:
+    """The original Dedup: one OrderedDict per user, the oldest evicted first."""
+
+    def __init__(self) -> None:
+        self.by_user: dict[str, OrderedDict[str, p.Stored]] = {}
+
+    def add(self, user: str, stored: p.Stored) -> None:
+        cids = self.by_user.setdefault(user, OrderedDict())
+        cids[stored.cid] = stored
+        if len(cids) > core_mod.DEDUP_CAPACITY:
+            cids.popitem(last=False)
+
+    def get(self, user: str, cid: str) -> p.Stored | None:
+        return self.by_user.get(user, {}).get(cid)
+
+    def keys(self) -> list[tuple[str, str]]:
+        return [(user, cid) for user, cids in self.by_user.items() for cid in cids]
+
+
+_ops = st.lists(
+    st.tuples(
+        st.sampled_from(["send", "send", "send", "forget"]), st.sampled_from(["alice", "bob"]), st.integers(0, 6),
+        st.sampled_from([1, 1, 2]),  # the user's device: its second session opens when first used
+    ),
+    max_size=60,
+)
+_recent = st.lists(st.tuples(st.sampled_from(["alice", "bob"]), st.integers(0, 6)), max_size=8)
+
+
+@settings(max_examples=300, deadline=None)
+@given(_recent, _ops)
+def test_dedup_behaves_as_the_ordereddict_it_replaced(
+    recent: list[tuple[str, int]], ops: list[tuple[str, str, int, int]]
+) -> None:
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(core_mod, "DEDUP_CAPACITY", 3)
+        warm = [p.Msg(room="dev", seq=i + 1, id=f"old-{i}", ts=1.0, sender=user, text="x", cid=f"c{n}", epoch="E1")
+                for i, (user, n) in enumerate(recent)]
+        model = ModelDedup()
+        for msg in warm:
+            model.add(msg.sender, p.Stored(msg.cid, msg.room, msg.seq, msg.id, msg.ts))
+        core = make(members={"dev": {"alice", "bob"}}, heads={"dev": len(warm)}, recent=warm)
+        sent: dict[tuple[str, str], p.Msg] = {}
+        for op, user, n, device in ops:
+            cid, sid = f"c{n}", f"{user}-{device}"
+            if sid not in core.sessions:
+                hello(core, sid, user)
+            if op == "send":
+                out = send(core, user, sid, cid, room="dev")
+                seen = model.get(user, cid)
+                if seen is not None:
+                    assert out.acks == {sid: [seen]} and out.store == []
+                else:
+                    (msg,) = out.store
+                    (stored,) = out.acks[sid]
+                    model.add(user, stored)
+                    sent[(user, cid)] = msg
+            elif (user, cid) in sent:  # storage refused that line
+                core.forget([sent.pop((user, cid))])
+                model.by_user.get(user, {}).pop(cid, None)
+            assert list(core.dedup) == model.keys()
+            assert len(core.dedup) == len(model.keys())
+        for user in ("alice", "bob", "carol"):
+            for n in range(7):
+                assert core.dedup.get((user, f"c{n}")) == model.get(user, f"c{n}")
+                assert ((user, f"c{n}") in core.dedup) == (model.get(user, f"c{n}") is not None)
