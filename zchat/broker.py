@@ -107,7 +107,7 @@ class Broker:
         # The socket limit is twice the body limit: a body a little too big gets a clear
         # too_large error; a frame beyond twice the limit costs its sender the connection.
         secure = dict(plain_server=1, zap_domain=ZAP_DOMAIN, maxmsgsize=2 * self.limits.max_bytes)
-        self.router = self._socket(zmq.ROUTER, router_handover=1, **secure)
+        self.router = self._socket(zmq.ROUTER, router_handover=1, rcvhwm=100_000, **secure)
         self.pull = self._socket(zmq.PULL, rcvhwm=100_000, **secure)
         self.xpub = self._socket(zmq.XPUB, xpub_manual=1, sndhwm=self.limits.pub_hwm, **secure)
         base, port = split_endpoint(self.bind)
@@ -308,7 +308,7 @@ class Broker:
                 self.bad.warn("subscription", f"{frame.get('User-Id')} may not subscribe to {topic[:80]!r}", now)
 
     def _requests(self, now: float, out: Outcome) -> int:
-        """Read up to BATCH requests; return how many."""
+        """Read up to BATCH requests (or chat frames sent over the DEALER); return how many."""
         core = self.core
         assert core is not None
         for count in range(BATCH):
@@ -321,23 +321,36 @@ class Broker:
                 core.count("bad_frame")
                 out.error(sid, p.ErrorCode.BAD_FRAME, f"expected 1 body frame, got {len(frames) - 1}")
                 continue
+            data = frames[1].bytes
+            user = frames[1].get("User-Id")
             try:
-                req = p.decode_request(frames[1].bytes, self.limits.max_bytes)
+                req = p.decode_router(data, self.limits.max_bytes)
             except p.ProtocolError as exc:
+                if exc.code != p.ErrorCode.TOO_LARGE:
+                    try:  # a sound sends frame with some bad lines: take the good ones
+                        msgs, bad = p.decode_sends(data, self.limits.max_bytes)
+                    except p.ProtocolError:
+                        pass
+                    else:
+                        self._take(user, msgs, bad, now, out, sid)
+                        continue
                 core.count(exc.code)
                 self.bad.warn(exc.code, exc.message, now)
-                out.error(sid, exc.code, exc.message, rid=exc.rid)
+                out.error(sid, exc.code, exc.message, rid=exc.rid, cid=exc.cid)
                 continue
-            user = frames[1].get("User-Id")
-            if isinstance(req, p.Hello) and sid not in core.sessions:
-                log.info("%s connected (session %s, %s)", user, sid, req.client[:40] or "unknown client")
-            elif isinstance(req, p.Bye):
+            kind = type(req)
+            if kind is p.Send or kind is p.Sends:
+                self._take(user, [req] if kind is p.Send else req.items, [], now, out, sid)  # type: ignore[union-attr,list-item]
+                continue
+            if kind is p.Hello and sid not in core.sessions:
+                log.info("%s connected (session %s, %s)", user, sid, req.client[:40] or "unknown client")  # type: ignore[union-attr]
+            elif kind is p.Bye:
                 log.info("%s said goodbye (session %s)", user, sid)
-            core.request(sid, user, req, now, out)
+            core.request(sid, user, req, now, out)  # type: ignore[arg-type]
         return BATCH
 
     def _chat(self, now: float, out: Outcome) -> int:
-        """Read frames until about BATCH chat lines were taken; return how many frames."""
+        """Read PULL frames until about BATCH chat lines were taken; return how many frames."""
         core = self.core
         assert core is not None
         count = lines = 0
@@ -347,29 +360,47 @@ class Broker:
             except zmq.Again:
                 return count
             count += 1
-            lines += 1
             if len(frames) != 1:
                 core.count("bad_frame")
                 self.bad.warn("bad_frame", f"chat line with {len(frames)} frames", now)
+                lines += 1
                 continue
-            user = frames[0].get("User-Id")
-            try:
-                msgs, bad = p.decode_sends(frames[0].bytes, self.limits.max_bytes)
-            except p.ProtocolError as exc:
-                msgs, bad = [], [exc]
-            for exc in bad:
-                core.count(exc.code)
-                self.bad.warn(exc.code, exc.message, now)
-                session = core.sessions.get(exc.sid)
-                if session is not None and session.name == user:
-                    out.error(exc.sid, exc.code, exc.message, cid=exc.cid)  # the sender's own session
-            if len(msgs) + len(bad) > 1:
-                core.count("packed_frames")
-            send = core.send
-            for msg in msgs:
-                send(user, msg, now, out)
-            lines += len(msgs)
+            lines += self._lines(frames[0].get("User-Id"), frames[0].bytes, now, out)
         return count
+
+    def _lines(self, user: str, data: bytes, now: float, out: Outcome, via: str = "") -> int:
+        """Decode a ``send``/``sends`` body and take its lines; return how many."""
+        try:
+            msgs, bad = p.decode_sends(data, self.limits.max_bytes)
+        except p.ProtocolError as exc:
+            msgs, bad = [], [exc]
+        self._take(user, msgs, bad, now, out, via)
+        return max(1, len(msgs) + len(bad))
+
+    def _take(self, user: str, msgs: list[p.Send], bad: list[p.ProtocolError], now: float, out: Outcome, via: str = "") -> None:
+        """Hand good lines to the core; bad ones get an error at the sender's own session.
+
+        ``via`` is the DEALER session the frame came in on (empty for PULL): a line
+        sent there must name that session in its ``sid``.
+        """
+        core = self.core
+        assert core is not None
+        for exc in bad:
+            core.count(exc.code)
+            self.bad.warn(exc.code, exc.message, now)
+            sid = via or exc.sid
+            session = core.sessions.get(sid)
+            if session is not None and session.name == user:
+                out.error(sid, exc.code, exc.message, cid=exc.cid)  # the sender's own session
+        if len(msgs) + len(bad) > 1:
+            core.count("packed_frames")
+        send = core.send
+        for msg in msgs:
+            if via and msg.sid != via:
+                core.count("bad_sid")
+                out.error(via, p.ErrorCode.BAD_REQUEST, "sid must be this DEALER's routing id", cid=msg.cid[: p.MAX_CID_LEN])
+                continue
+            send(user, msg, now, out)
 
     # ------------------------------------------------------------ outputs
 

@@ -7,7 +7,9 @@ for a slow subscriber, a broker restart. Every room is tracked by sequence numbe
 not be recovered is reported as a Gap event. Sends carry a client id (cid) and are
 resent until the broker acks them; the broker drops the duplicates.
 
-Each socket is owned by one task (a _Pump); other coroutines hand it work through a queue.
+Two sockets per client: a DEALER for requests, chat lines, replies and acks, and a SUB
+for fan-out. Each is served by one _Pump, from event-loop callbacks on the loop's
+thread only; other coroutines hand it work through ``submit()``.
 """
 
 from __future__ import annotations
@@ -222,7 +224,7 @@ class Client:
         self._rid = 0
         self._waiting: dict[int, asyncio.Future] = {}
         self._pending: dict[str, _Pending] = {}
-        self._outbox: list[bytes] = []  # encoded Sends waiting for the PUSH pump
+        self._outbox: list[bytes] = []  # encoded Sends waiting for the DEALER pump
         self._cid_base = secrets.token_hex(6) + "-"  # cids: random per client, then a counter
         self._cid_count = 0
         self._events: asyncio.Queue[list | None] = asyncio.Queue()  # lists of events, in order
@@ -251,6 +253,7 @@ class Client:
         self._auth_failed = loop.create_future()
         dealer = self._socket(zmq.DEALER)
         dealer.routing_id = self.sid.encode()
+        dealer.sndhwm = 100_000  # chat lines go here too: a burst must not hit the default 1,000
         monitor = dealer.get_monitor_socket(zmq.EVENT_HANDSHAKE_FAILED_AUTH | zmq.EVENT_HANDSHAKE_SUCCEEDED)
         self._socks.append(monitor)
         dealer.connect(self.broker)
@@ -269,14 +272,10 @@ class Client:
         sub = self._socket(zmq.SUB)
         sub.rcvhwm = self.sub_hwm
         sub.connect(f"{self.base}:{welcome.pub_port}")
-        push = self._socket(zmq.PUSH)
-        push.sndhwm = 100_000
-        push.connect(f"{self.base}:{welcome.pull_port}")
         self._sub = _Pump(sub, self._on_event)
-        self._push = _Pump(push, None)
         for topic in (p.SYSTEM_TOPIC, p.inbox_topic(self.name)):
             self._sub.submit(lambda s, t=topic: s.setsockopt(zmq.SUBSCRIBE, t))
-        self._spawn(self._sub.run(), self._push.run(), self._heartbeats(), self._resends(), self._filler())
+        self._spawn(self._sub.run(), self._heartbeats(), self._resends(), self._filler())
         self._set_state("connected")
         return welcome
 
@@ -507,14 +506,14 @@ class Client:
         outbox = self._outbox
         outbox.append(data)
         if len(outbox) == 1:  # the first of this turn: the pump packs them all when it runs
-            self._push.submit(self._flush)
+            self._dealer.submit(self._flush)
         return fut
 
     def _queue(self, data: bytes) -> None:
         outbox = self._outbox
         outbox.append(data)
         if len(outbox) == 1:  # the first of this turn: the pump packs them all when it runs
-            self._push.submit(self._flush)
+            self._dealer.submit(self._flush)
 
     def _flush(self, sock: zmq.Socket) -> None:
         """Send the outbox: a lone line as a Send, several as Sends frames within max_bytes."""
@@ -752,9 +751,8 @@ class Client:
         epoch_changed = welcome.epoch != self.epoch
         old = self.welcome
         self._take_welcome(welcome)
-        if old is not None and (old.pub_port, old.pull_port) != (welcome.pub_port, welcome.pull_port):
+        if old is not None and old.pub_port != welcome.pub_port:
             self._move(self._sub, old.pub_port, welcome.pub_port)
-            self._move(self._push, old.pull_port, welcome.pull_port)
         if epoch_changed:  # the new broker knows none of our rooms: join and subscribe again
             for room in [r for r in self._trackers if not p.is_dm_room(r)]:
                 await self._request(lambda rid, r=room: p.Join(rid=rid, room=r))

@@ -313,6 +313,7 @@ _encoder = msgspec.msgpack.Encoder()
 _request_decoder = msgspec.msgpack.Decoder(Request)
 _send_decoder = msgspec.msgpack.Decoder(Union[Send, Sends])
 _single_send_decoder = msgspec.msgpack.Decoder(Send)
+_router_decoder = msgspec.msgpack.Decoder(Union[Hello, Join, Part, History, Who, Rooms, Ping, Bye, Send, Sends])
 _raw_sends_decoder = msgspec.msgpack.Decoder(_RawSends)
 _reply_decoder = msgspec.msgpack.Decoder(Reply)
 _event_decoder = msgspec.msgpack.Decoder(Event)
@@ -383,6 +384,13 @@ def _explain(data: bytes, exc: msgspec.DecodeError) -> ProtocolError:
 def decode_request(data: bytes, limit: int = MAX_MESSAGE_BYTES) -> Request:
     """A client's request, as the broker reads it: bodies over ``limit`` are refused."""
     return _decode(data, _request_decoder, limit)
+
+
+def decode_router(data: bytes, limit: int = MAX_MESSAGE_BYTES) -> Request | Send | Sends:
+    """A body from a client's DEALER: a request, or chat lines (``send``/``sends``),
+    which a client may send there instead of over PUSH. Use decode_sends on a
+    ``sends`` body that fails here to salvage its good items."""
+    return _decode(data, _router_decoder, limit)
 
 
 def decode_send(data: bytes, limit: int = MAX_MESSAGE_BYTES) -> Send:

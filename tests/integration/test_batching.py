@@ -128,3 +128,46 @@ async def test_a_listener_gets_every_event_in_order_and_survives_its_own_errors(
     bob.listen(None)  # back to the queue
     await alice.send("general", "queued again")
     assert [m.text for m in await chat(bob, 1)] == ["queued again"]
+
+
+async def test_chat_lines_over_the_dealer_are_taken_like_pushed_ones(connect, broker) -> None:
+    bob = await connect("bob")
+    await bob.join("general")
+    ctx = zmq.asyncio.Context.instance()
+    dealer = ctx.socket(zmq.DEALER)
+    dealer.routing_id = b"carol-session"
+    dealer.linger = 0
+    dealer.plain_username, dealer.plain_password = b"carol", b"secret-of-carol-0123456789"
+    dealer.connect(f"tcp://127.0.0.1:{broker.broker.ports[0]}")
+
+    async def replies(count: int) -> list:
+        got: list = []
+        while sum(len(r.stored) if isinstance(r, p.Ack) else 1 for r in got) < count:
+            assert await dealer.poll(5000), f"missing replies; got {got}"
+            got.append(p.decode_reply(await dealer.recv()))
+        return got
+
+    def line(cid: str, **kw: object) -> p.Send:
+        return p.Send(**{"sid": "carol-session", "cid": cid, "text": f"via dealer {cid}", "room": "general", **kw})  # type: ignore[arg-type]
+
+    try:
+        await dealer.send(p.encode(p.Hello(rid=1)))
+        await dealer.send(p.encode(p.Join(rid=2, room="general")))
+        # requests and lines on one DEALER are taken in order: the join lands before the lines
+        await dealer.send(p.encode(line("d1")))
+        await dealer.send(p.encode(p.Sends(items=[line("d2"), line("spoof", sid="bob-session"), line("d3")])))
+        got = await replies(6)
+        assert [type(r).__name__ for r in got[:2]] == ["Welcome", "Joined"]
+        acked = [s.cid for r in got if isinstance(r, p.Ack) for s in r.stored]
+        assert acked == ["d1", "d2", "d3"]
+        assert [(r.code, r.cid) for r in got if isinstance(r, p.Error)] == [(p.ErrorCode.BAD_REQUEST, "spoof")]
+        # a sends frame with a bad line, sent over the DEALER: the good lines still land
+        bad = msgspec.msgpack.encode({"k": "send", "v": 1, "sid": "carol-session", "cid": "d5", "text": 7})
+        await dealer.send(p.encode(p.Sends(items=[msgspec.Raw(p.encode(line("d4"))), msgspec.Raw(bad)])))  # type: ignore[list-item]
+        got = await replies(2)
+        assert [s.cid for r in got if isinstance(r, p.Ack) for s in r.stored] == ["d4"]
+        assert [(r.code, r.cid) for r in got if isinstance(r, p.Error)] == [(p.ErrorCode.BAD_REQUEST, "d5")]
+    finally:
+        dealer.close()
+    texts = [m.text for m in await chat(bob, 4)]
+    assert texts == ["via dealer d1", "via dealer d2", "via dealer d3", "via dealer d4"]

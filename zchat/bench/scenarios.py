@@ -21,7 +21,7 @@ from zchat.bench.clients import Ctl, PubPlan, publisher, sub_group
 from zchat.bench.common import ROOM, SECRET, Sizes, now
 
 MAX_GROUP = {"zchat": 1000, "zmq-proxy": 1000, "py-forwarder": 1000, "redis": 1000, "threaded": 1000}
-FDS_PER_CLIENT_AT_SERVER = {"zchat": 3, "zmq-proxy": 1, "py-forwarder": 1, "redis": 1, "threaded": 1}
+FDS_PER_CLIENT_AT_SERVER = {"zchat": 2, "zmq-proxy": 1, "py-forwarder": 1, "redis": 1, "threaded": 1}
 FD_MARGIN = 2000  # reconnects and half-closed connections need spare descriptors near the limit
 
 
