@@ -99,6 +99,20 @@ class _Pump:
             self._scheduled = True
             self._loop.call_soon(self._service)
 
+    def send_now(self, data: bytes) -> bool:
+        """Send at once if nothing queued must go first (order is kept); False if it
+        cannot, and then the caller queues it. Runs on the loop's thread like the rest."""
+        if self.ops or self._loop is None or self._closed:
+            return False
+        try:
+            self.sync.send(data, NOBLOCK)
+        except zmq.Again:
+            return False
+        if not self._scheduled:  # the send may have consumed the FD's edge: look again
+            self._scheduled = True
+            self._loop.call_soon(self._service)
+        return True
+
     async def run(self) -> None:
         """Serve the socket until cancelled."""
         loop = self._loop = asyncio.get_running_loop()
@@ -504,8 +518,10 @@ class Client:
         fut = asyncio.get_running_loop().create_future()
         self._pending[cid] = _Pending(data, fut, time.monotonic())
         outbox = self._outbox
+        if not outbox and self._dealer.send_now(data):
+            return fut  # a lone line goes at once: a quiet chat pays no extra loop turn
         outbox.append(data)
-        if len(outbox) == 1:  # the first of this turn: the pump packs them all when it runs
+        if len(outbox) == 1:  # the pump packs what else this turn posts into one frame
             self._dealer.submit(self._flush)
         return fut
 
