@@ -102,15 +102,14 @@ class _Pump:
     def send_now(self, data: bytes) -> bool:
         """Send at once if nothing queued must go first (order is kept); False if it
         cannot, and then the caller queues it. Runs on the loop's thread like the rest."""
-        if self.ops or self._loop is None or self._closed:
-            return False
+        if self.ops or self._scheduled or self._loop is None or self._closed:
+            return False  # (scheduled: a pass is due this turn, e.g. after an earlier send_now)
         try:
             self.sync.send(data, NOBLOCK)
         except zmq.Again:
             return False
-        if not self._scheduled:  # the send may have consumed the FD's edge: look again
-            self._scheduled = True
-            self._loop.call_soon(self._service)
+        self._scheduled = True  # the send may have consumed the FD's edge: look again soon
+        self._loop.call_soon(self._service)
         return True
 
     async def run(self) -> None:
