@@ -308,14 +308,18 @@ class Broker:
                 self.bad.warn("subscription", f"{frame.get('User-Id')} may not subscribe to {topic[:80]!r}", now)
 
     def _requests(self, now: float, out: Outcome) -> int:
-        """Read up to BATCH requests (or chat frames sent over the DEALER); return how many."""
+        """Read requests and chat frames sent over the DEALER until about BATCH requests
+        and lines were taken; return how many frames."""
         core = self.core
         assert core is not None
-        for count in range(BATCH):
+        count = taken = 0
+        while taken < BATCH:
             try:
                 frames = recv_frames(self._r)
             except zmq.Again:
                 return count
+            count += 1
+            taken += 1
             sid = frames[0].bytes.decode("latin-1")
             if len(frames) != 2:
                 core.count("bad_frame")
@@ -333,6 +337,7 @@ class Broker:
                         pass
                     else:
                         self._take(user, msgs, bad, now, out, sid)
+                        taken += len(msgs) + len(bad)
                         continue
                 core.count(exc.code)
                 self.bad.warn(exc.code, exc.message, now)
@@ -340,14 +345,16 @@ class Broker:
                 continue
             kind = type(req)
             if kind is p.Send or kind is p.Sends:
-                self._take(user, [req] if kind is p.Send else req.items, [], now, out, sid)  # type: ignore[union-attr,list-item]
+                lines = [req] if kind is p.Send else req.items  # type: ignore[union-attr]
+                self._take(user, lines, [], now, out, sid)  # type: ignore[arg-type]
+                taken += len(lines) - 1
                 continue
             if kind is p.Hello and sid not in core.sessions:
                 log.info("%s connected (session %s, %s)", user, sid, req.client[:40] or "unknown client")  # type: ignore[union-attr]
             elif kind is p.Bye:
                 log.info("%s said goodbye (session %s)", user, sid)
             core.request(sid, user, req, now, out)  # type: ignore[arg-type]
-        return BATCH
+        return count
 
     def _chat(self, now: float, out: Outcome) -> int:
         """Read PULL frames until about BATCH chat lines were taken; return how many frames."""
