@@ -5,15 +5,29 @@ a crash or kill of the broker process; after an OS crash or power loss the last 
 commits may be rolled back, but the file is never corrupted. Queries run synchronously
 inside the async methods on purpose: they are sub-millisecond (the (room, seq) primary
 key serves every history query) and a thread hop would cost more than it saves.
+
+Checkpoints (copying the WAL back into the main file, and fsyncs) stay off the broker's
+thread. Its connection has ``wal_autocheckpoint=0``; a daemon thread with a connection
+of its own runs a PASSIVE checkpoint, which never blocks the writer, every
+CHECKPOINT_EVERY seconds while there are writes. SQLite starts the WAL over only when a
+write begins with every frame copied, which back-to-back commits can keep from ever
+happening: once the WAL passes WAL_LIMIT_BYTES, the thread copies until little is left
+and the broker's thread runs one PASSIVE checkpoint right after a commit, copying that
+little, so the next write starts the WAL over. ``close`` stops the thread and truncates
+the WAL, leaving a self-contained file. Checkpoints never decide durability: a commit is
+durable once it is in the WAL, checkpointed or not.
 """
 
 from __future__ import annotations
 
+import heapq
 import logging
+import os
 import secrets
 import sqlite3
+import threading
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
 from zchat.protocol import Msg
 from zchat.storage.base import StorageError
@@ -22,6 +36,15 @@ log = logging.getLogger(__name__)
 
 _SQLITE_HEADER = b"SQLite format 3\x00"
 _COLUMNS = "room, seq, id, ts, sender, kind, text, to_name, cid"
+
+#: Seconds between background checkpoints while there are writes.
+CHECKPOINT_EVERY = 0.05
+#: A WAL that has not started over by this size gets a checkpoint on the broker's thread...
+WAL_LIMIT_BYTES = 16 * 1024 * 1024
+#: ...once a background checkpoint had no more than this to copy (so the broker's is short).
+HANDOFF_BYTES = 1024 * 1024
+#: Seconds close() waits for a checkpoint in progress before closing without it.
+CHECKPOINTER_JOIN_TIMEOUT = 5.0
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -37,31 +60,159 @@ CREATE TABLE IF NOT EXISTS messages (
     cid TEXT NOT NULL,
     PRIMARY KEY (room, seq)
 ) WITHOUT ROWID;
--- Only rows with a cid, newest by ts: recent() reads this instead of scanning history.
-CREATE INDEX IF NOT EXISTS messages_recent ON messages (ts) WHERE cid <> '';
 CREATE TABLE IF NOT EXISTS users (name TEXT PRIMARY KEY, digest BLOB NOT NULL);
 CREATE TABLE IF NOT EXISTS members (
     room TEXT NOT NULL,
     name TEXT NOT NULL,
     PRIMARY KEY (room, name)
 ) WITHOUT ROWID;
+-- Earlier versions kept a partial index on ts for recent(), at a cost to every insert.
+DROP INDEX IF EXISTS messages_recent;
 """
+
+_INSERT_SQL = f"INSERT INTO messages ({_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)"
 
 # Skip from room to room along the primary key (a loose index scan): O(rooms * log n).
 # The plain "SELECT room, MAX(seq) ... GROUP BY room" reads every row: 170 ms at 1M rows.
-_HEADS_SQL = """
+_ROOMS_CTE = """
 WITH RECURSIVE r(room) AS (
     SELECT MIN(room) FROM messages
     UNION ALL
     SELECT (SELECT MIN(room) FROM messages WHERE room > r.room) FROM r WHERE r.room IS NOT NULL
 )
+"""
+_HEADS_SQL = _ROOMS_CTE + """
 SELECT room, (SELECT MAX(seq) FROM messages WHERE messages.room = r.room) FROM r WHERE room IS NOT NULL
 """
 
+# Every room's newest message with a cid (NULL if none): nothing older in it can beat it.
+_NEWEST_SQL = _ROOMS_CTE + """
+SELECT (SELECT ts FROM messages WHERE messages.room = r.room AND cid <> '' ORDER BY seq DESC LIMIT 1), room
+FROM r WHERE room IS NOT NULL
+"""
+# One room's messages with a cid, newest first, walking the primary key backwards.
+_ROOM_RECENT_SQL = (
+    f"SELECT {_COLUMNS} FROM messages WHERE room = ? AND seq < ? AND cid <> '' ORDER BY seq DESC LIMIT ?"
+)
+_Row = tuple[Any, ...]
+_MAX_SEQ = 2**63 - 1
+_fdatasync = getattr(os, "fdatasync", os.fsync)  # macOS has no fdatasync
 
-def _row_to_msg(row: tuple) -> Msg:  # type: ignore[type-arg]
+
+def _row_to_msg(row: _Row) -> Msg:
     room, seq, id_, ts, sender, kind, text, to_name, cid = row
     return Msg(room=room, seq=seq, id=id_, ts=ts, sender=sender, kind=kind, text=text, to=to_name, cid=cid)
+
+
+class _Checkpointer(threading.Thread):
+    """Runs PASSIVE checkpoints on its own connection while the broker writes.
+
+    Shares plain attributes with the broker's thread (the GIL orders them): ``written``
+    (bumped by the broker after each write), ``idle`` and ``wake`` (to sleep without
+    polling while nothing is written), and ``request`` (set here, served by the broker's
+    thread: "catch-up" for one checkpoint there, "autocheckpoint" to hand checkpoints back
+    to SQLite when this thread cannot do them). It never touches the broker's connection.
+    """
+
+    MAX_FAILURES = 3
+    MAX_HURRIES = 3
+
+    def __init__(self, path: Path, sync_fd: int | None) -> None:
+        super().__init__(name=f"sqlite-checkpoint {path.name}", daemon=True)
+        self.path = path
+        self.sync_fd = sync_fd  # the main file, opened (and closed) by SqliteStorage
+        self.written = 0
+        self.idle = False
+        self.request: str | None = None
+        self.wake = threading.Event()
+        self.stopping = False
+        self.checkpoints = 0  # completed in this thread
+        self.catch_ups = 0  # checkpoints the broker's thread ran for it
+
+    def stop(self, timeout: float) -> bool:
+        """Ask the thread to finish; True if it did within timeout."""
+        self.stopping = True
+        self.wake.set()
+        self.join(timeout)
+        return not self.is_alive()
+
+    def run(self) -> None:
+        conn: sqlite3.Connection | None = None
+        try:
+            conn = sqlite3.connect(str(self.path), isolation_level=None)
+            conn.execute("PRAGMA synchronous=NORMAL")
+            self._loop(conn)
+        except Exception:
+            log.exception("SQLite %s: checkpoint thread failed; SQLite checkpoints inside commits again", self.path)
+            self.request = "autocheckpoint"
+        finally:
+            if conn is not None:
+                conn.close()
+
+    def _sync(self) -> None:
+        """Flush what our checkpoints copied into the main file (see _loop)."""
+        if self.sync_fd is None:
+            return
+        try:
+            _fdatasync(self.sync_fd)
+        except OSError as exc:  # then the checkpoint that reaches the WAL's end flushes it all
+            log.warning("SQLite %s: cannot fsync from the checkpoint thread: %s", self.path, exc)
+            self.sync_fd = None
+
+    def _loop(self, conn: sqlite3.Connection) -> None:
+        done = 0  # self.written when the last checkpoint started
+        last = 0  # the WAL's length in frames when the last checkpoint started
+        failures = hurries = 0
+        frame_bytes = conn.execute("PRAGMA page_size").fetchone()[0] + 24
+        while True:
+            self.wake.clear()
+            if self.stopping:
+                break
+            if self.request is not None:  # the broker's turn; it sets wake when done
+                self.wake.wait(CHECKPOINT_EVERY)
+                continue
+            if self.written == done:
+                self.idle = True  # the broker sets wake on its next write
+                if self.written == done:
+                    self.wake.wait()
+                self.idle = False
+                continue
+            # Let writes gather, then copy them back in one go.
+            if not hurries and self.wake.wait(CHECKPOINT_EVERY) and self.stopping:
+                break
+            done = self.written
+            try:
+                # frames: the WAL's length when the checkpoint began, all of it copied
+                # unless busy. It only shrinks when a write begins with nothing left to
+                # copy, which steady writes can keep from happening.
+                busy, frames, _ = conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+            except sqlite3.Error as exc:
+                failures += 1
+                log.warning("SQLite %s: background checkpoint failed (%d in a row): %s", self.path, failures, exc)
+                if failures >= self.MAX_FAILURES:
+                    raise
+                done, hurries = -1, 0  # try again after the next pause
+                continue
+            failures = 0
+            self.checkpoints += 1
+            if frames > 0:
+                # SQLite fsyncs the main file only in a checkpoint that reaches the end of
+                # the WAL, which the broker's writes keep moving: that one (perhaps the
+                # broker's catch-up) would flush every copy made before it. Flush ours now.
+                self._sync()
+            if busy:
+                done = -1
+                continue
+            # Frames written since the previous checkpoint began (fewer frames: the WAL restarted).
+            fresh, last = (frames - last if frames >= last else frames), frames
+            if frames * frame_bytes <= WAL_LIMIT_BYTES:
+                hurries = 0
+            elif fresh * frame_bytes > HANDOFF_BYTES and hurries < self.MAX_HURRIES:
+                hurries += 1  # much came in while we copied: copy it right away
+                done = -1
+            else:  # little is left to copy: the broker does it between two of its writes
+                hurries = 0
+                self.request = "catch-up"
 
 
 class SqliteStorage:
@@ -70,6 +221,8 @@ class SqliteStorage:
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
         self._conn: sqlite3.Connection | None = None
+        self._checkpointer: _Checkpointer | None = None
+        self._sync_fd: int | None = None
         self.epoch = ""
 
     # ------------------------------------------------------------ lifecycle
@@ -83,10 +236,16 @@ class SqliteStorage:
         conn = sqlite3.connect(str(self.path), isolation_level=None)
         try:
             mode = conn.execute("PRAGMA journal_mode=WAL").fetchone()[0]
-            if mode != "wal":
+            wal = mode == "wal"
+            if not wal:
                 log.warning("SQLite %s: journal_mode is %s, not wal", self.path, mode)
             conn.execute("PRAGMA synchronous=NORMAL")
             conn.execute("PRAGMA busy_timeout=5000")
+            if wal:
+                conn.execute("PRAGMA wal_autocheckpoint=0")  # the checkpoint thread does them
+                # When the WAL starts over, give back what an unusual burst made it grow
+                # to (not every time: truncating a file takes milliseconds).
+                conn.execute(f"PRAGMA journal_size_limit={4 * WAL_LIMIT_BYTES}")
             conn.execute("BEGIN IMMEDIATE")
             for statement in _SCHEMA.split(";"):
                 if statement.strip():
@@ -101,6 +260,16 @@ class SqliteStorage:
             conn.close()
             raise StorageError(f"cannot open SQLite history {self.path}: {exc}") from exc
         self._conn = conn
+        if wal:
+            # An fd of our own on the file, for the checkpoint thread's fsyncs. Closing any
+            # fd of a file drops every POSIX lock this process holds on it, SQLite's
+            # included, so close() closes it only after the connections are closed.
+            try:
+                self._sync_fd = os.open(self.path, os.O_RDONLY)
+            except OSError as exc:
+                log.warning("SQLite %s: no fd for background fsyncs: %s", self.path, exc)
+            self._checkpointer = _Checkpointer(self.path, self._sync_fd)
+            self._checkpointer.start()
         log.info("opened SQLite history %s (epoch %s)", self.path, self.epoch)
         return self.epoch
 
@@ -120,15 +289,66 @@ class SqliteStorage:
             )
 
     async def close(self) -> None:
-        if self._conn is not None:
-            self._conn.close()
-            self._conn = None
+        """Stop the checkpoint thread, fold the WAL into the file, close."""
+        conn, self._conn = self._conn, None
+        checkpointer, self._checkpointer = self._checkpointer, None
+        sync_fd, self._sync_fd = self._sync_fd, None
+        if conn is None:
+            return
+        try:
+            if checkpointer is not None and not checkpointer.stop(CHECKPOINTER_JOIN_TIMEOUT):
+                log.warning("SQLite %s: checkpoint thread still busy after %.0fs; closing anyway",
+                            self.path, CHECKPOINTER_JOIN_TIMEOUT)
+                sync_fd = None  # still in use, and so is the thread's connection: leave it open
+            # TRUNCATE waits (busy_timeout) for other processes' readers to leave the WAL.
+            conn.execute("PRAGMA busy_timeout=1000")
+            busy, _, _ = conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
+            if busy:
+                log.warning("SQLite %s: final checkpoint incomplete; the WAL file stays", self.path)
+        except sqlite3.Error as exc:
+            log.warning("SQLite %s: final checkpoint failed (the WAL file stays): %s", self.path, exc)
+        finally:
+            conn.close()
+            if sync_fd is not None:
+                os.close(sync_fd)
 
     @property
     def _db(self) -> sqlite3.Connection:
         if self._conn is None:
             raise StorageError("SQLite storage is not open")
         return self._conn
+
+    def _wrote(self, count: int) -> None:
+        """Tell the checkpoint thread about a committed write; serve what it asked for."""
+        checkpointer = self._checkpointer
+        if checkpointer is None:
+            return
+        checkpointer.written += count
+        if checkpointer.idle:
+            checkpointer.wake.set()
+        if checkpointer.request is not None:
+            self._serve(checkpointer)
+
+    def _serve(self, checkpointer: _Checkpointer) -> None:
+        """Do what the checkpoint thread asked of the broker's thread (rare)."""
+        request = checkpointer.request
+        db = self._db
+        try:
+            if request == "autocheckpoint":  # the thread has given up and ended
+                db.execute("PRAGMA wal_autocheckpoint=1000")  # SQLite's default
+                self._checkpointer = None
+            else:
+                # Right after our own commit nothing else writes, so this copies what the
+                # thread had not yet (little) and the next write starts the WAL over.
+                busy, _, _ = db.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+                if busy:
+                    return  # a checkpoint is running elsewhere: try after the next write
+                checkpointer.catch_ups += 1
+        except sqlite3.Error as exc:
+            log.warning("SQLite %s: checkpoint (%s) failed: %s", self.path, request, exc)
+        if checkpointer.request == request:
+            checkpointer.request = None
+        checkpointer.wake.set()
 
     # -------------------------------------------------------------- history
 
@@ -140,7 +360,7 @@ class SqliteStorage:
         db = self._db
         try:
             db.execute("BEGIN IMMEDIATE")
-            db.executemany(f"INSERT INTO messages ({_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)", rows)
+            db.executemany(_INSERT_SQL, rows)
             db.execute("COMMIT")
         except sqlite3.Error as exc:
             if db.in_transaction:
@@ -148,6 +368,7 @@ class SqliteStorage:
             if isinstance(exc, sqlite3.IntegrityError):
                 raise StorageError(f"refused {len(rows)} messages: (room, seq) already stored: {exc}") from exc
             raise StorageError(f"SQLite append failed: {exc}") from exc
+        self._wrote(len(rows))
 
     async def heads(self) -> dict[str, int]:
         return dict(self._db.execute(_HEADS_SQL))
@@ -155,7 +376,7 @@ class SqliteStorage:
     async def range(self, room: str, after: int, limit: int, before: int = 0) -> list[Msg]:
         if limit <= 0:
             return []
-        upper = before if before > 0 else 2**63 - 1
+        upper = before if before > 0 else _MAX_SEQ
         rows = self._db.execute(
             f"SELECT {_COLUMNS} FROM messages WHERE room = ? AND seq > ? AND seq < ? ORDER BY seq LIMIT ?",
             (room, after, upper, limit),
@@ -165,7 +386,7 @@ class SqliteStorage:
     async def last(self, room: str, limit: int, before: int = 0) -> list[Msg]:
         if limit <= 0:
             return []
-        upper = before if before > 0 else 2**63 - 1
+        upper = before if before > 0 else _MAX_SEQ
         rows = self._db.execute(
             f"SELECT {_COLUMNS} FROM messages WHERE room = ? AND seq < ? ORDER BY seq DESC LIMIT ?",
             (room, upper, limit),
@@ -177,13 +398,60 @@ class SqliteStorage:
         return row[0] or 0
 
     async def recent(self, limit: int) -> list[Msg]:
+        """Newest ``limit`` messages with a cid over all rooms, oldest first.
+
+        There is no index on ts (it cost every insert): this merges the rooms, each read
+        newest first along the primary key a few rows at a time, and opens a room only
+        once its newest message could still make the cut. It relies on ts growing with
+        seq inside a room, which the broker's clock gives. Ties in ts go to the greater
+        room, then the greater seq: the order the old index on ts gave.
+        """
         if limit <= 0:
             return []
-        # "cid <> ''" must match the partial index's WHERE clause for it to be used.
-        rows = self._db.execute(
-            f"SELECT {_COLUMNS} FROM messages WHERE cid <> '' ORDER BY ts DESC LIMIT ?", (limit,)
-        ).fetchall()
-        return [_row_to_msg(row) for row in reversed(rows)]
+        db = self._db
+        heads = [head for head in db.execute(_NEWEST_SQL) if head[0] is not None]  # (ts, room)
+        if not heads:
+            return []
+        heads.sort(reverse=True)  # the room with the newest message first
+        # The heap holds one entry per open room: (-ts, rank, -seq, room number) of its
+        # next row; rank orders rooms by name, descending, so the smallest entry is next.
+        rank = {room: i for i, room in enumerate(sorted((room for _, room in heads), reverse=True))}
+        first = min(limit, limit // len(heads) + 4)  # rows to read from a room at first
+        cursors: list[list[Any]] = []  # per open room: [rows, position, rows asked for, room]
+        heap: list[tuple[float, int, int, int]] = []
+        out: list[_Row] = []
+        opened = 0
+        while len(out) < limit:
+            # Open every room whose newest message beats the best row on the heap.
+            while opened < len(heads) and (
+                not heap or (-heads[opened][0], rank[heads[opened][1]]) < heap[0][:2]
+            ):
+                room = heads[opened][1]
+                opened += 1
+                rows = db.execute(_ROOM_RECENT_SQL, (room, _MAX_SEQ, first)).fetchall()
+                if rows:
+                    row = rows[0]
+                    heapq.heappush(heap, (-row[3], rank[room], -row[1], len(cursors)))
+                    cursors.append([rows, 0, first, room])
+            if not heap:
+                break
+            number = heap[0][3]
+            cursor = cursors[number]
+            rows, position, want, room = cursor
+            out.append(rows[position])
+            position += 1
+            if position == len(rows) and len(rows) == want:  # read on
+                want = min(4 * want, limit)
+                rows = db.execute(_ROOM_RECENT_SQL, (room, rows[-1][1], want)).fetchall()
+                cursor[0], cursor[2], position = rows, want, 0
+            cursor[1] = position
+            if position < len(rows):
+                row = rows[position]
+                heapq.heapreplace(heap, (-row[3], rank[room], -row[1], number))
+            else:
+                heapq.heappop(heap)
+        out.reverse()
+        return [_row_to_msg(row) for row in out]
 
     # ---------------------------------------------------- users and members
 
@@ -198,6 +466,7 @@ class SqliteStorage:
         cur = self._db.execute(
             "INSERT INTO users (name, digest) VALUES (?, ?) ON CONFLICT(name) DO NOTHING", (name, digest)
         )
+        self._wrote(1)
         return cur.rowcount == 1
 
     async def members(self) -> dict[str, set[str]]:
@@ -213,3 +482,4 @@ class SqliteStorage:
             )
         else:
             self._db.execute("DELETE FROM members WHERE room = ? AND name = ?", (room, name))
+        self._wrote(1)
