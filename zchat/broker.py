@@ -20,7 +20,6 @@ import time
 from typing import Any
 
 import zmq
-import zmq.asyncio
 
 from zchat import __version__, auth
 from zchat.sockio import NOBLOCK, readable, recv_frames, recv_parts, send_parts
@@ -65,7 +64,7 @@ class Broker:
         self.storage = storage
         self.limits = limits
         self.tick_every = tick if tick is not None else min(1.0, limits.heartbeat / 2)
-        self.ctx = zmq.asyncio.Context()
+        self.ctx = zmq.Context()  # plain sockets: the loop watches their FDs itself
         self.core: Core | None = None
         self.endpoint = ""
         self.ports: tuple[int, int, int] = (0, 0, 0)
@@ -77,7 +76,7 @@ class Broker:
 
     # ------------------------------------------------------------ set-up
 
-    def _socket(self, kind: int, **options: Any) -> zmq.asyncio.Socket:
+    def _socket(self, kind: int, **options: Any) -> zmq.Socket:
         sock = self.ctx.socket(kind)
         sock.linger = 0
         for name, value in options.items():
@@ -126,9 +125,6 @@ class Broker:
             epoch=epoch, boot=secrets.token_hex(6), limits=limits, heads=heads, members=members, users=users,
             recent=recent, id_prefix=secrets.token_hex(4) + "-",
         )
-        # Shadows share the socket but send/recv without futures: the loop drains them
-        # with NOBLOCK after the poller says they are ready.
-        self._r, self._pl, self._x, self._z = (zmq.Socket.shadow(s.underlying) for s in (self.router, self.pull, self.xpub, self.zap))
         log.info(
             "zchat %s broker up: requests %s, chat in %s:%d, fan-out %s:%d, epoch %s, pid %d",
             __version__, self.endpoint, base, ports[1], base, ports[2], epoch, os.getpid(),
@@ -148,7 +144,7 @@ class Broker:
         assert self.core is not None
         loop = asyncio.get_running_loop()
         self._wake = loop.create_future()
-        socks = (self._z, self._x, self._r, self._pl)
+        socks = (self.zap, self.xpub, self.router, self.pull)
         ZAP, XPUB, ROUTER, PULL = range(4)
         stale = [True] * 4
 
@@ -232,8 +228,7 @@ class Broker:
 
     def stop(self) -> None:
         self.stopping.set()
-        if self._wake is not None:
-            self._poke()
+        self._poke()
 
     async def _farewell(self) -> None:
         """Tell subscribers we are going, and answer stragglers, for a moment."""
@@ -243,12 +238,12 @@ class Broker:
         deadline = time.monotonic() + 0.2
         while time.monotonic() < deadline:
             try:
-                frames = recv_parts(self._r)
+                frames = recv_parts(self.router)
             except zmq.Again:
                 await asyncio.sleep(0.02)
                 continue
             if len(frames) == 2:
-                send_parts(self._r, [frames[0], p.encode(p.Error(code=p.ErrorCode.SHUTTING_DOWN, message="broker is shutting down"))])
+                send_parts(self.router, [frames[0], p.encode(p.Error(code=p.ErrorCode.SHUTTING_DOWN, message="broker is shutting down"))])
 
     def _close(self) -> None:
         for sock in (self.router, self.pull, self.xpub, self.zap):
@@ -260,7 +255,7 @@ class Broker:
     async def _zap(self) -> None:
         for _ in range(BATCH):
             try:
-                frames = recv_parts(self._z)
+                frames = recv_parts(self.zap)
             except zmq.Again:
                 return
             version, request_id, _domain, address, _identity, mechanism, *creds = frames + [b""] * max(0, 6 - len(frames))
@@ -269,7 +264,7 @@ class Broker:
             except Exception:
                 log.exception("ZAP decision failed")
                 verdict = auth.Verdict(b"500", "internal error")
-            self._z.send_multipart([version, request_id, verdict.status, verdict.text.encode(), verdict.user_id.encode(), b""])
+            self.zap.send_multipart([version, request_id, verdict.status, verdict.text.encode(), verdict.user_id.encode(), b""])
 
     async def _decide(self, mechanism: bytes, creds: list[bytes], address: str) -> auth.Verdict:
         if mechanism != b"PLAIN" or len(creds) != 2:
@@ -297,7 +292,7 @@ class Broker:
         assert core is not None
         for _ in range(BATCH):
             try:
-                frame = self._x.recv(NOBLOCK, copy=False)
+                frame = self.xpub.recv(NOBLOCK, copy=False)
             except zmq.Again:
                 return
             data = frame.bytes
@@ -305,9 +300,9 @@ class Broker:
                 continue
             topic = data[1:]
             if data[0] == 0:
-                self._x.setsockopt(zmq.UNSUBSCRIBE, topic)
+                self.xpub.setsockopt(zmq.UNSUBSCRIBE, topic)
             elif data[0] == 1 and core.may_subscribe(frame.get("User-Id"), topic):
-                self._x.setsockopt(zmq.SUBSCRIBE, topic)
+                self.xpub.setsockopt(zmq.SUBSCRIBE, topic)
             else:
                 core.count("bad_subscription")
                 self.bad.warn("subscription", f"{frame.get('User-Id')} may not subscribe to {topic[:80]!r}", now)
@@ -320,7 +315,7 @@ class Broker:
         count = taken = 0
         while taken < BATCH:
             try:
-                frames = recv_frames(self._r)
+                frames = recv_frames(self.router)
             except zmq.Again:
                 return count
             count += 1
@@ -368,7 +363,7 @@ class Broker:
         count = lines = 0
         while lines < BATCH:
             try:
-                frames = recv_frames(self._pl)
+                frames = recv_frames(self.pull)
             except zmq.Again:
                 return count
             count += 1
@@ -380,13 +375,13 @@ class Broker:
             lines += self._lines(frames[0].get("User-Id"), frames[0].bytes, now, out)
         return count
 
-    def _lines(self, user: str, data: bytes, now: float, out: Outcome, via: str = "") -> int:
-        """Decode a ``send``/``sends`` body and take its lines; return how many."""
+    def _lines(self, user: str, data: bytes, now: float, out: Outcome) -> int:
+        """Decode a PULLed ``send``/``sends`` body and take its lines; return how many."""
         try:
             msgs, bad = p.decode_sends(data, self.limits.max_bytes)
         except p.ProtocolError as exc:
             msgs, bad = [], [exc]
-        self._take(user, msgs, bad, now, out, via)
+        self._take(user, msgs, bad, now, out)
         return max(1, len(msgs) + len(bad))
 
     def _take(self, user: str, msgs: list[p.Send], bad: list[p.ProtocolError], now: float, out: Outcome, via: str = "") -> None:
@@ -436,7 +431,7 @@ class Broker:
             await self.storage.set_member(room, name, member)
         self._publish(out.publish)
         encode = p.encode
-        router = self._r
+        router = self.router
         for sid, body in out.replies:
             send_parts(router, [sid.encode("latin-1"), encode(body)])
         for sid, items in out.acks.items():
@@ -455,7 +450,7 @@ class Broker:
 
     def _publish(self, publish: list[tuple[bytes, p.Msg | p.Presence | p.Notice]]) -> None:
         """Send in order; consecutive Msgs of one topic go out as one Batch."""
-        xpub, encode = self._x, p.encode
+        xpub, encode = self.xpub, p.encode
         i, n = 0, len(publish)
         while i < n:
             topic, body = publish[i]

@@ -32,7 +32,6 @@ from zchat.recovery import Gap, Tracker
 from zchat.sockio import NOBLOCK, readable, recv_parts
 
 log = logging.getLogger(__name__)
-_encode = msgspec.msgpack.Encoder().encode
 
 __all__ = ["Client", "ClientError", "AuthError", "ConnectError", "StateChange", "Recovered", "Gap", "Event"]
 
@@ -85,7 +84,6 @@ class _Pump:
     """
 
     def __init__(self, sock: zmq.asyncio.Socket, on_recv: Callable[[list[bytes]], None] | None) -> None:
-        self.sock = sock
         self.sync = zmq.Socket.shadow(sock.underlying)
         self.on_recv = on_recv
         self.ops: collections.deque[Callable[[zmq.Socket], None]] = collections.deque()
@@ -511,7 +509,7 @@ class Client:
     def _submit(self, room: str, to: str, text: str, me: bool) -> asyncio.Future:
         self._cid_count += 1
         cid = f"{self._cid_base}{self._cid_count:x}"  # no random draw per line
-        data = _encode(p.Send(sid=self.sid, cid=cid, text=text, room=room, to=to, me=me))
+        data = p.encode(p.Send(sid=self.sid, cid=cid, text=text, room=room, to=to, me=me))
         if len(data) > self.max_bytes:
             raise ClientError(p.ErrorCode.TOO_LARGE, f"message is {len(data)} bytes encoded; the broker takes at most {self.max_bytes}")
         fut = asyncio.get_running_loop().create_future()

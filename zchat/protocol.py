@@ -9,7 +9,7 @@ protocol version ``v``.
 from __future__ import annotations
 
 import re
-from typing import Final, Literal, Union
+from typing import Callable, Final, Literal, Union
 
 import msgspec
 
@@ -320,8 +320,8 @@ _event_decoder = msgspec.msgpack.Decoder(Event)
 _version_decoder = msgspec.msgpack.Decoder()  # any value: a non-map body is bad_request, not bad_encoding
 
 
-def encode(body: msgspec.Struct) -> bytes:
-    return _encoder.encode(body)
+#: Any body to bytes (the encoder's bound method: no extra call on hot paths).
+encode: Callable[[msgspec.Struct], bytes] = _encoder.encode
 
 
 def _decode(data: bytes, decoder: msgspec.msgpack.Decoder, limit: int = 0):  # type: ignore[type-arg]
