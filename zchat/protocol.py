@@ -9,9 +9,10 @@ protocol version ``v``.
 from __future__ import annotations
 
 import re
-from typing import Callable, Final, Literal, Union
+from typing import Annotated, Callable, Final, Literal, Union
 
 import msgspec
+from msgspec import Meta
 
 PROTOCOL_VERSION: Final = 1
 
@@ -21,6 +22,18 @@ MAX_NAME_LEN: Final = 32
 MAX_ROOM_LEN: Final = 64
 MAX_CID_LEN: Final = 64
 MAX_HISTORY: Final = 1000
+#: Most lines one ``sends`` frame may pack: bounds the loop's work per frame.
+MAX_SENDS_ITEMS: Final = 256
+#: Largest reply body the broker builds (history pages, member and room lists are cut
+#: to fit and say ``more``): bounds what one unread reply costs the broker.
+MAX_REPLY_BYTES: Final = 1024 * 1024
+#: Largest integer on the wire: seqs and rids are SQLite/Redis int64s.
+MAX_INT: Final = 2**63 - 1
+
+#: Integers a client may send, checked when decoding so a bad one is a clear
+#: bad_request and never reaches storage (an after >= 2**63 overflowed SQLite).
+Rid = Annotated[int, Meta(ge=0, le=MAX_INT)]
+Seq = Annotated[int, Meta(ge=0, le=MAX_INT)]
 
 NAME_RE: Final = re.compile(r"[a-z0-9][a-z0-9_-]{0,%d}\Z" % (MAX_NAME_LEN - 1))
 ROOM_RE: Final = re.compile(r"[a-z0-9][a-z0-9_.-]{0,%d}\Z" % (MAX_ROOM_LEN - 1))
@@ -57,12 +70,14 @@ class ErrorCode:
     NAME_TAKEN = "name_taken"  # refused at the handshake (ZAP status 400)
     SHUTTING_DOWN = "shutting_down"
     INTERNAL = "internal"
+    FORBIDDEN = "forbidden"  # not for this identity (a look-only session may not join or send)
+    LIMIT_REACHED = "limit_reached"  # a per-user cap (rooms per user, ...) is full
 
     ALL: Final = frozenset(
         {
             BAD_FRAME, BAD_ENCODING, BAD_VERSION, BAD_REQUEST, TOO_LARGE, BAD_NAME,
             BAD_ROOM, UNKNOWN_ROOM, UNKNOWN_USER, NOT_MEMBER, RATE_LIMITED,
-            NO_SESSION, NAME_TAKEN, SHUTTING_DOWN, INTERNAL,
+            NO_SESSION, NAME_TAKEN, SHUTTING_DOWN, INTERNAL, FORBIDDEN, LIMIT_REACHED,
         }
     )
 
@@ -103,17 +118,17 @@ class RoomInfo(msgspec.Struct, frozen=True):
 
 
 class Hello(_Body, tag="hello"):
-    rid: int
+    rid: Rid
     client: str = ""
 
 
 class Join(_Body, tag="join"):
-    rid: int
+    rid: Rid
     room: str
 
 
 class Part(_Body, tag="part"):
-    rid: int
+    rid: Rid
     room: str
 
 
@@ -124,28 +139,34 @@ class History(_Body, tag="history"):
     below ``before`` (or the head). Always returned in ascending seq order.
     """
 
-    rid: int
+    rid: Rid
     room: str
-    limit: int = 100
-    before: int = 0  # 0: no upper bound
-    after: int = -1  # -1: no lower bound (newest first selection)
+    limit: Annotated[int, Meta(ge=1, le=MAX_HISTORY)] = 100
+    before: Seq = 0  # 0: no upper bound
+    after: Annotated[int, Meta(ge=-1, le=MAX_INT)] = -1  # -1: no lower bound (newest first selection)
 
 
 class Who(_Body, tag="who"):
-    rid: int
+    """Members of ``room``, by name, after ``after`` (paged: see WhoReply.more)."""
+
+    rid: Rid
     room: str
+    after: str = ""
 
 
 class Rooms(_Body, tag="rooms"):
-    rid: int
+    """Public rooms, by name, after ``after`` (paged: see RoomsReply.more)."""
+
+    rid: Rid
+    after: str = ""
 
 
 class Ping(_Body, tag="ping"):
-    rid: int
+    rid: Rid
 
 
 class Bye(_Body, tag="bye"):
-    rid: int
+    rid: Rid
 
 
 Request = Union[Hello, Join, Part, History, Who, Rooms, Ping, Bye]
@@ -173,13 +194,13 @@ class Sends(_Body, tag="sends"):
     as a whole is held to the body limit; each item is checked like a Send.
     """
 
-    items: list[Send]
+    items: Annotated[list[Send], Meta(max_length=MAX_SENDS_ITEMS)]
 
 
 class _RawSends(_Body, tag="sends"):
     """Sends with its items left undecoded: to salvage the good items of a bad frame."""
 
-    items: list[msgspec.Raw]
+    items: Annotated[list[msgspec.Raw], Meta(max_length=MAX_SENDS_ITEMS)]
 
 
 # ----------------------------------------------------- broker -> client (ROUTER)
@@ -217,17 +238,20 @@ class HistoryReply(_Body, tag="hist"):
     epoch: str
     head: int
     messages: list["Msg"] = []
+    more: bool = False  # cut short by MAX_REPLY_BYTES: ask again from the last seq given
 
 
 class WhoReply(_Body, tag="members"):
     rid: int
     room: str
     members: list[Member] = []
+    more: bool = False  # a page: ask again with after = the last name given
 
 
 class RoomsReply(_Body, tag="roomlist"):
     rid: int
     rooms: list[RoomInfo] = []
+    more: bool = False  # a page: ask again with after = the last name given
 
 
 class Pong(_Body, tag="pong"):
@@ -294,6 +318,18 @@ class Notice(_Body, tag="notice"):
     ts: float
 
 
+class Heads(_Body, tag="heads"):
+    """On a user's inbox when one of their subscriptions takes effect: the heads of
+    what it covers (a room, or the user's DM conversations for the inbox itself).
+
+    A client subscribes after its Join reply; anything published in between never
+    reached it. This tells it, at once, what to fetch from history.
+    """
+
+    epoch: str
+    heads: dict[str, int]
+
+
 class Batch(_Body, tag="batch"):
     """Several consecutive Msgs of one topic in one publication.
 
@@ -305,7 +341,7 @@ class Batch(_Body, tag="batch"):
     items: list[Msg]
 
 
-Event = Union[Msg, Presence, Notice, Batch]
+Event = Union[Msg, Presence, Notice, Batch, Heads]
 
 # ------------------------------------------------------------------- codecs
 

@@ -154,15 +154,19 @@ msgs = st.builds(
     kind=st.sampled_from(["text", "me", "join", "part"]), to=text, cid=text, epoch=text,
 )
 
+rids = st.integers(min_value=0, max_value=p.MAX_INT)
 request_bodies = st.one_of(
-    st.builds(p.Hello, rid=ints, client=text),
-    st.builds(p.Join, rid=ints, room=text),
-    st.builds(p.Part, rid=ints, room=text),
-    st.builds(p.History, rid=ints, room=text, limit=ints, before=ints, after=ints),
-    st.builds(p.Who, rid=ints, room=text),
-    st.builds(p.Rooms, rid=ints),
-    st.builds(p.Ping, rid=ints),
-    st.builds(p.Bye, rid=ints),
+    st.builds(p.Hello, rid=rids, client=text),
+    st.builds(p.Join, rid=rids, room=text),
+    st.builds(p.Part, rid=rids, room=text),
+    st.builds(
+        p.History, rid=rids, room=text, limit=st.integers(1, p.MAX_HISTORY), before=rids,
+        after=st.integers(min_value=-1, max_value=p.MAX_INT),
+    ),
+    st.builds(p.Who, rid=rids, room=text, after=text),
+    st.builds(p.Rooms, rid=rids, after=text),
+    st.builds(p.Ping, rid=rids),
+    st.builds(p.Bye, rid=rids),
 )
 send_bodies = st.builds(p.Send, sid=text, cid=text, text=text, room=text, to=text, me=st.booleans())
 reply_bodies = st.one_of(
@@ -438,7 +442,7 @@ def test_replies_and_events_have_no_size_limit() -> None:
 
 def test_error_codes_are_distinct_strings() -> None:
     codes = [v for k, v in vars(E).items() if k.isupper() and k != "ALL"]
-    assert len(codes) == len(set(codes)) == len(E.ALL) == 15
+    assert len(codes) == len(set(codes)) == len(E.ALL) == 17
     assert set(codes) == E.ALL
 
 
@@ -567,3 +571,40 @@ def test_batch_of_messages_round_trips() -> None:
     items = [p.Msg(room="dev", seq=i, id=f"x{i}", ts=1.5, sender="alice", text=f"m{i}", epoch="E") for i in (1, 2, 3)]
     decoded = p.decode_event(p.encode(p.Batch(items=items)))
     assert isinstance(decoded, p.Batch) and decoded.items == items
+
+
+@pytest.mark.parametrize(
+    "fields",
+    [
+        {"after": 2**63}, {"before": 2**63}, {"after": -2}, {"before": -1}, {"limit": 0},
+        {"limit": p.MAX_HISTORY + 1}, {"after": 2**64 - 1},
+    ],
+)
+def test_history_integers_are_checked_at_the_edge(fields: dict) -> None:
+    """An after/before beyond int64 overflowed SQLite and poisoned a whole turn's replies."""
+    body = _raw({"k": "history", "v": 1, "rid": 7, "room": "general", **fields})
+    with pytest.raises(p.ProtocolError) as info:
+        p.decode_request(body)
+    assert info.value.code == E.BAD_REQUEST
+    assert info.value.rid == 7  # the error still finds its request
+    assert next(iter(fields)) in info.value.message
+
+
+def test_rids_outside_int64_are_refused() -> None:
+    for rid in (-1, 2**63, 2**64 - 1):
+        with pytest.raises(p.ProtocolError) as info:
+            p.decode_request(_raw({"k": "ping", "v": 1, "rid": rid}))
+        assert info.value.code == E.BAD_REQUEST
+
+
+def test_sends_frames_are_capped_in_items() -> None:
+    """65,516 empty items in one frame blocked the broker's loop 1.66 s."""
+    item = p.Send(sid="s", cid="c", text="x", room="general")
+    assert len(p.decode_sends(p.encode(p.Sends(items=[item] * p.MAX_SENDS_ITEMS)))[0]) == p.MAX_SENDS_ITEMS
+    with pytest.raises(p.ProtocolError) as info:
+        p.decode_sends(p.encode(p.Sends(items=[item] * (p.MAX_SENDS_ITEMS + 1))))
+    assert info.value.code == E.BAD_REQUEST
+
+
+def _raw(fields: dict) -> bytes:
+    return msgspec.msgpack.encode(fields)
