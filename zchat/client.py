@@ -538,11 +538,17 @@ class Client:
         group: list[msgspec.Raw] = []
         size = 0
         for data in outbox:
-            if group and size + len(data) > room:
-                sock.send(p.encode(p.Sends(items=group)), NOBLOCK)  # type: ignore[arg-type]
+            if group and (size + len(data) > room or len(group) == p.MAX_SENDS_ITEMS):
+                self._send_group(sock, group)
                 group, size = [], 0
             group.append(msgspec.Raw(data))
             size += len(data)
+        self._send_group(sock, group)
+
+    @staticmethod
+    def _send_group(sock: zmq.Socket, group: list[msgspec.Raw]) -> None:
+        """A lone line goes as its own Send: wrapped in Sends, a line near the limit
+        would be over it (65,555 > 65,536 bytes) and refused."""
         sock.send(p.encode(p.Sends(items=group)) if len(group) > 1 else bytes(group[0]), NOBLOCK)  # type: ignore[arg-type]
 
     async def _wait(self, fut: asyncio.Future, timeout: float | None) -> p.Stored:
