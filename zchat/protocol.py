@@ -35,6 +35,11 @@ MAX_INT: Final = 2**63 - 1
 Rid = Annotated[int, Meta(ge=0, le=MAX_INT)]
 Seq = Annotated[int, Meta(ge=0, le=MAX_INT)]
 
+#: The PLAIN user name of a look-only session (``zchat ping``, ``who``, ``rooms`` with
+#: no ``--name``): it claims no name, is never online, and may not join, part or send.
+#: Not a valid name, so nobody can own it.
+LOOKER: Final = "*"
+
 NAME_RE: Final = re.compile(r"[a-z0-9][a-z0-9_-]{0,%d}\Z" % (MAX_NAME_LEN - 1))
 ROOM_RE: Final = re.compile(r"[a-z0-9][a-z0-9_.-]{0,%d}\Z" % (MAX_ROOM_LEN - 1))
 
