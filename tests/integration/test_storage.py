@@ -344,3 +344,19 @@ async def test_sqlite_new_epoch_after_the_machine_went_down_not_after_a_kill(tmp
     assert new_epoch != epoch
     await after_crash.close()
     assert await SqliteStorage(path).open() == new_epoch  # and it stays
+
+
+async def test_redis_new_epoch_after_a_lossy_server_restart(redis_url: str) -> None:
+    """A Redis without appendfsync always may lose its last writes when it restarts; the
+    store then starts a new epoch instead of reusing seqs. The same server keeps it."""
+    prefix = f"zchat-test:{uuid.uuid4().hex}:"
+    store = RedisStorage(redis_url, prefix=prefix)
+    epoch = await store.open()
+    await store.close()
+    store = RedisStorage(redis_url, prefix=prefix)
+    assert await store.open() == epoch  # same server run
+    await store._redis.set(prefix + "run", "another-run-id")  # as if the server had restarted
+    await store.close()
+    store = RedisStorage(redis_url, prefix=prefix)
+    assert await store.open() != epoch  # the test server runs without persistence
+    await store.close()

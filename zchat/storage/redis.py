@@ -5,7 +5,8 @@ Layout (every key starts with ``prefix``):
 - ``room:{room}``     sorted set, score = seq, member = MessagePack-encoded Msg
 - ``heads``           hash room -> highest seq
 - ``recent``          list of encoded Msgs that carry a cid, newest first, capped
-- ``epoch``           string, set once with SET NX
+- ``epoch``           string, set once with SET NX (renewed after a lossy Redis restart)
+- ``run``             the Redis server's run id at the last open (to notice a restart)
 - ``users``           hash name -> digest, claimed with HSETNX (first owner wins)
 - ``members:{room}``  set of names; ``rooms`` is the set of rooms that have members
 
@@ -138,6 +139,7 @@ class RedisStorage:
         client = self._aioredis.from_url(self.url)
         try:
             await client.ping()
+            await self._new_epoch_if_rolled_back(client)
             await client.set(self._key("epoch"), secrets.token_hex(8), nx=True)
             epoch = await client.get(self._key("epoch"))
         except self._aioredis.RedisError as exc:
@@ -149,6 +151,36 @@ class RedisStorage:
         self.epoch = epoch.decode()
         log.info("opened Redis history %s prefix %r (epoch %s)", self.url, self.prefix, self.epoch)
         return self.epoch
+
+    async def _new_epoch_if_rolled_back(self, client: Any) -> None:
+        """A Redis server that restarted may have lost its last writes (AOF ``everysec``
+        loses up to a second; no persistence loses all): new messages would then reuse
+        seqs clients saw. So unless it fsyncs every write (``appendfsync always``), a
+        server with another run id than at our last open starts a new epoch. Costs
+        nothing per message; a Redis restart costs clients a fresh start."""
+        info = await client.info("server")
+        run_id = str(info.get("run_id", ""))
+        try:
+            fsync = (await client.config_get("appendfsync")).get("appendfsync", "")
+            aof = (await client.config_get("appendonly")).get("appendonly", "")
+        except self._aioredis.ResponseError:  # CONFIG renamed or disabled: assume the worst
+            fsync = aof = ""
+        seen = await client.get(self._key("run"))
+        durable = aof == "yes" and fsync == "always"
+        if seen is not None and seen.decode() != run_id and not durable:
+            old = await client.get(self._key("epoch"))
+            await client.delete(self._key("epoch"))
+            log.warning(
+                "Redis %s restarted since this store was last opened and does not fsync every write "
+                "(appendonly %s, appendfsync %s): its last writes may be lost, so epoch %s ends here",
+                self.url, aof or "?", fsync or "?", old.decode() if old else "?",
+            )
+        elif not durable:
+            log.warning(
+                "Redis %s does not fsync every write (appendonly %s, appendfsync %s): a Redis crash may lose "
+                "recent messages; the next broker start then begins a new epoch", self.url, aof or "?", fsync or "?",
+            )
+        await client.set(self._key("run"), run_id)
 
     async def close(self) -> None:
         if self._client is not None:
