@@ -124,6 +124,11 @@ ALIASES: dict[str, str] = {
 COMMAND_NAMES: tuple[str, ...] = tuple(sorted(SPECS))
 
 
+def counted(n: int, word: str) -> str:
+    """``1 member``, ``0 members``, ``2 members``: a count with its noun agreeing."""
+    return f"{n} {word}" if n == 1 else f"{n} {word}s"
+
+
 def room_name(value: str) -> str:
     """``#General`` -> ``general``; raises CommandError for a name the broker would refuse."""
     room = value.strip().lstrip("#").lower()
