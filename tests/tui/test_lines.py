@@ -8,12 +8,14 @@ and "nothing else was sent" is checked after a later marker line has arrived.
 from __future__ import annotations
 
 import asyncio
+import sqlite3
 import time
 
 from textual import events
 from textual.keys import _character_to_key
 from textual.widgets import Static
 
+from tests.conftest import RunningBroker
 from tests.tui.test_app import SIZE, app_for, connected, lines, shown, soon, typed, until
 from zchat import protocol as p
 from zchat.client import Client
@@ -189,3 +191,67 @@ async def test_member_counts_are_singular_for_one(broker, connect) -> None:  # t
         await until(pilot, lambda: "#general · 2 members, 2 online" in topic(), "two members in the header")
         await typed(pilot, "/rooms")
         await until(pilot, lambda: shown(app, "#general: 2 members, 2 online (joined)") == 1, "/rooms with two members")
+
+
+async def test_an_unrecoverable_gap_is_a_line_in_its_rooms_log(broker, connect) -> None:  # type: ignore[no-untyped-def]
+    """A real gap: while alice's broker is down, bob talks through another broker on
+    the same database, and some of those lines are then trimmed from it. When alice's
+    broker is back she learns the room's new head, fetches what she missed, and the
+    client library reports the trimmed lines as a Gap; her window shows it in place."""
+    bob = await connect("bob")
+    await soon(bob.join("general"))
+    app = app_for(broker, rooms=["general", "dev"])
+    async with app.run_test(size=SIZE) as pilot:
+        await connected(pilot)
+        await soon(bob.send("general", "before the gap"))
+        await until(pilot, lambda: shown(app, "bob", "before the gap") == 1, "bob's first line")
+
+        await broker.stop()
+        other = await RunningBroker(broker.path, broker.limits).start()  # same history, other ports
+        try:
+            bob2 = Client(other.endpoint, "bob", "secret-of-bob-0123456789")
+            await soon(bob2.connect())
+            await soon(bob2.join("general"))
+            for n in range(12):
+                await soon(bob2.send("general", f"trimmed {n}" if n < 10 else f"kept {n}"))
+            await bob2.close()
+        finally:
+            await other.stop()
+        with sqlite3.connect(broker.path) as db:
+            assert db.execute("DELETE FROM messages WHERE room = 'general' AND text LIKE 'trimmed %'").rowcount == 10
+        db.close()
+        await app.input.run_action("app.cycle(1)")  # look at #dev meanwhile: the gap is shown all the same
+        assert app.current == "dev"
+        await broker.start()
+
+        await until(pilot, lambda: any("kept 11" in e.item.text for e in app.buffers["general"].entries), "the kept lines recovered", timeout=20)
+        await pilot.press("ctrl+p")
+        assert app.current == "general"
+        log = lines(app)
+        gap = [n for n, line in enumerate(log) if "— 10 messages missing (no longer in history) —" in line]
+        assert len(gap) == 1, log
+        before = next(n for n, line in enumerate(log) if "before the gap" in line)
+        kept = next(n for n, line in enumerate(log) if "kept 10" in line)
+        assert before < gap[0] < kept, log
+        assert shown(app, "trimmed") == 0 and shown(app, "kept 11") == 1
+
+
+def test_a_gap_line_sits_where_the_missing_messages_would_be() -> None:
+    from zchat.tui.widgets import Buffer, Note
+
+    buf = Buffer("general", "alice")
+    for seq in (1, 2, 9, 10):
+        buf.add(p.Msg(room="general", seq=seq, id=f"m{seq}", ts=0.0, sender="bob", kind="text", text=f"line {seq}", epoch="e"))
+    buf.note("a note after line 10")
+    index = buf.gap(3, 8, "no longer in history")
+    texts = [e.item.text for e in buf.entries]
+    assert texts == ["line 1", "line 2", "— 6 messages missing (no longer in history) —", "line 9", "line 10", "a note after line 10"]
+    assert index == 2 and isinstance(buf.entries[index].item, Note) and buf.entries[index].item.style == "gap"
+    buf.gap(11, 11, "beyond the recovery limit")
+    assert buf.entries[-1].item.text == "— 1 message missing (beyond the recovery limit) —"
+
+
+def test_counted_agrees_with_the_number() -> None:
+    from zchat.tui.commands import counted
+
+    assert [counted(n, "member") for n in (0, 1, 2)] == ["0 members", "1 member", "2 members"]
