@@ -25,7 +25,7 @@ from textual.message import Message
 from textual.widgets import Input, RichLog, Static
 
 from zchat import protocol as p
-from zchat.tui.commands import Completer, InputHistory
+from zchat.tui.commands import Completer, InputHistory, split_lines
 
 #: Nick colours: readable on dark and light backgrounds; a name always gets the same one.
 PALETTE = (
@@ -421,7 +421,7 @@ class ChatInput(Input):
         """A paste of several lines is several lines to send (Input keeps only the first)."""
         event.stop()
         event.prevent_default()
-        parts = paste_lines(event.text)
+        parts = split_lines(event.text)
         if not parts:
             return
         start, end = sorted(self.selection)
@@ -460,11 +460,3 @@ class ChatInput(Input):
         self.recall.add(line)
         self.completer.reset()
 
-
-def paste_lines(text: str) -> list[str]:
-    """The lines of a paste: split at CR LF, LF or CR; a final line break ends the last
-    line rather than starting an empty one."""
-    parts = re.split(r"\r\n|\r|\n", text)
-    if len(parts) > 1 and parts[-1] == "":
-        parts.pop()
-    return [] if parts == [""] else parts
