@@ -15,10 +15,11 @@ from textual import events
 from textual.keys import _character_to_key
 from textual.widgets import Static
 
-from tests.conftest import RunningBroker
+from tests.conftest import HEARTBEAT, RunningBroker
 from tests.tui.test_app import SIZE, app_for, connected, lines, shown, soon, typed, until
 from zchat import protocol as p
 from zchat.client import Client
+from zchat.core import Limits
 from zchat.tui import app as tui
 from zchat.tui.app import ChatApp
 
@@ -255,3 +256,40 @@ def test_counted_agrees_with_the_number() -> None:
     from zchat.tui.commands import counted
 
     assert [counted(n, "member") for n in (0, 1, 2)] == ["0 members", "1 member", "2 members"]
+
+
+async def test_a_paste_past_the_brokers_burst_is_sent_whole(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """The broker allows a burst of 3 lines, then 20 a second: the 12 pasted lines are
+    all stored, in order, the refused ones sent again rather than dropped."""
+    limited = await RunningBroker(tmp_path / "limited.db", Limits(heartbeat=HEARTBEAT, rate=20, burst=3)).start()
+    bob = Client(limited.endpoint, "bob", "secret-of-bob-0123456789")
+    try:
+        await soon(bob.connect())
+        app = app_for(limited)
+        pasted = [f"fast line {n}" for n in range(12)]
+        async with app.run_test(size=SIZE) as pilot:
+            await connected(pilot)
+            app.input.post_message(events.Paste("\n".join(pasted)))
+            await until(pilot, lambda: isinstance(app.screen, tui.PasteConfirm), "the paste prompt")
+            await pilot.press("y")
+            await until(pilot, lambda: shown(app, "fast line 11") == 1, "the last line", timeout=20)
+            assert shown(app, "!!") == 0, lines(app)
+        assert await stored(bob) == [("text", t) for t in pasted]
+        assert limited.core.counters.get("rate_limited", 0) > 0  # the limit was really hit
+    finally:
+        await bob.close()
+        await limited.stop()
+
+
+async def test_a_paste_bigger_than_the_send_queue_is_refused_whole(broker, connect) -> None:  # type: ignore[no-untyped-def]
+    bob = await connect("bob")
+    app = app_for(broker)
+    async with app.run_test(size=SIZE) as pilot:
+        await connected(pilot)
+        await typed(pilot, "draft", enter=False)
+        app.input.post_message(events.Paste("\n".join(f"line {n}" for n in range(tui.MAX_QUEUED + 1))))
+        await until(pilot, lambda: shown(app, f"paste of {tui.MAX_QUEUED + 1} lines not sent") == 1, "the refusal")
+        assert not isinstance(app.screen, tui.PasteConfirm) and app.input.value == "draft"
+        app.input.value = ""
+        await typed(pilot, "marker")
+        assert await stored_until(pilot, bob, ("text", "marker")) == [("text", "marker")]

@@ -32,6 +32,8 @@ log = logging.getLogger(__name__)
 OLDER_PAGE = 50  # messages fetched when scrolling past the top
 PASTE_ASK_LINES = 5  # a paste of more lines than this asks before sending
 MAX_HELD = 1000  # lines typed while a paste prompt waits (bounded like every queue)
+MAX_QUEUED = 1000  # lines waiting to be sent (typed while the broker is away, pasted)
+RATE_RETRIES = 50  # a line refused as too fast is tried again this often, slower each time
 
 
 class _ToLog(logging.Handler):
@@ -113,13 +115,14 @@ class ChatApp(App[None]):
         self.state, self.state_since, self.state_detail = "connecting", time.time(), ""
         self.fatal = ""  # set when the app gave up (the name is taken); talk prints it
         self.fatal_code = ""
-        self.sendq: asyncio.Queue[tuple[str, str, bool]] = asyncio.Queue()
+        self.sendq: asyncio.Queue[tuple[str, str, bool]] = asyncio.Queue(MAX_QUEUED)
         self.sending = 0
         self._online = asyncio.Event()
         self._fetching: set[str] = set()
         self._closing = False
         self._asking: PasteConfirm | None = None  # a long paste waiting for yes or no
         self._held: list[str] = []  # lines typed while it waits, run after the answer
+        self._batch = False  # taking the lines of a paste: refresh the screen once, after
         self._log_handler = _ToLog(self)
         for room in self.start_rooms:
             self._buffer(room)
@@ -416,13 +419,7 @@ class ChatApp(App[None]):
                 await self._online.wait()
                 client = self.client
                 assert client is not None
-                buf = self.buffers.get(key)
-                if buf is not None and buf.is_dm:
-                    await client.send_dm(buf.peer, text, me=me)
-                elif buf is not None:
-                    await client.send(key, text, me=me)
-                else:
-                    self.error(f"not sent (that window is closed): {text}")
+                await self._send_one(client, key, text, me)
             except ClientError as exc:
                 self._send_failed(key, text, exc)
             except Exception as exc:
@@ -430,6 +427,25 @@ class ChatApp(App[None]):
             finally:
                 self.sending = 0
                 self._refresh_status()
+
+    async def _send_one(self, client: Client, key: str, text: str, me: bool) -> None:
+        """Send one line; a line refused as too fast (a long paste past the broker's
+        burst) waits and goes again, so it is neither dropped nor overtaken."""
+        for attempt in range(RATE_RETRIES):
+            buf = self.buffers.get(key)
+            try:
+                if buf is not None and buf.is_dm:
+                    await client.send_dm(buf.peer, text, me=me)
+                elif buf is not None:
+                    await client.send(key, text, me=me)
+                else:
+                    self.error(f"not sent (that window is closed): {text}")
+                return
+            except ClientError as exc:
+                if exc.code != p.ErrorCode.RATE_LIMITED or attempt + 1 == RATE_RETRIES:
+                    raise
+                wait = getattr(exc, "retry_after", 0.0) or min(2.0, 0.1 * (attempt + 1))
+                await asyncio.sleep(wait)
 
     def _send_failed(self, key: str, text: str, exc: ClientError) -> None:
         buf = self.buffers.get(key)
@@ -447,8 +463,13 @@ class ChatApp(App[None]):
         self.error(message, key)
 
     def _queue(self, key: str, text: str, me: bool = False) -> None:
-        self.sendq.put_nowait((key, text, me))
-        self._refresh_status()
+        try:
+            self.sendq.put_nowait((key, text, me))
+        except asyncio.QueueFull:
+            self.error(f"not sent: {MAX_QUEUED} lines are already waiting to be sent: {text}", key)
+            return
+        if not self._batch:
+            self._refresh_status()
 
     # ------------------------------------------------------------ input
 
@@ -485,9 +506,15 @@ class ChatApp(App[None]):
             self._held.extend(lines[: max(0, MAX_HELD - len(self._held))])
             return
         count = sum(1 for line in lines if line.strip())
+        room = MAX_QUEUED - self.sendq.qsize()
+        if count > room:
+            self.error(f"paste of {count} lines not sent: at most {room} more lines can wait to be sent")
+            if not self.input.value:
+                self.input.value = before
+                self.input.cursor_position = len(before)
+            return
         if count <= PASTE_ASK_LINES:
-            for line in lines:
-                self.take_line(line)
+            self._take_lines(lines)
             return
         where = self.buffer.title if self.buffer is not None else "nowhere"
         self._asking = PasteConfirm(count, where, [line for line in lines if line.strip()])
@@ -495,8 +522,7 @@ class ChatApp(App[None]):
         def answered(send: bool | None) -> None:
             self._asking = None
             if send:
-                for line in lines:
-                    self.take_line(line)
+                self._take_lines(lines)
             else:
                 self.note(f"paste of {count} lines cancelled (nothing sent)")
                 if not self.input.value:
@@ -508,6 +534,15 @@ class ChatApp(App[None]):
             self.input.focus()
 
         self.push_screen(self._asking, answered)
+
+    def _take_lines(self, lines: list[str]) -> None:
+        self._batch = True
+        try:
+            for line in lines:
+                self.take_line(line)
+        finally:
+            self._batch = False
+        self._refresh_status()
 
     def action_leave(self) -> None:
         """Ctrl-Q: quit after the keys typed before it (they may finish a line to send)."""
