@@ -181,6 +181,9 @@ async def test_three_lines_in_one_write_are_each_sent_once_in_order(broker_proc:
     talk = await Talk.start(cli_env, "--plain", "--broker", broker_proc.endpoint, "--name", "alice", "--room", "general")
     try:
         assert talk.proc.stdin is not None
+        await talk.type("/who", "/rooms")  # alone in the room: "1 member"
+        await talk.wait_out("--- #general: 1 member; online: alice")
+        await talk.wait_out("--- #general: 1 member, 1 online")
         talk.proc.stdin.write(b"yes, 1.4 is out\n/me celebrates\nthird line\r\nfourth\rfifth, no newline")
         await talk.proc.stdin.drain()
         assert await talk.finish() == 0, talk.err

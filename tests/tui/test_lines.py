@@ -293,3 +293,18 @@ async def test_a_paste_bigger_than_the_send_queue_is_refused_whole(broker, conne
         app.input.value = ""
         await typed(pilot, "marker")
         assert await stored_until(pilot, bob, ("text", "marker")) == [("text", "marker")]
+
+
+async def test_a_gap_in_a_conversation_not_open_opens_its_window(broker) -> None:  # type: ignore[no-untyped-def]
+    """Routing only (the Gap is handed to the app's event handler, as the client's
+    reader would): the line goes to its conversation, not to the window in view."""
+    from zchat.recovery import Gap
+
+    app = app_for(broker)
+    async with app.run_test(size=SIZE) as pilot:
+        await connected(pilot)
+        dm = p.dm_room("alice", "bob")
+        app._on_event(Gap(dm, 3, 5, "no longer in history"))
+        await until(pilot, lambda: "@bob" in app.query_one("#rooms").plain, "bob's conversation in the window list")  # type: ignore[attr-defined]
+        assert [e.item.text for e in app.buffers[dm].entries] == ["— 3 messages missing (no longer in history) —"]
+        assert app.current == "general" and shown(app, "missing") == 0

@@ -187,11 +187,11 @@ class LineMode:
             members = await client.who(room)
             online = [m.name for m in members if m.online]
             offline = [m.name for m in members if not m.online]
-            self.out(f"--- {_label(room, client.name)}: {len(members)} members; online: {', '.join(online) or 'nobody'}"
+            self.out(f"--- {_label(room, client.name)}: {c.counted(len(members), 'member')}; online: {', '.join(online) or 'nobody'}"
                      + (f"; offline: {', '.join(offline)}" if offline else ""))
         elif isinstance(action, c.Rooms):
             for info in await client.rooms():
-                self.out(f"--- #{info.name}: {info.members} members, {info.online} online")
+                self.out(f"--- #{info.name}: {c.counted(info.members, 'member')}, {info.online} online")
         elif isinstance(action, c.History):
             room = self.target if not self.target.startswith("@") else p.dm_room(client.name, self.target[1:])
             if not room:
