@@ -308,3 +308,34 @@ async def test_a_gap_in_a_conversation_not_open_opens_its_window(broker) -> None
         await until(pilot, lambda: "@bob" in app.query_one("#rooms").plain, "bob's conversation in the window list")  # type: ignore[attr-defined]
         assert [e.item.text for e in app.buffers[dm].entries] == ["— 3 messages missing (no longer in history) —"]
         assert app.current == "general" and shown(app, "missing") == 0
+
+
+async def test_a_history_reset_is_one_clear_line(broker, connect, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """The broker comes back with a new database: the client reports everything seen
+    as a Gap, then the new history's lines arrive and the window starts afresh with
+    one line saying so (the old lines and the gap line go with the old history)."""
+    bob = await connect("bob")
+    await soon(bob.join("general"))
+    app = app_for(broker)
+    async with app.run_test(size=SIZE) as pilot:
+        await connected(pilot)
+        await soon(bob.send("general", "old world"))
+        await until(pilot, lambda: shown(app, "bob", "old world") == 1, "bob's line")
+        await broker.stop()
+        broker.path = tmp_path / "replacement.db"
+        await broker.start()
+        await until(pilot, lambda: shown(app, "the broker's history was reset: earlier lines are gone") == 1, "the reset line", timeout=20)
+        await soon(bob.send("general", "new world", timeout=15))
+        await until(pilot, lambda: shown(app, "bob", "new world") == 1, "bob's new line", timeout=20)
+        assert shown(app, "old world") == 0 and shown(app, "missing") == 0, lines(app)
+        assert shown(app, "history was reset") == 1, lines(app)
+
+
+def test_a_reset_gap_line_goes_below_the_lines_it_covers() -> None:
+    from zchat.tui.widgets import Buffer
+
+    buf = Buffer("general", "alice")
+    for seq in (1, 2, 3):
+        buf.add(p.Msg(room="general", seq=seq, id=f"m{seq}", ts=0.0, sender="bob", kind="text", text=f"line {seq}", epoch="e"))
+    assert buf.gap(1, 3, "the broker's history was reset") == 3
+    assert buf.entries[-1].item.text == "— 3 messages missing (the broker's history was reset) —"

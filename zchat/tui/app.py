@@ -502,8 +502,11 @@ class ChatApp(App[None]):
         """A multi-line paste: each line as if typed and sent; more than PASTE_ASK_LINES
         ask first (weechat's paste_max_lines). ``before`` is the input's text before the
         paste, put back if the user says no."""
-        if self._asking is not None:  # a second paste while asking: queue it behind
-            self._held.extend(lines[: max(0, MAX_HELD - len(self._held))])
+        if self._asking is not None:  # a second paste while asking: it waits behind the first
+            room = MAX_HELD - len(self._held)
+            self._held.extend(lines[:room])
+            if len(lines) > room:
+                self.error(f"{len(lines) - room} pasted lines not sent: too many waiting for the paste prompt")
             return
         count = sum(1 for line in lines if line.strip())
         room = MAX_QUEUED - self.sendq.qsize()

@@ -126,11 +126,14 @@ class Buffer:
 
     def gap(self, first: int, last: int, reason: str) -> int:
         """A line where messages ``first..last`` would be (the client could not recover
-        them); its index in ``entries``."""
+        them); its index in ``entries``. If some of them are shown (a reset of the
+        broker's history reports everything before it) the line goes last, where the
+        break happened, not above lines that are there."""
         self._notes += 1
         count = last - first + 1
         text = f"— {count} message{'' if count == 1 else 's'} missing ({reason}) —"
-        entry = Entry((first - 1, self._notes), Note(text, time.time(), "gap"))
+        shown = any(first <= seq <= last for seq in self.seqs)
+        entry = Entry((self.newest if shown else first - 1, self._notes), Note(text, time.time(), "gap"))
         index = bisect.bisect(self.entries, entry)
         self.entries.insert(index, entry)
         return index
