@@ -43,7 +43,7 @@ from pathlib import Path
 from typing import Any
 
 from zchat.bench import procs
-from zchat.bench.abuse_attacks import ATTACKS, Env, attacker, history_intact, normal_user, seed, stalled_subscriber_child
+from zchat.bench.abuse_attacks import ATTACKS, Env, attacker, checker, history_intact, normal_user, seed, stalled_subscriber_child
 
 log = logging.getLogger(__name__)
 
@@ -206,6 +206,7 @@ def run_row(name: str, seconds: float, folder: Path, rss_cap: int) -> dict[str, 
             time.sleep(0.02)
         before = rss.sample()
         start = mono()
+        cpu0 = procs.cpu_seconds(broker.pid)
         env = Env(router=broker.router, pull=broker.pull, pub=broker.pub, deadline=start + seconds, stop=stop,
                   victim_sid=ready["sid"], seconds=seconds)
         if name != IDLE:
@@ -239,6 +240,7 @@ def run_row(name: str, seconds: float, folder: Path, rss_cap: int) -> dict[str, 
             if not attack.is_alive() and attack_q.empty():
                 break
         end = min(end, start + seconds)
+        row["broker_cpu_pct"] = round(100 * (procs.cpu_seconds(broker.pid) - cpu0) / max(1e-9, mono() - start))
         procs.stop(attack)
         procs.stop(stalled)
         settle = mono() + SETTLE
@@ -246,13 +248,20 @@ def run_row(name: str, seconds: float, folder: Path, rss_cap: int) -> dict[str, 
             rss.sample()
             time.sleep(0.02)
         ctl.set()
-        done = _get(normal_q, rss, 120, "done")
+        done = _get(normal_q, rss, 60, "done")
+        check_q = mp.Queue()
+        check = procs.spawn(checker, broker.router, check_q, log=str(folder / "checker.log"), name="abuse-checker")
+        try:
+            checked = _get(check_q, rss, 120, "checked")
+        finally:
+            procs.stop(check)
         after = rss.sample()
         peak = rss.peak(start)
-        alive = broker.alive() and done["alive"]
-        intact, why = history_intact(done["sent"], done["stored"]) if alive else (False, "broker not answering")
-        if done["check_error"]:
-            intact, why = False, done["check_error"]
+        alive = broker.alive() and checked["answers"]
+        if checked["error"]:
+            intact, why = False, checked["error"]
+        else:
+            intact, why = history_intact(done["sent"], checked["stored"])
         window = [s for s in done["samples"] if start <= s[0] <= end]
         row.update({
             "rss_mib": {"before": _mib(before), "peak": _mib(peak), "after": _mib(after)},
@@ -261,6 +270,9 @@ def run_row(name: str, seconds: float, folder: Path, rss_cap: int) -> dict[str, 
             "normal_errors": done["errors"],
             "saw": saw or {},
             "alive": alive,
+            "broker_process_alive": broker.alive(),
+            "normal_recovered": done["recovered"],
+            "check_seconds": checked["seconds"],
             "intact": intact,
             "intact_detail": why,
         })
@@ -312,8 +324,12 @@ def limited(row: dict[str, Any]) -> str:
 def missed(row: dict[str, Any], idle: dict[str, Any] | None) -> list[str]:
     """Which targets this row misses (empty: all met)."""
     out = []
-    if not row.get("alive"):
-        out.append("broker died or stopped answering")
+    if not row.get("broker_process_alive"):
+        out.append("broker died")
+    elif not row.get("alive"):
+        out.append("broker stopped answering")
+    if row.get("alive") and not row.get("normal_recovered"):
+        out.append("normal user's session wedged")
     if not row.get("intact"):
         out.append("history not intact")
     rss = row.get("rss_mib")
@@ -360,7 +376,11 @@ def table(rows: list[dict[str, Any]]) -> str:
             lines.append(f"| {row['attack']} | run failed: {row['error']} | | | | | | |")
             continue
         rss, send, hist = row["rss_mib"], row["send_ms"], row["history_ms"]
-        intact = ("yes" if row["intact"] else f"NO ({row['intact_detail']})") + ("" if row["alive"] else ", broker DEAD")
+        intact = ("yes" if row["intact"] else f"NO ({row['intact_detail']})")
+        if not row["broker_process_alive"]:
+            intact += ", broker DEAD"
+        elif not row["alive"]:
+            intact += ", broker not answering"
         miss = missed(row, idle)
         lines.append(
             f"| {row['attack']} | {rss['before']:.0f} / {rss['peak']:.0f} / {rss['after']:.0f} "
@@ -378,6 +398,10 @@ def table(rows: list[dict[str, Any]]) -> str:
             replies = saw.get("replies") or {}
             if replies:
                 bits.append("replies=" + ",".join(f"{k}:{v}" for k, v in sorted(replies.items())))
+        if "broker_cpu_pct" in row:
+            bits.append(f"broker CPU {row['broker_cpu_pct']}%")
+        if row.get("send_ms"):
+            bits.append(f"normal user calls in window={row['send_ms']['n']}+{row['history_ms']['n']}")
         for key in ("rss_cap_hit", "attacker_overran", "stalled_subscribed"):
             if key in row:
                 bits.append(f"{key}={row[key]}")
