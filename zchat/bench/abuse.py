@@ -166,11 +166,14 @@ def _mib(n: float) -> float:
 # ------------------------------------------------------------------ one row
 
 
-def _get(q: Any, rss: Rss, timeout: float, tag: str) -> Any:
-    """The next message ``tag`` from ``q`` within ``timeout`` s, sampling RSS meanwhile."""
+def _get(q: Any, rss: Rss, timeout: float, tag: str, give_up: Any = None) -> Any:
+    """The next message ``tag`` from ``q`` within ``timeout`` s, sampling RSS meanwhile
+    (TimeoutError at once when ``give_up()`` says it will never come)."""
     deadline = mono() + timeout
     while mono() < deadline:
         rss.sample()
+        if give_up is not None and give_up():
+            raise TimeoutError(f"no {tag!r}: gave up")
         try:
             got_tag, value = q.get(timeout=0.1)
         except queue.Empty:
@@ -239,7 +242,8 @@ def run_row(name: str, seconds: float, folder: Path, rss_cap: int) -> dict[str, 
                 break
             if not attack.is_alive() and attack_q.empty():
                 break
-        end = min(end, start + seconds)
+        end = min(end, mono(), start + seconds)
+        row["attack_seconds"] = round(end - start, 2)
         row["broker_cpu_pct"] = round(100 * (procs.cpu_seconds(broker.pid) - cpu0) / max(1e-9, mono() - start))
         procs.stop(attack)
         procs.stop(stalled)
@@ -252,7 +256,9 @@ def run_row(name: str, seconds: float, folder: Path, rss_cap: int) -> dict[str, 
         check_q = mp.Queue()
         check = procs.spawn(checker, broker.router, check_q, log=str(folder / "checker.log"), name="abuse-checker")
         try:
-            checked = _get(check_q, rss, 120, "checked")
+            checked = _get(check_q, rss, 120, "checked", give_up=lambda: not broker.alive())
+        except TimeoutError as exc:
+            checked = {"answers": False, "stored": [], "error": f"broker not answering ({exc})", "seconds": float("nan")}
         finally:
             procs.stop(check)
         after = rss.sample()
@@ -399,7 +405,7 @@ def table(rows: list[dict[str, Any]]) -> str:
             if replies:
                 bits.append("replies=" + ",".join(f"{k}:{v}" for k, v in sorted(replies.items())))
         if "broker_cpu_pct" in row:
-            bits.append(f"broker CPU {row['broker_cpu_pct']}%")
+            bits.append(f"attack lasted {row['attack_seconds']:g} s, broker CPU {row['broker_cpu_pct']}%")
         if row.get("send_ms"):
             bits.append(f"normal user calls in window={row['send_ms']['n']}+{row['history_ms']['n']}")
         for key in ("rss_cap_hit", "attacker_overran", "stalled_subscribed"):
@@ -412,6 +418,19 @@ def table(rows: list[dict[str, Any]]) -> str:
         if bits or row["attack"] != IDLE:
             lines.append(f"- {row['attack']}: " + "; ".join(bits))
     return "\n".join(lines)
+
+
+def _plain(value: Any) -> Any:
+    """JSON-ready: NaN (no figure) becomes null, tuples lists, other objects strings."""
+    if isinstance(value, float):
+        return None if value != value else value
+    if isinstance(value, dict):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if value is None or isinstance(value, (str, int, bool)):
+        return value
+    return str(value)
 
 
 # ------------------------------------------------------------------ command line
@@ -493,7 +512,7 @@ def main(argv: list[str] | None = None) -> int:
             "machine": f"{platform.node()} {platform.machine()}, {os.cpu_count()} CPUs, Python {platform.python_version()}",
             "targets": TARGETS, "rss_cap_mib": args.rss_cap, "fd_limit_connection_flood": FD_LIMIT,
         }
-        Path(args.json).write_text(json.dumps({"meta": meta, "rows": rows}, indent=2, default=str))
+        Path(args.json).write_text(json.dumps(_plain({"meta": meta, "rows": rows}), indent=2))
     failed = [r for r in rows if "error" in r]
     if failed:
         return 2
