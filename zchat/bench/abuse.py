@@ -183,14 +183,26 @@ def _get(q: Any, rss: Rss, timeout: float, tag: str, give_up: Any = None) -> Any
     raise TimeoutError(f"no {tag!r} within {timeout:.0f}s")
 
 
-def run_row(name: str, seconds: float, folder: Path, rss_cap: int) -> dict[str, Any]:
+def attacker_source(wanted: str = "127.0.0.2") -> str:
+    """The loopback address attackers connect from: ``wanted`` if this host lets us
+    bind it (Linux routes all of 127/8 to lo), else 127.0.0.1 (then per-address limits
+    cannot tell the attacker from the normal user, and the row says so)."""
+    try:
+        with socket.socket() as s:
+            s.bind((wanted, 0))
+        return wanted
+    except OSError:
+        return "127.0.0.1"
+
+
+def run_row(name: str, seconds: float, folder: Path, rss_cap: int, source: str = "127.0.0.1") -> dict[str, Any]:
     """One attack (or idle) against a fresh broker; the row's figures."""
     folder.mkdir(parents=True)
     seeder = procs.spawn(seed, str(folder / "history.db"), name, log=str(folder / "seed.log"), name="abuse-seed")
     seeder.join(120)
     procs.stop(seeder)
     broker = BrokerProc(folder, fd_limit=FD_LIMIT if name == "connection-flood" else None)
-    row: dict[str, Any] = {"attack": name, "seconds": seconds, "broker_pid": broker.pid}
+    row: dict[str, Any] = {"attack": name, "seconds": seconds, "broker_pid": broker.pid, "attacker_source": source}
     rss = Rss(broker.pid)
     mp = procs.mp()
     ctl, stop = mp.Event(), mp.Event()
@@ -200,7 +212,8 @@ def run_row(name: str, seconds: float, folder: Path, rss_cap: int) -> dict[str, 
         user = procs.spawn(normal_user, broker.router, ctl, normal_q, OP_TIMEOUT, log=str(folder / "normal.log"), name="abuse-normal")
         ready = _get(normal_q, rss, 30, "ready")
         if name == "stalled-subscriber":
-            stalled = procs.spawn(stalled_subscriber_child, broker.router, broker.pub, sub_q, log=str(folder / "stalled.log"), name="abuse-stalled")
+            via = Env(router="", pull="", pub="", deadline=0, stop=stop, source=source).via
+            stalled = procs.spawn(stalled_subscriber_child, via(broker.router), via(broker.pub), sub_q, log=str(folder / "stalled.log"), name="abuse-stalled")
             row["stalled_subscribed"] = _get(sub_q, rss, 30, "ready")["subscribed"]
             os.kill(stalled.pid, signal.SIGSTOP)
         end_warmup = mono() + WARMUP
@@ -211,7 +224,7 @@ def run_row(name: str, seconds: float, folder: Path, rss_cap: int) -> dict[str, 
         start = mono()
         cpu0 = procs.cpu_seconds(broker.pid)
         env = Env(router=broker.router, pull=broker.pull, pub=broker.pub, deadline=start + seconds, stop=stop,
-                  victim_sid=ready["sid"], seconds=seconds)
+                  victim_sid=ready["sid"], seconds=seconds, source=source)
         if name != IDLE:
             attack = procs.spawn(attacker, name, env, attack_q, log=str(folder / "attacker.log"), name=f"abuse-{name}")
         end = start + seconds
@@ -451,6 +464,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--only", metavar="NAMES", help="comma-separated attacks to run (idle, the baseline, always runs)")
     parser.add_argument("--json", metavar="PATH", help="also write the figures as JSON")
     parser.add_argument("--rss-cap", type=float, default=3072, metavar="MIB", help="stop an attacker once the broker's RSS passes this [3072]")
+    parser.add_argument("--attacker-source", default="127.0.0.2", metavar="ADDR",
+                        help="loopback address the attackers connect from; the normal user uses 127.0.0.1 [127.0.0.2]")
     parser.add_argument("--keep", action="store_true", help="keep the temporary folder (broker logs, databases)")
     parser.add_argument("--strict", action="store_true", help="exit 1 if any row misses a target")
     args = parser.parse_args(argv)
@@ -458,6 +473,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         args.seconds = 3.0 if args.quick else 10.0
     if not 0 < args.seconds <= 600:
         parser.error("--seconds must be in (0, 600]")
+    if not args.attacker_source.startswith("127."):
+        parser.error("--attacker-source must be a loopback address (127.x.y.z)")
     names = list(NAMES)
     if args.only:
         wanted = [n.strip() for n in args.only.replace(" ", ",").split(",") if n.strip()]
@@ -476,6 +493,9 @@ def main(argv: list[str] | None = None) -> int:
     procs.raise_nofile()
     tmp = Path(tempfile.mkdtemp(prefix="zchat-abuse-"))
     rows: list[dict[str, Any]] = []
+    source = attacker_source(args.attacker_source)
+    if source != args.attacker_source:
+        print(f"cannot bind {args.attacker_source}: attackers connect from {source}, like the normal user", file=sys.stderr)
     started = datetime.datetime.now(datetime.timezone.utc)
 
     def on_term(signum: int, frame: Any) -> None:
@@ -486,7 +506,7 @@ def main(argv: list[str] | None = None) -> int:
         for i, name in enumerate(args.names, 1):
             print(f"[{i}/{len(args.names)}] {name} ({args.seconds:g} s) ...", file=sys.stderr, flush=True)
             try:
-                rows.append(run_row(name, args.seconds, tmp / name, int(args.rss_cap * 2**20)))
+                rows.append(run_row(name, args.seconds, tmp / name, int(args.rss_cap * 2**20), source))
             except Exception as exc:  # a row that could not be measured is said, not hidden
                 log.exception("row %s failed", name)
                 rows.append({"attack": name, "error": f"{type(exc).__name__}: {exc}"})
@@ -511,6 +531,7 @@ def main(argv: list[str] | None = None) -> int:
             "started": started.isoformat(timespec="seconds"), "seconds": args.seconds,
             "machine": f"{platform.node()} {platform.machine()}, {os.cpu_count()} CPUs, Python {platform.python_version()}",
             "targets": TARGETS, "rss_cap_mib": args.rss_cap, "fd_limit_connection_flood": FD_LIMIT,
+            "attacker_source": source, "normal_source": "127.0.0.1",
         }
         Path(args.json).write_text(json.dumps(_plain({"meta": meta, "rows": rows}), indent=2))
     failed = [r for r in rows if "error" in r]

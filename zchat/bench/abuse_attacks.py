@@ -54,6 +54,14 @@ class Env:
     stop: Any  # multiprocessing Event: end now
     victim_sid: str = ""
     seconds: float = 10.0
+    source: str = "127.0.0.1"  # the attacker's own loopback address (the normal user is 127.0.0.1)
+
+    def via(self, endpoint: str) -> str:
+        """``endpoint`` connected from the attacker's source address (libzmq's
+        ``tcp://SOURCE:0;HOST:PORT``), so per-address limits can tell it from the normal user."""
+        if self.source == "127.0.0.1":
+            return endpoint
+        return endpoint.replace("tcp://", f"tcp://{self.source}:0;", 1)
 
     def over(self) -> bool:
         return self.stop.is_set() or mono() >= self.deadline
@@ -231,7 +239,7 @@ def history_intact(sent: list[tuple[str, bool]], stored: list[tuple[int, str]]) 
 
 def _helper(ctx: zmq.Context, env: Env, saw: Saw, i: int = 0, **kw: Any) -> Peer:
     """A seeded attacker name on a DEALER, with a session (hello answered)."""
-    peer = Peer(ctx, zmq.DEALER, env.router, HELPERS[i], saw, **kw)
+    peer = Peer(ctx, zmq.DEALER, env.via(env.router), HELPERS[i], saw, **kw)
     if not peer.hello(timeout=min(5.0, max(1.0, env.left()))):
         saw.notes.setdefault("hello_failed", 0)
         saw.notes["hello_failed"] += 1
@@ -393,7 +401,7 @@ def parked_queue(env: Env, saw: Saw) -> None:
     ctx = zmq.Context()
     dealer = _helper(ctx, env, saw, rcvhwm=1, rcvbuf=4096)
     dealer.call(p.encode(p.Join(rid=2, room="spam")), 2, 5.0)
-    push = Peer(ctx, zmq.PUSH, env.pull, HELPERS[0], saw)
+    push = Peer(ctx, zmq.PUSH, env.via(env.pull), HELPERS[0], saw)
     size = p.MAX_MESSAGE_BYTES
     mark = "pk-" + "X" * 12  # a fixed-width cid patched per frame: every line is new (no dedup shortcut)
     template = _sized_send(dealer.sid, mark, "spam", size)
@@ -434,7 +442,7 @@ def heavy_frame(env: Env, saw: Saw) -> None:
     """``sends`` frames of ~65,500 empty items, on the DEALER and on PUSH, replies read."""
     ctx = zmq.Context()
     dealer = _helper(ctx, env, saw)
-    push = Peer(ctx, zmq.PUSH, env.pull, HELPERS[0], saw, sndhwm=64)
+    push = Peer(ctx, zmq.PUSH, env.via(env.pull), HELPERS[0], saw, sndhwm=64)
     body, n = heavy_frame_body()
     saw.notes["items_per_frame"] = n
     sent = 0
@@ -510,7 +518,7 @@ def name_squat(env: Env, saw: Saw) -> None:
     t0 = mono()
     tag = os.getpid() % 10_000
     while not env.over() and n < 20_000:
-        wave = [Peer(ctx, zmq.DEALER, env.router, f"sq{tag}-{n + i}", saw) for i in range(64)]
+        wave = [Peer(ctx, zmq.DEALER, env.via(env.router), f"sq{tag}-{n + i}", saw) for i in range(64)]
         n += len(wave)
         end = mono() + min(3.0, max(0.2, env.left()))
         while mono() < end and any(w.state == "connecting" for w in wave):
@@ -530,7 +538,7 @@ def name_squat(env: Env, saw: Saw) -> None:
 def throwaway_names(env: Env, saw: Saw) -> None:
     """200 fresh names join the normal user's room; each sends up to 150 lines there."""
     ctx = zmq.Context()
-    peers = [Peer(ctx, zmq.DEALER, env.router, f"tw-{i:03d}", saw) for i in range(200)]
+    peers = [Peer(ctx, zmq.DEALER, env.via(env.router), f"tw-{i:03d}", saw) for i in range(200)]
     rid = Rids()
     live: list[Peer] = []
     for peer in peers:
@@ -575,6 +583,7 @@ def connection_flood(env: Env, saw: Saw) -> None:
         s = socket.socket()
         s.settimeout(1.0)
         try:
+            s.bind((env.source, 0))
             s.connect(("127.0.0.1", ports[i % 3]))
         except OSError:
             failed += 1
@@ -642,7 +651,7 @@ def session_takeover(env: Env, saw: Saw) -> None:
     """A DEALER with the normal user's routing id under another name: hello, then a
     ping every 200 ms; every reply that is not an answer to its own rids is the victim's."""
     ctx = zmq.Context()
-    peer = Peer(ctx, zmq.DEALER, env.router, HELPERS[1], saw, routing_id=env.victim_sid.encode("latin-1"))
+    peer = Peer(ctx, zmq.DEALER, env.via(env.router), HELPERS[1], saw, routing_id=env.victim_sid.encode("latin-1"))
     mine: set[int] = set()
     victims = 0
     victim_kinds: dict[str, int] = {}
