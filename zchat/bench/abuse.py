@@ -27,6 +27,7 @@ import argparse
 import datetime
 import json
 import logging
+import math
 import os
 import platform
 import queue
@@ -309,10 +310,10 @@ def _stats(samples: list[tuple[float, str, float, bool]]) -> dict[str, Any]:
     values = sorted(1000 * s[2] for s in samples)
     failed = sum(1 for s in samples if not s[3])
 
-    def pct(q: float) -> float:
+    def pct(q: float) -> float:  # nearest rank: the smallest value with at least q of them at or below it
         if not values:
             return float("nan")
-        return round(values[min(len(values) - 1, int(q * len(values)))], 2)
+        return round(values[max(0, math.ceil(q * len(values)) - 1)], 2)
 
     return {"n": len(values), "failed": failed, "p50": pct(0.50), "p99": pct(0.99), "max": round(values[-1], 2) if values else float("nan")}
 

@@ -193,16 +193,24 @@ def checker(router: str, results: Any) -> None:
                 client = Client(router, HELPERS[13], SECRET)
         if answers:
             error = ""
-            try:
-                after = 0
-                while True:
+            after = 0
+            end = mono() + 120
+            while True:
+                try:
                     page = await client.history(LOBBY, limit=p.MAX_HISTORY, after=after)
-                    if not page:
-                        break
-                    stored += [(m.seq, m.text) for m in page if m.sender == NORMAL and m.kind == "text"]
-                    after = page[-1].seq
-            except (ClientError, asyncio.TimeoutError) as exc:
-                error = f"reading history back failed: {exc}"
+                except ClientError as exc:
+                    if exc.code == p.ErrorCode.RATE_LIMITED and mono() < end:  # a request budget: wait, ask again
+                        await asyncio.sleep(0.5)
+                        continue
+                    error = f"reading history back failed: {exc} [{exc.code}]"
+                    break
+                except asyncio.TimeoutError:
+                    error = "reading history back failed: no answer within 10 s"
+                    break
+                if not page:
+                    break
+                stored += [(m.seq, m.text) for m in page if m.sender == NORMAL and m.kind == "text"]
+                after = page[-1].seq
         await client.close()
         return {"answers": answers, "stored": stored, "error": error, "seconds": round(mono() - t0, 2)}
 
