@@ -147,12 +147,14 @@ class Rss:
     def __init__(self, pid: int) -> None:
         self.pid = pid
         self.samples: list[tuple[float, int]] = []
+        self.fds_max = 0  # open descriptors, the most seen (the connection flood's figure)
         self.next_at = 0.0
 
     def sample(self) -> int:
         now = mono()
         if now >= self.next_at:
             self.samples.append((now, procs.rss_bytes(self.pid)))
+            self.fds_max = max(self.fds_max, procs.open_fds(self.pid))
             self.next_at = now + 0.1
         return self.samples[-1][1] if self.samples else 0
 
@@ -258,6 +260,7 @@ def run_row(name: str, seconds: float, folder: Path, rss_cap: int, source: str =
                 break
         end = min(end, mono(), start + seconds)
         row["attack_seconds"] = round(end - start, 2)
+        row["broker_fds_max"] = rss.fds_max
         row["broker_cpu_pct"] = round(100 * (procs.cpu_seconds(broker.pid) - cpu0) / max(1e-9, mono() - start))
         procs.stop(attack)
         procs.stop(stalled)
@@ -419,7 +422,7 @@ def table(rows: list[dict[str, Any]]) -> str:
             if replies:
                 bits.append("replies=" + ",".join(f"{k}:{v}" for k, v in sorted(replies.items())))
         if "broker_cpu_pct" in row:
-            bits.append(f"attack lasted {row['attack_seconds']:g} s, broker CPU {row['broker_cpu_pct']}%")
+            bits.append(f"attack lasted {row['attack_seconds']:g} s, broker CPU {row['broker_cpu_pct']}%, broker fds max {row.get('broker_fds_max', '?')}")
         if row.get("send_ms"):
             bits.append(f"normal user calls in window={row['send_ms']['n']}+{row['history_ms']['n']}")
         for key in ("rss_cap_hit", "attacker_overran", "stalled_subscribed"):
