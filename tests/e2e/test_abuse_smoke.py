@@ -121,6 +121,8 @@ def test_the_verdicts_say_what_the_attacker_saw_and_what_was_missed() -> None:
                 rss_mib={"before": 30.0, "peak": 900.0, "after": 50.0})
     miss = missed(slow, idle)
     assert any("send p99" in m for m in miss) and any("RSS" in m for m in miss) and any("failed" in m for m in miss)
+    blocked = _row("heavy-frame", history_ms={"n": 0, "failed": 0, "p50": float("nan"), "p99": float("nan"), "max": float("nan")})
+    assert "no history call started in the window" in missed(blocked, idle)
     leak = _row("session-takeover", saw={"notes": {"victim_replies_seen": 4}})
     assert limited(leak).startswith("no") and "victim's replies leaked" in missed(leak, idle)
     dead = _row("many-rooms", alive=False, broker_process_alive=False, intact=False, intact_detail="broker not answering")

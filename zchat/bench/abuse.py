@@ -367,6 +367,8 @@ def missed(row: dict[str, Any], idle: dict[str, Any] | None) -> list[str]:
             out.append(f"{label} p99 x{ratio:.0f}")
         if (row.get(key) or {}).get("failed"):
             out.append(f"{row[key]['failed']} {label}(s) failed")
+        if key in row and not row[key].get("n"):
+            out.append(f"no {label} call started in the window")
     notes = (row.get("saw") or {}).get("notes") or {}
     if notes.get("victim_replies_seen"):
         out.append("victim's replies leaked")
