@@ -202,6 +202,12 @@ class Sends(_Body, tag="sends"):
     items: Annotated[list[Send], Meta(max_length=MAX_SENDS_ITEMS)]
 
 
+class _SendsHead(_Body, tag="sends"):
+    """A ``sends`` body with its items left as one undecoded array: to count them first."""
+
+    items: msgspec.Raw
+
+
 class _RawSends(_Body, tag="sends"):
     """Sends with its items left undecoded: to salvage the good items of a bad frame."""
 
@@ -356,6 +362,7 @@ _send_decoder = msgspec.msgpack.Decoder(Union[Send, Sends])
 _single_send_decoder = msgspec.msgpack.Decoder(Send)
 _router_decoder = msgspec.msgpack.Decoder(Union[Hello, Join, Part, History, Who, Rooms, Ping, Bye, Send, Sends])
 _raw_sends_decoder = msgspec.msgpack.Decoder(_RawSends)
+_sends_head_decoder = msgspec.msgpack.Decoder(_SendsHead)
 _reply_decoder = msgspec.msgpack.Decoder(Reply)
 _event_decoder = msgspec.msgpack.Decoder(Event)
 _version_decoder = msgspec.msgpack.Decoder()  # any value: a non-map body is bad_request, not bad_encoding
@@ -422,6 +429,33 @@ def _explain(data: bytes, exc: msgspec.DecodeError) -> ProtocolError:
     return ProtocolError(ErrorCode.BAD_REQUEST, str(exc))
 
 
+def _array_length(raw: memoryview) -> int:
+    """The element count a MessagePack array header says (-1: not an array)."""
+    if not raw:
+        return -1
+    first = raw[0]
+    if 0x90 <= first <= 0x9F:
+        return first & 0x0F
+    if first == 0xDC:
+        return int.from_bytes(raw[1:3], "big")
+    if first == 0xDD:
+        return int.from_bytes(raw[1:5], "big")
+    return -1
+
+
+def _check_sends_count(data: bytes) -> None:
+    """Refuse a ``sends`` frame of more than MAX_SENDS_ITEMS items before decoding them:
+    decoding 65,000 empty items just to find the array too long cost ~20 ms a frame."""
+    if b"sends" not in data[:32]:  # bodies encoded as ours are, "k" first; others pay the full decode
+        return
+    try:
+        head = _sends_head_decoder.decode(data)
+    except (msgspec.DecodeError, UnicodeDecodeError, RecursionError):
+        return  # not a sound sends body: the full decode says why
+    if _array_length(memoryview(head.items)) > MAX_SENDS_ITEMS:
+        raise ProtocolError(ErrorCode.BAD_REQUEST, f"a sends frame holds at most {MAX_SENDS_ITEMS} items")
+
+
 def decode_request(data: bytes, limit: int = MAX_MESSAGE_BYTES) -> Request:
     """A client's request, as the broker reads it: bodies over ``limit`` are refused."""
     return _decode(data, _request_decoder, limit)
@@ -431,6 +465,8 @@ def decode_router(data: bytes, limit: int = MAX_MESSAGE_BYTES) -> Request | Send
     """A body from a client's DEALER: a request, or chat lines (``send``/``sends``),
     which a client may send there instead of over PUSH. Use decode_sends on a
     ``sends`` body that fails here to salvage its good items."""
+    if limit and len(data) <= limit:
+        _check_sends_count(data)
     return _decode(data, _router_decoder, limit)
 
 
@@ -446,6 +482,8 @@ def decode_sends(data: bytes, limit: int = MAX_MESSAGE_BYTES) -> tuple[list[Send
     one by one so the good ones are still taken and each bad one gets its own error
     (with its sid and cid when readable). Raises ProtocolError if the frame itself is bad.
     """
+    if not limit or len(data) <= limit:
+        _check_sends_count(data)
     try:
         body = _decode_strict(data, _send_decoder, limit)
     except ProtocolError as first:
