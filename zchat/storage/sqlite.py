@@ -483,3 +483,11 @@ class SqliteStorage:
         else:
             self._db.execute("DELETE FROM members WHERE room = ? AND name = ?", (room, name))
         self._wrote(1)
+
+    async def release_user(self, name: str, digest: bytes | None = None) -> bool:
+        if digest is None:
+            cur = self._db.execute("DELETE FROM users WHERE name = ?", (name,))
+        else:
+            cur = self._db.execute("DELETE FROM users WHERE name = ? AND digest = ?", (name, digest))
+        self._wrote(1)
+        return cur.rowcount == 1
