@@ -39,7 +39,8 @@ from zchat import protocol as p
 log = logging.getLogger(__name__)
 
 MiB = 1024 * 1024
-#: Largest publication the broker sends (the broker cuts Batch publications to this).
+#: Largest publication the broker sends (zchat.broker.MAX_PUBLICATION_BYTES, which the
+#: broker passes in; this default keeps guard free of an import cycle).
 MAX_PUBLICATION_BYTES = 256 * 1024
 #: Descriptors kept free of connections at the default total cap: listeners, ZeroMQ's
 #: mailboxes and poller, storage files, logs, and connections accepted but not yet cut.
@@ -65,22 +66,23 @@ class GuardConfig:
     ``sndhwm = send_budget // MAX_PUBLICATION_BYTES`` (a publication is at most 256 KiB),
     and never above ``Limits.pub_hwm``.
 
-    Worst case with the defaults (max_bytes 64 KiB, so maxmsgsize 128 KiB): rcvhwm 32,
-    ROUTER sndhwm 16, XPUB sndhwm 64.
+    Worst case with the defaults (max_bytes 64 KiB, so maxmsgsize 128 KiB; budgets
+    4 MiB in, 64 MiB out): rcvhwm 32, ROUTER sndhwm 64, XPUB sndhwm 256.
 
-    * a ROUTER connection: 32 x 128 KiB in + 16 x 1 MiB out = 4 + 16 = 20 MiB
-    * a PULL connection: 32 x 128 KiB = 4 MiB
-    * an XPUB connection: 64 x 256 KiB out + 32 x 128 KiB in = 16 + 4 = 20 MiB
-    * plus libzmq's per-connection buffers: one message being decoded (at most
+    * a ROUTER connection: 32 x 128 KiB in + 64 x 1 MiB out = 4 + 64 = 68 MiB
+    * a PULL connection: 32 x 128 KiB in = 4 MiB
+    * an XPUB connection: 256 x 256 KiB out + 32 x 128 KiB in (subscriptions) = 64 + 4 = 68 MiB
+    * plus libzmq's buffers of any connection: one message being decoded (at most
       maxmsgsize, 128 KiB) and 8 KiB in and out batches: about 0.14 MiB
 
-    So at most 20.2 MiB for any one connection and 44.4 MiB for a client's three.
-    ``max_connections`` connections (default: descriptor limit less a reserve) cost at
-    most ``max_connections x 20.2 MiB``; a mix of whole clients ``max_connections / 3
-    x 44.4 MiB``: 900 connections (a 1,024-descriptor limit) about 13 GiB, and a
-    per-address cap of 64 connections on each port bounds one address to 64 x 44.4 MiB
-    = 2.8 GiB. These are the bounds for peers that never read; a client that reads
-    keeps its queues near empty.
+    So at most 68.2 MiB for one connection, 140.4 MiB for a client's three. The total
+    cap ``max_connections`` (default: descriptor limit less a reserve, 909 at 1,024
+    descriptors) bounds the whole at 909 / 3 x 140.4 MiB = 41.6 GiB (all-ROUTER:
+    909 x 68.2 MiB = 60.5 GiB), and one address (64 connections a port) at 64 x 140.4
+    MiB = 8.8 GiB. These are bounds for peers that never read (a reading client keeps
+    its queues near empty); a broker on a small machine lowers send_budget (64 MiB
+    allows 64 replies in flight per connection: a client firing more requests at once
+    than sndhwm loses the excess replies, since a ROUTER drops what does not fit).
     """
 
     max_per_address: int = 64  # TCP connections from one address on each port
@@ -89,7 +91,7 @@ class GuardConfig:
     claim_timeout: float = 30.0  # seconds a fresh claim has to say hello before it is released
     reserved: tuple[str, ...] = RESERVED_NAMES  # names nobody may claim
     queue_budget: int = 4 * MiB  # bytes a connection's receive queue may hold
-    send_budget: int = 16 * MiB  # bytes a connection's send queue may hold
+    send_budget: int = 64 * MiB  # bytes a connection's send queue may hold
     handshake_timeout: float = 5.0  # seconds a connection has to finish its ZMTP handshake
 
     def rcvhwm(self, maxmsgsize: int) -> int:
@@ -98,8 +100,8 @@ class GuardConfig:
     def router_sndhwm(self) -> int:
         return max(1, self.send_budget // p.MAX_REPLY_BYTES)
 
-    def xpub_sndhwm(self, pub_hwm: int) -> int:
-        return max(1, min(pub_hwm, self.send_budget // MAX_PUBLICATION_BYTES))
+    def xpub_sndhwm(self, pub_hwm: int, publication: int = MAX_PUBLICATION_BYTES) -> int:
+        return max(1, min(pub_hwm, self.send_budget // publication))
 
 
 def raise_fd_limit() -> tuple[int, int]:
