@@ -94,6 +94,7 @@ class Settings:
     reserved_names: str = "admin,root,system,zchat"  # comma-separated; nobody may claim them
     queue_budget: int = 4 * 1024 * 1024  # bytes each connection's receive queue may hold
     send_budget: int = 64 * 1024 * 1024  # bytes each connection's send queue may hold
+    handshake_timeout: float = 5.0  # seconds a TCP connection has to finish its handshake
 
     def reserved(self) -> tuple[str, ...]:
         return tuple(n for n in (part.strip() for part in self.reserved_names.split(",")) if n)
@@ -123,6 +124,7 @@ HELP = {
     "claim_timeout": "seconds a new name's first connection has to say hello before the name is freed",
     "reserved_names": "comma-separated names nobody may claim",
     "queue_budget": "bytes each connection's receive queue at the broker may hold",
+    "handshake_timeout": "seconds a new TCP connection has to finish its ZeroMQ handshake",
     "send_budget": f"bytes each connection's send queue at the broker may hold (at least {MIN_SEND_BUDGET})",
 }
 
@@ -222,7 +224,7 @@ def _validate(name: str, value: Any, source: str) -> Any:
         if value < 1:
             raise _fail(name, source, value, "a number of at least 1")
         return value
-    if name in ("max_per_address", "claim_timeout"):
+    if name in ("max_per_address", "claim_timeout", "handshake_timeout"):
         if value <= 0:
             raise _fail(name, source, value, "a number above 0")
         return value

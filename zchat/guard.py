@@ -184,7 +184,7 @@ class ConnectionGuard:
         self.monitors: list[tuple[str, zmq.Socket]] = []
         self.by_fd: dict[tuple[str, int], str] = {}  # (port label, fd) -> address
         self.per_address: dict[tuple[str, str], int] = {}  # (port label, address) -> connections
-        self.pending: set[tuple[str, int]] = set()  # accepted, handshake not finished
+        self.pending: dict[tuple[str, int], None] = {}  # accepted, handshake not finished; oldest first
         self.cut: dict[str, int] = {"address": 0, "total": 0, "handshakes": 0}
         self.accept_failed = 0
         self._last_warn = 0.0
@@ -253,22 +253,29 @@ class ConnectionGuard:
             self.by_fd[key] = address
             slot = (label, address)
             self.per_address[slot] = self.per_address.get(slot, 0) + 1
-            self.pending.add(key)
+            self.pending[key] = None
             reason = ""
             if self.per_address[slot] > self.config.max_per_address:
                 reason = "address"
             elif len(self.by_fd) > self.total_cap:
                 reason = "total"
-            elif len(self.pending) > self.pending_cap:
-                reason = "handshakes"
             if reason:
                 self.cut[reason] += 1
+                del self.pending[key]
                 _cut(fd)
                 self._warn(now, f"cut a {label} connection from {address} (over the {reason} cap; {self.per_address[slot]} from it, {len(self.by_fd)} in all)")
+            elif len(self.pending) > self.pending_cap:
+                # Too many connections sit in their handshake: cut the oldest, so idle
+                # connections cannot keep a newcomer from the few milliseconds it needs.
+                oldest = next(iter(self.pending))
+                del self.pending[oldest]
+                self.cut["handshakes"] += 1
+                _cut(oldest[1])
+                self._warn(now, f"cut the oldest unfinished handshake ({self.by_fd.get(oldest)}); {len(self.pending)} still in their handshake")
             else:
                 log.debug("%s connection from %s (fd %d; %d from it, %d in all)", label, address, fd, self.per_address[slot], len(self.by_fd))
         elif kind == zmq.EVENT_HANDSHAKE_SUCCEEDED:
-            self.pending.discard(key)
+            self.pending.pop(key, None)
         elif kind == zmq.EVENT_DISCONNECTED:
             self._forget(key)
         elif kind == zmq.EVENT_ACCEPT_FAILED:
@@ -277,7 +284,7 @@ class ConnectionGuard:
 
     def _forget(self, key: tuple[str, int]) -> None:
         address = self.by_fd.pop(key, None)
-        self.pending.discard(key)
+        self.pending.pop(key, None)
         if address is None:
             return
         slot = (key[0], address)

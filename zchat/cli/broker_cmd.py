@@ -30,6 +30,7 @@ log = logging.getLogger(__name__)
 @click.option("--reserved-names", help="Comma-separated names nobody may claim. [admin,root,system,zchat]")
 @click.option("--queue-budget", type=int, help="Bytes each connection's receive queue may hold. [4194304]")
 @click.option("--send-budget", type=int, help="Bytes each connection's send queue may hold (replies up to 1 MiB). [67108864]")
+@click.option("--handshake-timeout", type=float, help="Seconds a new TCP connection has to finish its handshake. [5]")
 @click.option("--log-level", help="DEBUG, INFO, WARNING or ERROR. [INFO]")
 @click.option("--log-format", type=click.Choice(["text", "json"]), help="Log lines as text or JSON. [text]")
 @click.option("--config", "config_path", type=click.Path(dir_okay=False), help="TOML settings file.")
@@ -56,6 +57,7 @@ def broker(config_path: str | None, **flags: object) -> None:
     guard = GuardConfig(
         max_per_address=s.max_per_address, max_connections=s.max_connections, claims_per_minute=s.claims_per_minute,
         claim_timeout=s.claim_timeout, reserved=s.reserved(), queue_budget=s.queue_budget, send_budget=s.send_budget,
+        handshake_timeout=s.handshake_timeout,
     )
     try:
         asyncio.run(serve(s.bind, store, limits, guard))
