@@ -166,7 +166,7 @@ async def test_idle_connections_past_the_descriptor_limit_lock_nobody_out(low_fd
         assert held >= 60  # the client got in beside them, not after they were dropped
         text = (tmp_path / "broker.log").read_text()
         assert "descriptor limit: soft 256" in text
-        assert "cut a" in text  # the guard did the refusing
+        assert "cut the oldest unfinished handshake" in text  # the guard did the refusing
     finally:
         await client.close()
         close_all(socks)
