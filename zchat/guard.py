@@ -26,6 +26,7 @@ import logging
 import os
 import resource
 import socket
+import struct
 import threading
 import time
 from collections import deque
@@ -50,9 +51,11 @@ CLAIM_WINDOW = 60.0  # seconds over which claims per address are counted
 MAX_CLAIM_ADDRESSES = 10_000  # addresses whose recent claims are remembered at once
 MAX_PENDING_CLAIMS = 10_000  # fresh claims waiting for their hello at once
 
-MONITOR_EVENTS = (
-    zmq.EVENT_ACCEPTED | zmq.EVENT_ACCEPT_FAILED | zmq.EVENT_DISCONNECTED | zmq.EVENT_HANDSHAKE_SUCCEEDED
-)
+MONITOR_EVENTS = zmq.EVENT_ACCEPTED | zmq.EVENT_ACCEPT_FAILED | zmq.EVENT_DISCONNECTED
+#: A ZMTP server has sent its greeting (64 bytes), WELCOME (10) and READY (30 or more)
+#: once a handshake succeeded; one refused or unfinished has sent at most 64 + ERROR.
+HANDSHAKE_DONE_BYTES = 96
+_TCPI_BYTES_ACKED = 120  # offset of tcpi_bytes_acked in Linux's struct tcp_info (4.1+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -146,6 +149,23 @@ def _peer_of(fd: int) -> str | None:
         return None
 
 
+def _handshake_done(fd: int) -> bool:
+    """Whether the broker's side of ``fd`` has sent (and had acknowledged) as much as a
+    finished ZMTP handshake sends, from the kernel's TCP_INFO (False if unknown)."""
+    try:
+        dup = os.dup(fd)
+    except OSError:
+        return False
+    try:
+        with socket.socket(fileno=dup) as sock:
+            info = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 256)
+    except OSError:
+        return False
+    if len(info) < _TCPI_BYTES_ACKED + 8:
+        return False
+    return int(struct.unpack_from("Q", info, _TCPI_BYTES_ACKED)[0]) >= HANDSHAKE_DONE_BYTES
+
+
 def _cut(fd: int) -> None:
     """End the TCP connection under libzmq's ``fd`` without closing that descriptor."""
     try:
@@ -184,7 +204,10 @@ class ConnectionGuard:
         self.monitors: list[tuple[str, zmq.Socket]] = []
         self.by_fd: dict[tuple[str, int], str] = {}  # (port label, fd) -> address
         self.per_address: dict[tuple[str, str], int] = {}  # (port label, address) -> connections
-        self.pending: dict[tuple[str, int], None] = {}  # accepted, handshake not finished; oldest first
+        # Accepted connections that may still be in their handshake, oldest first, with
+        # the time they came. libzmq's monitor says that *a* handshake succeeded but not
+        # which, so the table is cleaned when it is full (see _make_room).
+        self.pending: dict[tuple[str, int], float] = {}
         self.cut: dict[str, int] = {"address": 0, "total": 0, "handshakes": 0}
         self.accept_failed = 0
         self._last_warn = 0.0
@@ -236,7 +259,7 @@ class ConnectionGuard:
                             stopped += 1
                             poller.unregister(monitor)
                             break
-                        self.on_event(labels[monitor], event["event"], event["value"], time.monotonic())
+                        self.on_event(labels[monitor], int(event["event"]), int(event["value"]), time.monotonic())
         except zmq.ContextTerminated:
             return
         except Exception:  # pragma: no cover - the guard must never take the broker down
@@ -253,7 +276,7 @@ class ConnectionGuard:
             self.by_fd[key] = address
             slot = (label, address)
             self.per_address[slot] = self.per_address.get(slot, 0) + 1
-            self.pending[key] = None
+            self.pending[key] = now
             reason = ""
             if self.per_address[slot] > self.config.max_per_address:
                 reason = "address"
@@ -265,22 +288,29 @@ class ConnectionGuard:
                 _cut(fd)
                 self._warn(now, f"cut a {label} connection from {address} (over the {reason} cap; {self.per_address[slot]} from it, {len(self.by_fd)} in all)")
             elif len(self.pending) > self.pending_cap:
-                # Too many connections sit in their handshake: cut the oldest, so idle
-                # connections cannot keep a newcomer from the few milliseconds it needs.
-                oldest = next(iter(self.pending))
-                del self.pending[oldest]
-                self.cut["handshakes"] += 1
-                _cut(oldest[1])
-                self._warn(now, f"cut the oldest unfinished handshake ({self.by_fd.get(oldest)}); {len(self.pending)} still in their handshake")
+                self._make_room(now)
             else:
                 log.debug("%s connection from %s (fd %d; %d from it, %d in all)", label, address, fd, self.per_address[slot], len(self.by_fd))
-        elif kind == zmq.EVENT_HANDSHAKE_SUCCEEDED:
-            self.pending.pop(key, None)
         elif kind == zmq.EVENT_DISCONNECTED:
             self._forget(key)
         elif kind == zmq.EVENT_ACCEPT_FAILED:
             self.accept_failed += 1
             self._warn(now, f"{label}: accept failed ({os.strerror(fd) if fd > 0 else fd}); {len(self.by_fd)} connections")
+
+    def _make_room(self, now: float) -> None:
+        """The handshake table is full: drop the entries that finished their handshake
+        and cut the oldest one that did not, so idle connections cannot keep a newcomer
+        from the few milliseconds its handshake needs."""
+        stale = now - self.config.handshake_timeout - 1.0  # libzmq has ended those still unfinished
+        for _ in range(min(len(self.pending), 256)):
+            key, since = next(iter(self.pending.items()))
+            del self.pending[key]
+            if since < stale or _handshake_done(key[1]):
+                continue
+            self.cut["handshakes"] += 1
+            _cut(key[1])
+            self._warn(now, f"cut the oldest unfinished handshake (from {self.by_fd.get(key)}); {len(self.pending)} in their handshake")
+            return
 
     def _forget(self, key: tuple[str, int]) -> None:
         address = self.by_fd.pop(key, None)

@@ -170,3 +170,28 @@ async def test_idle_connections_past_the_descriptor_limit_lock_nobody_out(low_fd
     finally:
         await client.close()
         close_all(socks)
+
+
+async def test_the_total_cap_keeps_room_for_working_clients(tmp_path: Path, clients) -> None:  # noqa: F811
+    """fails with the total cap and the handshake-table cut removed: idle connections
+    from many addresses were all kept."""
+    running = await start_broker(tmp_path / "h.db", GuardConfig(max_connections=10, handshake_timeout=60))
+    guard = running.broker.guard  # type: ignore[union-attr]
+    alice = await normal(running, clients, "alice")
+    bob = await normal(running, clients, "bob")
+    await wait_for(lambda: guard.total >= 4, what="two clients' connections")
+    working = guard.total
+    port = running.broker.ports[0]  # type: ignore[union-attr]
+    socks = [s for i in range(12) for s in open_idle(port, f"127.0.3.{i + 1}", 1)]
+    try:
+        await wait_for(lambda: sum(map(ended, socks)) >= 12 - (10 - working), what="the caps to cut the excess")
+        await wait_for(lambda: guard.total <= 10, what="at most 10 connections counted")
+        for client in (alice, bob):  # working clients keep working, and were not cut
+            await client.send("general", "still here")
+            await client.ping()
+        assert guard.total >= working
+    finally:
+        close_all(socks)
+    await wait_for(lambda: guard.total == working, what="the idle connections to be uncounted")
+    await normal(running, clients, "carol")  # room again
+    await running.stop()
