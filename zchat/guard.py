@@ -50,6 +50,7 @@ RESERVED_NAMES = ("admin", "root", "system", "zchat")
 CLAIM_WINDOW = 60.0  # seconds over which claims per address are counted
 MAX_CLAIM_ADDRESSES = 10_000  # addresses whose recent claims are remembered at once
 MAX_PENDING_CLAIMS = 10_000  # fresh claims waiting for their hello at once
+AUDIT_SLICE = 512  # counted connections checked each second by the guard's thread
 
 MONITOR_EVENTS = zmq.EVENT_ACCEPTED | zmq.EVENT_ACCEPT_FAILED | zmq.EVENT_DISCONNECTED
 #: A ZMTP server has sent its greeting (64 bytes), WELCOME (10) and READY (30 or more)
@@ -211,6 +212,7 @@ class ConnectionGuard:
         self.cut: dict[str, int] = {"address": 0, "total": 0, "handshakes": 0}
         self.accept_failed = 0
         self._last_warn = 0.0
+        self._audit_at = 0
         self._thread: threading.Thread | None = None
         self.ready = threading.Event()
 
@@ -242,12 +244,16 @@ class ConnectionGuard:
             labels[monitor] = label
         self.ready.set()
         stopped = 0
+        next_audit = time.monotonic() + 1.0
         try:
             while stopped < len(self.monitors):
                 try:
                     ready = poller.poll(1000)
                 except zmq.ContextTerminated:
                     return
+                if time.monotonic() >= next_audit:  # also while events keep coming
+                    self.audit(AUDIT_SLICE)
+                    next_audit = time.monotonic() + 1.0
                 for monitor, _ in ready:
                     for _ in range(1000):
                         try:
@@ -296,6 +302,24 @@ class ConnectionGuard:
         elif kind == zmq.EVENT_ACCEPT_FAILED:
             self.accept_failed += 1
             self._warn(now, f"{label}: accept failed ({os.strerror(fd) if fd > 0 else fd}); {len(self.by_fd)} connections")
+
+    def audit(self, limit: int) -> int:
+        """Uncount up to ``limit`` connections whose descriptor is gone (a lost monitor
+        event must not leave an address counted for ever); return how many."""
+        keys = list(self.by_fd)
+        if not keys:
+            return 0
+        start = self._audit_at % len(keys)
+        chunk = (keys[start:] + keys[:start])[:limit]
+        self._audit_at = start + len(chunk)
+        gone = 0
+        for key in chunk:
+            if _peer_of(key[1]) != self.by_fd.get(key):
+                self._forget(key)
+                gone += 1
+        if gone:
+            log.info("audit: %d connection(s) had ended unseen", gone)
+        return gone
 
     def _make_room(self, now: float) -> None:
         """The handshake table is full: drop the entries that finished their handshake

@@ -195,3 +195,19 @@ async def test_the_total_cap_keeps_room_for_working_clients(tmp_path: Path, clie
     await wait_for(lambda: guard.total == working, what="the idle connections to be uncounted")
     await normal(running, clients, "carol")  # room again
     await running.stop()
+
+
+async def test_a_lost_disconnect_event_does_not_keep_an_address_counted(tmp_path: Path, clients) -> None:  # noqa: F811
+    """The audit uncounts connections whose descriptor is gone. (Here the guard's table
+    is given a stale entry, as a monitor event lost under load would leave one.)
+
+    fails without the audit: the stale entry filled the cap of 1 and alice was cut."""
+    running = await start_broker(tmp_path / "h.db", GuardConfig(max_per_address=1))
+    guard = running.broker.guard  # type: ignore[union-attr]
+    spare = os.open(os.devnull, os.O_RDONLY)
+    os.close(spare)  # a descriptor number that is closed now
+    guard.by_fd[("requests", spare)] = "127.0.0.1"  # the guard's thread is idle: nobody is connected
+    guard.per_address[("requests", "127.0.0.1")] = 1
+    await wait_for(lambda: guard.count("127.0.0.1", "requests") == 0, what="the audit to uncount the stale entry")
+    await normal(running, clients, "alice")  # would be over the cap of 1 with the stale entry
+    await running.stop()
