@@ -128,12 +128,14 @@ class Broker:
         rcvhwm = g.rcvhwm(maxmsgsize)
         # ZMTP heartbeats end a connection whose peer stopped answering (a half-open TCP
         # connection would otherwise hold its descriptor and routing id for many minutes),
-        # and a handshake must finish within handshake_timeout.
+        # and a handshake must finish within handshake_timeout. No heartbeat_ttl: the
+        # client's side should not drop and redial first, as its new connection would
+        # find its routing id still held by the old pipe here (libzmq then ignores it).
         beat_ms = max(100, int(self.limits.heartbeat * 1000))
         secure = dict(
             plain_server=1, zap_domain=ZAP_DOMAIN, maxmsgsize=maxmsgsize, rcvhwm=rcvhwm,
             handshake_ivl=max(100, int(g.handshake_timeout * 1000)),
-            heartbeat_ivl=beat_ms, heartbeat_timeout=3 * beat_ms, heartbeat_ttl=3 * beat_ms,
+            heartbeat_ivl=beat_ms, heartbeat_timeout=3 * beat_ms,
         )
         # No router_handover: a connection that presents a routing id already in use is
         # ignored by libzmq rather than given that session's route (a takeover).
