@@ -120,10 +120,13 @@ def test_broker_help_lists_the_edge_settings(cli_env: dict[str, str]) -> None:
 
 
 def test_a_real_broker_reads_them_from_env_and_flags(tmp_path: Path, cli_env: dict[str, str]) -> None:
-    env = dict(cli_env, ZCHAT_MAX_PER_ADDRESS="7", ZCHAT_RESERVED_NAMES="ops")
-    proc = BrokerProcess(tmp_path / "h.db", env, "--claims-per-minute", "3", "--send-budget", str(8 * MiB)).start()
+    env = dict(cli_env, ZCHAT_QUEUE_BUDGET=str(MiB), ZCHAT_RESERVED_NAMES="ops")
+    proc = BrokerProcess(
+        tmp_path / "h.db", env, "--max-per-address", "7", "--claims-per-minute", "3", "--send-budget", str(8 * MiB),
+    ).start()
     out = proc.stop()
     assert "edge: 7 connections from one address a port" in out
+    assert "rcvhwm 8 (1024 KiB a connection)" in out
     assert "ROUTER sndhwm 8, XPUB sndhwm 32; 3 new names an address a minute; reserved ops" in out
     assert "descriptor limit: soft" in out
     bad = subprocess.run([sys.executable, "-m", "zchat", "broker", "--max-per-address", "0"], env=cli_env, capture_output=True, text=True)
