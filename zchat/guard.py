@@ -30,7 +30,6 @@ import struct
 import threading
 import time
 from collections import deque
-from typing import Iterable
 
 import zmq
 from zmq.utils.monitor import parse_monitor_message
@@ -407,15 +406,3 @@ class Claims:
         for address in [a for a, times in self.recent.items() if not times or times[-1] <= old]:
             del self.recent[address]
 
-
-def check_reserved(names: Iterable[str]) -> tuple[str, ...]:
-    """Reserved names, checked: each must be a valid chat name."""
-    out = []
-    for name in names:
-        name = name.strip()
-        if not name:
-            continue
-        if not p.valid_name(name):
-            raise ValueError(f"reserved name {name!r} is not a valid chat name")
-        out.append(name)
-    return tuple(dict.fromkeys(out))

@@ -4,7 +4,6 @@ low ``ulimit -n``), raw TCP sockets from other loopback addresses for the hostil
 
 from __future__ import annotations
 
-import asyncio
 import os
 import resource
 import select
@@ -89,6 +88,7 @@ async def test_a_connection_that_never_finishes_its_handshake_is_dropped(tmp_pat
         close_all(socks)
     guard = running.broker.guard  # type: ignore[union-attr]
     await wait_for(lambda: guard.count("127.0.0.9") == 0, what="dropped connections to be uncounted")
+    await normal(running, clients, "bob")  # and after
     await running.stop()
 
 
