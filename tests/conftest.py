@@ -22,9 +22,15 @@ import pytest
 from zchat.broker import Broker
 from zchat.client import Client
 from zchat.core import Limits
+from zchat.guard import GuardConfig
 from zchat.storage.sqlite import SqliteStorage
 
 HEARTBEAT = 0.5  # seconds; presence timeout is 3x
+# Every test client comes from 127.0.0.1: brokers of tests that are not about the edge
+# take any number of names and connections from it (tests/integration/test_guard_*.py
+# start theirs with the edge's own settings).
+TEST_EDGE = GuardConfig(max_per_address=100_000, claims_per_minute=0)
+TEST_EDGE_FLAGS = ("--max-per-address", "100000", "--claims-per-minute", "0")
 
 
 def free_port_base(count: int = 3) -> int:
@@ -102,7 +108,7 @@ class RunningBroker:
         self.task: asyncio.Task | None = None
 
     async def start(self) -> "RunningBroker":
-        self.broker = Broker(self.bind, self.storage(), self.limits)  # type: ignore[arg-type]
+        self.broker = Broker(self.bind, self.storage(), self.limits, guard=TEST_EDGE)  # type: ignore[arg-type]
         await self.broker.start()
         self.bind = self.broker.endpoint  # restarts reuse the same ports
         self.task = asyncio.create_task(self.broker.run())
@@ -170,7 +176,7 @@ class BrokerProcess:
         self.proc: subprocess.Popen | None = None
 
     def start(self) -> "BrokerProcess":
-        cmd = [sys.executable, "-m", "zchat", "broker", "--bind", self.endpoint, "--db", str(self.db), *self.extra]
+        cmd = [sys.executable, "-m", "zchat", "broker", "--bind", self.endpoint, "--db", str(self.db), *TEST_EDGE_FLAGS, *self.extra]
         self.proc = subprocess.Popen(cmd, env=self.env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         deadline = time.monotonic() + 15
         while time.monotonic() < deadline:

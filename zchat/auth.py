@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import hmac
+from typing import Collection
 
 from zchat import protocol as p
 
@@ -24,22 +25,39 @@ class Verdict:
     claim: bytes | None = None  # a digest to store: the name is new and now taken
 
 
+_LOOKER = p.LOOKER.encode()
+
+
 def digest(secret: bytes) -> bytes:
     return hashlib.sha256(b"zchat-secret:" + secret).digest()
 
 
-def check_plain(name_raw: bytes, secret: bytes, stored: bytes | None) -> Verdict:
-    """Decide a PLAIN handshake given the digest stored for the name (None: unclaimed)."""
+MIN_SECRET = 16  # bytes; the client's secrets are 43-character random tokens
+
+
+def check_plain(name_raw: bytes, secret: bytes, stored: bytes | None, reserved: Collection[str] = ()) -> Verdict:
+    """Decide a PLAIN handshake given the digest stored for the name (None: unclaimed).
+
+    ``protocol.LOOKER`` with any long enough secret is a look-only session: accepted as
+    User-Id ``*``, never claimed (nobody can own it). A name in ``reserved`` cannot be
+    claimed; one owned before it was reserved keeps working for its owner.
+    """
+    if name_raw == _LOOKER:
+        if len(secret) < MIN_SECRET:
+            return Verdict(b"400", "secret too short")
+        return Verdict(b"200", "OK", p.LOOKER)
     try:
         name = name_raw.decode("ascii")
     except UnicodeDecodeError:
         return Verdict(b"400", "bad name: not ASCII")
     if not p.valid_name(name):
         return Verdict(b"400", f"bad name {name!r}: use a-z, 0-9, '_', '-' (max {p.MAX_NAME_LEN})")
-    if len(secret) < 16:
+    if len(secret) < MIN_SECRET:
         return Verdict(b"400", "secret too short")
     mine = digest(secret)
     if stored is None:
+        if name in reserved:
+            return Verdict(b"400", f"name {name!r} is reserved: pick another")
         return Verdict(b"200", "OK", name, claim=mine)
     if hmac.compare_digest(mine, stored):
         return Verdict(b"200", "OK", name)

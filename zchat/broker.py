@@ -26,7 +26,8 @@ from zchat import __version__, auth
 from zchat.sockio import NOBLOCK, readable, recv_frames, recv_parts, send_parts
 from zchat import protocol as p
 from zchat.core import Core, HistoryQuery, Limits, Outcome
-from zchat.storage import Storage
+from zchat.guard import Claims, ConnectionGuard, GuardConfig, connection_cap, raise_fd_limit
+from zchat.storage import Storage, StorageError
 
 log = logging.getLogger(__name__)
 
@@ -64,7 +65,10 @@ def split_endpoint(endpoint: str) -> tuple[str, int]:
 
 
 class Broker:
-    def __init__(self, bind: str, storage: Storage, limits: Limits = Limits(), tick: float | None = None) -> None:
+    def __init__(
+        self, bind: str, storage: Storage, limits: Limits = Limits(), tick: float | None = None,
+        guard: GuardConfig | None = None,
+    ) -> None:
         self.bind = bind
         self.storage = storage
         self.limits = limits
@@ -78,6 +82,10 @@ class Broker:
         self.stopping = asyncio.Event()
         self.stopped = asyncio.Event()
         self._wake: asyncio.Future | None = None
+        self.guard_config = guard or GuardConfig()
+        self.reserved = frozenset(self.guard_config.reserved)
+        self.claims = Claims(self.guard_config.claims_per_minute, self.guard_config.claim_timeout)
+        self.guard: ConnectionGuard | None = None
 
     # ------------------------------------------------------------ set-up
 
@@ -93,6 +101,9 @@ class Broker:
         try:
             await self._start()
         except BaseException:
+            if self.guard is not None and self.guard._thread is None:  # its thread closes them itself
+                for _, monitor in self.guard.monitors:
+                    monitor.close(linger=0)
             for sock in (getattr(self, name, None) for name in ("router", "pull", "xpub", "zap")):
                 if sock is not None:
                     sock.close(linger=0)
@@ -106,14 +117,40 @@ class Broker:
         members = await self.storage.members()
         users = await self.storage.users()
         recent = await self.storage.recent(10_000)
+        soft, _hard = raise_fd_limit()
+        g = self.guard_config
+        self.guard = ConnectionGuard(self.ctx, g, connection_cap(g, soft))
         self.zap = self._socket(zmq.REP)
         self.zap.bind(ZAP_ENDPOINT)
         # The socket limit is twice the body limit: a body a little too big gets a clear
         # too_large error; a frame beyond twice the limit costs its sender the connection.
-        secure = dict(plain_server=1, zap_domain=ZAP_DOMAIN, maxmsgsize=2 * self.limits.max_bytes)
-        self.router = self._socket(zmq.ROUTER, router_handover=1, rcvhwm=100_000, **secure)
-        self.pull = self._socket(zmq.PULL, rcvhwm=100_000, **secure)
-        self.xpub = self._socket(zmq.XPUB, xpub_manual=1, sndhwm=self.limits.pub_hwm, **secure)
+        maxmsgsize = 2 * self.limits.max_bytes
+        rcvhwm = g.rcvhwm(maxmsgsize)
+        # ZMTP heartbeats end a connection whose peer stopped answering (a half-open TCP
+        # connection would otherwise hold its descriptor and routing id for many minutes),
+        # and a handshake must finish within handshake_timeout. No heartbeat_ttl: the
+        # client's side should not drop and redial first, as its new connection would
+        # find its routing id still held by the old pipe here (libzmq then ignores it).
+        beat_ms = max(100, int(self.limits.heartbeat * 1000))
+        secure = dict(
+            plain_server=1, zap_domain=ZAP_DOMAIN, maxmsgsize=maxmsgsize, rcvhwm=rcvhwm,
+            handshake_ivl=max(100, int(g.handshake_timeout * 1000)),
+            heartbeat_ivl=beat_ms, heartbeat_timeout=3 * beat_ms,
+        )
+        # No router_handover: a connection that presents a routing id already in use is
+        # ignored by libzmq rather than given that session's route (a takeover).
+        self.router = self._socket(zmq.ROUTER, router_handover=0, sndhwm=g.router_sndhwm(), **secure)
+        self.pull = self._socket(zmq.PULL, **secure)
+        self.xpub = self._socket(zmq.XPUB, xpub_manual=1, sndhwm=g.xpub_sndhwm(self.limits.pub_hwm, MAX_PUBLICATION_BYTES), **secure)
+        for label, sock in (("requests", self.router), ("chat", self.pull), ("fan-out", self.xpub)):
+            self.guard.watch(label, sock)
+        self.guard.start()
+        log.info(
+            "edge: %d connections from one address a port, %d in all; queues: rcvhwm %d (%d KiB a connection), "
+            "ROUTER sndhwm %d, XPUB sndhwm %d; %d new names an address a minute; reserved %s",
+            g.max_per_address, self.guard.total_cap, rcvhwm, rcvhwm * maxmsgsize // 1024, g.router_sndhwm(),
+            g.xpub_sndhwm(self.limits.pub_hwm, MAX_PUBLICATION_BYTES), g.claims_per_minute, ",".join(sorted(self.reserved)) or "none",
+        )
         base, port = split_endpoint(self.bind)
         ports = []
         for offset, sock in enumerate((self.router, self.pull, self.xpub)):
@@ -134,6 +171,26 @@ class Broker:
             "zchat %s broker up: requests %s, chat in %s:%d, fan-out %s:%d, epoch %s, pid %d",
             __version__, self.endpoint, base, ports[1], base, ports[2], epoch, os.getpid(),
         )
+
+    async def _expire_claims(self, now: float) -> None:
+        """Free names claimed more than claim_timeout ago by a handshake that never said
+        hello (call once a tick). A name whose owner said hello, joined or sent is kept."""
+        core = self.core
+        if core is None:
+            return
+        for name, digest in self.claims.due(now):
+            if name in core.devices or name in core.rooms_of or name in core.dedup.by_user:
+                continue
+            try:
+                released = await self.storage.release_user(name, digest)
+            except StorageError as exc:
+                log.warning("could not release the unused name %r: %s", name, exc)
+                continue
+            if released:
+                core.users.discard(name)
+                if self.digests.get(name) == digest:
+                    del self.digests[name]
+                log.info("name %r released: its handshake said no hello within %.0fs", name, self.claims.timeout)
 
     # ------------------------------------------------------------ main loop
 
@@ -281,6 +338,7 @@ class Broker:
     # ------------------------------------------------------------ inputs
 
     async def _zap(self) -> None:
+        await self._expire_claims(time.time())  # also done once a tick by run()
         for _ in range(BATCH):
             try:
                 frames = recv_parts(self.zap)
@@ -301,14 +359,19 @@ class Broker:
         stored = self.digests.get(name)
         if stored is None and p.valid_name(name):
             stored = await self.storage.get_user(name)
-        verdict = auth.check_plain(creds[0], creds[1], stored)
+        verdict = auth.check_plain(creds[0], creds[1], stored, self.reserved)
         if verdict.claim is not None:
-            if await self.storage.add_user(name, verdict.claim):
+            now = time.time()
+            wait = self.claims.wait(address, now)
+            if wait:
+                verdict = auth.Verdict(b"400", f"too many new names from {address}: try again in {wait:.0f}s")
+            elif await self.storage.add_user(name, verdict.claim):
                 self.core.add_user(name)  # type: ignore[union-attr]
+                self.claims.claimed(address, name, verdict.claim, now)
                 log.info("name %r claimed from %s", name, address)
             else:  # another broker claimed it first; decide again against that owner
                 stored = await self.storage.get_user(name)
-                verdict = auth.check_plain(creds[0], creds[1], stored)
+                verdict = auth.check_plain(creds[0], creds[1], stored, self.reserved)
         if verdict.status == b"200":
             self.digests[name] = verdict.claim or stored or b""
         else:
@@ -557,11 +620,11 @@ class Broker:
             i = j
 
 
-async def serve(bind: str, storage: Storage, limits: Limits = Limits()) -> None:
+async def serve(bind: str, storage: Storage, limits: Limits = Limits(), guard: GuardConfig | None = None) -> None:
     """Run a broker until SIGINT or SIGTERM."""
     import signal
 
-    broker = Broker(bind, storage, limits)
+    broker = Broker(bind, storage, limits, guard=guard)
     await broker.start()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):

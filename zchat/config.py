@@ -36,7 +36,7 @@ from typing import Any, Mapping
 
 import platformdirs
 
-from zchat.protocol import MAX_MESSAGE_BYTES, valid_name
+from zchat.protocol import MAX_MESSAGE_BYTES, MAX_REPLY_BYTES, valid_name
 
 APP = "zchat"
 ENV_PREFIX = "ZCHAT_"
@@ -45,6 +45,8 @@ CONFIG_ENV = "ZCHAT_CONFIG"
 #: Environment variables that place zchat's directories rather than set a setting.
 DIR_ENVS = ("ZCHAT_CONFIG_DIR", "ZCHAT_DATA_DIR")
 
+MIN_QUEUE_BUDGET = 2 * MAX_MESSAGE_BYTES  # one largest frame
+MIN_SEND_BUDGET = MAX_REPLY_BYTES  # one largest reply
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 LOG_FORMATS = ("text", "json")
 STORAGE_SCHEMES = ("redis://", "rediss://", "unix://")
@@ -84,6 +86,18 @@ class Settings:
     rate: float = 20.0  # messages per second per user (token bucket refill)
     burst: float = 100.0  # token bucket size
     max_bytes: int = MAX_MESSAGE_BYTES
+    # The broker's edge (zchat.guard.GuardConfig has the memory arithmetic).
+    max_per_address: int = 64  # TCP connections from one address on each broker port
+    max_connections: int = 0  # connections on all ports; 0: the descriptor limit less a reserve
+    claims_per_minute: int = 5  # new names one address may claim a minute; 0: no limit
+    claim_timeout: float = 30.0  # seconds a new name's handshake has to say hello
+    reserved_names: str = "admin,root,system,zchat"  # comma-separated; nobody may claim them
+    queue_budget: int = 4 * 1024 * 1024  # bytes each connection's receive queue may hold
+    send_budget: int = 64 * 1024 * 1024  # bytes each connection's send queue may hold
+    handshake_timeout: float = 5.0  # seconds a TCP connection has to finish its handshake
+
+    def reserved(self) -> tuple[str, ...]:
+        return tuple(n for n in (part.strip() for part in self.reserved_names.split(",")) if n)
 
     def db_path(self) -> Path:
         return Path(self.db).expanduser() if self.db else data_dir() / "history.db"
@@ -104,6 +118,14 @@ HELP = {
     "rate": "messages a second each user may send, on average (0: no limit)",
     "burst": "messages a user may send at once before the rate applies",
     "max_bytes": f"largest message body in bytes (at most {MAX_MESSAGE_BYTES})",
+    "max_per_address": "TCP connections the broker takes from one address on each port (a client uses one a port)",
+    "max_connections": "connections the broker takes in all; 0: its descriptor limit less a reserve",
+    "claims_per_minute": "new names one address may claim a minute (0: no limit)",
+    "claim_timeout": "seconds a new name's first connection has to say hello before the name is freed",
+    "reserved_names": "comma-separated names nobody may claim",
+    "queue_budget": "bytes each connection's receive queue at the broker may hold",
+    "handshake_timeout": "seconds a new TCP connection has to finish its ZeroMQ handshake",
+    "send_budget": f"bytes each connection's send queue at the broker may hold (at least {MIN_SEND_BUDGET})",
 }
 
 
@@ -201,6 +223,28 @@ def _validate(name: str, value: Any, source: str) -> Any:
     if name == "burst":
         if value < 1:
             raise _fail(name, source, value, "a number of at least 1")
+        return value
+    if name in ("max_per_address", "claim_timeout", "handshake_timeout"):
+        if value <= 0:
+            raise _fail(name, source, value, "a number above 0")
+        return value
+    if name in ("max_connections", "claims_per_minute"):
+        if value < 0:
+            raise _fail(name, source, value, "0 or a positive integer")
+        return value
+    if name == "reserved_names":
+        names = [n.strip() for n in value.split(",") if n.strip()]
+        bad = [n for n in names if not valid_name(n)]
+        if bad:
+            raise _fail(name, source, value, f"comma-separated chat names ({bad[0]!r} is not one)")
+        return ",".join(dict.fromkeys(names))
+    if name == "queue_budget":
+        if value < MIN_QUEUE_BUDGET:
+            raise _fail(name, source, value, f"at least {MIN_QUEUE_BUDGET} bytes")
+        return value
+    if name == "send_budget":
+        if value < MIN_SEND_BUDGET:
+            raise _fail(name, source, value, f"at least {MIN_SEND_BUDGET} bytes")
         return value
     if name == "max_bytes":
         if not 1 <= value <= MAX_MESSAGE_BYTES:

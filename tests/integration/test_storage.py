@@ -228,6 +228,20 @@ async def test_add_user_first_owner_wins(storage: Storage) -> None:
     assert await storage.users() == {"alice", "bob"}
 
 
+async def test_release_user_frees_the_name_only_for_its_digest(storage: Storage) -> None:
+    assert await storage.add_user("alice", b"mine") is True
+    assert await storage.add_user("bob", b"bobs") is True
+    assert await storage.release_user("alice", b"not-mine") is False
+    assert await storage.get_user("alice") == b"mine"
+    assert await storage.release_user("alice", b"mine") is True
+    assert await storage.get_user("alice") is None
+    assert await storage.users() == {"bob"}
+    assert await storage.release_user("alice") is False  # already free
+    assert await storage.add_user("alice", b"new owner") is True  # claimable again
+    assert await storage.release_user("bob") is True
+    assert await storage.users() == {"alice"}
+
+
 async def test_members_add_remove_list(storage: Storage) -> None:
     assert await storage.members() == {}
     await storage.set_member("dev", "alice", True)

@@ -71,3 +71,33 @@ def test_non_ascii_name_is_refused(name: bytes) -> None:
     assert verdict.status == b"400"
     assert "ASCII" in verdict.text
     assert verdict.user_id == ""
+
+
+def test_looker_with_a_long_secret_is_a_look_only_session_never_claimed() -> None:
+    verdict = check_plain(p.LOOKER.encode(), b"any-sixteen-byte", None)
+    assert verdict == Verdict(b"200", "OK", p.LOOKER, claim=None)
+
+
+@pytest.mark.parametrize("secret", [b"", b"short", b"0123456789abcde"])
+def test_looker_with_a_short_secret_is_refused(secret: bytes) -> None:
+    verdict = check_plain(p.LOOKER.encode(), secret, None)
+    assert verdict.status == b"400" and "short" in verdict.text
+    assert (verdict.user_id, verdict.claim) == ("", None)
+
+
+def test_looker_is_never_matched_by_prefix_or_suffix() -> None:
+    for name in (b"**", b"* ", b"*alice", b"alice*"):
+        assert check_plain(name, SECRET, None).status == b"400"
+
+
+def test_reserved_name_cannot_be_claimed() -> None:
+    verdict = check_plain(b"admin", SECRET, None, reserved={"admin", "root"})
+    assert verdict.status == b"400"
+    assert "reserved" in verdict.text
+    assert verdict.claim is None and verdict.user_id == ""
+    assert check_plain(b"admins", SECRET, None, reserved={"admin"}).status == b"200"
+
+
+def test_reserved_name_owned_before_it_was_reserved_keeps_working() -> None:
+    assert check_plain(b"admin", SECRET, digest(SECRET), reserved={"admin"}).status == b"200"
+    assert check_plain(b"admin", OTHER, digest(SECRET), reserved={"admin"}).status == b"400"

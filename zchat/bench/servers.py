@@ -52,14 +52,17 @@ def _zchat_broker(bind: str, db: str, heartbeat: float, seed: Callable[[str], An
 
     from zchat.broker import serve
     from zchat.core import Limits
+    from zchat.guard import GuardConfig
     from zchat.storage.sqlite import SqliteStorage
 
     logging.basicConfig(level=logging.WARNING, format="broker: %(levelname)s %(message)s")
     procs.raise_nofile()
     if seed is not None:
         asyncio.run(seed(db))
-    # rate=0: no per-user rate limit, so the benchmark measures the broker, not the limiter.
-    asyncio.run(serve(bind, SqliteStorage(db), Limits(heartbeat=heartbeat, rate=0)))
+    # rate=0: no per-user rate limit, so the benchmark measures the broker, not the limiter;
+    # every benchmark client comes from 127.0.0.1, so no per-address caps either.
+    edge = GuardConfig(max_per_address=1_000_000, claims_per_minute=0)
+    asyncio.run(serve(bind, SqliteStorage(db), Limits(heartbeat=heartbeat, rate=0), edge))
 
 
 def start_zchat(tmp: Path, heartbeat: float, seed: Callable[[str], Any] | None = None, db: Path | None = None) -> Server:

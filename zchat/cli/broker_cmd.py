@@ -10,6 +10,7 @@ import zmq
 
 from zchat.cli.options import settings
 from zchat.core import Limits
+from zchat.guard import GuardConfig
 
 log = logging.getLogger(__name__)
 
@@ -22,6 +23,14 @@ log = logging.getLogger(__name__)
 @click.option("--rate", type=float, help="Messages per second per user, 0 for no limit. [20]")
 @click.option("--burst", type=float, help="Messages a user may send at once before the rate applies. [100]")
 @click.option("--max-bytes", type=int, help="Largest message body in bytes. [65536]")
+@click.option("--max-per-address", type=int, help="TCP connections taken from one address on each port; more are cut. [64]")
+@click.option("--max-connections", type=int, help="Connections taken in all; 0: the descriptor limit less a reserve. [0]")
+@click.option("--claims-per-minute", type=int, help="New names one address may claim a minute, 0 for no limit. [5]")
+@click.option("--claim-timeout", type=float, help="Seconds a new name's first connection has to say hello, or the name is freed. [30]")
+@click.option("--reserved-names", help="Comma-separated names nobody may claim. [admin,root,system,zchat]")
+@click.option("--queue-budget", type=int, help="Bytes each connection's receive queue may hold. [4194304]")
+@click.option("--send-budget", type=int, help="Bytes each connection's send queue may hold (replies up to 1 MiB). [67108864]")
+@click.option("--handshake-timeout", type=float, help="Seconds a new TCP connection has to finish its handshake. [5]")
 @click.option("--log-level", help="DEBUG, INFO, WARNING or ERROR. [INFO]")
 @click.option("--log-format", type=click.Choice(["text", "json"]), help="Log lines as text or JSON. [text]")
 @click.option("--config", "config_path", type=click.Path(dir_okay=False), help="TOML settings file.")
@@ -45,8 +54,13 @@ def broker(config_path: str | None, **flags: object) -> None:
     except ValueError as exc:
         raise click.UsageError(str(exc)) from None
     limits = Limits(heartbeat=s.heartbeat, rate=s.rate, burst=s.burst, max_bytes=s.max_bytes)
+    guard = GuardConfig(
+        max_per_address=s.max_per_address, max_connections=s.max_connections, claims_per_minute=s.claims_per_minute,
+        claim_timeout=s.claim_timeout, reserved=s.reserved(), queue_budget=s.queue_budget, send_budget=s.send_budget,
+        handshake_timeout=s.handshake_timeout,
+    )
     try:
-        asyncio.run(serve(s.bind, store, limits))
+        asyncio.run(serve(s.bind, store, limits, guard))
     except StorageError as exc:
         raise click.ClickException(f"cannot open history: {exc}") from None
     except (OSError, zmq.ZMQError) as exc:  # address in use, unknown interface

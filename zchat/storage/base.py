@@ -80,3 +80,10 @@ class Storage(Protocol):
 
     async def set_member(self, room: str, name: str, member: bool) -> None:
         """Add (member=True) or remove name from room's members."""
+
+    async def release_user(self, name: str, digest: bytes | None = None) -> bool:
+        """Free a claimed name (given ``digest``: only while it is still that digest's).
+
+        The broker releases a name whose claiming handshake never said hello in time,
+        so a claim alone cannot squat a name; True if the name was removed.
+        """

@@ -96,6 +96,12 @@ return 0
 _msg_decoder = msgspec.msgpack.Decoder(Msg)
 
 
+_RELEASE_LUA = """
+if redis.call('HGET', KEYS[1], ARGV[1]) == ARGV[2] then return redis.call('HDEL', KEYS[1], ARGV[1]) end
+return 0
+"""
+
+
 def _page(bodies: list[bytes], max_bytes: int) -> Page:
     """Decoded messages within max_bytes (at least one), in the order given."""
     page = Page()
@@ -280,3 +286,10 @@ class RedisStorage:
                 await pipe.execute()
         else:
             await self._leave_script(keys=[self._key("members", room), self._key("rooms")], args=[name, room])
+
+    async def release_user(self, name: str, digest: bytes | None = None) -> bool:
+        r = self._redis
+        if digest is None:
+            return bool(await r.hdel(self._key("users"), name))
+        # Compare and delete in one step: another broker may own the name by now.
+        return bool(await r.eval(_RELEASE_LUA, 1, self._key("users"), name, digest))

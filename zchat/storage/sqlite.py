@@ -523,3 +523,11 @@ class SqliteStorage:
     async def set_member(self, room: str, name: str, member: bool) -> None:
         self._db.execute(_JOIN_SQL if member else _LEAVE_SQL, (room, name))
         self._wrote(1)
+
+    async def release_user(self, name: str, digest: bytes | None = None) -> bool:
+        if digest is None:
+            cur = self._db.execute("DELETE FROM users WHERE name = ?", (name,))
+        else:
+            cur = self._db.execute("DELETE FROM users WHERE name = ? AND digest = ?", (name, digest))
+        self._wrote(1)
+        return cur.rowcount == 1

@@ -1,0 +1,163 @@
+"""Names at the broker's edge: claims per address and minute, unused claims released,
+reserved names, look-only sessions. Real broker on 127.0.0.1, raw ZeroMQ peers."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from pathlib import Path
+from typing import AsyncIterator
+
+import pytest
+import zmq
+
+from tests.conftest import HEARTBEAT, RunningBroker, wait_for
+from tests.integration.test_guard_sessions import SECRET, Raw
+from zchat import protocol as p
+from zchat.broker import Broker
+from zchat.client import AuthError, Client
+from zchat.core import Limits
+from zchat.guard import GuardConfig
+
+
+async def start_broker(path: Path, guard: GuardConfig) -> RunningBroker:
+    """A broker in this event loop with the given edge settings."""
+    running = RunningBroker(path, Limits(heartbeat=HEARTBEAT, rate=0))
+    running.broker = Broker(running.bind, running.storage(), running.limits, guard=guard)  # type: ignore[arg-type]
+    await running.broker.start()
+    running.bind = running.broker.endpoint
+    running.task = asyncio.create_task(running.broker.run())
+    return running
+
+
+@pytest.fixture
+async def clients() -> AsyncIterator[list[Client]]:
+    made: list[Client] = []
+    yield made
+    for client in made:
+        await client.close()
+
+
+async def normal(running: RunningBroker, clients: list[Client], name: str, secret: str | None = None) -> Client:
+    """A real client that connects, joins and is answered: the broker still serves people."""
+    client = Client(running.endpoint, name, secret or f"secret-of-{name}-0123456789")
+    await client.connect()
+    clients.append(client)
+    await client.join("general")
+    await client.send("general", f"{name} is here")
+    await client.ping()
+    return client
+
+
+async def claim(running: RunningBroker, name: str, source: str, secret: str = SECRET) -> int:
+    """Handshake as ``name`` from ``source`` (no hello); the monitor's verdict."""
+    peer = Raw(running.endpoint, name, secret, source=source)
+    try:
+        return await peer.handshake()
+    finally:
+        peer.close()
+
+
+async def test_new_names_per_address_are_limited_per_minute(tmp_path: Path, clients, caplog) -> None:
+    """fails on main: every claim was accepted, so one address could take any number of names."""
+    caplog.set_level(logging.INFO, logger="zchat.broker")
+    running = await start_broker(tmp_path / "h.db", GuardConfig(claims_per_minute=2))
+    try:
+        assert await claim(running, "squat1", "127.0.0.3") == zmq.EVENT_HANDSHAKE_SUCCEEDED
+        assert await claim(running, "squat2", "127.0.0.3") == zmq.EVENT_HANDSHAKE_SUCCEEDED
+        await normal(running, clients, "alice")  # during: another address is not held back
+        assert await claim(running, "squat3", "127.0.0.3") == zmq.EVENT_HANDSHAKE_FAILED_AUTH
+        assert await running.broker.storage.get_user("squat3") is None  # type: ignore[union-attr]
+        assert any("too many new names from 127.0.0.3: try again in" in r.getMessage() for r in caplog.records)
+        # Names it owns still work from there: only new claims are counted.
+        assert await claim(running, "squat1", "127.0.0.3") == zmq.EVENT_HANDSHAKE_SUCCEEDED
+        assert await claim(running, "other1", "127.0.0.5") == zmq.EVENT_HANDSHAKE_SUCCEEDED
+        await normal(running, clients, "bob")  # after
+    finally:
+        await running.stop()
+
+
+async def test_a_claim_that_never_says_hello_is_released(tmp_path: Path, clients) -> None:
+    """fails on main: a handshake alone kept the name forever, so it could be squatted."""
+    running = await start_broker(tmp_path / "h.db", GuardConfig(claim_timeout=0.5))
+    storage = running.broker.storage  # type: ignore[union-attr]
+    try:
+        start = time.time()
+        assert await claim(running, "carol", "127.0.0.4") == zmq.EVENT_HANDSHAKE_SUCCEEDED
+        assert await storage.get_user("carol") is not None
+        keeper = await normal(running, clients, "dave")  # says hello: keeps its name
+        await wait_for(lambda: time.time() > start + 0.6, what="the claim deadline")
+        await running.broker._expire_claims(time.time())  # type: ignore[union-attr]  # as run() does once a tick
+        assert await storage.get_user("carol") is None
+        assert "carol" not in running.core.users
+        # The real carol (another secret) can have her name now; dave kept his.
+        await normal(running, clients, "carol", secret="the-real-carols-secret-0123456789")
+        with pytest.raises(AuthError):
+            await Client(running.endpoint, "dave", "someone-else-entirely-0123456789").connect(timeout=5)
+        await keeper.ping()
+    finally:
+        await running.stop()
+
+
+async def test_an_expired_claim_is_released_on_the_next_handshake_too(tmp_path: Path, clients) -> None:
+    """Without waiting for a tick: the ZAP handler expires due claims first."""
+    running = await start_broker(tmp_path / "h.db", GuardConfig(claim_timeout=0.3))
+    storage = running.broker.storage  # type: ignore[union-attr]
+    try:
+        start = time.time()
+        assert await claim(running, "erin", "127.0.0.4") == zmq.EVENT_HANDSHAKE_SUCCEEDED
+        await wait_for(lambda: time.time() > start + 0.4, what="the claim deadline")
+        await normal(running, clients, "frank")  # its handshake runs the expiry
+        await wait_for(lambda: "erin" not in running.core.users, what="erin's claim to be released")
+        assert await storage.get_user("erin") is None
+    finally:
+        await running.stop()
+
+
+async def test_reserved_names_are_refused_at_the_handshake(tmp_path: Path, clients, caplog) -> None:
+    """fails on main: admin, root, system and zchat were ordinary names anyone could claim."""
+    caplog.set_level(logging.INFO, logger="zchat.broker")
+    running = await start_broker(tmp_path / "h.db", GuardConfig())
+    try:
+        for name in ("admin", "root", "system", "zchat"):
+            with pytest.raises(AuthError):
+                await Client(running.endpoint, name, f"secret-of-{name}-0123456789").connect(timeout=5)
+            assert await running.broker.storage.get_user(name) is None  # type: ignore[union-attr]
+        assert any("name 'admin' is reserved" in r.getMessage() for r in caplog.records)
+        await normal(running, clients, "administrator")
+    finally:
+        await running.stop()
+    custom = await start_broker(tmp_path / "h2.db", GuardConfig(reserved=("ops",)))
+    try:
+        assert await claim(custom, "ops", "127.0.0.6") == zmq.EVENT_HANDSHAKE_FAILED_AUTH
+        await normal(custom, clients, "admin")  # not reserved here
+    finally:
+        await custom.stop()
+
+
+async def test_looker_is_a_look_only_session_that_claims_nothing(broker, connect) -> None:
+    """fails on main: "*" is not a valid name, so zchat ping/who/rooms without a name were refused."""
+    alice = await connect("alice")
+    await alice.join("general")
+    looker = Raw(broker.endpoint, p.LOOKER, "any-long-enough-secret")
+    try:
+        assert await looker.handshake() == zmq.EVENT_HANDSHAKE_SUCCEEDED
+        reply = await looker.request(p.Hello(rid=1, client="look"))
+        assert isinstance(reply, (p.Welcome, p.Error))
+    finally:
+        looker.close()
+    second = Raw(broker.endpoint, p.LOOKER, "another-long-secret-value")  # any secret: nobody owns "*"
+    try:
+        assert await second.handshake() == zmq.EVENT_HANDSHAKE_SUCCEEDED
+    finally:
+        second.close()
+    short = Raw(broker.endpoint, p.LOOKER, "short")
+    try:
+        assert await short.handshake() == zmq.EVENT_HANDSHAKE_FAILED_AUTH
+    finally:
+        short.close()
+    storage = broker.broker.storage
+    assert await storage.get_user(p.LOOKER) is None
+    assert p.LOOKER not in await storage.users()
+    await alice.send("general", "still here")
