@@ -270,6 +270,10 @@ class Broker:
                         read += 1
                         self._failed("chat", now)
                 if now >= next_tick:
+                    try:
+                        await self._expire_claims(now)
+                    except Exception:
+                        self._failed("claims", now)
                     live = len(self.core.sessions)
                     self.core.tick(now, out)
                     if len(self.core.sessions) < live:
