@@ -15,6 +15,8 @@ from bisect import bisect_left, bisect_right, insort
 from collections import deque
 from typing import Iterable
 
+import msgspec
+
 from zchat import protocol as p
 from zchat.protocol import ErrorCode as E
 
@@ -81,14 +83,32 @@ class RecentCids(dict):  # type: ignore[type-arg]
                 return
 
 
+class _Entry(msgspec.Struct, gc=False):
+    """One remembered cid in Dedup.order: when (monotonic), whose, and its Stored.
+
+    Never tracked by the garbage collector (it holds only strings, a float and an
+    untracked Stored): a tuple holding a window kept 100,000 of them tracked, and the
+    collections that caused cost Core.send more than a microsecond a line.
+    """
+
+    now: float
+    user: str
+    stored: p.Stored
+
+
+def _live(by_user: dict[str, RecentCids], entry: _Entry) -> bool:
+    """Whether an entry of Dedup.order is still remembered."""
+    cids = by_user.get(entry.user)
+    return cids is not None and cids.get(entry.stored.cid) is entry.stored
+
+
 class Dedup:
     """Remembered (user, cid) -> Stored: at most ``per_user`` per user, ``total`` in all,
     and entries older than ``window`` seconds go at the next ticks; oldest first.
 
     Per user so that a chatty user cannot push a quiet user's cids out before the
     quiet user's client had a chance to resend; in total so that many throwaway names
-    cannot each keep a full window. ``order`` holds every entry as (monotonic time,
-    window, Stored), oldest first. An entry a user's own cap or a forget removed stays
+    cannot each keep a full window. ``order`` holds every entry (an _Entry), oldest first. An entry a user's own cap or a forget removed stays
     in it as a stale entry (recognised by identity: its window no longer holds that
     Stored) until it reaches the front or ``order`` is compacted; ``stale`` counts them,
     so that only live entries count against ``total``.
@@ -99,7 +119,7 @@ class Dedup:
         self.total = total
         self.window = window
         self.by_user: dict[str, RecentCids] = {}
-        self.order: deque[tuple[float, RecentCids, p.Stored]] = deque()
+        self.order: deque[_Entry] = deque()
         self.stale = 0
         # Core.send calls trim once ``order`` is longer than this: total + stale as of
         # the last trim, so live entries never exceed total (stale ones only grow).
@@ -128,7 +148,7 @@ class Dedup:
         if len(order) > self.per_user:
             del cids[order.popleft()]
             self.stale += 1
-        self.order.append((now, cids, stored))
+        self.order.append(_Entry(now, user, stored))
         if len(self.order) > self.high:
             self.trim()
 
@@ -137,7 +157,8 @@ class Dedup:
         most of it is stale: each entry is copied O(1) times on average."""
         order = self.order
         if self.stale > len(order) // 2:
-            self.order = order = deque(entry for entry in order if entry[1].get(entry[2].cid) is entry[2])
+            by_user = self.by_user
+            self.order = order = deque(entry for entry in order if _live(by_user, entry))
             self.stale = 0
         while len(order) - self.stale > self.total:
             self.evict_oldest()
@@ -145,8 +166,10 @@ class Dedup:
 
     def evict_oldest(self) -> None:
         """Drop the front of ``order`` (and its entry, if it is still remembered)."""
-        _, cids, stored = self.order.popleft()
-        if cids.get(stored.cid) is stored:
+        entry = self.order.popleft()
+        stored = entry.stored
+        cids = self.by_user.get(entry.user)
+        if cids is not None and cids.get(stored.cid) is stored:
             cids.drop(stored.cid)
         else:
             self.stale -= 1
@@ -156,7 +179,7 @@ class Dedup:
         order = self.order
         deadline = now - self.window
         done = 0
-        while order and done < budget and order[0][0] < deadline:
+        while order and done < budget and order[0].now < deadline:
             self.evict_oldest()
             done += 1
         return done
@@ -904,7 +927,7 @@ class Core:
             del cids[order.popleft()]
             dedup.stale += 1
         everything = dedup.order
-        everything.append((now, cids, stored))
+        everything.append(_Entry(now, name, stored))
         if len(everything) > dedup.high:
             dedup.trim()
         acks = out.acks.get(sid)  # not setdefault: that builds a list to throw away

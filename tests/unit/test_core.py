@@ -886,7 +886,7 @@ def test_dedup_behaves_as_the_plain_model(
         assert {user: list(cids.order) for user, cids in core.dedup.by_user.items() if cids} == model.by_user()
         assert all(list(cids) == list(cids.order) for cids in core.dedup.by_user.values())
         assert len(core.dedup) == len(model.entries) <= total
-        live = [e for e in core.dedup.order if e[1].get(e[2].cid) is e[2]]
+        live = [e for e in core.dedup.order if core_mod._live(core.dedup.by_user, e)]
         assert len(live) == len(core.dedup) == len(core.dedup.order) - core.dedup.stale
     for user in ("alice", "bob", "carol", "dave"):
         for n in range(7):
