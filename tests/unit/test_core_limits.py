@@ -1,0 +1,290 @@
+"""The core's budgets, caps, clocks, look-only sessions, undo and subscription heads,
+driven with plain values (issues 11 and 12, core side)."""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from zchat import protocol as p
+from zchat.core import Core, Limits, Outcome
+from zchat.protocol import ErrorCode as E
+
+DEV = p.room_topic("dev")
+
+
+def make(**kwargs) -> Core:  # type: ignore[no-untyped-def]
+    kwargs.setdefault("limits", Limits(rate=0))
+    return Core(epoch="E1", boot="B1", **kwargs)
+
+
+def request(core: Core, sid: str, name: str, body: p.Request, now: float = 0.0) -> Outcome:
+    out = Outcome()
+    core.request(sid, name, body, now, out)
+    return out
+
+
+def hello(core: Core, sid: str, name: str, now: float = 0.0) -> Outcome:
+    return request(core, sid, name, p.Hello(rid=1), now)
+
+
+def send(core: Core, name: str, sid: str, cid: str, text: str = "hi", *, room: str = "", to: str = "",
+         now: float = 0.0) -> Outcome:
+    out = Outcome()
+    core.send(name, p.Send(sid=sid, cid=cid, text=text, room=room, to=to), now, out)
+    return out
+
+
+def tick(core: Core, now: float) -> Outcome:
+    out = Outcome()
+    core.tick(now, out)
+    return out
+
+
+def only_error(out: Outcome, sid: str) -> p.Error:
+    """The outcome is exactly one error reply to ``sid`` and nothing else."""
+    assert len(out.replies) == 1, out.replies
+    to, body = out.replies[0]
+    assert to == sid
+    assert isinstance(body, p.Error), body
+    assert body.code in E.ALL and body.message
+    assert (out.store, out.publish, out.acks, out.queries, out.members) == ([], [], {}, [], [])
+    return body
+
+
+def reply(out: Outcome) -> p.Reply:
+    assert len(out.replies) == 1, out.replies
+    return out.replies[0][1]
+
+
+# ------------------------------------------------------------------ 1. clocks
+
+
+def test_timestamps_are_monotonic_now_plus_the_wall_offset() -> None:
+    """`now` is monotonic; what goes on the wire is now + wall_offset."""
+    core = make(members={"dev": {"alice", "bob"}})
+    core.wall_offset = 1_000_000.0
+    out = hello(core, "a1", "alice", now=5.0)
+    assert out.publish == [(DEV, p.Presence(room="dev", name="alice", online=True, ts=1_000_005.0))]
+    assert core.sessions["a1"].last_seen == 5.0  # presence runs on the monotonic clock
+    out = send(core, "alice", "a1", "c1", room="dev", now=6.0)
+    assert out.store[0].ts == 1_000_006.0
+    assert out.acks["a1"][0].ts == 1_000_006.0
+    hello(core, "b1", "bob", now=6.0)
+    joined = request(core, "b1", "bob", p.Join(rid=2, room="ops"), now=7.0)
+    assert joined.store[0].ts == 1_000_007.0
+    out = tick(core, 6.0 + core.limits.presence_timeout + 1)
+    assert {body.ts for _, body in out.publish} == {1_000_006.0 + core.limits.presence_timeout + 1}
+    out = Outcome()
+    core.shutdown(50.0, out)
+    assert out.publish == [(p.SYSTEM_TOPIC, p.Notice(event="shutdown", boot="B1", ts=1_000_050.0))]
+
+
+def test_a_wall_clock_step_changes_neither_buckets_nor_presence() -> None:
+    """A backward step of an hour kept users limited for an hour; a forward step of 31 s
+    expired every session. With monotonic `now` only the timestamps move."""
+    core = make(limits=Limits(rate=1.0, burst=1.0, heartbeat=10.0), members={"dev": {"alice"}})
+    hello(core, "a1", "alice", now=100.0)
+    assert send(core, "alice", "a1", "c1", room="dev", now=100.0).store
+    assert only_error(send(core, "alice", "a1", "c2", room="dev", now=100.0), "a1").code == E.RATE_LIMITED
+    core.wall_offset -= 3600.0  # the wall clock stepped back an hour
+    out = send(core, "alice", "a1", "c2", room="dev", now=101.0)
+    assert out.store and out.store[0].ts == 101.0 - 3600.0
+    core.wall_offset += 3600.0 + 31.0  # and then forward past the presence timeout
+    assert tick(core, 102.0).publish == [] and "a1" in core.sessions
+
+
+# ------------------------------------------------------------------ 2. look-only sessions
+
+
+def test_a_looker_is_never_online_a_user_or_a_member() -> None:
+    core = make(heads={"dev": 4, "@alice:bob": 2}, members={"dev": {"alice"}, "@alice:bob": {"alice", "bob"}})
+    hello(core, "a1", "alice")
+    out = hello(core, "l1", p.LOOKER, now=1.0)
+    welcome = reply(out)
+    assert isinstance(welcome, p.Welcome) and welcome.rooms == {} and welcome.name == p.LOOKER
+    assert out.publish == [] and out.members == []
+    assert p.LOOKER not in core.users and not core.online(p.LOOKER)
+    assert p.LOOKER not in core.devices
+    assert reply(request(core, "l1", p.LOOKER, p.Ping(rid=2))) == p.Pong(rid=2, boot="B1", epoch="E1", heads={})
+    assert reply(request(core, "l1", p.LOOKER, p.Who(rid=3, room="dev"))) == p.WhoReply(
+        rid=3, room="dev", members=[p.Member("alice", True)]
+    )
+    assert reply(request(core, "l1", p.LOOKER, p.Rooms(rid=4))) == p.RoomsReply(rid=4, rooms=[p.RoomInfo("dev", 1, 1)])
+    assert [q.head for q in request(core, "l1", p.LOOKER, p.History(rid=5, room="dev")).queries] == [4]
+    err = only_error(request(core, "l1", p.LOOKER, p.History(rid=6, room="@alice:bob")), "l1")
+    assert err.code == E.NOT_MEMBER
+    # alice's online count in dev is hers alone
+    assert core.room_list() == [p.RoomInfo("dev", 1, 1)]
+    out = request(core, "l1", p.LOOKER, p.Bye(rid=7))
+    assert reply(out) == p.Ok(rid=7) and out.publish == []
+    assert "l1" not in core.sessions
+
+
+@pytest.mark.parametrize(
+    ("body", "verb"), [(p.Join(rid=2, room="dev"), "join"), (p.Join(rid=2, room="new"), "join"), (p.Part(rid=2, room="dev"), "part")]
+)
+def test_a_looker_may_not_join_or_part(body: p.Request, verb: str) -> None:
+    core = make(members={"dev": {"alice"}})
+    hello(core, "l1", p.LOOKER)
+    err = only_error(request(core, "l1", p.LOOKER, body), "l1")
+    assert (err.code, err.rid) == (E.FORBIDDEN, 2)
+    assert err.message == f"sign in with a name to {verb} rooms"
+    assert core.members == {"dev": {"alice"}} and core.heads == {}
+
+
+@pytest.mark.parametrize("target", [{"room": "dev"}, {"to": "alice"}])
+def test_a_looker_may_not_send(target: dict) -> None:
+    core = make(members={"dev": {"alice"}})
+    hello(core, "l1", p.LOOKER)
+    err = only_error(send(core, p.LOOKER, "l1", "c1", **target), "l1")
+    assert (err.code, err.cid) == (E.FORBIDDEN, "c1")
+    assert "sign in with a name" in err.message
+    assert core.heads == {} and len(core.dedup) == 0
+
+
+def test_nobody_can_message_the_looker() -> None:
+    core = make()
+    hello(core, "a1", "alice")
+    hello(core, "l1", p.LOOKER)
+    core.add_user(p.LOOKER)
+    assert p.LOOKER not in core.users
+    assert only_error(send(core, "alice", "a1", "c1", to=p.LOOKER), "a1").code == E.BAD_NAME
+
+
+def test_lookers_share_one_request_bucket() -> None:
+    """All look-only sessions are one user: their budget also bounds how many live."""
+    core = make(limits=Limits(request_rate=1.0, request_burst=3.0))
+    for sid in ("l1", "l2", "l3"):
+        assert isinstance(reply(hello(core, sid, p.LOOKER)), p.Welcome)
+    err = only_error(hello(core, "l4", p.LOOKER), "l4")
+    assert err.code == E.RATE_LIMITED and "l4" not in core.sessions
+    assert isinstance(reply(hello(core, "a1", "alice")), p.Welcome)  # a named user has their own
+
+
+# ------------------------------------------------------------------ 3. budgets
+
+
+REQUESTS = [p.Hello(rid=9), p.Join(rid=9, room="dev"), p.Part(rid=9, room="dev"), p.History(rid=9, room="dev"),
+            p.Who(rid=9, room="dev"), p.Rooms(rid=9), p.Ping(rid=9), p.Bye(rid=9)]
+
+
+@pytest.mark.parametrize("body", REQUESTS, ids=lambda b: type(b).__name__)
+def test_every_request_kind_draws_from_the_users_request_bucket(body: p.Request) -> None:
+    core = make(limits=Limits(rate=0, room_rate=0, request_rate=2.0, request_burst=3.0), members={"dev": {"alice"}})
+    hello(core, "a1", "alice", now=10.0)
+    request(core, "a1", "alice", p.Ping(rid=1), now=10.0)
+    request(core, "a1", "alice", p.Ping(rid=2), now=10.0)
+    before = (dict(core.heads), {r: set(m) for r, m in core.members.items()}, set(core.sessions))
+    err = only_error(request(core, "a1", "alice", body, now=10.0), "a1")
+    assert (err.code, err.rid) == (E.RATE_LIMITED, 9)
+    assert err.retry_after == pytest.approx(0.5)
+    assert err.message == f"too many requests: try again in {err.retry_after:.2f}s"
+    assert (dict(core.heads), {r: set(m) for r, m in core.members.items()}, set(core.sessions)) == before
+    # another user is not limited; half a second later alice is not either
+    assert isinstance(reply(hello(core, "b1", "bob", now=10.0)), p.Welcome)
+    assert not any(isinstance(b, p.Error) for _, b in request(core, "a1", "alice", body, now=10.5).replies)
+
+
+def test_heartbeats_alone_never_reach_the_default_request_budget() -> None:
+    lim = Limits()
+    assert lim.request_rate * lim.heartbeat >= 10  # ten times a heartbeat's worth, sustained
+    core = make(limits=lim)
+    hello(core, "a1", "alice")
+    for i in range(int(lim.request_burst) - 1):  # a reconnect's worth of requests at once
+        assert not isinstance(reply(request(core, "a1", "alice", p.Ping(rid=i))), p.Error)
+
+
+def test_join_and_part_lines_draw_from_the_line_bucket() -> None:
+    """One client stored 20,000 join/part lines at t=0: they are stored lines too."""
+    core = make(limits=Limits(rate=1.0, burst=10.0, request_rate=0, room_rate=0))
+    hello(core, "a1", "alice")
+    stored = 0
+    refused = 0
+    for i in range(10_000):
+        for body in (p.Join(rid=i, room="dev"), p.Part(rid=i, room="dev")):
+            out = request(core, "a1", "alice", body)
+            stored += len(out.store)
+            if out.replies and isinstance(out.replies[0][1], p.Error):
+                err = out.replies[0][1]
+                assert err.code in (E.RATE_LIMITED, E.NOT_MEMBER) and err.rid == i
+                refused += 1
+    assert stored == 10
+    assert core.heads["dev"] == 10
+    assert refused == 20_000 - 10
+    # the bucket refills at the line rate, and is the one chat lines use
+    assert only_error(request(core, "a1", "alice", p.Join(rid=1, room="ops")), "a1").code == E.RATE_LIMITED
+    assert request(core, "a1", "alice", p.Join(rid=1, room="ops"), now=1.0).store
+    assert only_error(send(core, "alice", "a1", "c1", room="ops", now=1.0), "a1").code == E.RATE_LIMITED
+
+
+def test_a_join_refused_for_its_budget_changes_nothing() -> None:
+    core = make(limits=Limits(rate=1.0, burst=1.0, request_rate=0, room_rate=0))
+    hello(core, "a1", "alice")
+    assert request(core, "a1", "alice", p.Join(rid=1, room="dev")).store
+    err = only_error(request(core, "a1", "alice", p.Join(rid=2, room="ops")), "a1")
+    assert (err.code, err.rid, err.retry_after) == (E.RATE_LIMITED, 2, pytest.approx(1.0))
+    assert "ops" not in core.members and "ops" not in core.heads
+    # a join of a room one is already in stores nothing and costs no line token
+    assert isinstance(reply(request(core, "a1", "alice", p.Join(rid=3, room="dev"))), p.Joined)
+    # nor does the part of a DM conversation (not sequenced)
+    core.add_user("bob")
+    assert send(core, "alice", "a1", "c1", to="bob", now=1.0).store
+    assert reply(request(core, "a1", "alice", p.Part(rid=4, room="@alice:bob"), now=1.0)) == p.Ok(rid=4)
+
+
+def test_a_busy_room_is_limited_for_everyone_but_other_rooms_are_not() -> None:
+    names = [f"u{i}" for i in range(10)]
+    core = make(limits=Limits(rate=5.0, burst=5.0, request_rate=0, room_rate=2.0, room_burst=3.0),
+                members={"dev": set(names), "ops": {"u0"}})
+    for name in names:
+        hello(core, f"s-{name}", name)
+    for name in names[:3]:
+        assert send(core, name, f"s-{name}", "c1", room="dev").store
+    err = only_error(send(core, "u3", "s-u3", "c1", room="dev"), "s-u3")
+    assert (err.code, err.cid, err.retry_after) == (E.RATE_LIMITED, "c1", pytest.approx(0.5))
+    assert err.message == f"'dev' is too busy: try again in {err.retry_after:.2f}s"
+    assert core.buckets["u3"].tokens == 5.0  # the refusal cost u3 nothing
+    assert send(core, "u0", "s-u0", "c2", room="ops").store  # another room
+    assert send(core, "u0", "s-u0", "c3", to="u1").store  # DM conversations are bounded per user
+    assert only_error(request(core, "s-u4", "u4", p.Part(rid=5, room="dev")), "s-u4").code == E.RATE_LIMITED
+    assert send(core, "u3", "s-u3", "c1", room="dev", now=0.5).store
+    assert core.counters["room_limited"] == 2
+
+
+def test_the_default_room_budget_is_far_above_a_busy_room() -> None:
+    lim = Limits()
+    assert lim.room_rate >= 10 * lim.rate and lim.room_burst >= 10 * lim.burst
+
+
+def test_state_of_users_gone_idle_is_evicted_a_bounded_amount_per_tick() -> None:
+    lim = Limits(rate=1.0, burst=2.0, request_rate=1.0, request_burst=3.0, room_rate=1.0, room_burst=5.0, sweep=10,
+                 heartbeat=1000.0)
+    names = [f"u{i:02d}" for i in range(40)]
+    core = make(limits=lim, members={"dev": set(names)})
+    for name in names:
+        hello(core, f"s-{name}", name)
+        send(core, name, f"s-{name}", "c1", to="u00")
+        send(core, name, f"s-{name}", "c2", room="dev")
+    for name in names[1:]:
+        request(core, f"s-{name}", name, p.Bye(rid=2))
+    assert len(core.buckets) == len(core.request_buckets) == len(core.dms) == 40
+    assert set(core.room_buckets) == {"dev"}
+    tick(core, 0.5)  # not refilled yet: nothing may go
+    assert len(core.buckets) == len(core.request_buckets) == 40 and core.room_buckets
+    sizes = []
+    for t in range(100, 106):
+        tick(core, float(t))
+        sizes.append(len(core.request_buckets))
+    assert 40 - lim.sweep <= sizes[0] < 40  # at most `sweep` names looked at per tick
+    assert set(core.request_buckets) == set(core.buckets) == set(core.dms) == {"u00"}  # u00 is still online
+    assert core.room_buckets == {}
+    assert set(core.dedup.by_user) == set(names)  # their cids are still within the window
+    for t in range(10_000, 10_010):  # past the window (u00's session expires too)
+        tick(core, float(t))
+    assert core.buckets == {} and core.request_buckets == {} and core.dms == {}
+    assert core.dedup.by_user == {} and len(core.dedup) == 0 and len(core.dedup.order) == 0
+    # and a user who comes back starts afresh
+    hello(core, "s-u05", "u05", now=10_010.0)
+    assert send(core, "u05", "s-u05", "c1", to="u00", now=10_010.0).store  # the old cid was forgotten
