@@ -288,3 +288,240 @@ def test_state_of_users_gone_idle_is_evicted_a_bounded_amount_per_tick() -> None
     # and a user who comes back starts afresh
     hello(core, "s-u05", "u05", now=10_010.0)
     assert send(core, "u05", "s-u05", "c1", to="u00", now=10_010.0).store  # the old cid was forgotten
+
+
+# ------------------------------------------------------------------ 4. caps and pages
+
+
+def test_rooms_per_user_are_capped_counting_dm_conversations() -> None:
+    core = make(limits=Limits(rate=0, max_rooms=3))
+    for name in ("alice", "bob", "carol"):
+        hello(core, f"s-{name}", name)
+    for room in ("r1", "r2"):
+        assert request(core, "s-alice", "alice", p.Join(rid=1, room=room)).store
+    assert send(core, "alice", "s-alice", "c1", to="bob").store  # the third: a conversation
+    err = only_error(request(core, "s-alice", "alice", p.Join(rid=7, room="r3")), "s-alice")
+    assert (err.code, err.rid) == (E.LIMIT_REACHED, 7)
+    assert err.message == "you are in 3 rooms and conversations, the most allowed: part one first"
+    assert "r3" not in core.members and "r3" not in core.heads
+    err = only_error(send(core, "alice", "s-alice", "c2", to="carol"), "s-alice")
+    assert (err.code, err.cid) == (E.LIMIT_REACHED, "c2")
+    assert "@alice:carol" not in core.members and ("alice", "c2") not in core.dedup
+    assert send(core, "alice", "s-alice", "c3", to="bob").store  # an existing conversation goes on
+    # someone else at the cap cannot be pulled into one more conversation either
+    err = only_error(send(core, "carol", "s-carol", "c1", to="alice"), "s-carol")
+    assert err.code == E.LIMIT_REACHED and "'alice'" in err.message
+    request(core, "s-alice", "alice", p.Part(rid=8, room="r1"))
+    assert send(core, "carol", "s-carol", "c1", to="alice").store
+    assert len(core.rooms_of["alice"]) == 3
+
+
+def test_hello_and_bye_cost_is_bounded_by_the_rooms_cap() -> None:
+    core = make(limits=Limits(rate=0, request_rate=0, max_rooms=50))
+    hello(core, "a1", "alice")
+    for i in range(60):
+        request(core, "a1", "alice", p.Join(rid=i, room=f"r{i:02d}"))
+    assert len(core.rooms_of["alice"]) == 50
+    request(core, "a1", "alice", p.Bye(rid=1))
+    out = hello(core, "a2", "alice")
+    assert len(out.publish) == 50 and len(reply(out).rooms) == 50  # type: ignore[union-attr]
+
+
+def paged(core: Core, kind: str, room: str = "") -> tuple[list, int]:
+    """Everything a client gets by asking page after page; and how many pages."""
+    got: list = []
+    after = ""
+    pages = 0
+    while True:
+        body = p.Rooms(rid=1, after=after) if kind == "rooms" else p.Who(rid=1, room=room, after=after)
+        answer = reply(request(core, "l1", p.LOOKER, body))
+        items = answer.rooms if kind == "rooms" else answer.members  # type: ignore[union-attr]
+        assert len(p.encode(answer)) <= p.MAX_REPLY_BYTES
+        pages += 1
+        got.extend(items)
+        if not answer.more:  # type: ignore[union-attr]
+            return got, pages
+        assert items, "a page that says more must carry something"
+        after = items[-1].name
+
+
+def test_rooms_and_who_are_paged_by_name() -> None:
+    core = make(limits=Limits(rate=0, request_rate=0, page_size=2),
+                members={r: {"alice"} for r in ("e", "a", "c", "b", "d")} | {"@alice:bob": {"alice", "bob"}})
+    core.members["c"] |= {"zed", "bob", "amy", "kim"}
+    hello(core, "l1", p.LOOKER)
+    first = reply(request(core, "l1", p.LOOKER, p.Rooms(rid=1)))
+    assert first == p.RoomsReply(rid=1, rooms=[p.RoomInfo("a", 1, 0), p.RoomInfo("b", 1, 0)], more=True)
+    last = reply(request(core, "l1", p.LOOKER, p.Rooms(rid=2, after="d")))
+    assert last == p.RoomsReply(rid=2, rooms=[p.RoomInfo("e", 1, 0)], more=False)
+    between = reply(request(core, "l1", p.LOOKER, p.Rooms(rid=3, after="bb")))  # after a name that is no room
+    assert [r.name for r in between.rooms] == ["c", "d"]  # type: ignore[union-attr]
+    assert [r.name for r in paged(core, "rooms")[0]] == ["a", "b", "c", "d", "e"]
+    assert [m.name for m in paged(core, "who", "c")[0]] == ["alice", "amy", "bob", "kim", "zed"]
+    assert reply(request(core, "l1", p.LOOKER, p.Rooms(rid=4, after="e"))) == p.RoomsReply(rid=4, rooms=[], more=False)
+
+
+def test_pages_are_held_to_max_reply_bytes() -> None:
+    rooms = {f"{i:06d}" + "r" * 58: {"alice"} for i in range(20_000)}
+    people = {f"{i:06d}" + "n" * 26 for i in range(40_000)}
+    core = make(limits=Limits(rate=0, request_rate=0, page_size=1_000_000), members=rooms | {"big": people})
+    hello(core, "l1", p.LOOKER)
+    got, pages = paged(core, "rooms")
+    assert [r.name for r in got] == sorted(rooms | {"big": 0}) and pages > 1
+    got, pages = paged(core, "who", "big")
+    assert [m.name for m in got] == sorted(people) and pages > 1
+
+
+def test_joined_carries_the_first_page_of_members() -> None:
+    core = make(limits=Limits(rate=0, request_rate=0, page_size=3), members={"dev": {"d", "b", "a", "c"}})
+    hello(core, "e1", "e")
+    joined = reply(request(core, "e1", "e", p.Join(rid=1, room="dev")))
+    assert [m.name for m in joined.members] == ["a", "b", "c"]  # type: ignore[union-attr]
+
+
+def test_rooms_does_not_sort_every_room_per_request() -> None:
+    """100k rooms made each `rooms` request sort them all: the index is kept sorted."""
+    core = make(members={f"r{i}": {"alice"} for i in range(1000)})
+    hello(core, "a1", "alice")
+    calls = []
+    import builtins
+    real = builtins.sorted
+
+    def counting(*args, **kwargs):  # type: ignore[no-untyped-def]
+        calls.append(1)
+        return real(*args, **kwargs)
+
+    builtins.sorted = counting
+    try:
+        request(core, "a1", "alice", p.Rooms(rid=1))
+        request(core, "a1", "alice", p.Rooms(rid=2, after="r5"))
+    finally:
+        builtins.sorted = real
+    assert calls == []
+
+
+_index_ops = st.lists(
+    st.tuples(st.sampled_from(["join", "part", "hello", "bye", "dm"]), st.sampled_from(["ann", "bob", "cy"]),
+              st.sampled_from(["a", "b", "c"]), st.sampled_from([1, 2])),
+    max_size=40,
+)
+
+
+@settings(max_examples=200, deadline=None)
+@given(_index_ops)
+def test_room_and_member_indexes_agree_with_a_plain_recount(ops: list[tuple[str, str, str, int]]) -> None:
+    core = make(limits=Limits(rate=0, request_rate=0, page_size=2), members={"b": {"bob"}})
+    for op, name, room, device in ops:
+        sid = f"{name}{device}"
+        if op == "hello":
+            hello(core, sid, name)
+        elif sid not in core.sessions:
+            continue
+        elif op == "bye":
+            request(core, sid, name, p.Bye(rid=1))
+        elif op == "dm":
+            send(core, name, sid, f"c{len(core.heads)}{room}", to={"a": "ann", "b": "bob", "c": "cy"}[room])
+        elif op == "join":
+            request(core, sid, name, p.Join(rid=1, room=room))
+        else:
+            request(core, sid, name, p.Part(rid=1, room=room))
+        if op in ("join", "part"):  # a who now and then makes (and then keeps) the member index
+            core.member_page(room)
+        want = [p.RoomInfo(r, len(ms), sum(1 for n in ms if core.online(n)))
+                for r, ms in sorted(core.members.items()) if not p.is_dm_room(r)]
+        assert core.room_list() == want
+        for r in core.members:
+            names = sorted(core.members[r])
+            assert core.member_page(r)[0] == [p.Member(n, core.online(n)) for n in names][:2]
+        assert core.rooms_of == {n: rs for n, rs in _rooms_of(core).items()}
+
+
+def _rooms_of(core: Core) -> dict[str, set[str]]:
+    out: dict[str, set[str]] = {}
+    for room, names in core.members.items():
+        for name in names:
+            out.setdefault(name, set()).add(room)
+    return out
+
+
+# ------------------------------------------------------------------ 5. dedup memory
+
+
+def test_dedup_is_bounded_in_total_not_only_per_user() -> None:
+    """200 throwaway names each kept a window of their own."""
+    core = make(limits=Limits(rate=0, request_rate=0, room_rate=0, dedup_per_user=50, dedup_total=300))
+    for i in range(200):
+        name = f"u{i:03d}"
+        hello(core, f"s{i}", name)
+        request(core, f"s{i}", name, p.Join(rid=1, room="dev"))
+        for j in range(10):
+            send(core, name, f"s{i}", f"c{j}", room="dev")
+    assert len(core.dedup) == 300
+    assert len(core.dedup.order) - core.dedup.stale == 300
+    assert ("u199", "c9") in core.dedup and ("u000", "c0") not in core.dedup  # the oldest went first
+    assert core.dedup.get(("u170", "c0")) is not None
+
+
+def test_the_default_dedup_caps() -> None:
+    lim = Limits()
+    assert (lim.dedup_per_user, lim.dedup_total, lim.dedup_window) == (1_000, 100_000, 900.0)
+    core = make(limits=Limits(rate=0, room_rate=0), members={"dev": {"alice"}})
+    hello(core, "a1", "alice")
+    for i in range(1_500):
+        send(core, "alice", "a1", f"c{i}", room="dev", now=i / 1000)
+    assert len(core.dedup) == 1_000 and ("alice", "c499") not in core.dedup and ("alice", "c500") in core.dedup
+
+
+def test_a_chatty_user_does_not_push_out_a_quiet_users_cids() -> None:
+    core = make(limits=Limits(rate=0, request_rate=0, room_rate=0, dedup_per_user=5, dedup_total=10),
+                members={"dev": {"alice", "bob"}})
+    hello(core, "a1", "alice")
+    hello(core, "b1", "bob")
+    first = send(core, "bob", "b1", "quiet", room="dev")
+    for i in range(10_000):
+        send(core, "alice", "a1", f"c{i}", room="dev")
+    assert send(core, "bob", "b1", "quiet", room="dev").acks == first.acks
+    assert len(core.dedup.order) <= 2 * 10 + 2  # compacted as it went
+
+
+def test_dedup_entries_go_after_the_window() -> None:
+    core = make(limits=Limits(rate=0, request_rate=0, dedup_window=900.0, heartbeat=10_000.0), members={"dev": {"alice"}})
+    hello(core, "a1", "alice")
+    first = send(core, "alice", "a1", "c1", room="dev", now=10.0)
+    send(core, "alice", "a1", "c2", room="dev", now=500.0)
+    tick(core, 909.0)
+    assert send(core, "alice", "a1", "c1", room="dev", now=909.0).acks == first.acks
+    tick(core, 911.0)
+    assert ("alice", "c1") not in core.dedup and ("alice", "c2") in core.dedup
+    assert send(core, "alice", "a1", "c1", room="dev", now=911.0).store  # taken afresh
+    tick(core, 1401.0)
+    assert ("alice", "c2") not in core.dedup
+
+
+def test_expiry_work_per_tick_is_bounded() -> None:
+    core = make(limits=Limits(rate=0, request_rate=0, room_rate=0, sweep=100, heartbeat=10_000.0), members={"dev": {"alice"}})
+    hello(core, "a1", "alice")
+    for i in range(1000):
+        send(core, "alice", "a1", f"c{i}", room="dev")
+    tick(core, 10_000.0)
+    assert len(core.dedup) == 900
+    for _ in range(9):
+        tick(core, 10_000.0)
+    assert len(core.dedup) == 0
+
+
+def test_the_warm_up_from_storage_obeys_the_caps_and_the_window() -> None:
+    """The shell passes `recent` (wall-clock ts) at start, with wall_offset."""
+    wall = 1_700_000_000.0
+    recent = [p.Msg(room="dev", seq=i + 1, id=f"x{i}", ts=wall - 1000 + i * 100, sender="alice", text="t", cid=f"c{i}",
+                    epoch="E1") for i in range(8)]  # 1000 s ago .. 300 s ago
+    recent += [p.Msg(room="dev", seq=9, id="x8", ts=wall - 50, sender="bob", text="t", cid="b1", epoch="E1")]
+    lim = Limits(rate=0, request_rate=0, dedup_per_user=7, dedup_window=900.0)
+    core = Core(epoch="E1", boot="B1", limits=lim, heads={"dev": 9}, members={"dev": {"alice", "bob"}},
+                recent=recent, wall_offset=wall - 100.0)  # monotonic now is 100.0
+    assert [cid for _, cid in core.dedup] == ["c1", "c2", "c3", "c4", "c5", "c6", "c7", "b1"]  # alice's cap: her newest 7
+    tick(core, 101.0)  # c1 was stored 901 s ago
+    assert [cid for _, cid in core.dedup] == ["c2", "c3", "c4", "c5", "c6", "c7", "b1"]
+    hello(core, "a1", "alice", now=101.0)
+    out = send(core, "alice", "a1", "c7", room="dev", now=101.0)
+    assert out.acks == {"a1": [p.Stored("c7", "dev", 8, "x7", wall - 300)]} and out.store == []
