@@ -1015,8 +1015,6 @@ class Core:
         batch stay evicted (they were the oldest).
         """
         failed = out.store
-        if not failed:
-            return
         lowest: dict[str, int] = {}
         for msg in failed:
             if msg.seq < lowest.get(msg.room, msg.seq + 1):
@@ -1030,7 +1028,8 @@ class Core:
                 self.heads.pop(room, None)
         for room, name, member in reversed(out.members):
             self._apply_member(room, name, not member)
-        self.count("undone_batches")
+        if failed or out.members:
+            self.count("undone_batches")
         ids = {msg.id for msg in failed}
         out.store = []
         out.members = []

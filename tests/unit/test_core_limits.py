@@ -525,3 +525,137 @@ def test_the_warm_up_from_storage_obeys_the_caps_and_the_window() -> None:
     hello(core, "a1", "alice", now=101.0)
     out = send(core, "alice", "a1", "c7", room="dev", now=101.0)
     assert out.acks == {"a1": [p.Stored("c7", "dev", 8, "x7", wall - 300)]} and out.store == []
+
+
+# ------------------------------------------------------------------ 6. undo
+
+
+def snapshot(core: Core) -> tuple:
+    """What undo must restore, plus the indexes that follow membership."""
+    for room, index in core._member_index.items():
+        assert index == sorted(core.members.get(room, ())), room
+    return (
+        dict(core.heads),
+        {room: set(names) for room, names in core.members.items()},
+        {name: set(rooms) for name, rooms in core.rooms_of.items()},
+        [(user, cid, core.dedup.get((user, cid))) for user, cid in core.dedup],
+        list(core.room_index),
+        dict(core.online_in),
+    )
+
+
+def mixed_batch(core: Core, out: Outcome) -> None:
+    core.send("alice", p.Send(sid="a1", cid="c1", text="one", room="dev"), 1.0, out)
+    core.request("b1", "bob", p.Join(rid=2, room="ops"), 1.0, out)
+    core.send("bob", p.Send(sid="b1", cid="c2", text="two", room="ops"), 1.0, out)
+    core.send("alice", p.Send(sid="a1", cid="c3", text="psst", to="carol"), 1.0, out)  # a new conversation
+    core.request("b1", "bob", p.Part(rid=3, room="dev"), 1.0, out)
+    core.request("a1", "alice", p.Join(rid=4, room="new"), 1.0, out)
+    core.send("alice", p.Send(sid="a1", cid="c0", text="dup", room="dev"), 1.0, out)  # a resend of a stored line
+    core.request("a1", "alice", p.Part(rid=5, room="@alice:bob"), 1.0, out)  # not sequenced, but a change
+
+
+def test_undo_puts_the_core_back_and_rewrites_the_outcome() -> None:
+    core = make(heads={"dev": 7, "@alice:bob": 3}, members={"dev": {"alice", "bob"}, "@alice:bob": {"alice", "bob"}},
+                users={"carol"})
+    for sid, name in (("a1", "alice"), ("b1", "bob")):
+        hello(core, sid, name)
+    kept = send(core, "alice", "a1", "c0", room="dev")  # stored in an earlier batch
+    core.member_page("dev")  # the who index exists and must follow
+    before = snapshot(core)
+    out = Outcome()
+    mixed_batch(core, out)
+    assert sorted((m.room, m.seq) for m in out.store) == [
+        ("@alice:carol", 1), ("dev", 9), ("dev", 10), ("new", 1), ("ops", 1), ("ops", 2)]
+    core.undo(out)
+    assert snapshot(core) == before
+    assert (out.store, out.members, out.changed) == ([], [], [])
+    assert out.publish == []  # every publication was of a failed message
+    assert out.acks == {"a1": kept.acks["a1"]}  # the resend's ack stands
+    errors = [(sid, body.code, body.rid, body.cid) for sid, body in out.replies if isinstance(body, p.Error)]
+    assert sorted(errors) == sorted([
+        ("a1", E.INTERNAL, 0, "c1"), ("b1", E.INTERNAL, 2, ""), ("b1", E.INTERNAL, 0, "c2"), ("a1", E.INTERNAL, 0, "c3"),
+        ("b1", E.INTERNAL, 3, ""), ("a1", E.INTERNAL, 4, ""), ("a1", E.INTERNAL, 5, ""),
+    ])
+    assert all(isinstance(body, p.Error) for _, body in out.replies)
+    # the resends are taken afresh, with the same seqs
+    again = Outcome()
+    mixed_batch(core, again)
+    assert sorted((m.room, m.seq) for m in again.store) == [
+        ("@alice:carol", 1), ("dev", 9), ("dev", 10), ("new", 1), ("ops", 1), ("ops", 2)]
+
+
+def test_undo_keeps_what_is_not_of_the_failed_batch() -> None:
+    core = make(members={"dev": {"alice"}})
+    hello(core, "a1", "alice")
+    out = Outcome()
+    core.request("a1", "alice", p.Ping(rid=1), 1.0, out)
+    core.send("alice", p.Send(sid="a1", cid="c1", text="x", room="dev"), 1.0, out)
+    core.request("a1", "alice", p.Who(rid=2, room="dev"), 1.0, out)
+    hello_out = Outcome()
+    core.request("b1", "bob", p.Hello(rid=3), 1.0, hello_out)
+    core.undo(out)
+    assert [type(body).__name__ for _, body in out.replies] == ["Pong", "WhoReply", "Error"]
+    core.undo(Outcome())  # nothing to undo
+    assert core.heads == {} and core.online("bob")
+
+
+_batch_ops = st.lists(
+    st.tuples(st.sampled_from(["say", "say", "dm", "join", "part", "part_dm"]), st.sampled_from(["ann", "bob", "cy"]),
+              st.sampled_from(["a", "b", "ann", "bob", "cy"]), st.integers(0, 4)),
+    max_size=25,
+)
+
+
+def run_ops(core: Core, ops: list[tuple[str, str, str, int]], out: Outcome) -> None:
+    for op, name, target, n in ops:
+        sid = f"s-{name}"
+        if op == "say":
+            core.send(name, p.Send(sid=sid, cid=f"c{n}", text="x", room=target), 1.0, out)
+        elif op == "dm":
+            core.send(name, p.Send(sid=sid, cid=f"c{n}", text="x", to=target), 1.0, out)
+        elif op == "join":
+            core.request(sid, name, p.Join(rid=n, room=target), 1.0, out)
+        elif op == "part":
+            core.request(sid, name, p.Part(rid=n, room=target), 1.0, out)
+        elif target in ("ann", "bob", "cy"):
+            core.request(sid, name, p.Part(rid=n, room=p.dm_room(name, target)), 1.0, out)
+
+
+@settings(max_examples=300, deadline=None)
+@given(_batch_ops, _batch_ops, st.sampled_from([3, 100]))
+def test_sequencing_then_undo_leaves_the_core_as_before(
+    prefix: list[tuple[str, str, str, int]], batch: list[tuple[str, str, str, int]], max_rooms: int
+) -> None:
+    core = make(limits=Limits(rate=0, request_rate=0, room_rate=0, max_rooms=max_rooms), users={"ann", "bob", "cy"})
+    for name in ("ann", "bob", "cy"):
+        hello(core, f"s-{name}", name)
+    run_ops(core, prefix, Outcome())
+    for room in list(core.members)[:2]:
+        core.member_page(room)
+    before = snapshot(core)
+    out = Outcome()
+    run_ops(core, batch, out)
+    stored = [(m.room, m.seq, m.sender, m.cid) for m in out.store]
+    core.undo(out)
+    assert snapshot(core) == before
+    assert out.store == [] and out.members == [] and not any(isinstance(m, p.Msg) for _, m in out.publish)
+    redo = Outcome()
+    run_ops(core, batch, redo)
+    assert [(m.room, m.seq, m.sender, m.cid) for m in redo.store] == stored
+
+
+# ------------------------------------------------------------------ 7. heads on subscription
+
+
+def test_subscribed_tells_the_heads_of_what_the_subscription_covers() -> None:
+    core = make(heads={"dev": 5, "@alice:bob": 2, "@alice:carol": 9, "ops": 1},
+                members={"dev": {"alice"}, "@alice:bob": {"alice", "bob"}, "@alice:carol": {"alice", "carol"}, "ops": {"bob"}})
+    assert core.subscribed("alice", DEV) == p.Heads(epoch="E1", heads={"dev": 5})
+    assert core.subscribed("alice", p.inbox_topic("alice")) == p.Heads(epoch="E1", heads={"@alice:bob": 2, "@alice:carol": 9})
+    assert core.subscribed("bob", p.inbox_topic("bob")) == p.Heads(epoch="E1", heads={"@alice:bob": 2})
+    assert core.subscribed("zed", p.inbox_topic("zed")) == p.Heads(epoch="E1", heads={})
+    assert core.subscribed("alice", p.room_topic("fresh")) == p.Heads(epoch="E1", heads={"fresh": 0})
+    assert core.subscribed("alice", p.SYSTEM_TOPIC) is None
+    assert core.subscribed("alice", p.inbox_topic("bob")) is None  # never authorised: nothing to tell
+    assert core.subscribed("alice", b"#de") is None
