@@ -216,7 +216,7 @@ class Limits:
     pub_port: int = 0
     pub_hwm: int = 100_000  # per-subscriber queue on the broker before PUB drops
     # Requests (hello, join, part, history, who, rooms, ping, bye) per second per user
-    # name; 0 disables. A client's heartbeat is one per 10 s; a reconnect with many rooms
+    # name; 0 disables (and so does rate=0, as for room_rate). A client's heartbeat is one per 10 s; a reconnect with many rooms
     # is a hello plus a join and a history page or two per room: the burst covers that.
     request_rate: float = 10.0
     request_burst: float = 100.0
@@ -230,6 +230,13 @@ class Limits:
     dedup_total: int = 100_000  # cids remembered over all users
     dedup_window: float = 900.0  # seconds a cid is surely remembered for (if the caps allow)
     sweep: int = 1_000  # most idle users/rooms/cids looked at per tick
+
+    def effective(self) -> Limits:
+        """These limits as the core applies them: ``rate`` 0 turns every rate limit off
+        (requests and rooms too: a trusted deployment, a benchmark)."""
+        if self.rate > 0:
+            return self
+        return dataclasses.replace(self, request_rate=0.0, room_rate=0.0)
 
     @property
     def presence_timeout(self) -> float:
@@ -333,7 +340,7 @@ class Core:
     ) -> None:
         self.epoch = epoch
         self.boot = boot
-        self.limits = limits
+        self.limits = limits.effective()
         self.wall_offset = wall_offset
         self.heads: dict[str, int] = dict(heads or {})
         self.members: dict[str, set[str]] = {room: set(names) for room, names in (members or {}).items() if names}

@@ -172,7 +172,7 @@ REQUESTS = [p.Hello(rid=9), p.Join(rid=9, room="dev"), p.Part(rid=9, room="dev")
 
 @pytest.mark.parametrize("body", REQUESTS, ids=lambda b: type(b).__name__)
 def test_every_request_kind_draws_from_the_users_request_bucket(body: p.Request) -> None:
-    core = make(limits=Limits(rate=0, room_rate=0, request_rate=2.0, request_burst=3.0), members={"dev": {"alice"}})
+    core = make(limits=Limits(rate=1000.0, room_rate=0, request_rate=2.0, request_burst=3.0), members={"dev": {"alice"}})
     hello(core, "a1", "alice", now=10.0)
     request(core, "a1", "alice", p.Ping(rid=1), now=10.0)
     request(core, "a1", "alice", p.Ping(rid=2), now=10.0)
@@ -256,6 +256,17 @@ def test_a_busy_room_is_limited_for_everyone_but_other_rooms_are_not() -> None:
 def test_the_default_room_budget_is_far_above_a_busy_room() -> None:
     lim = Limits()
     assert lim.room_rate >= 10 * lim.rate and lim.room_burst >= 10 * lim.burst
+
+
+def test_rate_zero_turns_every_rate_limit_off() -> None:
+    """The benchmarks and trusted deployments run with rate=0: no request or room budget."""
+    core = make(limits=Limits(rate=0, request_rate=1.0, request_burst=1.0, room_rate=1.0, room_burst=1.0),
+                members={"dev": {"alice", "bob"}})
+    for i in range(50):
+        assert not isinstance(reply(hello(core, "a1", "alice")), p.Error)
+        assert send(core, "alice", "a1", f"c{i}", room="dev").store
+    assert core.request_buckets == {} and core.room_buckets == {} and core.buckets == {}
+    assert core.limits.rate == 0 and core.limits.request_rate == 0 and core.limits.room_rate == 0
 
 
 def test_state_of_users_gone_idle_is_evicted_a_bounded_amount_per_tick() -> None:
