@@ -1037,6 +1037,7 @@ class Core:
             self._apply_member(room, name, not member)
         if failed or out.members:
             self.count("undone_batches")
+            log.debug("undid %d message(s) and %d membership change(s)", len(failed), len(out.members))
         ids = {msg.id for msg in failed}
         out.store = []
         out.members = []
