@@ -53,8 +53,24 @@ def _ack(acks: dict[str, list[p.Stored]], sid: str, stored: p.Stored) -> None:
         items.append(stored)
 
 
+class _Entry(msgspec.Struct, gc=False):
+    """One remembered cid: when (monotonic), whose, its Stored, and whether it is gone.
+
+    Held in its user's window and in Dedup.order at once; an entry its user's cap or a
+    forget removed is only marked dead there, and skipped or compacted away later.
+    Never tracked by the garbage collector (it holds only strings, a float, a bool and
+    an untracked Stored): 100,000 tracked tuples made collections cost Core.send more
+    than a microsecond a line.
+    """
+
+    now: float
+    user: str
+    stored: p.Stored
+    dead: bool = False
+
+
 class RecentCids(dict):  # type: ignore[type-arg]
-    """One user's remembered cid -> Stored, oldest first, with the same cids in ``order``.
+    """One user's remembered cid -> Stored, with its entries oldest first in ``order``.
 
     A plain dict plus a deque beside it: ``popleft`` finds the oldest cheaply, whereas
     ``del d[next(iter(d))]`` on a full dict gets slower and slower (each call walks over
@@ -66,40 +82,24 @@ class RecentCids(dict):  # type: ignore[type-arg]
 
     def __init__(self, user: str = "") -> None:
         super().__init__()
-        self.order: deque[str] = deque()
+        self.order: deque[_Entry] = deque()
         self.user = user
 
     def drop(self, cid: str) -> None:
-        """Forget ``cid`` (remembered): from the front of ``order`` if it is the oldest,
-        else from the back (a batch storage refused holds the newest)."""
+        """Forget ``cid`` (remembered) and mark its entry dead: from the front of
+        ``order`` if it is the oldest, else from the back (a batch storage refused holds
+        the newest)."""
         del self[cid]
         order = self.order
-        if order[0] == cid:
-            order.popleft()
+        if order[0].stored.cid == cid:
+            order.popleft().dead = True
             return
-        for i, known in enumerate(reversed(order), 1):
-            if known == cid:
-                del order[-i]
+        for i in range(len(order) - 1, -1, -1):
+            entry = order[i]
+            if entry.stored.cid == cid:
+                entry.dead = True
+                del order[i]
                 return
-
-
-class _Entry(msgspec.Struct, gc=False):
-    """One remembered cid in Dedup.order: when (monotonic), whose, and its Stored.
-
-    Never tracked by the garbage collector (it holds only strings, a float and an
-    untracked Stored): a tuple holding a window kept 100,000 of them tracked, and the
-    collections that caused cost Core.send more than a microsecond a line.
-    """
-
-    now: float
-    user: str
-    stored: p.Stored
-
-
-def _live(by_user: dict[str, RecentCids], entry: _Entry) -> bool:
-    """Whether an entry of Dedup.order is still remembered."""
-    cids = by_user.get(entry.user)
-    return cids is not None and cids.get(entry.stored.cid) is entry.stored
 
 
 class Dedup:
@@ -108,10 +108,9 @@ class Dedup:
 
     Per user so that a chatty user cannot push a quiet user's cids out before the
     quiet user's client had a chance to resend; in total so that many throwaway names
-    cannot each keep a full window. ``order`` holds every entry (an _Entry), oldest first. An entry a user's own cap or a forget removed stays
-    in it as a stale entry (recognised by identity: its window no longer holds that
-    Stored) until it reaches the front or ``order`` is compacted; ``stale`` counts them,
-    so that only live entries count against ``total``.
+    cannot each keep a full window. ``order`` holds every entry, oldest first; the dead
+    ones (``stale`` of them) do not count against ``total`` and are compacted away once
+    they are most of it, so each entry is copied O(1) times on average.
     """
 
     def __init__(self, per_user: int = 1_000, total: int = 100_000, window: float = 900.0) -> None:
@@ -142,40 +141,51 @@ class Dedup:
         if cid in cids:  # seen again (only the warm-up can do this): now the newest
             cids.drop(cid)
             self.stale += 1
+        entry = _Entry(now, user, stored)
         cids[cid] = stored
         order = cids.order
-        order.append(cid)
+        order.append(entry)
         if len(order) > self.per_user:
-            del cids[order.popleft()]
+            old = order.popleft()
+            del cids[old.stored.cid]
+            old.dead = True
             self.stale += 1
-        self.order.append(_Entry(now, user, stored))
+        self.order.append(entry)
         if len(self.order) > self.high:
             self.trim()
 
     def trim(self) -> None:
-        """Hold live entries to ``total`` (oldest go first) and compact ``order`` once
-        most of it is stale: each entry is copied O(1) times on average."""
+        """Hold live entries to ``total`` (oldest go first); compact ``order`` once most
+        of it is dead."""
         order = self.order
         if self.stale > len(order) // 2:
-            by_user = self.by_user
-            self.order = order = deque(entry for entry in order if _live(by_user, entry))
+            self.order = order = deque([entry for entry in order if not entry.dead])
             self.stale = 0
         while len(order) - self.stale > self.total:
             self.evict_oldest()
         self.high = self.total + self.stale
 
     def evict_oldest(self) -> None:
-        """Drop the front of ``order`` (and its entry, if it is still remembered)."""
+        """Drop the front of ``order``, and forget its cid if it is still remembered."""
         entry = self.order.popleft()
-        stored = entry.stored
-        cids = self.by_user.get(entry.user)
-        if cids is not None and cids.get(stored.cid) is stored:
-            cids.drop(stored.cid)
-        else:
+        if entry.dead:
             self.stale -= 1
+            return
+        cids = self.by_user[entry.user]
+        del cids[entry.stored.cid]
+        entry.dead = True
+        order = cids.order
+        if order[0] is entry:  # the oldest of its user too, but for warm-up re-adds
+            order.popleft()
+        else:
+            for i, known in enumerate(order):
+                if known is entry:
+                    del order[i]
+                    break
 
     def expire(self, now: float, budget: int) -> int:
-        """Drop entries older than the window, at most ``budget``; return how many."""
+        """Drop entries older than the window, looking at most at ``budget``; return how
+        many were looked at."""
         order = self.order
         deadline = now - self.window
         done = 0
@@ -200,7 +210,7 @@ class Dedup:
         return self.get(key) is not None
 
     def __iter__(self):  # type: ignore[no-untyped-def]
-        return ((user, cid) for user, cids in self.by_user.items() for cid in cids.order)
+        return ((user, entry.stored.cid) for user, cids in self.by_user.items() for entry in cids.order)
 
     def __len__(self) -> int:
         return sum(len(cids) for cids in self.by_user.values())
@@ -887,19 +897,18 @@ class Core:
             if wait:
                 self._rate_limited(sid, cid, wait, out)
                 return
-        if not to:
-            room_rate = lim.room_rate
-            if room_rate > 0:
-                room_bucket = self.room_buckets.get(room)
-                if room_bucket is None:
-                    room_bucket = self._room_bucket(room, now)
-                wait = room_bucket.take(room_rate, lim.room_burst, now)
-                if wait:
-                    if rate > 0:
+            if not to:  # (rate 0 turns the room budget off too: Limits.effective)
+                room_rate = lim.room_rate
+                if room_rate > 0:
+                    room_bucket = self.room_buckets.get(room)
+                    if room_bucket is None:
+                        room_bucket = self._room_bucket(room, now)
+                    wait = room_bucket.take(room_rate, lim.room_burst, now)
+                    if wait:
                         bucket.tokens += 1.0  # the line was not taken: the user keeps the token
-                    self._room_limited(sid, room, cid, wait, out)
-                    return
-        elif new_dm:
+                        self._room_limited(sid, room, cid, wait, out)
+                        return
+        if new_dm:
             for member in (name, to):
                 if member not in self.members.get(room, ()):
                     self._set_member(room, member, True, out)
@@ -927,14 +936,17 @@ class Core:
         dedup = self.dedup
         if cids is None:
             cids = session.recent = dedup.of(name)
-        cids[cid] = stored  # Dedup.add, inline
+        entry = _Entry(now, name, stored)  # Dedup.add, inline
+        cids[cid] = stored
         order = cids.order
-        order.append(cid)
+        order.append(entry)
         if len(order) > dedup.per_user:
-            del cids[order.popleft()]
+            old = order.popleft()
+            del cids[old.stored.cid]
+            old.dead = True
             dedup.stale += 1
         everything = dedup.order
-        everything.append(_Entry(now, name, stored))
+        everything.append(entry)
         if len(everything) > dedup.high:
             dedup.trim()
         acks = out.acks.get(sid)  # not setdefault: that builds a list to throw away

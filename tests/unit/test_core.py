@@ -883,10 +883,11 @@ def test_dedup_behaves_as_the_plain_model(
         elif (user, cid) in sent:  # storage refused that line
             core.forget([sent.pop((user, cid))])
             model.entries.pop((user, cid), None)
-        assert {user: list(cids.order) for user, cids in core.dedup.by_user.items() if cids} == model.by_user()
-        assert all(list(cids) == list(cids.order) for cids in core.dedup.by_user.values())
+        assert {user: [e.stored.cid for e in cids.order] for user, cids in core.dedup.by_user.items() if cids} == model.by_user()
+        assert all(list(cids) == [e.stored.cid for e in cids.order] for cids in core.dedup.by_user.values())
         assert len(core.dedup) == len(model.entries) <= total
-        live = [e for e in core.dedup.order if core_mod._live(core.dedup.by_user, e)]
+        live = [e for e in core.dedup.order if not e.dead]
+        assert all(core.dedup.by_user[e.user].get(e.stored.cid) is e.stored for e in live)
         assert len(live) == len(core.dedup) == len(core.dedup.order) - core.dedup.stale
     for user in ("alice", "bob", "carol", "dave"):
         for n in range(7):
