@@ -1023,15 +1023,16 @@ class Core:
         """Storage refused ``out.store``: put the core back as if none of it had been
         sequenced, and rewrite ``out`` so the shell carries out only the rest.
 
-        Each room's head returns to its lowest failed seq - 1 (nothing of the batch was
-        stored, so nobody can hold those seqs from history; clients that saw them
-        published... were not sent them: undo runs before publishing). Their cids are
-        forgotten, so a resend is stored. Membership changes of ``out.members`` are
-        reverted, newest first (a DM's first line made its conversation's members).
-        Then ``out`` keeps no store, no member changes, no publication of those
-        messages; their acks become errors, and so do the replies to the joins and
-        parts that were undone. Tokens spent stay spent; cids the caps evicted for the
-        batch stay evicted (they were the oldest).
+        Each room's head returns to its lowest failed seq - 1: nothing of the batch was
+        stored or published, and the heads in this outcome's replies (Pong, Welcome,
+        Joined, history queries) are lowered to match, so no client ever learns of those
+        seqs and the next message may take them. Their cids are forgotten, so a resend
+        is stored. Membership changes of ``out.members`` are reverted, newest first (a
+        DM's first line made its conversation's members). Then ``out`` keeps no store,
+        no member changes and no publication of those messages; their acks become
+        errors, and so do the replies to the joins and parts that were undone. Tokens
+        spent stay spent; cids the caps evicted for the batch stay evicted (they were
+        the oldest).
         """
         failed = out.store
         lowest: dict[str, int] = {}
@@ -1054,6 +1055,8 @@ class Core:
         out.store = []
         out.members = []
         out.publish = [(t, m) for t, m in out.publish if not (type(m) is p.Msg and m.id in ids)]
+        if lowest:
+            self._lower_heads(out, lowest)
         for i in out.changed:
             sid, body = out.replies[i]
             out.replies[i] = (sid, p.Error(code=E.INTERNAL, message="could not store that change; try again", rid=body.rid))  # type: ignore[union-attr]
@@ -1069,6 +1072,26 @@ class Core:
             if kept:
                 acks[sid] = kept
         out.acks = acks
+
+    def _lower_heads(self, out: Outcome, rooms: Iterable[str]) -> None:
+        """Lower the heads this outcome's replies tell for ``rooms`` to the core's own."""
+        heads = self.heads
+        undone = set(rooms)
+
+        def fix(told: dict[str, int]) -> dict[str, int]:
+            return {room: min(seq, heads.get(room, 0)) if room in undone else seq for room, seq in told.items()}
+
+        for i, (sid, body) in enumerate(out.replies):
+            if type(body) is p.Pong:
+                out.replies[i] = (sid, msgspec.structs.replace(body, heads=fix(body.heads)))
+            elif type(body) is p.Welcome:
+                out.replies[i] = (sid, msgspec.structs.replace(body, rooms=fix(body.rooms)))
+            elif type(body) is p.Joined and body.room in undone:
+                out.replies[i] = (sid, msgspec.structs.replace(body, head=min(body.head, heads.get(body.room, 0))))
+        out.queries = [
+            dataclasses.replace(q, head=min(q.head, heads.get(q.request.room, 0))) if q.request.room in undone else q
+            for q in out.queries
+        ]
 
     def forget(self, failed: Iterable[p.Msg]) -> None:
         """Storage refused a batch: forget its cids so resends are taken afresh (the old

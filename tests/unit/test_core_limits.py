@@ -670,3 +670,26 @@ def test_subscribed_tells_the_heads_of_what_the_subscription_covers() -> None:
     assert core.subscribed("alice", p.SYSTEM_TOPIC) is None
     assert core.subscribed("alice", p.inbox_topic("bob")) is None  # never authorised: nothing to tell
     assert core.subscribed("alice", b"#de") is None
+
+
+def test_undo_lowers_the_heads_told_in_the_same_outcome() -> None:
+    """A head that counted an undone seq would make a client skip the next message."""
+    core = make(heads={"dev": 4, "ops": 2}, members={"dev": {"alice", "bob"}, "ops": {"bob"}})
+    hello(core, "a1", "alice")
+    hello(core, "b1", "bob")
+    out = Outcome()
+    core.send("alice", p.Send(sid="a1", cid="c1", text="x", room="dev"), 1.0, out)
+    core.request("b1", "bob", p.Ping(rid=1), 1.0, out)
+    core.request("b2", "bob", p.Hello(rid=2), 1.0, out)
+    core.request("b1", "bob", p.Join(rid=3, room="dev"), 1.0, out)  # already a member: a plain Joined
+    core.request("b1", "bob", p.History(rid=4, room="dev"), 1.0, out)
+    core.request("b1", "bob", p.History(rid=5, room="ops"), 1.0, out)
+    told = [body for _, body in out.replies]
+    assert told[0].heads["dev"] == 5 and told[1].rooms["dev"] == 5 and told[2].head == 5  # type: ignore[union-attr]
+    core.undo(out)
+    pong, welcome, joined = (body for _, body in out.replies[:3])
+    assert pong.heads == {"dev": 4, "ops": 2}  # type: ignore[union-attr]
+    assert welcome.rooms == {"dev": 4, "ops": 2}  # type: ignore[union-attr]
+    assert isinstance(joined, p.Joined) and joined.head == 4
+    assert [q.head for q in out.queries] == [4, 2]
+    assert core.heads == {"dev": 4, "ops": 2}
