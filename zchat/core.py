@@ -399,7 +399,10 @@ class Core:
         and whether more follow. The room's sorted list is kept once made."""
         index = self._member_index.get(room)
         if index is None:
-            index = self._member_index[room] = sorted(self.members.get(room, ()))
+            names = self.members.get(room)
+            if not names:
+                return [], False
+            index = self._member_index[room] = sorted(names)  # kept while the room has members
         start = bisect_right(index, after) if after else 0
         devices = self.devices
         page: list[p.Member] = []
