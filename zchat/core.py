@@ -22,9 +22,6 @@ from zchat.protocol import ErrorCode as E
 
 log = logging.getLogger(__name__)
 
-#: Kept for the lead's code and old tests; the caps now live in Limits (dedup_per_user).
-DEDUP_CAPACITY = 1_000
-
 # Core.send reads these as module globals: cheaper than an attribute of ``p`` per line.
 _MAX_CID_LEN = p.MAX_CID_LEN
 _Msg = p.Msg
@@ -445,6 +442,14 @@ class Core:
         """A name was claimed at the handshake (the shell stored its digest)."""
         if name != _LOOKER:
             self.users.add(name)
+
+    def release_user(self, name: str) -> None:
+        """A claimed name was given up (the shell released it in storage): it is no
+        user any more, and no cached DM pair may still reach it. O(senders): rare."""
+        self.users.discard(name)
+        self.dms.pop(name, None)
+        for peers in self.dms.values():
+            peers.pop(name, None)
 
     def may_subscribe(self, name: str, topic: bytes) -> bool:
         """Whether ``name`` may receive ``topic``: own inbox, rooms it is in, the system topic.

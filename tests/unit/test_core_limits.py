@@ -693,3 +693,11 @@ def test_undo_lowers_the_heads_told_in_the_same_outcome() -> None:
     assert isinstance(joined, p.Joined) and joined.head == 4
     assert [q.head for q in out.queries] == [4, 2]
     assert core.heads == {"dev": 4, "ops": 2}
+
+
+def test_a_released_name_cannot_be_messaged_through_the_dm_cache() -> None:
+    core = make(users={"bob"})
+    hello(core, "a1", "alice")
+    assert send(core, "alice", "a1", "c1", to="bob").store  # the pair is cached from here on
+    core.release_user("bob")
+    assert only_error(send(core, "alice", "a1", "c2", to="bob"), "a1").code == E.UNKNOWN_USER
