@@ -907,14 +907,21 @@ class Core:
                 return
             if not to:  # (rate 0 turns the room budget off too: Limits.effective)
                 room_rate = lim.room_rate
-                if room_rate > 0:
+                if room_rate > 0:  # room_bucket.take(room_rate, lim.room_burst, now), inline
                     room_bucket = self.room_buckets.get(room)
                     if room_bucket is None:
                         room_bucket = self._room_bucket(room, now)
-                    wait = room_bucket.take(room_rate, lim.room_burst, now)
-                    if wait:
+                    tokens = room_bucket.tokens + (now - room_bucket.stamp) * room_rate
+                    room_burst = lim.room_burst
+                    if not tokens < room_burst:
+                        tokens = room_burst
+                    room_bucket.stamp = now
+                    if tokens >= 1.0:
+                        room_bucket.tokens = tokens - 1.0
+                    else:
+                        room_bucket.tokens = tokens
                         bucket.tokens += 1.0  # the line was not taken: the user keeps the token
-                        self._room_limited(sid, room, cid, wait, out)
+                        self._room_limited(sid, room, cid, (1.0 - tokens) / room_rate, out)
                         return
         if new_dm:
             for member in (name, to):
