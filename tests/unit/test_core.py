@@ -225,7 +225,7 @@ def test_part_sequences_a_part_message_and_drops_membership() -> None:
     assert out.publish == [(DEV, msg)]
     assert out.members == [("dev", "bob", False)]
     assert core.members["dev"] == {"alice"}
-    assert "dev" not in core.rooms_of["bob"]
+    assert "dev" not in core.rooms_of.get("bob", ())
 
 
 def test_part_when_not_a_member() -> None:
@@ -465,9 +465,8 @@ def test_same_cid_from_another_user_is_not_a_duplicate() -> None:
     assert out.store[0].sender == "bob"
 
 
-def test_dedup_capacity_evicts_oldest(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(core_mod, "DEDUP_CAPACITY", 2)
-    core = two_in_dev()
+def test_dedup_capacity_evicts_oldest() -> None:
+    core = two_in_dev(limits=Limits(rate=0, dedup_per_user=2))
     for cid in ("c1", "c2", "c3"):
         send(core, "alice", "a1", cid, room="dev")
     assert list(core.dedup) == [("alice", "c2"), ("alice", "c3")]
@@ -815,27 +814,37 @@ def test_token_bucket_take_is_unchanged(tokens: float, stamp: float, rate: float
 
 
 class ModelDedup:
-    """The original Dedup: one OrderedDict per user, the oldest evicted first."""
+    """Dedup as plainly as it can be said: one OrderedDict of (user, cid) in the order
+    remembered; a user over its cap loses its oldest, everything over the total loses
+    the oldest of all; a cid remembered again becomes the newest."""
 
-    def __init__(self) -> None:
-        self.by_user: dict[str, OrderedDict[str, p.Stored]] = {}
+    def __init__(self, per_user: int, total: int) -> None:
+        self.per_user, self.total = per_user, total
+        self.entries: OrderedDict[tuple[str, str], p.Stored] = OrderedDict()
 
     def add(self, user: str, stored: p.Stored) -> None:
-        cids = self.by_user.setdefault(user, OrderedDict())
-        cids[stored.cid] = stored
-        if len(cids) > core_mod.DEDUP_CAPACITY:
-            cids.popitem(last=False)
+        self.entries.pop((user, stored.cid), None)
+        self.entries[(user, stored.cid)] = stored
+        mine = [key for key in self.entries if key[0] == user]
+        if len(mine) > self.per_user:
+            del self.entries[mine[0]]
+        if len(self.entries) > self.total:
+            self.entries.popitem(last=False)
 
     def get(self, user: str, cid: str) -> p.Stored | None:
-        return self.by_user.get(user, {}).get(cid)
+        return self.entries.get((user, cid))
 
-    def keys(self) -> list[tuple[str, str]]:
-        return [(user, cid) for user, cids in self.by_user.items() for cid in cids]
+    def by_user(self) -> dict[str, list[str]]:
+        """Each user's remembered cids, oldest first."""
+        out: dict[str, list[str]] = {}
+        for user, cid in self.entries:
+            out.setdefault(user, []).append(cid)
+        return out
 
 
 _ops = st.lists(
     st.tuples(
-        st.sampled_from(["send", "send", "send", "forget"]), st.sampled_from(["alice", "bob"]), st.integers(0, 6),
+        st.sampled_from(["send", "send", "send", "forget"]), st.sampled_from(["alice", "bob", "carol"]), st.integers(0, 6),
         st.sampled_from([1, 1, 2]),  # the user's device: its second session opens when first used
     ),
     max_size=60,
@@ -844,39 +853,43 @@ _recent = st.lists(st.tuples(st.sampled_from(["alice", "bob"]), st.integers(0, 6
 
 
 @settings(max_examples=300, deadline=None)
-@given(_recent, _ops)
-def test_dedup_behaves_as_the_ordereddict_it_replaced(
-    recent: list[tuple[str, int]], ops: list[tuple[str, str, int, int]]
+@given(_recent, _ops, st.sampled_from([(3, 100), (3, 5), (100, 4)]))
+def test_dedup_behaves_as_the_plain_model(
+    recent: list[tuple[str, int]], ops: list[tuple[str, str, int, int]], caps: tuple[int, int]
 ) -> None:
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(core_mod, "DEDUP_CAPACITY", 3)
-        warm = [p.Msg(room="dev", seq=i + 1, id=f"old-{i}", ts=1.0, sender=user, text="x", cid=f"c{n}", epoch="E1")
-                for i, (user, n) in enumerate(recent)]
-        model = ModelDedup()
-        for msg in warm:
-            model.add(msg.sender, p.Stored(msg.cid, msg.room, msg.seq, msg.id, msg.ts))
-        core = make(members={"dev": {"alice", "bob"}}, heads={"dev": len(warm)}, recent=warm)
-        sent: dict[tuple[str, str], p.Msg] = {}
-        for op, user, n, device in ops:
-            cid, sid = f"c{n}", f"{user}-{device}"
-            if sid not in core.sessions:
-                hello(core, sid, user)
-            if op == "send":
-                out = send(core, user, sid, cid, room="dev")
-                seen = model.get(user, cid)
-                if seen is not None:
-                    assert out.acks == {sid: [seen]} and out.store == []
-                else:
-                    (msg,) = out.store
-                    (stored,) = out.acks[sid]
-                    model.add(user, stored)
-                    sent[(user, cid)] = msg
-            elif (user, cid) in sent:  # storage refused that line
-                core.forget([sent.pop((user, cid))])
-                model.by_user.get(user, {}).pop(cid, None)
-            assert list(core.dedup) == model.keys()
-            assert len(core.dedup) == len(model.keys())
-        for user in ("alice", "bob", "carol"):
-            for n in range(7):
-                assert core.dedup.get((user, f"c{n}")) == model.get(user, f"c{n}")
-                assert ((user, f"c{n}") in core.dedup) == (model.get(user, f"c{n}") is not None)
+    per_user, total = caps
+    warm = [p.Msg(room="dev", seq=i + 1, id=f"old-{i}", ts=1.0, sender=user, text="x", cid=f"c{n}", epoch="E1")
+            for i, (user, n) in enumerate(recent)]
+    model = ModelDedup(per_user, total)
+    for msg in warm:
+        model.add(msg.sender, p.Stored(msg.cid, msg.room, msg.seq, msg.id, msg.ts))
+    limits = Limits(rate=0, dedup_per_user=per_user, dedup_total=total)
+    core = make(limits=limits, members={"dev": {"alice", "bob", "carol"}}, heads={"dev": len(warm)}, recent=warm)
+    sent: dict[tuple[str, str], p.Msg] = {}
+    for op, user, n, device in ops:
+        cid, sid = f"c{n}", f"{user}-{device}"
+        if sid not in core.sessions:
+            hello(core, sid, user)
+        if op == "send":
+            out = send(core, user, sid, cid, room="dev")
+            seen = model.get(user, cid)
+            if seen is not None:
+                assert out.acks == {sid: [seen]} and out.store == []
+            else:
+                (msg,) = out.store
+                (stored,) = out.acks[sid]
+                model.add(user, stored)
+                sent[(user, cid)] = msg
+        elif (user, cid) in sent:  # storage refused that line
+            core.forget([sent.pop((user, cid))])
+            model.entries.pop((user, cid), None)
+        assert {user: [e.stored.cid for e in cids.order] for user, cids in core.dedup.by_user.items() if cids} == model.by_user()
+        assert all(list(cids) == [e.stored.cid for e in cids.order] for cids in core.dedup.by_user.values())
+        assert len(core.dedup) == len(model.entries) <= total
+        live = [e for e in core.dedup.order if not e.dead]
+        assert all(core.dedup.by_user[e.user].get(e.stored.cid) is e.stored for e in live)
+        assert len(live) == len(core.dedup) == len(core.dedup.order) - core.dedup.stale
+    for user in ("alice", "bob", "carol", "dave"):
+        for n in range(7):
+            assert core.dedup.get((user, f"c{n}")) == model.get(user, f"c{n}")
+            assert ((user, f"c{n}") in core.dedup) == (model.get(user, f"c{n}") is not None)
