@@ -165,7 +165,7 @@ class Broker:
         limits = Limits(**{**self.limits.__dict__, "pull_port": ports[1], "pub_port": ports[2]})
         self.core = Core(
             epoch=epoch, boot=secrets.token_hex(6), limits=limits, heads=heads, members=members, users=users,
-            recent=recent, id_prefix=secrets.token_hex(4) + "-",
+            recent=recent, id_prefix=secrets.token_hex(4) + "-", wall_offset=time.time() - time.monotonic(),
         )
         log.info(
             "zchat %s broker up: requests %s, chat in %s:%d, fan-out %s:%d, epoch %s, pid %d",
@@ -187,7 +187,7 @@ class Broker:
                 log.warning("could not release the unused name %r: %s", name, exc)
                 continue
             if released:
-                core.users.discard(name)
+                core.release_user(name)
                 if self.digests.get(name) == digest:
                     del self.digests[name]
                 log.info("name %r released: its handshake said no hello within %.0fs", name, self.claims.timeout)
@@ -230,7 +230,7 @@ class Broker:
         fds = [s.getsockopt(zmq.FD) for s in socks]
         for i, fd in enumerate(fds):
             loop.add_reader(fd, fired, i)
-        next_tick = time.time() + self.tick_every
+        next_tick = time.monotonic() + self.tick_every
 
         def tick() -> None:  # one standing timer wakes the loop for the tick
             nonlocal ticker
@@ -240,7 +240,11 @@ class Broker:
         ticker = loop.call_later(self.tick_every, tick)
         try:
             while not self.stopping.is_set():
-                now = time.time()
+                # The core runs on the monotonic clock (rate buckets, presence); it stamps
+                # messages with the wall clock through wall_offset, so a clock step moves
+                # timestamps only.
+                now = time.monotonic()
+                self.core.wall_offset = time.time() - now
                 out = Outcome()
                 read = 0
                 # A failure in one input never stops the broker nor the other inputs;
@@ -322,7 +326,7 @@ class Broker:
     async def _farewell(self) -> None:
         """Tell subscribers we are going, and answer stragglers, for a moment."""
         out = Outcome()
-        self.core.shutdown(time.time(), out)  # type: ignore[union-attr]
+        self.core.shutdown(time.monotonic(), out)  # type: ignore[union-attr]
         await self._apply(out)
         deadline = time.monotonic() + 0.2
         while time.monotonic() < deadline:
@@ -342,7 +346,7 @@ class Broker:
     # ------------------------------------------------------------ inputs
 
     async def _zap(self) -> None:
-        await self._expire_claims(time.time())  # also done once a tick by run()
+        await self._expire_claims(time.monotonic())  # also done once a tick by run()
         for _ in range(BATCH):
             try:
                 frames = recv_parts(self.zap)
@@ -365,7 +369,7 @@ class Broker:
             stored = await self.storage.get_user(name)
         verdict = auth.check_plain(creds[0], creds[1], stored, self.reserved)
         if verdict.claim is not None:
-            now = time.time()
+            now = time.monotonic()
             wait = self.claims.wait(address, now)
             if wait:
                 verdict = auth.Verdict(b"400", f"too many new names from {address}: try again in {wait:.0f}s")
@@ -394,13 +398,19 @@ class Broker:
             if not data:
                 continue
             topic = data[1:]
+            user = frame.get("User-Id")
             if data[0] == 0:
                 self.xpub.setsockopt(zmq.UNSUBSCRIBE, topic)
-            elif data[0] == 1 and core.may_subscribe(frame.get("User-Id"), topic):
+            elif data[0] == 1 and core.may_subscribe(user, topic):
                 self.xpub.setsockopt(zmq.SUBSCRIBE, topic)
+                # What was published before this took effect never reached the client:
+                # tell it the heads now (on its inbox, in force before any room of its).
+                heads = core.subscribed(user, topic)
+                if heads is not None:
+                    send_parts(self.xpub, [p.inbox_topic(user), p.encode(heads)])
             else:
                 core.count("bad_subscription")
-                self.bad.warn("subscription", f"{frame.get('User-Id')} may not subscribe to {topic[:80]!r}", now)
+                self.bad.warn("subscription", f"{user} may not subscribe to {topic[:80]!r}", now)
 
     def _requests(self, now: float, out: Outcome) -> int:
         """Read requests and chat frames sent over the DEALER until about BATCH requests
@@ -523,7 +533,9 @@ class Broker:
                 await self.storage.append(out.store, out.members)
             except Exception as exc:
                 log.error("storing %d messages (%d membership changes) failed: %r", len(out.store), len(out.members), exc)
-                self._undo(out)
+                # Nobody may see those seqs and every sender is told (protocol.md §10.2):
+                # the core takes the batch back and rewrites what is left to do.
+                core.undo(out)
         self._publish(out.publish)
         encode = p.encode
         router = self.router
@@ -554,51 +566,6 @@ class Broker:
         return p.HistoryReply(
             rid=req.rid, room=req.room, epoch=core.epoch, head=head, messages=msgs, more=getattr(msgs, "cut", False)
         )
-
-    def _undo(self, out: Outcome) -> None:
-        """Storage refused ``out.store``: nobody may see those seqs, and every sender is told.
-
-        The core forgets the batch (heads, cids, memberships); its lines are not
-        published; their senders get ``internal`` (the client resends); a join or part
-        whose line was lost is answered ``internal`` instead; heads in the turn's other
-        replies are brought back to what is stored.
-        """
-        core = self.core
-        assert core is not None
-        undo = getattr(core, "undo", None)
-        if undo is not None:
-            undo(out)
-        else:
-            core.forget(out.store)
-        failed = {m.id for m in out.store}
-        out.publish = [(t, m) for t, m in out.publish if not (isinstance(m, p.Msg) and m.id in failed)]
-        for sid, items in out.acks.items():
-            for item in items:
-                if item.id in failed:
-                    out.error(sid, p.ErrorCode.INTERNAL, "could not store the message; resend it", cid=item.cid)
-        out.acks = {sid: [i for i in items if i.id not in failed] for sid, items in out.acks.items()}
-        lost = {(m.sender, m.room) for m in out.store if m.kind in ("join", "part")}
-        lost_parts = {sender for sender, _ in lost}
-        heads = core.heads
-
-        def mend(sid: str, reply: p.Reply) -> p.Reply:
-            session = core.sessions.get(sid)
-            name = session.name if session is not None else ""
-            kind = type(reply)
-            if kind is p.Joined:
-                if (name, reply.room) in lost:  # type: ignore[union-attr]
-                    return p.Error(code=p.ErrorCode.INTERNAL, message="could not store the join; try again", rid=reply.rid)  # type: ignore[union-attr]
-                return msgspec.structs.replace(reply, head=min(reply.head, heads.get(reply.room, 0)))  # type: ignore[union-attr, type-var]
-            if kind is p.Ok and name in lost_parts:
-                return p.Error(code=p.ErrorCode.INTERNAL, message="could not store the part; try again", rid=reply.rid)  # type: ignore[union-attr]
-            if kind is p.Pong or kind is p.Welcome:
-                field = "heads" if kind is p.Pong else "rooms"
-                seen = getattr(reply, field)
-                return msgspec.structs.replace(reply, **{field: {r: min(h, heads.get(r, 0)) for r, h in seen.items()}})  # type: ignore[type-var]
-            return reply
-
-        out.replies = [(sid, mend(sid, reply)) for sid, reply in out.replies]
-        out.store, out.members = [], []
 
     def _publish(self, publish: list[tuple[bytes, p.Msg | p.Presence | p.Notice]]) -> None:
         """Send in order; consecutive Msgs of one topic go out as one Batch of at most

@@ -33,10 +33,6 @@ def fail_appends(broker: RunningBroker, times: int, exc: Exception) -> list[int]
     return failures
 
 
-NEEDS_UNDO = pytest.mark.xfail(reason="needs Core.undo (limits branch)", strict=True)
-
-
-@NEEDS_UNDO
 @pytest.mark.parametrize(
     "exc", [OSError(5, "Input/output error"), sqlite3.OperationalError("disk I/O error"), RuntimeError("bug")],
     ids=["oserror", "sqlite3", "bug"],
@@ -64,7 +60,6 @@ async def test_a_line_storage_failed_is_resent_and_stored_once_with_no_hole(brok
     assert not [e for e in _drain(bob) if isinstance(e, Gap)]
 
 
-@NEEDS_UNDO
 async def test_a_join_storage_failed_is_refused_and_leaves_no_member(broker: RunningBroker, connect) -> None:
     alice = await connect("alice")
     fail_appends(broker, 1, OSError(28, "No space left on device"))
