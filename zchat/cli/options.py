@@ -38,7 +38,8 @@ def settings(config_path: str | None, **flags: Any) -> cfg.Settings:
 
 
 def fallback_name() -> str:
-    """A stable per-user, per-machine name for commands that only look (ping, who, rooms)."""
+    """A stable per-user, per-machine name (no longer used by ping, who and rooms: they
+    look without a name, see Client.looker)."""
     who = f"{getpass.getuser()}@{socket.gethostname()}"
     return "cli-" + hashlib.sha256(who.encode()).hexdigest()[:8]
 
@@ -49,11 +50,12 @@ def require_name(s: cfg.Settings) -> str:
     return s.name
 
 
-def run_client(broker: str, name: str, body: Callable[[Client], Awaitable[T]], timeout: float = 5.0) -> T:
-    """Connect, run ``body``, close; broker problems become clear messages and exit codes."""
+def run_client(broker: str, name: str | None, body: Callable[[Client], Awaitable[T]], timeout: float = 5.0) -> T:
+    """Connect, run ``body``, close; broker problems become clear messages and exit codes.
+    With no ``name`` the session only looks (claims no name, needs no secret)."""
 
     async def main() -> T:
-        client = Client(broker, name)
+        client = Client(broker, name) if name else Client.looker(broker)
         await client.connect(timeout=timeout)
         try:
             return await body(client)
