@@ -318,6 +318,8 @@ class Client:
         if self._auth_failed in done or hello not in done:
             hello.cancel()
             await self.close()
+            if self._auth_failed.done() and self.looking:
+                raise AuthError(p.ErrorCode.FORBIDDEN, f"the broker at {self.broker} refused a look-only session: give --name")
             if self._auth_failed.done():
                 raise AuthError(p.ErrorCode.NAME_TAKEN, f"the broker refused the name {self.name!r}: it belongs to someone else (or your secret changed)")
             raise ConnectError("unreachable", f"no answer from the broker at {self.broker} within {timeout:g}s")
