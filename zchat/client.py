@@ -613,7 +613,8 @@ class Client:
             if reply.cid:
                 self._send_failed(reply)
                 return
-            if not reply.rid:  # it names nothing we sent: tell the user, do not drop it
+            if not reply.rid and reply.code not in (p.ErrorCode.NO_SESSION, p.ErrorCode.SHUTTING_DOWN):
+                # it names nothing we sent (those two are handled above): tell the user, do not drop it
                 log.warning("the broker reported %s: %s", reply.code, reply.message)
                 self._emit(Problem(reply.code, reply.message))
                 return
