@@ -29,7 +29,7 @@ class ScriptedBroker:
     """Answers hello and ping itself and hands every other request to ``answer`` (which
     returns the replies to send); publishes what a test asks on its XPUB."""
 
-    def __init__(self, answer: Callable[[p.Request], list[p.Reply]], heartbeat: float = 10.0) -> None:
+    def __init__(self, answer: Callable[[p.Request | p.Send], list[p.Reply]], heartbeat: float = 10.0) -> None:
         self.answer = answer
         self.heartbeat = heartbeat
         self.heads: dict[str, int] = {}
@@ -71,7 +71,7 @@ class ScriptedBroker:
     async def _serve(self) -> None:
         while True:
             sid, body = await self.router.recv_multipart()
-            req = p.decode_request(body)
+            req = p.decode_router(body)
             self.requests.append(req)
             if isinstance(req, p.Hello):
                 replies: list[p.Reply] = [p.Welcome(rid=req.rid, name="x", epoch=EPOCH, boot=BOOT, pull_port=self.port, pub_port=self.pub_port,
@@ -296,3 +296,31 @@ async def test_a_looker_may_look_but_not_speak(connect) -> None:
         assert err.value.code == p.ErrorCode.FORBIDDEN
     finally:
         await looker.close()
+
+
+async def test_send_errors_by_cid_fail_or_keep_the_send() -> None:
+    """bad_request and too_large with a cid fail that send; internal keeps it pending until acked."""
+    seen: dict[str, int] = {}
+
+    def answer(req: p.Request | p.Send) -> list[p.Reply]:
+        assert isinstance(req, p.Send), req
+        seen[req.text] = seen.get(req.text, 0) + 1
+        stored = p.Stored(req.cid, "general", len(seen), f"id{len(seen)}", 1.0)
+        if req.text == "flaky" and seen["flaky"] == 1:
+            return [p.Error(code=p.ErrorCode.INTERNAL, message="could not store the message; resend it", cid=req.cid)]
+        if req.text in ("bad", "huge"):
+            code = p.ErrorCode.BAD_REQUEST if req.text == "bad" else p.ErrorCode.TOO_LARGE
+            return [p.Error(code=code, message="no", cid=req.cid)]
+        return [p.Ack(stored=[stored])]
+
+    broker, client = await scripted(answer, ack_timeout=0.3)
+    try:
+        for text, code in (("bad", p.ErrorCode.BAD_REQUEST), ("huge", p.ErrorCode.TOO_LARGE)):
+            with pytest.raises(ClientError) as err:
+                await client.send("general", text, timeout=5)
+            assert err.value.code == code
+        stored = await client.send("general", "flaky", timeout=5)  # resent after ack_timeout, then acked
+        assert stored.room == "general" and seen["flaky"] == 2
+        assert (seen["bad"], seen["huge"]) == (1, 1)  # failed sends are not resent
+    finally:
+        await close(broker, client)
