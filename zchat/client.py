@@ -337,6 +337,9 @@ class Client:
         return welcome
 
     def _take_welcome(self, welcome: p.Welcome) -> None:
+        # At the first hello a DM conversation we do not track is from before this run:
+        # new messages only. At a later one (a broker restart) it began while we ran.
+        again = self.welcome is not None
         self.welcome = welcome
         self.boot, self.heartbeat, self.max_bytes = welcome.boot, welcome.heartbeat, welcome.max_bytes
         if self.epoch and welcome.epoch != self.epoch:
@@ -344,7 +347,7 @@ class Client:
         self.epoch = welcome.epoch
         for room, head in welcome.rooms.items():
             if p.is_dm_room(room):
-                tracker = self._tracker_for(room, head)
+                tracker = self._tracker_for(room, 0 if again else head)
                 tracker.saw_head(head)
             elif room in self._trackers:
                 self._trackers[room].saw_head(head)
@@ -777,17 +780,8 @@ class Client:
     def _on_heads(self, event: p.Heads) -> None:
         """A subscription took effect: what was published before it is fetched now,
         not at the next heartbeat."""
-        if event.epoch != self.epoch:
-            return
-        for room, head in event.heads.items():
-            tracker = self._trackers.get(room)
-            if tracker is None:
-                if not p.is_dm_room(room) or p.dm_peers(room) is None:
-                    continue
-                tracker = self._tracker_for(room)  # as its first message would
-            if head > tracker.last:
-                tracker.saw_head(head)
-                self._wake_filler(room)
+        if event.epoch == self.epoch:
+            self._saw_heads(event.heads)
 
     def _own(self, msg: p.Msg) -> None:
         """Our own line seen on SUB counts as its ack (the Ack may come later)."""
@@ -919,9 +913,16 @@ class Client:
                 await self._rejoin_rooms(sorted(self._rejoin))
 
     def _saw_heads(self, heads: dict[str, int]) -> None:
+        """Heads from a Pong or a Heads event: fetch what is beyond what we delivered. A DM
+        conversation we do not track began during this run (its first line was lost on
+        the way): track it from its start, as that line would have."""
         for room, head in heads.items():
             tracker = self._trackers.get(room)
-            if tracker is not None and head > tracker.last:
+            if tracker is None:
+                if self.looking or not p.is_dm_room(room) or p.dm_peers(room) is None:
+                    continue
+                tracker = self._tracker_for(room)
+            if head > tracker.last:
                 tracker.saw_head(head)
                 self._wake_filler(room)
 

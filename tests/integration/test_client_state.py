@@ -158,3 +158,53 @@ async def test_packing_never_builds_a_frame_over_the_limits() -> None:
             assert not bad and len(lines) <= p.MAX_SENDS_ITEMS
             items += [p.encode(line) for line in lines]
         assert items == sent  # every line once, in order
+
+
+def drop_inbox_lines(client: Client) -> list[int]:
+    """Make ``client``'s SUB lose the DM lines on its inbox (as PUB may) while the
+    returned list is empty; append anything to it to stop."""
+    stop: list[int] = []
+    on_recv = client._sub.on_recv
+    inbox = p.inbox_topic(client.name)
+
+    def lossy(frames: list[bytes]) -> None:
+        if not stop and frames[0] == inbox and isinstance(p.decode_event(frames[1]), (p.Msg, p.Batch)):
+            return
+        on_recv(frames)  # type: ignore[misc]
+
+    client._sub.on_recv = lossy
+    return stop
+
+
+async def test_a_dm_whose_first_line_was_lost_is_fetched(connect) -> None:
+    """fails on main: a conversation's lost first line was never fetched (no tracker, so
+    the pong's head for it was ignored)."""
+    alice, bob = await connect("alice"), await connect("bob")
+    stop = drop_inbox_lines(bob)
+    await alice.send_dm("bob", "lost on the way")
+    stop.append(1)
+    got = await collect(bob, 1, timeout=5, where=lambda m: m.room == "@alice:bob")  # at the next heartbeat
+    assert [m.text for m in got] == ["lost on the way"]
+
+
+async def test_a_dm_begun_during_a_broker_restart_is_fetched_from_its_start(connect, broker) -> None:
+    """fails on main: after the restart's welcome the new conversation was tracked from its
+    head, so its lost first line was skipped without a Gap."""
+    bob = await connect("bob")
+    gate = asyncio.Event()
+    rehello = bob._rehello
+
+    async def gated() -> None:
+        await gate.wait()
+        await rehello()
+
+    bob._rehello = gated  # type: ignore[method-assign]
+    await broker.stop()
+    await broker.start()
+    stop = drop_inbox_lines(bob)
+    alice = await connect("alice")
+    await alice.send_dm("bob", "while you were reconnecting")
+    stop.append(1)
+    gate.set()
+    got = await collect(bob, 1, timeout=10, where=lambda m: m.room == "@alice:bob")
+    assert [m.text for m in got] == ["while you were reconnecting"]
