@@ -264,6 +264,7 @@ class Client:
         self._subscribed: set[str] = set()  # room topics the SUB socket holds (once each)
         self._rejoin: set[str] = set()  # rooms a restarted broker has not taken back yet
         self._rejoin_at = 0.0
+        self._rejoining: asyncio.Future | None = None
         self._rid = 0
         self._waiting: dict[int, asyncio.Future] = {}
         self._pending: dict[str, _Pending] = {}
@@ -364,6 +365,9 @@ class Client:
                 await self._request(lambda rid: p.Bye(rid=rid), timeout=0.5, retry=False)
             except (ClientError, asyncio.TimeoutError):
                 pass
+        if self._rejoining is not None:
+            self._tasks.append(self._rejoining)
+            self._rejoining = None
         for task in self._tasks:
             task.cancel()
         if self._tasks:  # bounded: closing must never hang its caller
@@ -909,8 +913,9 @@ class Client:
                 self._set_state("connected")
                 self._resend_all()
             self._saw_heads(pong.heads)
-            if self._rejoin and time.monotonic() >= self._rejoin_at:
-                await self._rejoin_rooms(sorted(self._rejoin))
+            if self._rejoin and time.monotonic() >= self._rejoin_at and (self._rejoining is None or self._rejoining.done()):
+                # its own task: waits for rate limits must not hold up the heartbeat
+                self._rejoining = asyncio.ensure_future(self._rejoin_rooms(sorted(self._rejoin)))
 
     def _saw_heads(self, heads: dict[str, int]) -> None:
         """Heads from a Pong or a Heads event: fetch what is beyond what we delivered. A DM
