@@ -19,19 +19,24 @@ import secrets
 import time
 from typing import Any
 
+import msgspec
 import zmq
 
 from zchat import __version__, auth
 from zchat.sockio import NOBLOCK, readable, recv_frames, recv_parts, send_parts
 from zchat import protocol as p
-from zchat.core import Core, Limits, Outcome
-from zchat.storage import Storage, StorageError
+from zchat.core import Core, HistoryQuery, Limits, Outcome
+from zchat.storage import Storage
 
 log = logging.getLogger(__name__)
 
 ZAP_ENDPOINT = "inproc://zeromq.zap.01"
 ZAP_DOMAIN = b"zchat"
 BATCH = 512  # most messages taken from one socket per loop turn
+#: A Batch publication grows to about this many bytes at most (text counted as bytes
+#: per character: a bound, not a measure): 256 KiB, so the per-subscriber queue of
+#: pub_hwm publications holds at most pub_hwm * 320 KiB or so.
+MAX_PUBLICATION_BYTES = 256 * 1024
 
 
 class RateLimitedLog:
@@ -181,16 +186,32 @@ class Broker:
                 now = time.time()
                 out = Outcome()
                 read = 0
+                # A failure in one input never stops the broker nor the other inputs;
+                # what was taken before it is still carried out below.
                 if ready(ZAP):
-                    await self._zap()
                     read += 1
+                    try:
+                        await self._zap()
+                    except Exception:
+                        self._failed("zap", now)
                 if ready(XPUB):
-                    self._subscriptions(now)
                     read += 1
+                    try:
+                        self._subscriptions(now)
+                    except Exception:
+                        self._failed("subscriptions", now)
                 if ready(ROUTER):
-                    read += self._requests(now, out)
+                    try:
+                        read += self._requests(now, out)
+                    except Exception:
+                        read += 1
+                        self._failed("requests", now)
                 if ready(PULL):
-                    read += self._chat(now, out)
+                    try:
+                        read += self._chat(now, out)
+                    except Exception:
+                        read += 1
+                        self._failed("chat", now)
                 if now >= next_tick:
                     live = len(self.core.sessions)
                     self.core.tick(now, out)
@@ -221,6 +242,13 @@ class Broker:
             await self.storage.close()
             log.info("broker stopped; history closed cleanly")
             self.stopped.set()
+
+    def _failed(self, what: str, now: float) -> None:
+        """Log a bug met while handling input (with its traceback, at most once a second)."""
+        self.core.count("internal")  # type: ignore[union-attr]
+        if now - self.bad.last.get("internal:" + what, 0.0) >= 1.0:
+            self.bad.last["internal:" + what] = now
+            log.exception("failed to handle %s; carrying on", what)
 
     def _poke(self) -> None:
         if self._wake is not None and not self._wake.done():
@@ -350,10 +378,16 @@ class Broker:
                 taken += len(lines) - 1
                 continue
             if kind is p.Hello and sid not in core.sessions:
-                log.info("%s connected (session %s, %s)", user, sid, req.client[:40] or "unknown client")  # type: ignore[union-attr]
+                # Session ids stay out of INFO logs: whoever reads the log must not get a route.
+                log.info("%s connected (%s)", user, req.client[:40] or "unknown client")  # type: ignore[union-attr]
+                log.debug("session %s is %s", sid, user)
             elif kind is p.Bye:
-                log.info("%s said goodbye (session %s)", user, sid)
-            core.request(sid, user, req, now, out)  # type: ignore[arg-type]
+                log.info("%s said goodbye", user)
+            try:
+                core.request(sid, user, req, now, out)  # type: ignore[arg-type]
+            except Exception:  # a bug met by one request costs that request only
+                self._failed("a request", now)
+                out.error(sid, p.ErrorCode.INTERNAL, "the broker failed to handle this request", rid=req.rid)  # type: ignore[union-attr]
         return count
 
     def _chat(self, now: float, out: Outcome) -> int:
@@ -412,23 +446,17 @@ class Broker:
     # ------------------------------------------------------------ outputs
 
     async def _apply(self, out: Outcome) -> None:
+        """Store, then publish and reply. A batch storage refused, for any reason, is
+        undone in the core and answered ``internal`` (so resends are stored, not acked
+        from dedup); a failing history query costs its own reply only."""
         core = self.core
         assert core is not None
-        if out.store:
+        if out.store or out.members:
             try:
-                await self.storage.append(out.store)
-            except StorageError as exc:
-                log.error("storing %d messages failed: %s", len(out.store), exc)
-                core.forget(out.store)
-                failed = {m.id for m in out.store}
-                out.publish = [(t, m) for t, m in out.publish if not (isinstance(m, p.Msg) and m.id in failed)]
-                for sid, items in out.acks.items():
-                    for item in items:
-                        if item.id in failed:
-                            out.error(sid, p.ErrorCode.INTERNAL, "could not store the message; resend it", cid=item.cid)
-                out.acks = {sid: [i for i in items if i.id not in failed] for sid, items in out.acks.items()}
-        for room, name, member in out.members:
-            await self.storage.set_member(room, name, member)
+                await self.storage.append(out.store, out.members)
+            except Exception as exc:
+                log.error("storing %d messages (%d membership changes) failed: %r", len(out.store), len(out.members), exc)
+                self._undo(out)
         self._publish(out.publish)
         encode = p.encode
         router = self.router
@@ -438,25 +466,88 @@ class Broker:
             if items:
                 send_parts(router, [sid.encode("latin-1"), encode(p.Ack(stored=items))])
         for query in out.queries:
-            req = query.request
-            if req.after >= 0:
-                msgs = await self.storage.range(req.room, req.after, req.limit, req.before)
-            else:
-                msgs = await self.storage.last(req.room, req.limit, req.before)
-            head = max(query.head, msgs[-1].seq if msgs else 0)  # this turn may have stored more
-            body = p.HistoryReply(rid=req.rid, room=req.room, epoch=core.epoch, head=head, messages=msgs)
+            try:
+                body = await self._history(query)
+            except Exception as exc:
+                log.error("history query %r failed: %r", query.request, exc)
+                body = p.Error(code=p.ErrorCode.INTERNAL, message="could not read history; try again", rid=query.request.rid)
             send_parts(router, [query.sid.encode("latin-1"), encode(body)])
 
+    async def _history(self, query: HistoryQuery) -> p.HistoryReply:
+        req = query.request
+        cap = p.MAX_REPLY_BYTES - 1024  # the reply's envelope
+        if req.after >= 0:
+            msgs = await self.storage.range(req.room, req.after, req.limit, req.before, max_bytes=cap)
+        else:
+            msgs = await self.storage.last(req.room, req.limit, req.before, max_bytes=cap)
+        core = self.core
+        assert core is not None
+        # The head now: this turn's lines are stored by the time we answer (or undone).
+        head = max(core.heads.get(req.room, 0), msgs[-1].seq if msgs else 0)
+        return p.HistoryReply(
+            rid=req.rid, room=req.room, epoch=core.epoch, head=head, messages=msgs, more=getattr(msgs, "cut", False)
+        )
+
+    def _undo(self, out: Outcome) -> None:
+        """Storage refused ``out.store``: nobody may see those seqs, and every sender is told.
+
+        The core forgets the batch (heads, cids, memberships); its lines are not
+        published; their senders get ``internal`` (the client resends); a join or part
+        whose line was lost is answered ``internal`` instead; heads in the turn's other
+        replies are brought back to what is stored.
+        """
+        core = self.core
+        assert core is not None
+        undo = getattr(core, "undo", None)
+        if undo is not None:
+            undo(out)
+        else:
+            core.forget(out.store)
+        failed = {m.id for m in out.store}
+        out.publish = [(t, m) for t, m in out.publish if not (isinstance(m, p.Msg) and m.id in failed)]
+        for sid, items in out.acks.items():
+            for item in items:
+                if item.id in failed:
+                    out.error(sid, p.ErrorCode.INTERNAL, "could not store the message; resend it", cid=item.cid)
+        out.acks = {sid: [i for i in items if i.id not in failed] for sid, items in out.acks.items()}
+        lost = {(m.sender, m.room) for m in out.store if m.kind in ("join", "part")}
+        lost_parts = {sender for sender, _ in lost}
+        heads = core.heads
+
+        def mend(sid: str, reply: p.Reply) -> p.Reply:
+            session = core.sessions.get(sid)
+            name = session.name if session is not None else ""
+            kind = type(reply)
+            if kind is p.Joined:
+                if (name, reply.room) in lost:  # type: ignore[union-attr]
+                    return p.Error(code=p.ErrorCode.INTERNAL, message="could not store the join; try again", rid=reply.rid)  # type: ignore[union-attr]
+                return msgspec.structs.replace(reply, head=min(reply.head, heads.get(reply.room, 0)))  # type: ignore[union-attr, type-var]
+            if kind is p.Ok and name in lost_parts:
+                return p.Error(code=p.ErrorCode.INTERNAL, message="could not store the part; try again", rid=reply.rid)  # type: ignore[union-attr]
+            if kind is p.Pong or kind is p.Welcome:
+                field = "heads" if kind is p.Pong else "rooms"
+                seen = getattr(reply, field)
+                return msgspec.structs.replace(reply, **{field: {r: min(h, heads.get(r, 0)) for r, h in seen.items()}})  # type: ignore[type-var]
+            return reply
+
+        out.replies = [(sid, mend(sid, reply)) for sid, reply in out.replies]
+        out.store, out.members = [], []
 
     def _publish(self, publish: list[tuple[bytes, p.Msg | p.Presence | p.Notice]]) -> None:
-        """Send in order; consecutive Msgs of one topic go out as one Batch."""
+        """Send in order; consecutive Msgs of one topic go out as one Batch of at most
+        about MAX_PUBLICATION_BYTES (so a subscriber's queue, counted in publications,
+        is bounded in bytes too)."""
         xpub, encode = self.xpub, p.encode
         i, n = 0, len(publish)
         while i < n:
             topic, body = publish[i]
             j = i + 1
-            if isinstance(body, p.Msg):
-                while j < n and publish[j][0] == topic and isinstance(publish[j][1], p.Msg):
+            if type(body) is p.Msg:
+                size = len(body.text)  # type: ignore[union-attr]
+                while j < n and publish[j][0] == topic and type(publish[j][1]) is p.Msg:
+                    size += len(publish[j][1].text) + 128  # type: ignore[union-attr]
+                    if size > MAX_PUBLICATION_BYTES:
+                        break
                     j += 1
             if j - i == 1:
                 send_parts(xpub, [topic, encode(body)])

@@ -113,6 +113,35 @@ async def test_last_with_and_without_before(storage: Storage) -> None:
     assert await storage.last("dev", 0) == []
 
 
+async def test_pages_are_cut_by_bytes_but_never_empty(storage: Storage) -> None:
+    """12 unread History(limit=1000) pages of 60 KB lines cost the broker +656 MB."""
+    big = "x" * 60_000
+    await storage.append([msg("dev", s, big) for s in range(1, 41)])
+    page = await storage.range("dev", after=0, limit=1000, max_bytes=1024 * 1024)
+    assert seqs(page) == list(range(1, 18)) and page.cut  # 17 * 60 KB fit in 1 MiB
+    page = await storage.last("dev", 1000, max_bytes=1024 * 1024)
+    assert seqs(page) == list(range(24, 41)) and page.cut  # the newest that fit
+    whole = await storage.range("dev", after=0, limit=10, max_bytes=1024 * 1024)
+    assert seqs(whole) == list(range(1, 11)) and not whole.cut
+    one = await storage.last("dev", 5, max_bytes=10)  # a budget below one message still gives one
+    assert seqs(one) == [40] and one.cut
+    assert not (await storage.range("dev", after=40, limit=10, max_bytes=10)).cut
+
+
+async def test_append_stores_membership_with_the_batch_or_not_at_all(storage: Storage) -> None:
+    """A join line and its membership are stored together (a failing set_member used to
+    abort the turn after its lines were stored)."""
+    await storage.append([msg("dev", 1, kind="join")], [("dev", "alice", True)])
+    assert await storage.members() == {"dev": {"alice"}}
+    with pytest.raises(StorageError):  # seq 1 is taken: neither the lines nor the changes are stored
+        await storage.append([msg("dev", 2, kind="join", sender="bob"), msg("dev", 1)], [("dev", "bob", True), ("dev", "alice", False)])
+    assert await storage.members() == {"dev": {"alice"}}
+    assert await storage.heads() == {"dev": 1}
+    await storage.append([msg("dev", 2, kind="part")], [("dev", "alice", False)])
+    await storage.append([], [("ops", "carol", True)])  # changes alone (a DM conversation's first line comes with its own)
+    assert await storage.members() == {"ops": {"carol"}}
+
+
 async def test_first_seq(storage: Storage) -> None:
     assert await storage.first_seq("dev") == 0
     await storage.append([msg("dev", 7), msg("dev", 5), msg("dev", 9)])
@@ -285,3 +314,49 @@ def test_open_storage_picks_the_backend(tmp_path: Path) -> None:
     for bad in ("", "sqlite3", "postgres://x", "redis:/oops"):
         with pytest.raises(ValueError, match="unknown storage"):
             open_storage(bad, db)
+
+
+async def test_sqlite_new_epoch_after_the_machine_went_down_not_after_a_kill(tmp_path: Path) -> None:
+    """A power loss under synchronous=NORMAL can roll back commits while the epoch stays:
+    new messages would reuse seqs clients saw. A file left open on another boot gets a new
+    epoch; one left open by a killed process on this boot keeps it."""
+    import sqlite3
+
+    from zchat.storage import sqlite as sq
+
+    path = tmp_path / "history.db"
+    store = SqliteStorage(path)
+    epoch = await store.open()
+    await store.close()
+    assert await SqliteStorage(path).open() == epoch  # clean close, and left open (not closed) below
+
+    def left_running(boot: str) -> None:
+        with sqlite3.connect(path) as db:
+            db.execute("INSERT OR REPLACE INTO meta (key, value) VALUES ('running', ?)", (boot,))
+
+    left_running(sq.boot_id())  # a kill -9 on this boot
+    again = SqliteStorage(path)
+    assert await again.open() == epoch
+    await again.close()
+    left_running("another-boot")  # open when the machine went down
+    after_crash = SqliteStorage(path)
+    new_epoch = await after_crash.open()
+    assert new_epoch != epoch
+    await after_crash.close()
+    assert await SqliteStorage(path).open() == new_epoch  # and it stays
+
+
+async def test_redis_new_epoch_after_a_lossy_server_restart(redis_url: str) -> None:
+    """A Redis without appendfsync always may lose its last writes when it restarts; the
+    store then starts a new epoch instead of reusing seqs. The same server keeps it."""
+    prefix = f"zchat-test:{uuid.uuid4().hex}:"
+    store = RedisStorage(redis_url, prefix=prefix)
+    epoch = await store.open()
+    await store.close()
+    store = RedisStorage(redis_url, prefix=prefix)
+    assert await store.open() == epoch  # same server run
+    await store._redis.set(prefix + "run", "another-run-id")  # as if the server had restarted
+    await store.close()
+    store = RedisStorage(redis_url, prefix=prefix)
+    assert await store.open() != epoch  # the test server runs without persistence
+    await store.close()

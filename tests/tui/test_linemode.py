@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import sys
+import threading
 import time
 
 import pytest
@@ -172,3 +173,55 @@ async def test_a_bad_room_is_a_usage_error(cli_env: dict[str, str], room: str) -
         assert any("bad room name" in line for line in talk.err), talk.err
     finally:
         await talk.kill()
+
+
+async def test_three_lines_in_one_write_are_each_sent_once_in_order(broker_proc: BrokerProcess, cli_env: dict[str, str]) -> None:
+    """Issue 11 in the line mode: lines that arrive together are neither merged nor
+    dropped, whatever ends them (LF, CR LF, a lone CR, or the end of input)."""
+    talk = await Talk.start(cli_env, "--plain", "--broker", broker_proc.endpoint, "--name", "alice", "--room", "general")
+    try:
+        assert talk.proc.stdin is not None
+        await talk.type("/who", "/rooms")  # alone in the room: "1 member"
+        await talk.wait_out("--- #general: 1 member; online: alice")
+        await talk.wait_out("--- #general: 1 member, 1 online")
+        talk.proc.stdin.write(b"yes, 1.4 is out\n/me celebrates\nthird line\r\nfourth\rfifth, no newline")
+        await talk.proc.stdin.drain()
+        assert await talk.finish() == 0, talk.err
+    finally:
+        await talk.kill()
+    bob = await bob_on(broker_proc)
+    try:
+        stored = [(m.kind, m.text) for m in await bob.history("general", limit=100) if m.sender == "alice" and m.kind in ("text", "me")]
+        assert stored == [("text", "yes, 1.4 is out"), ("me", "celebrates"), ("text", "third line"), ("text", "fourth"), ("text", "fifth, no newline")]
+    finally:
+        await bob.close()
+
+
+async def test_stdin_is_read_no_faster_than_lines_are_taken() -> None:
+    """The reader thread stops at the queue's bound instead of reading a large pipe into memory."""
+    import io
+    import os
+
+    from zchat.tui.linemode import _stdin_lines
+
+    rfd, wfd = os.pipe()
+    writer = threading.Thread(target=lambda: (os.write(wfd, b"".join(b"line %d\n" % n for n in range(20000))), os.close(wfd)))
+    writer.start()  # more than a pipe buffer holds: written as they are read
+    stream = io.TextIOWrapper(io.FileIO(rfd, "r"), encoding="utf-8")
+    queue: asyncio.Queue[str | None] = asyncio.Queue(50)
+    thread = _stdin_lines(asyncio.get_running_loop(), queue, stream)
+    await wait_for(queue.full, 10, "the queue full")
+    # the reader is now blocked on the full queue: take one line and it puts exactly one more
+    assert writer.is_alive()  # the rest of the 200 kB is still waiting to get into the pipe
+    assert queue.get_nowait() == "line 0"
+    await wait_for(queue.full, 10, "the queue full again")
+    assert queue.qsize() == 50
+    got = ["line 0"]
+    while (line := await asyncio.wait_for(queue.get(), 10)) is not None:
+        got.append(line)
+        assert queue.qsize() <= 50
+    assert got == [f"line {n}" for n in range(20000)]
+    thread.join(10)
+    writer.join(10)
+    assert not thread.is_alive()
+    stream.close()

@@ -131,3 +131,33 @@ def test_talk_in_a_real_terminal(broker_proc: BrokerProcess, cli_env: dict[str, 
         assert "Traceback" not in screen
     finally:
         tmux.kill()
+
+
+def test_fast_keys_and_a_bracketed_paste_in_a_real_terminal(broker_proc: BrokerProcess, cli_env: dict[str, str]) -> None:
+    """Issue 11 as a user meets it: keys sent to the terminal in one go, Enter in the
+    middle, and a three-line paste (tmux pastes with CR between lines, bracketed)."""
+    env = dict(cli_env, TERM="xterm-256color")
+    tmux = Tmux(env)
+    talk = shlex.join([sys.executable, "-m", "zchat", "talk", "--broker", broker_proc.endpoint, "--name", "erin"])
+    tmux.start(f"cd {shlex.quote(os.getcwd())} && {talk}; echo \"talk exited with $?\"; sleep 60")
+    try:
+        tmux.wait(lambda s: "● connected" in s and "erin" in s and "#general" in s, "the connected status line")
+        tmux.keys("yes, 1.4 is out", "Enter", "/me celebrates", "Enter")  # one write to the terminal
+        tmux.wait(lambda s: "erin celebrates" in s, "the action")
+        tmux.run("set-buffer", "-b", "lines", "pasted one\npasted two\npasted three")
+        tmux.run("paste-buffer", "-p", "-d", "-b", "lines", "-t", "talk")
+        tmux.wait(lambda s: "erin pasted three" in s, "the last pasted line")
+        tmux.keys("marker", "Enter")
+        tmux.wait(lambda s: "erin marker" in s, "the marker line")
+
+        tail = zchat(env, "tail", "--broker", broker_proc.endpoint, "--name", "dave", "--room", "general",
+                     "--history", "20", "--json", "--timeout", "2")
+        said = [(m["kind"], m["text"]) for m in map(json.loads, tail.stdout.splitlines()) if m["sender"] == "erin" and m["kind"] != "join"]
+        assert said == [("text", "yes, 1.4 is out"), ("me", "celebrates"), ("text", "pasted one"),
+                        ("text", "pasted two"), ("text", "pasted three"), ("text", "marker")]
+
+        tmux.keys("C-q")
+        screen = tmux.wait(lambda s: "talk exited with" in s, "talk to exit")
+        assert "talk exited with 0" in screen and "Traceback" not in screen
+    finally:
+        tmux.kill()

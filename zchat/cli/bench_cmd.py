@@ -16,15 +16,25 @@ import click
 def bench(args: tuple[str, ...]) -> None:
     """Measure zchat side by side with its peers (run `zchat bench --help` for options).
 
+    With --abuse, run the abuse benchmark instead: hostile clients against fresh
+    brokers and what they cost a normal user (`zchat bench --abuse --help`).
+
     \b
     Examples:
       zchat bench --quick                 # under 2 minutes
       zchat bench --out results/today     # full run, under 15 minutes
       zchat bench --scenarios fanout latency --systems zchat zmq-proxy
+      zchat bench --abuse --quick         # every attack, 3 s each
     """
+    rest = list(args)
+    if "--abuse" in rest:
+        from zchat.bench.abuse import main as abuse
+
+        rest.remove("--abuse")
+        sys.exit(abuse(rest))
     from zchat.bench.runner import main
 
-    sys.exit(main(list(args)))
+    sys.exit(main(rest))
 
 
 COMMANDS = [bench]

@@ -12,9 +12,24 @@ from typing import Protocol, Sequence
 
 from zchat.protocol import Msg
 
+#: A membership change: (room, name, member?) — stored with the batch that made it.
+MemberChange = tuple[str, str, bool]
+
 
 class StorageError(Exception):
     """Storage refused or failed an operation (for example a (room, seq) already stored)."""
+
+
+class Page(list[Msg]):
+    """Messages a history query returned; ``cut`` when the byte budget stopped it
+    before ``limit`` (ask again from the last seq given)."""
+
+    cut: bool = False
+
+
+def msg_bytes(msg: Msg) -> int:
+    """About what a message costs encoded: its text plus the fixed fields."""
+    return len(msg.text.encode()) + 128
 
 
 class Storage(Protocol):
@@ -27,8 +42,9 @@ class Storage(Protocol):
 
     async def close(self) -> None: ...
 
-    async def append(self, messages: Sequence[Msg]) -> None:
-        """Store messages atomically (all or none), durable when this returns.
+    async def append(self, messages: Sequence[Msg], members: Sequence[MemberChange] = ()) -> None:
+        """Store messages and membership changes atomically (all or none), durable when
+        this returns: a join line is never stored without its membership, or the other way.
 
         Raises StorageError if any (room, seq) is already stored.
         """
@@ -36,11 +52,13 @@ class Storage(Protocol):
     async def heads(self) -> dict[str, int]:
         """Highest stored seq of every room (0 for none)."""
 
-    async def range(self, room: str, after: int, limit: int, before: int = 0) -> list[Msg]:
-        """Messages with after < seq (< before when before > 0), oldest first, at most limit."""
+    async def range(self, room: str, after: int, limit: int, before: int = 0, max_bytes: int = 0) -> Page:
+        """Messages with after < seq (< before when before > 0), oldest first, at most limit
+        and (when max_bytes > 0) at most about max_bytes by msg_bytes, but never none if any match."""
 
-    async def last(self, room: str, limit: int, before: int = 0) -> list[Msg]:
-        """The newest ``limit`` messages (with seq < before when before > 0), oldest first."""
+    async def last(self, room: str, limit: int, before: int = 0, max_bytes: int = 0) -> Page:
+        """The newest ``limit`` messages (with seq < before when before > 0), oldest first;
+        a byte budget keeps the newest that fit (at least one)."""
 
     async def first_seq(self, room: str) -> int:
         """Lowest seq still stored for room (0 when empty); shows what was trimmed."""

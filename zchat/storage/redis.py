@@ -5,7 +5,8 @@ Layout (every key starts with ``prefix``):
 - ``room:{room}``     sorted set, score = seq, member = MessagePack-encoded Msg
 - ``heads``           hash room -> highest seq
 - ``recent``          list of encoded Msgs that carry a cid, newest first, capped
-- ``epoch``           string, set once with SET NX
+- ``epoch``           string, set once with SET NX (renewed after a lossy Redis restart)
+- ``run``             the Redis server's run id at the last open (to notice a restart)
 - ``users``           hash name -> digest, claimed with HSETNX (first owner wins)
 - ``members:{room}``  set of names; ``rooms`` is the set of rooms that have members
 
@@ -24,7 +25,7 @@ from typing import TYPE_CHECKING, Any, Sequence
 import msgspec
 
 from zchat.protocol import Msg, encode
-from zchat.storage.base import StorageError
+from zchat.storage.base import MemberChange, Page, StorageError, msg_bytes
 
 if TYPE_CHECKING:
     from redis.asyncio import Redis
@@ -34,14 +35,15 @@ log = logging.getLogger(__name__)
 #: How many cid-carrying messages ``recent`` can return (the dedup warm-up window).
 RECENT_CAP = 10_000
 
-# KEYS: heads, recent, then one room key per message.
-# ARGV: recent cap, then (room, seq, encoded msg, has-cid "1"/"0") per message.
+# KEYS: heads, recent, rooms, then one room key per message, then one members key per
+# membership change. ARGV: recent cap, message count n, then (room, seq, encoded msg,
+# has-cid "1"/"0") per message, then (room, name, "1" join / "0" leave) per change.
 # Returns 0 when stored, else the 1-based index of the first duplicate message.
 _APPEND_LUA = """
-local n = #KEYS - 2
+local n = tonumber(ARGV[2])
 local seen = {}
 for i = 1, n do
-    local key, seq = KEYS[i + 2], ARGV[4 * i - 1]
+    local key, seq = KEYS[i + 3], ARGV[4 * i]
     seen[key] = seen[key] or {}
     if seen[key][seq] or redis.call('ZCOUNT', key, seq, seq) > 0 then
         return i
@@ -50,19 +52,32 @@ for i = 1, n do
 end
 local pushed = false
 for i = 1, n do
-    local room, seq, body = ARGV[4 * i - 2], tonumber(ARGV[4 * i - 1]), ARGV[4 * i]
-    redis.call('ZADD', KEYS[i + 2], seq, body)
+    local room, seq, body = ARGV[4 * i - 1], tonumber(ARGV[4 * i]), ARGV[4 * i + 1]
+    redis.call('ZADD', KEYS[i + 3], seq, body)
     local head = tonumber(redis.call('HGET', KEYS[1], room) or '0')
     if seq > head then
         redis.call('HSET', KEYS[1], room, seq)
     end
-    if ARGV[4 * i + 1] == '1' then
+    if ARGV[4 * i + 2] == '1' then
         redis.call('LPUSH', KEYS[2], body)
         pushed = true
     end
 end
 if pushed then
     redis.call('LTRIM', KEYS[2], 0, tonumber(ARGV[1]) - 1)
+end
+for j = 1, #KEYS - 3 - n do
+    local key, base = KEYS[3 + n + j], 2 + 4 * n + 3 * (j - 1)
+    local room, name = ARGV[base + 1], ARGV[base + 2]
+    if ARGV[base + 3] == '1' then
+        redis.call('SADD', key, name)
+        redis.call('SADD', KEYS[3], room)
+    else
+        redis.call('SREM', key, name)
+        if redis.call('SCARD', key) == 0 then
+            redis.call('SREM', KEYS[3], room)
+        end
+    end
 end
 return 0
 """
@@ -79,6 +94,20 @@ return 0
 # Our own decoder: protocol.decode_event enforces the wire size limit, which a stored
 # Msg (a near-limit Send plus seq, id, ts, sender) may legitimately exceed.
 _msg_decoder = msgspec.msgpack.Decoder(Msg)
+
+
+def _page(bodies: list[bytes], max_bytes: int) -> Page:
+    """Decoded messages within max_bytes (at least one), in the order given."""
+    page = Page()
+    size = 0
+    for body in bodies:
+        msg = _msg_decoder.decode(body)
+        size += msg_bytes(msg)
+        if max_bytes and size > max_bytes and page:
+            page.cut = True
+            break
+        page.append(msg)
+    return page
 
 
 def _import_redis() -> Any:
@@ -110,6 +139,7 @@ class RedisStorage:
         client = self._aioredis.from_url(self.url)
         try:
             await client.ping()
+            await self._new_epoch_if_rolled_back(client)
             await client.set(self._key("epoch"), secrets.token_hex(8), nx=True)
             epoch = await client.get(self._key("epoch"))
         except self._aioredis.RedisError as exc:
@@ -121,6 +151,36 @@ class RedisStorage:
         self.epoch = epoch.decode()
         log.info("opened Redis history %s prefix %r (epoch %s)", self.url, self.prefix, self.epoch)
         return self.epoch
+
+    async def _new_epoch_if_rolled_back(self, client: Any) -> None:
+        """A Redis server that restarted may have lost its last writes (AOF ``everysec``
+        loses up to a second; no persistence loses all): new messages would then reuse
+        seqs clients saw. So unless it fsyncs every write (``appendfsync always``), a
+        server with another run id than at our last open starts a new epoch. Costs
+        nothing per message; a Redis restart costs clients a fresh start."""
+        info = await client.info("server")
+        run_id = str(info.get("run_id", ""))
+        try:
+            fsync = (await client.config_get("appendfsync")).get("appendfsync", "")
+            aof = (await client.config_get("appendonly")).get("appendonly", "")
+        except self._aioredis.ResponseError:  # CONFIG renamed or disabled: assume the worst
+            fsync = aof = ""
+        seen = await client.get(self._key("run"))
+        durable = aof == "yes" and fsync == "always"
+        if seen is not None and seen.decode() != run_id and not durable:
+            old = await client.get(self._key("epoch"))
+            await client.delete(self._key("epoch"))
+            log.warning(
+                "Redis %s restarted since this store was last opened and does not fsync every write "
+                "(appendonly %s, appendfsync %s): its last writes may be lost, so epoch %s ends here",
+                self.url, aof or "?", fsync or "?", old.decode() if old else "?",
+            )
+        elif not durable:
+            log.warning(
+                "Redis %s does not fsync every write (appendonly %s, appendfsync %s): a Redis crash may lose "
+                "recent messages; the next broker start then begins a new epoch", self.url, aof or "?", fsync or "?",
+            )
+        await client.set(self._key("run"), run_id)
 
     async def close(self) -> None:
         if self._client is not None:
@@ -135,17 +195,21 @@ class RedisStorage:
 
     # -------------------------------------------------------------- history
 
-    async def append(self, messages: Sequence[Msg]) -> None:
-        """Store all messages in one script run; a duplicate (room, seq) stores none."""
-        if not messages:
+    async def append(self, messages: Sequence[Msg], members: Sequence[MemberChange] = ()) -> None:
+        """Store all messages and membership changes in one script run; a duplicate
+        (room, seq) stores none."""
+        if not messages and not members:
             return
         client = self._redis
-        keys = [self._key("heads"), self._key("recent")]
-        args: list[str | int | bytes] = [RECENT_CAP]
+        keys = [self._key("heads"), self._key("recent"), self._key("rooms")]
+        args: list[str | int | bytes] = [RECENT_CAP, len(messages)]
         for m in messages:
             body = encode(msgspec.structs.replace(m, epoch="") if m.epoch else m)
             keys.append(self._key("room", m.room))
             args += [m.room, m.seq, body, "1" if m.cid else "0"]
+        for room, name, member in members:
+            keys.append(self._key("members", room))
+            args += [room, name, "1" if member else "0"]
         try:
             duplicate = await self._append_script(keys=keys, args=args, client=client)
         except self._aioredis.RedisError as exc:
@@ -160,19 +224,21 @@ class RedisStorage:
         raw = await self._redis.hgetall(self._key("heads"))
         return {room.decode(): int(seq) for room, seq in raw.items()}
 
-    async def range(self, room: str, after: int, limit: int, before: int = 0) -> list[Msg]:
+    async def range(self, room: str, after: int, limit: int, before: int = 0, max_bytes: int = 0) -> Page:
         if limit <= 0:
-            return []
+            return Page()
         upper = f"({before}" if before > 0 else "+inf"
         raw = await self._redis.zrangebyscore(self._key("room", room), f"({after}", upper, start=0, num=limit)
-        return [_msg_decoder.decode(body) for body in raw]
+        return _page(raw, max_bytes)
 
-    async def last(self, room: str, limit: int, before: int = 0) -> list[Msg]:
+    async def last(self, room: str, limit: int, before: int = 0, max_bytes: int = 0) -> Page:
         if limit <= 0:
-            return []
+            return Page()
         upper = f"({before}" if before > 0 else "+inf"
         raw = await self._redis.zrevrangebyscore(self._key("room", room), upper, "-inf", start=0, num=limit)
-        return [_msg_decoder.decode(body) for body in reversed(raw)]
+        page = _page(raw, max_bytes)
+        page.reverse()
+        return page
 
     async def first_seq(self, room: str) -> int:
         first = await self._redis.zrange(self._key("room", room), 0, 0, withscores=True)

@@ -2,7 +2,13 @@
 
 Durability: WAL journal with ``synchronous=NORMAL``. A committed ``append`` survives
 a crash or kill of the broker process; after an OS crash or power loss the last few
-commits may be rolled back, but the file is never corrupted. Queries run synchronously
+commits may be rolled back, but the file is never corrupted. Such a rollback would
+hand out seqs that clients already saw, so it is detected instead: ``open`` records the
+machine's boot id in ``meta.running`` with a synchronous (fsynced) commit and ``close``
+clears it; a file found still "running" under another boot id was open when the machine
+went down, and gets a new epoch (clients then start afresh rather than take new messages
+for ones they have seen). That costs one fsync per start and nothing per message; a kill
+of the process alone (same boot) keeps the epoch, since its commits are all in the WAL. Queries run synchronously
 inside the async methods on purpose: they are sub-millisecond (the (room, seq) primary
 key serves every history query) and a thread hop would cost more than it saves.
 
@@ -30,7 +36,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from zchat.protocol import Msg
-from zchat.storage.base import StorageError
+from zchat.storage.base import MemberChange, Page, StorageError
 
 log = logging.getLogger(__name__)
 
@@ -71,6 +77,8 @@ DROP INDEX IF EXISTS messages_recent;
 """
 
 _INSERT_SQL = f"INSERT INTO messages ({_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)"
+_JOIN_SQL = "INSERT INTO members (room, name) VALUES (?, ?) ON CONFLICT DO NOTHING"
+_LEAVE_SQL = "DELETE FROM members WHERE room = ? AND name = ?"
 
 # Skip from room to room along the primary key (a loose index scan): O(rooms * log n).
 # The plain "SELECT room, MAX(seq) ... GROUP BY room" reads every row: 170 ms at 1M rows.
@@ -94,14 +102,36 @@ FROM r WHERE room IS NOT NULL
 _ROOM_RECENT_SQL = (
     f"SELECT {_COLUMNS} FROM messages WHERE room = ? AND seq < ? AND cid <> '' ORDER BY seq DESC LIMIT ?"
 )
+_BOOT_ID_PATH = Path("/proc/sys/kernel/random/boot_id")
 _Row = tuple[Any, ...]
 _MAX_SEQ = 2**63 - 1
 _fdatasync = getattr(os, "fdatasync", os.fsync)  # macOS has no fdatasync
 
 
+def boot_id() -> str:
+    """This boot of the machine ("" where the OS does not say: a restart then keeps the epoch)."""
+    try:
+        return _BOOT_ID_PATH.read_text().strip()
+    except OSError:
+        return ""
+
+
 def _row_to_msg(row: _Row) -> Msg:
     room, seq, id_, ts, sender, kind, text, to_name, cid = row
     return Msg(room=room, seq=seq, id=id_, ts=ts, sender=sender, kind=kind, text=text, to=to_name, cid=cid)
+
+
+def _page(rows: Any, max_bytes: int) -> Page:
+    """Rows read one at a time (never all of them at once) into a Page within max_bytes."""
+    page = Page()
+    size = 0
+    for row in rows:
+        size += len(row[6].encode()) + 128  # storage.base.msg_bytes, on the row
+        if max_bytes and size > max_bytes and page:
+            page.cut = True
+            break
+        page.append(_row_to_msg(row))
+    return page
 
 
 class _Checkpointer(threading.Thread):
@@ -246,6 +276,7 @@ class SqliteStorage:
                 # When the WAL starts over, give back what an unusual burst made it grow
                 # to (not every time: truncating a file takes milliseconds).
                 conn.execute(f"PRAGMA journal_size_limit={4 * WAL_LIMIT_BYTES}")
+            conn.execute("PRAGMA synchronous=FULL")  # the marker (and a new epoch) survive power loss
             conn.execute("BEGIN IMMEDIATE")
             for statement in _SCHEMA.split(";"):
                 if statement.strip():
@@ -254,8 +285,20 @@ class SqliteStorage:
                 "INSERT INTO meta (key, value) VALUES ('epoch', ?) ON CONFLICT(key) DO NOTHING",
                 (secrets.token_hex(8),),
             )
+            this_boot = boot_id()
+            running = conn.execute("SELECT value FROM meta WHERE key = 'running'").fetchone()
+            if running is not None and running[0] != this_boot:
+                old = conn.execute("SELECT value FROM meta WHERE key = 'epoch'").fetchone()[0]
+                conn.execute("UPDATE meta SET value = ? WHERE key = 'epoch'", (secrets.token_hex(8),))
+                log.warning(
+                    "SQLite %s was open when the machine went down (boot %s, now %s): its last commits may "
+                    "have been rolled back, so history epoch %s ends here and a new one starts",
+                    self.path, running[0] or "?", this_boot or "?", old,
+                )
+            conn.execute("INSERT OR REPLACE INTO meta (key, value) VALUES ('running', ?)", (this_boot,))
             self.epoch = conn.execute("SELECT value FROM meta WHERE key = 'epoch'").fetchone()[0]
             conn.execute("COMMIT")
+            conn.execute("PRAGMA synchronous=NORMAL")
         except sqlite3.Error as exc:
             conn.close()
             raise StorageError(f"cannot open SQLite history {self.path}: {exc}") from exc
@@ -300,6 +343,7 @@ class SqliteStorage:
                 log.warning("SQLite %s: checkpoint thread still busy after %.0fs; closing anyway",
                             self.path, CHECKPOINTER_JOIN_TIMEOUT)
                 sync_fd = None  # still in use, and so is the thread's connection: leave it open
+            conn.execute("DELETE FROM meta WHERE key = 'running'")  # a clean close
             # TRUNCATE waits (busy_timeout) for other processes' readers to leave the WAL.
             conn.execute("PRAGMA busy_timeout=1000")
             busy, _, _ = conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
@@ -352,15 +396,18 @@ class SqliteStorage:
 
     # -------------------------------------------------------------- history
 
-    async def append(self, messages: Sequence[Msg]) -> None:
-        """Insert all messages in one transaction; a duplicate (room, seq) inserts none."""
-        if not messages:
+    async def append(self, messages: Sequence[Msg], members: Sequence[MemberChange] = ()) -> None:
+        """Insert all messages and membership changes in one transaction; a duplicate
+        (room, seq) inserts none."""
+        if not messages and not members:
             return
         rows = [(m.room, m.seq, m.id, m.ts, m.sender, m.kind, m.text, m.to, m.cid) for m in messages]
         db = self._db
         try:
             db.execute("BEGIN IMMEDIATE")
             db.executemany(_INSERT_SQL, rows)
+            for room, name, member in members:
+                db.execute(_JOIN_SQL if member else _LEAVE_SQL, (room, name))
             db.execute("COMMIT")
         except sqlite3.Error as exc:
             if db.in_transaction:
@@ -368,30 +415,28 @@ class SqliteStorage:
             if isinstance(exc, sqlite3.IntegrityError):
                 raise StorageError(f"refused {len(rows)} messages: (room, seq) already stored: {exc}") from exc
             raise StorageError(f"SQLite append failed: {exc}") from exc
-        self._wrote(len(rows))
+        self._wrote(len(rows) + len(members))
 
     async def heads(self) -> dict[str, int]:
         return dict(self._db.execute(_HEADS_SQL))
 
-    async def range(self, room: str, after: int, limit: int, before: int = 0) -> list[Msg]:
-        if limit <= 0:
-            return []
+    async def range(self, room: str, after: int, limit: int, before: int = 0, max_bytes: int = 0) -> Page:
         upper = before if before > 0 else _MAX_SEQ
         rows = self._db.execute(
             f"SELECT {_COLUMNS} FROM messages WHERE room = ? AND seq > ? AND seq < ? ORDER BY seq LIMIT ?",
-            (room, after, upper, limit),
+            (room, after, upper, max(0, limit)),
         )
-        return [_row_to_msg(row) for row in rows]
+        return _page(rows, max_bytes)
 
-    async def last(self, room: str, limit: int, before: int = 0) -> list[Msg]:
-        if limit <= 0:
-            return []
+    async def last(self, room: str, limit: int, before: int = 0, max_bytes: int = 0) -> Page:
         upper = before if before > 0 else _MAX_SEQ
         rows = self._db.execute(
             f"SELECT {_COLUMNS} FROM messages WHERE room = ? AND seq < ? ORDER BY seq DESC LIMIT ?",
-            (room, upper, limit),
-        ).fetchall()
-        return [_row_to_msg(row) for row in reversed(rows)]
+            (room, upper, max(0, limit)),
+        )
+        page = _page(rows, max_bytes)
+        page.reverse()
+        return page
 
     async def first_seq(self, room: str) -> int:
         row = self._db.execute("SELECT MIN(seq) FROM messages WHERE room = ?", (room,)).fetchone()
@@ -476,10 +521,5 @@ class SqliteStorage:
         return result
 
     async def set_member(self, room: str, name: str, member: bool) -> None:
-        if member:
-            self._db.execute(
-                "INSERT INTO members (room, name) VALUES (?, ?) ON CONFLICT DO NOTHING", (room, name)
-            )
-        else:
-            self._db.execute("DELETE FROM members WHERE room = ? AND name = ?", (room, name))
+        self._db.execute(_JOIN_SQL if member else _LEAVE_SQL, (room, name))
         self._wrote(1)

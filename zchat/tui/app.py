@@ -18,6 +18,7 @@ from typing import Any, Awaitable
 from textual.app import App, ComposeResult
 from textual.binding import Binding
 from textual.containers import Horizontal, Vertical, VerticalScroll
+from textual.screen import ModalScreen
 from textual.widgets import Input, Static
 
 from zchat import protocol as p
@@ -29,6 +30,10 @@ from zchat.tui.widgets import Buffer, ChatInput, MemberList, MessageLog, RoomLis
 log = logging.getLogger(__name__)
 
 OLDER_PAGE = 50  # messages fetched when scrolling past the top
+PASTE_ASK_LINES = 5  # a paste of more lines than this asks before sending
+MAX_HELD = 1000  # lines typed while a paste prompt waits (bounded like every queue)
+MAX_QUEUED = 1000  # lines waiting to be sent (typed while the broker is away, pasted)
+RATE_RETRIES = 50  # a line refused as too fast is tried again this often, slower each time
 
 
 class _ToLog(logging.Handler):
@@ -46,16 +51,42 @@ class _ToLog(logging.Handler):
             pass
 
 
+class PasteConfirm(ModalScreen[bool]):
+    """"Send these N pasted lines?" Enter or y sends, Esc or n cancels."""
+
+    BINDINGS = [
+        Binding("enter,y", "answer(True)", "Send", show=False),
+        Binding("escape,n", "answer(False)", "Cancel", show=False),
+    ]
+    PREVIEW = 3
+
+    def __init__(self, count: int, where: str, lines: list[str]) -> None:
+        super().__init__()
+        self.count = count
+        self.question = f"Paste {count} lines to {where}?"
+        self.preview = lines[: self.PREVIEW] + ([f"… and {count - self.PREVIEW} more"] if count > self.PREVIEW else [])
+
+    def compose(self) -> ComposeResult:
+        with Vertical(id="paste-box"):
+            yield Static(self.question, id="paste-question")
+            yield Static("\n".join(self.preview), id="paste-preview", markup=False)
+            yield Static("Enter/y send · Esc/n cancel", id="paste-keys")
+
+    def action_answer(self, send: bool) -> None:
+        self.dismiss(send)
+
+
 class ChatApp(App[None]):
     CSS_PATH = "app.tcss"
     TITLE = "zchat"
     ENABLE_COMMAND_PALETTE = False
     BINDINGS = [
-        Binding("ctrl+n,alt+right", "cycle(1)", "Next window", priority=True),
-        Binding("ctrl+p,alt+left", "cycle(-1)", "Previous window", priority=True),
+        # not priority: the input line runs these itself, after the keys typed before them
+        Binding("ctrl+n,alt+right", "cycle(1)", "Next window"),
+        Binding("ctrl+p,alt+left", "cycle(-1)", "Previous window"),
         Binding("pageup", "page(-1)", "Scroll up", show=False),
         Binding("pagedown", "page(1)", "Scroll down", show=False),
-        Binding("ctrl+q", "quit", "Quit", priority=True),
+        Binding("ctrl+q", "leave", "Quit", priority=True),
     ]
 
     def __init__(
@@ -84,11 +115,14 @@ class ChatApp(App[None]):
         self.state, self.state_since, self.state_detail = "connecting", time.time(), ""
         self.fatal = ""  # set when the app gave up (the name is taken); talk prints it
         self.fatal_code = ""
-        self.sendq: asyncio.Queue[tuple[str, str, bool]] = asyncio.Queue()
+        self.sendq: asyncio.Queue[tuple[str, str, bool]] = asyncio.Queue(MAX_QUEUED)
         self.sending = 0
         self._online = asyncio.Event()
         self._fetching: set[str] = set()
         self._closing = False
+        self._asking: PasteConfirm | None = None  # a long paste waiting for yes or no
+        self._held: list[str] = []  # lines typed while it waits, run after the answer
+        self._batch = False  # taking the lines of a paste: refresh the screen once, after
         self._log_handler = _ToLog(self)
         for room in self.start_rooms:
             self._buffer(room)
@@ -122,6 +156,9 @@ class ChatApp(App[None]):
         zlog = logging.getLogger("zchat")
         zlog.addHandler(self._log_handler)
         self._old_propagate, zlog.propagate = zlog.propagate, False
+        self.input.on_line = self.take_line
+        self.input.on_paste_lines = self.take_paste
+        self.input.on_leave = self._leave
         self.input.focus()
         self._redraw()
         self.set_interval(1.0, self._refresh_status)
@@ -193,7 +230,7 @@ class ChatApp(App[None]):
             topic.update(f"{buf.title} · direct conversation with {buf.peer}")
         else:
             online = sum(1 for on in buf.members.values() if on)
-            topic.update(f"{buf.title} · {len(buf.members)} members, {online} online")
+            topic.update(f"{buf.title} · {c.counted(len(buf.members), 'member')}, {online} online")
         names = set()
         for b in self.buffers.values():
             names.update(b.members)
@@ -313,7 +350,22 @@ class ChatApp(App[None]):
             self.note(f"{event.count} message{s} recovered from history", "state", key=event.room)
             self._refresh_status()
         elif isinstance(event, Gap):
-            self.error(f"messages {event.first}..{event.last} could not be recovered ({event.reason})", key=event.room)
+            self._on_gap(event)
+
+    def _on_gap(self, gap: Gap) -> None:
+        """Messages the client library could not recover: one line where they would be."""
+        if gap.room not in self.buffers and not p.is_dm_room(gap.room):
+            log.debug("gap in %s, a room no longer shown: %s", gap.room, gap)
+            return
+        buf = self._buffer(gap.room)
+        index = buf.gap(gap.first, gap.last, gap.reason)
+        if buf is not self.buffer:
+            self._refresh_side()
+        elif self._screen_up():
+            if index == len(buf.entries) - 1:
+                self.log_view.append(buf.entries[index])
+            else:
+                self.log_view.show(buf, keep_bottom=False)
 
     def _on_msg(self, msg: p.Msg) -> None:
         if msg.room not in self.buffers and not p.is_dm_room(msg.room):
@@ -367,13 +419,7 @@ class ChatApp(App[None]):
                 await self._online.wait()
                 client = self.client
                 assert client is not None
-                buf = self.buffers.get(key)
-                if buf is not None and buf.is_dm:
-                    await client.send_dm(buf.peer, text, me=me)
-                elif buf is not None:
-                    await client.send(key, text, me=me)
-                else:
-                    self.error(f"not sent (that window is closed): {text}")
+                await self._send_one(client, key, text, me)
             except ClientError as exc:
                 self._send_failed(key, text, exc)
             except Exception as exc:
@@ -381,6 +427,25 @@ class ChatApp(App[None]):
             finally:
                 self.sending = 0
                 self._refresh_status()
+
+    async def _send_one(self, client: Client, key: str, text: str, me: bool) -> None:
+        """Send one line; a line refused as too fast (a long paste past the broker's
+        burst) waits and goes again, so it is neither dropped nor overtaken."""
+        for attempt in range(RATE_RETRIES):
+            buf = self.buffers.get(key)
+            try:
+                if buf is not None and buf.is_dm:
+                    await client.send_dm(buf.peer, text, me=me)
+                elif buf is not None:
+                    await client.send(key, text, me=me)
+                else:
+                    self.error(f"not sent (that window is closed): {text}")
+                return
+            except ClientError as exc:
+                if exc.code != p.ErrorCode.RATE_LIMITED or attempt + 1 == RATE_RETRIES:
+                    raise
+                wait = getattr(exc, "retry_after", 0.0) or min(2.0, 0.1 * (attempt + 1))
+                await asyncio.sleep(wait)
 
     def _send_failed(self, key: str, text: str, exc: ClientError) -> None:
         buf = self.buffers.get(key)
@@ -398,15 +463,32 @@ class ChatApp(App[None]):
         self.error(message, key)
 
     def _queue(self, key: str, text: str, me: bool = False) -> None:
-        self.sendq.put_nowait((key, text, me))
-        self._refresh_status()
+        try:
+            self.sendq.put_nowait((key, text, me))
+        except asyncio.QueueFull:
+            self.error(f"not sent: {MAX_QUEUED} lines are already waiting to be sent: {text}", key)
+            return
+        if not self._batch:
+            self._refresh_status()
 
     # ------------------------------------------------------------ input
 
     def on_input_submitted(self, event: Input.Submitted) -> None:
+        """Only when the input line has no ``on_line`` (it calls take_line directly)."""
         event.stop()
-        line = event.value
-        self.input.value = ""
+        self.take_line(event.value)
+
+    def take_line(self, line: str) -> None:
+        """One finished line, as typed (the input line is already empty): run or send it.
+
+        Called by the input line the moment Enter is handled, so lines keep the order
+        they were typed in, also relative to window switches."""
+        if self._asking is not None:
+            if len(self._held) >= MAX_HELD:
+                self.error(f"not sent (a paste is waiting for yes or no): {line}")
+                return
+            self._held.append(line)  # after the paste it was typed after
+            return
         self.input.remember(line)
         try:
             action = c.parse(line)
@@ -415,6 +497,65 @@ class ChatApp(App[None]):
             return
         if action is not None:
             self.run_action_for(action)
+
+    def take_paste(self, lines: list[str], before: str) -> None:
+        """A multi-line paste: each line as if typed and sent; more than PASTE_ASK_LINES
+        ask first (weechat's paste_max_lines). ``before`` is the input's text before the
+        paste, put back if the user says no."""
+        if self._asking is not None:  # a second paste while asking: it waits behind the first
+            room = MAX_HELD - len(self._held)
+            self._held.extend(lines[:room])
+            if len(lines) > room:
+                self.error(f"{len(lines) - room} pasted lines not sent: too many waiting for the paste prompt")
+            return
+        count = sum(1 for line in lines if line.strip())
+        room = MAX_QUEUED - self.sendq.qsize()
+        if count > room:
+            self.error(f"paste of {count} lines not sent: at most {room} more lines can wait to be sent")
+            if not self.input.value:
+                self.input.value = before
+                self.input.cursor_position = len(before)
+            return
+        if count <= PASTE_ASK_LINES:
+            self._take_lines(lines)
+            return
+        where = self.buffer.title if self.buffer is not None else "nowhere"
+        self._asking = PasteConfirm(count, where, [line for line in lines if line.strip()])
+
+        def answered(send: bool | None) -> None:
+            self._asking = None
+            if send:
+                self._take_lines(lines)
+            else:
+                self.note(f"paste of {count} lines cancelled (nothing sent)")
+                if not self.input.value:
+                    self.input.value = before
+                    self.input.cursor_position = len(before)
+            held, self._held = self._held, []
+            for line in held:
+                self.take_line(line)
+            self.input.focus()
+
+        self.push_screen(self._asking, answered)
+
+    def _take_lines(self, lines: list[str]) -> None:
+        self._batch = True
+        try:
+            for line in lines:
+                self.take_line(line)
+        finally:
+            self._batch = False
+        self._refresh_status()
+
+    def action_leave(self) -> None:
+        """Ctrl-Q: quit after the keys typed before it (they may finish a line to send)."""
+        if self._screen_up():
+            self.input.post_message(ChatInput.Leave())
+        else:
+            self._leave()
+
+    def _leave(self) -> None:
+        self.run_worker(self.action_quit(), group="quit")
 
     def run_action_for(self, action: c.Action) -> None:
         """Do what a parsed line asks: locally at once, or in a worker if the broker is needed."""
@@ -671,7 +812,7 @@ class ChatApp(App[None]):
         online = [m.name for m in members if m.online]
         offline = [m.name for m in members if not m.online]
         title = buf.title if buf is not None else f"#{key}"
-        self.note(f"{title}: {len(members)} members; online: {', '.join(online) or 'nobody'}"
+        self.note(f"{title}: {c.counted(len(members), 'member')}; online: {', '.join(online) or 'nobody'}"
                   + (f"; offline: {', '.join(offline)}" if offline else ""))
 
     async def _rooms(self) -> None:
@@ -680,5 +821,5 @@ class ChatApp(App[None]):
             self.note("no rooms yet: /join ROOM makes one")
         for info in rooms:
             mark = " (joined)" if info.name in self.buffers else ""
-            self.note(f"#{info.name}: {info.members} members, {info.online} online{mark}")
+            self.note(f"#{info.name}: {c.counted(info.members, 'member')}, {info.online} online{mark}")
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import re
 
 from zchat import protocol as p
 
@@ -122,6 +123,21 @@ ALIASES: dict[str, str] = {
 }
 
 COMMAND_NAMES: tuple[str, ...] = tuple(sorted(SPECS))
+
+
+def split_lines(text: str) -> list[str]:
+    """The lines of a paste or of a chunk of input: split at CR LF, LF or a lone CR (a
+    CR inside a message would overwrite the start of its line on every screen); a
+    final line break ends the last line rather than starting an empty one."""
+    parts = re.split(r"\r\n|\r|\n", text)
+    if len(parts) > 1 and parts[-1] == "":
+        parts.pop()
+    return [] if parts == [""] else parts
+
+
+def counted(n: int, word: str) -> str:
+    """``1 member``, ``0 members``, ``2 members``: a count with its noun agreeing."""
+    return f"{n} {word}" if n == 1 else f"{n} {word}s"
 
 
 def room_name(value: str) -> str:

@@ -12,9 +12,10 @@ loses a line.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import sys
 import threading
-from typing import Callable
+from typing import Callable, TextIO
 
 from zchat import protocol as p
 from zchat import render
@@ -22,25 +23,36 @@ from zchat.client import Client, ClientError
 from zchat.tui import commands as c
 
 RATE_RETRIES = 50
+STDIN_QUEUE = 256  # input lines read ahead of the sends
 
 
-def _stdin_lines(loop: asyncio.AbstractEventLoop, queue: asyncio.Queue[str | None]) -> None:
-    """Read stdin in a daemon thread (works for pipes, files and terminals alike and
-    never keeps the process alive at exit); None marks the end of input."""
+def _stdin_lines(loop: asyncio.AbstractEventLoop, queue: asyncio.Queue[str | None], stream: TextIO | None = None) -> threading.Thread:
+    """Read ``stream`` (stdin) in a daemon thread (works for pipes, files and terminals
+    alike and never keeps the process alive at exit); None marks the end of input.
+
+    The thread waits while ``queue`` is full, so a large pipe is read as fast as lines
+    are sent, not into memory. A lone CR ends a line as LF does (``split_lines``)."""
+
+    def put(item: str | None) -> bool:
+        try:
+            asyncio.run_coroutine_threadsafe(queue.put(item), loop).result()
+            return True
+        except (RuntimeError, concurrent.futures.CancelledError):  # the loop is closing or closed
+            return False
 
     def read() -> None:
         try:
-            for line in sys.stdin:
-                loop.call_soon_threadsafe(queue.put_nowait, line.rstrip("\r\n"))
+            for chunk in stream if stream is not None else sys.stdin:
+                for line in c.split_lines(chunk):
+                    if not put(line):
+                        return
         except (OSError, ValueError, UnicodeDecodeError):
             pass
-        finally:
-            try:
-                loop.call_soon_threadsafe(queue.put_nowait, None)
-            except RuntimeError:  # the loop is already closed
-                pass
+        put(None)
 
-    threading.Thread(target=read, name="zchat-stdin", daemon=True).start()
+    thread = threading.Thread(target=read, name="zchat-stdin", daemon=True)
+    thread.start()
+    return thread
 
 
 class LineMode:
@@ -175,11 +187,11 @@ class LineMode:
             members = await client.who(room)
             online = [m.name for m in members if m.online]
             offline = [m.name for m in members if not m.online]
-            self.out(f"--- {_label(room, client.name)}: {len(members)} members; online: {', '.join(online) or 'nobody'}"
+            self.out(f"--- {_label(room, client.name)}: {c.counted(len(members), 'member')}; online: {', '.join(online) or 'nobody'}"
                      + (f"; offline: {', '.join(offline)}" if offline else ""))
         elif isinstance(action, c.Rooms):
             for info in await client.rooms():
-                self.out(f"--- #{info.name}: {info.members} members, {info.online} online")
+                self.out(f"--- #{info.name}: {c.counted(info.members, 'member')}, {info.online} online")
         elif isinstance(action, c.History):
             room = self.target if not self.target.startswith("@") else p.dm_room(client.name, self.target[1:])
             if not room:
@@ -224,6 +236,6 @@ def _label(target: str, me: str = "") -> str:
 
 async def run_line_mode(client: Client, rooms: list[str], history: int = 0, stop: asyncio.Event | None = None) -> int:
     """Read stdin until its end (or /quit or ``stop``), print events on stdout."""
-    queue: asyncio.Queue[str | None] = asyncio.Queue()
+    queue: asyncio.Queue[str | None] = asyncio.Queue(STDIN_QUEUE)
     _stdin_lines(asyncio.get_running_loop(), queue)
     return await LineMode(client, rooms, history=history).run(queue, stop)

@@ -14,7 +14,7 @@ import dataclasses
 import re
 import time
 import zlib
-from typing import Iterable
+from typing import Callable, Iterable
 
 from rich.console import RenderableType
 from rich.table import Table
@@ -25,7 +25,7 @@ from textual.message import Message
 from textual.widgets import Input, RichLog, Static
 
 from zchat import protocol as p
-from zchat.tui.commands import Completer, InputHistory
+from zchat.tui.commands import Completer, InputHistory, split_lines
 
 #: Nick colours: readable on dark and light backgrounds; a name always gets the same one.
 PALETTE = (
@@ -54,7 +54,7 @@ class Note:
 
     text: str
     ts: float
-    style: str = "info"  # info, error, state
+    style: str = "info"  # info, error, state, gap
 
 
 @dataclasses.dataclass(order=True)
@@ -124,6 +124,20 @@ class Buffer:
         self.entries.append(entry)
         return entry
 
+    def gap(self, first: int, last: int, reason: str) -> int:
+        """A line where messages ``first..last`` would be (the client could not recover
+        them); its index in ``entries``. If some of them are shown (a reset of the
+        broker's history reports everything before it) the line goes last, where the
+        break happened, not above lines that are there."""
+        self._notes += 1
+        count = last - first + 1
+        text = f"— {count} message{'' if count == 1 else 's'} missing ({reason}) —"
+        shown = any(first <= seq <= last for seq in self.seqs)
+        entry = Entry((self.newest if shown else first - 1, self._notes), Note(text, time.time(), "gap"))
+        index = bisect.bisect(self.entries, entry)
+        self.entries.insert(index, entry)
+        return index
+
     def clear(self) -> None:
         self.cleared_below = self.newest
         self.entries.clear()
@@ -172,7 +186,8 @@ def render_entry(entry: Entry, me: str) -> RenderableType:
     grid.add_column(width=NICK_WIDTH, no_wrap=True)
     grid.add_column(ratio=1, overflow="fold")
     if isinstance(item, Note):
-        styles = {"error": ("!!", "bold red", "red"), "state": ("--", "bold yellow", "yellow"), "info": ("--", "dim", "")}
+        styles = {"error": ("!!", "bold red", "red"), "state": ("--", "bold yellow", "yellow"), "info": ("--", "dim", ""),
+                  "gap": ("!!", "bold yellow", "bold yellow")}
         mark, mark_style, text_style = styles.get(item.style, styles["info"])
         grid.add_row(_clock(item.ts), _nick_cell(mark, mark_style), Text(item.text, style=text_style))
         return grid
@@ -351,16 +366,29 @@ def _ago(seconds: float) -> str:
 
 
 class ChatInput(Input):
-    """The input line: Enter sends, Up/Down recall, Tab completes names and commands."""
+    """The input line: Enter sends, Up/Down recall, Tab completes names and commands.
+
+    Every key that does something here runs when the line reaches it, in the order
+    typed: Textual runs a widget's key bindings only after the key has bubbled up to
+    the app, by which time faster typing may already be in the line (Textual issue
+    6605: "yes, 1.4 is out" + Enter + "/me celebrates" was sent as one merged line).
+    A finished line goes to ``on_line`` at once, with the input already cleared.
+    """
 
     BINDINGS = [
         Binding("tab", "complete", "Complete", show=False),
         Binding("up", "recall(-1)", "Earlier line", show=False),
         Binding("down", "recall(1)", "Later line", show=False),
+        # window keys here too, so that a line typed before them goes to the window it was typed in
+        Binding("ctrl+n,alt+right", "app.cycle(1)", "Next window", show=False),
+        Binding("ctrl+p,alt+left", "app.cycle(-1)", "Previous window", show=False),
     ]
 
     class CompleteRequest(Message):
         """Asks the app for the names and rooms to complete from."""
+
+    class Leave(Message):
+        """Quit, once the keys typed before it have been handled (posted by the app's ctrl+q)."""
 
     def __init__(self, **kwargs) -> None:  # type: ignore[no-untyped-def]
         super().__init__(**kwargs)
@@ -368,6 +396,56 @@ class ChatInput(Input):
         self.recall = InputHistory()
         self.nicks: list[str] = []
         self.rooms: list[str] = []
+        #: Called with each finished line (Enter); without it a Submitted message is posted.
+        self.on_line: Callable[[str], None] | None = None
+        #: Called with the lines of a multi-line paste and the input's text before it.
+        self.on_paste_lines: Callable[[list[str], str], None] | None = None
+        self.on_leave: Callable[[], None] | None = None
+
+    async def _on_key(self, event: events.Key) -> None:
+        """Run this widget's own bindings for ``event`` now, not after it bubbled up."""
+        for binding in self._bindings.key_to_bindings.get(event.key, ()):
+            if not binding.priority and await self.app.run_action(binding.action, self):
+                event.stop()
+                event.prevent_default()  # neither Input's handler nor the app's bindings see it again
+                return
+
+    async def action_submit(self) -> None:
+        """Take the line and clear the input in one step, so the next key starts a new line."""
+        line = self.value
+        self.value = ""
+        self.cursor_position = 0
+        if self.on_line is not None:
+            self.on_line(line)
+        else:
+            self.post_message(self.Submitted(self, line))
+
+    def _on_paste(self, event: events.Paste) -> None:
+        """A paste of several lines is several lines to send (Input keeps only the first)."""
+        event.stop()
+        event.prevent_default()
+        parts = split_lines(event.text)
+        if not parts:
+            return
+        start, end = sorted(self.selection)
+        if len(parts) == 1 or self.on_paste_lines is None:
+            text = " ".join(parts)
+            if start != end:
+                self.replace(text, start, end)
+            else:
+                self.insert_text_at_cursor(text)
+            return
+        before = self.value
+        parts[0] = before[:start] + parts[0]
+        parts[-1] = parts[-1] + before[end:]
+        self.value = ""
+        self.cursor_position = 0
+        self.on_paste_lines(parts, before)
+
+    def _on_chat_input_leave(self, message: "ChatInput.Leave") -> None:
+        message.stop()
+        if self.on_leave is not None:
+            self.on_leave()
 
     def action_complete(self) -> None:
         done = self.completer.complete(self.value, self.cursor_position, self.nicks, self.rooms)
@@ -384,3 +462,4 @@ class ChatInput(Input):
     def remember(self, line: str) -> None:
         self.recall.add(line)
         self.completer.reset()
+
