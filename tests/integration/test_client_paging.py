@@ -17,10 +17,11 @@ import pytest
 import zmq
 import zmq.asyncio
 
-from tests.conftest import RunningBroker, chat, wait_for
+from tests.conftest import RunningBroker, chat, collect, wait_for
 from zchat import protocol as p
 from zchat.client import Client, ClientError
 from zchat.core import Limits
+from zchat.recovery import Gap
 
 EPOCH, BOOT = "E1", "B1"
 
@@ -322,5 +323,27 @@ async def test_send_errors_by_cid_fail_or_keep_the_send() -> None:
         stored = await client.send("general", "flaky", timeout=5)  # resent after ack_timeout, then acked
         assert stored.room == "general" and seen["flaky"] == 2
         assert (seen["bad"], seen["huge"]) == (1, 1)  # failed sends are not resent
+    finally:
+        await close(broker, client)
+
+
+async def test_the_filler_carries_on_after_a_cut_page() -> None:
+    """A history page cut by the byte cap (more) is not a loss: the filler asks again
+    from its last seq, and nothing is reported missing."""
+    head = 30
+
+    def answer(req: p.Request | p.Send) -> list[p.Reply]:
+        if isinstance(req, p.Join):
+            return [p.Joined(rid=req.rid, room=req.room, head=head, epoch=EPOCH)]
+        assert isinstance(req, p.History) and req.after >= 0, req
+        seqs = [s for s in range(req.after + 1, head + 1) if not req.before or s < req.before][: req.limit]
+        return [p.HistoryReply(rid=req.rid, room=req.room, epoch=EPOCH, head=head, messages=[msg(req.room, s) for s in seqs[:8]], more=len(seqs) > 8)]
+
+    broker, client = await scripted(answer)
+    try:
+        await client.join("general", history=head)
+        got = await collect(client, head, timeout=5, kinds=(p.Msg, Gap))
+        assert [m.seq for m in got] == list(range(1, head + 1))  # no Gap among them
+        assert [r.after for r in broker.requests if isinstance(r, p.History)] == [0, 8, 16, 24]
     finally:
         await close(broker, client)
