@@ -22,7 +22,9 @@ import time
 from typing import Callable
 
 from zchat import protocol as p
-from zchat.client import AuthError, Client, ClientError, ConnectError, StateChange
+from zchat import render
+from zchat.client import AuthError, Client, ClientError, ConnectError, Problem, StateChange
+from zchat.recovery import Gap
 
 log = logging.getLogger(__name__)
 
@@ -156,6 +158,8 @@ class Bot:
                     (self.peers.add if event.online else self.peers.discard)(event.name)
             elif isinstance(event, p.Msg) and event.room == self.opts.room:
                 await self._heard(event)
+            elif isinstance(event, (Gap, Problem)):  # lost lines and broker complaints are shown
+                self.out(render.line(event, self.name) or "")
 
     async def _heard(self, msg: p.Msg) -> None:
         self.heard.append(msg)

@@ -33,16 +33,30 @@ from zchat.sockio import NOBLOCK, readable, recv_parts
 
 log = logging.getLogger(__name__)
 
-__all__ = ["Client", "ClientError", "AuthError", "ConnectError", "StateChange", "Recovered", "Gap", "Event"]
+__all__ = ["Client", "ClientError", "AuthError", "ConnectError", "StateChange", "Recovered", "Gap", "Problem", "Event"]
+
+#: A request refused with rate_limited is asked again after the broker's retry_after,
+#: at most this many times and for at most this long in all: a short wait is a delay
+#: for the caller, a long one an error it can show (with ``retry_after``).
+RATE_RETRIES = 5
+RATE_WAIT_MAX = 15.0
+#: Most pages ``who()`` and ``rooms()`` follow (each is up to ~1 MiB).
+MAX_LIST_PAGES = 200
+#: Seconds between attempts to re-join rooms a restarted broker refused or did not answer.
+REJOIN_RETRY = 5.0
+#: Refusals worth trying again later (the others are final: the room is dropped).
+_TRANSIENT = frozenset({p.ErrorCode.RATE_LIMITED, p.ErrorCode.INTERNAL, p.ErrorCode.NO_SESSION, p.ErrorCode.SHUTTING_DOWN})
 
 
 class ClientError(Exception):
-    """The broker refused something; ``code`` is a protocol ErrorCode."""
+    """The broker refused something; ``code`` is a protocol ErrorCode, ``retry_after``
+    the seconds to wait first when it is rate_limited."""
 
-    def __init__(self, code: str, message: str) -> None:
+    def __init__(self, code: str, message: str, retry_after: float = 0.0) -> None:
         super().__init__(message)
         self.code = code
         self.message = message
+        self.retry_after = retry_after
 
 
 class AuthError(ClientError):
@@ -70,7 +84,16 @@ class Recovered:
     count: int
 
 
-Event = p.Msg | p.Presence | StateChange | Recovered | Gap
+@dataclasses.dataclass(frozen=True)
+class Problem:
+    """The broker reported an error that names no request and no chat line (e.g. a frame
+    it could not read at all), or a room could not be re-joined: shown, never dropped."""
+
+    code: str
+    message: str
+
+
+Event = p.Msg | p.Presence | StateChange | Recovered | Gap | Problem
 
 
 class _Pump:
@@ -192,7 +215,11 @@ class Client:
 
     ``cursors`` (room -> (epoch, last seq seen)), as returned by ``cursors()`` at the end
     of an earlier run, lets a returning client receive what it missed, up to
-    ``recover_limit`` messages a room.
+    ``recover_limit`` messages a room (the rest is reported as a Gap). That bound is for
+    coming back after being away only: while connected (pauses, a stalled reader, a
+    broker restart) everything is fetched from history, page by page, however far behind.
+
+    ``name`` protocol.LOOKER (see ``Client.looker``) is a look-only session.
     """
 
     def __init__(
@@ -207,7 +234,7 @@ class Client:
         label: str = "zchat",
         sub_hwm: int = 100_000,
     ) -> None:
-        if not p.valid_name(name):
+        if name != p.LOOKER and not p.valid_name(name):
             raise ClientError(p.ErrorCode.BAD_NAME, f"bad name {name!r}: use a-z, 0-9, '_', '-' (1-{p.MAX_NAME_LEN} characters, lowercase)")
         self.base, _ = split_broker(broker)
         if secret is None:
@@ -231,7 +258,13 @@ class Client:
         self.max_bytes = p.MAX_MESSAGE_BYTES
         self.recovered = 0  # messages filled from history over this client's life
         self._cursors = dict(cursors or {})
+        self._given = set(self._cursors)  # rooms whose cursor is from an earlier run (unused yet)
+        self._catch_up: set[str] = set()  # rooms whose first catch-up after being away is due
         self._trackers: dict[str, Tracker] = {}
+        self._subscribed: set[str] = set()  # room topics the SUB socket holds (once each)
+        self._rejoin: set[str] = set()  # rooms a restarted broker has not taken back yet
+        self._rejoin_at = 0.0
+        self._rejoining: asyncio.Future | None = None
         self._rid = 0
         self._waiting: dict[int, asyncio.Future] = {}
         self._pending: dict[str, _Pending] = {}
@@ -247,6 +280,17 @@ class Client:
         self._ctx = zmq.asyncio.Context.instance()
         self._socks: list[zmq.asyncio.Socket] = []
         self._rehello_lock = asyncio.Lock()
+
+    @classmethod
+    def looker(cls, broker: str, **kwargs: object) -> "Client":
+        """A look-only session: ping, who, rooms and public history, claiming no name and
+        needing no secret (join, part and send are refused with ``forbidden``)."""
+        return cls(broker, p.LOOKER, secrets.token_urlsafe(24), **kwargs)  # type: ignore[arg-type]
+
+    @property
+    def looking(self) -> bool:
+        """True for a look-only session."""
+        return self.name == p.LOOKER
 
     # ------------------------------------------------------------ life cycle
 
@@ -275,6 +319,8 @@ class Client:
         if self._auth_failed in done or hello not in done:
             hello.cancel()
             await self.close()
+            if self._auth_failed.done() and self.looking:
+                raise AuthError(p.ErrorCode.FORBIDDEN, f"the broker at {self.broker} refused a look-only session: give --name")
             if self._auth_failed.done():
                 raise AuthError(p.ErrorCode.NAME_TAKEN, f"the broker refused the name {self.name!r}: it belongs to someone else (or your secret changed)")
             raise ConnectError("unreachable", f"no answer from the broker at {self.broker} within {timeout:g}s")
@@ -284,13 +330,17 @@ class Client:
         sub.rcvhwm = self.sub_hwm
         sub.connect(f"{self.base}:{welcome.pub_port}")
         self._sub = _Pump(sub, self._on_event)
-        for topic in (p.SYSTEM_TOPIC, p.inbox_topic(self.name)):
+        topics = (p.SYSTEM_TOPIC,) if self.looking else (p.SYSTEM_TOPIC, p.inbox_topic(self.name))
+        for topic in topics:
             self._sub.submit(lambda s, t=topic: s.setsockopt(zmq.SUBSCRIBE, t))
         self._spawn(self._sub.run(), self._heartbeats(), self._resends(), self._filler())
         self._set_state("connected")
         return welcome
 
     def _take_welcome(self, welcome: p.Welcome) -> None:
+        # At the first hello a DM conversation we do not track is from before this run:
+        # new messages only. At a later one (a broker restart) it began while we ran.
+        again = self.welcome is not None
         self.welcome = welcome
         self.boot, self.heartbeat, self.max_bytes = welcome.boot, welcome.heartbeat, welcome.max_bytes
         if self.epoch and welcome.epoch != self.epoch:
@@ -298,7 +348,7 @@ class Client:
         self.epoch = welcome.epoch
         for room, head in welcome.rooms.items():
             if p.is_dm_room(room):
-                tracker = self._tracker_for(room, head)
+                tracker = self._tracker_for(room, 0 if again else head)
                 tracker.saw_head(head)
             elif room in self._trackers:
                 self._trackers[room].saw_head(head)
@@ -315,6 +365,9 @@ class Client:
                 await self._request(lambda rid: p.Bye(rid=rid), timeout=0.5, retry=False)
             except (ClientError, asyncio.TimeoutError):
                 pass
+        if self._rejoining is not None:
+            self._tasks.append(self._rejoining)
+            self._rejoining = None
         for task in self._tasks:
             task.cancel()
         if self._tasks:  # bounded: closing must never hang its caller
@@ -397,12 +450,52 @@ class Client:
             yield chunk
 
     def cursors(self) -> dict[str, tuple[str, int]]:
-        """room -> (epoch, last seq delivered); give it back to a later Client."""
-        return {room: (t.epoch, t.last) for room, t in self._trackers.items()}
+        """room -> (epoch, last seq delivered); give it back to a later Client.
+
+        Includes conversations left with ``part`` and cursors given but not used yet."""
+        return {**self._cursors, **{room: (t.epoch, t.last) for room, t in self._trackers.items()}}
+
+    def _start_from(self, room: str, epoch: str) -> int | None:
+        """The seq a new tracker of ``room`` starts after, from a cursor (used once), or
+        None. A cursor from an earlier run makes its first catch-up bounded."""
+        cursor = self._cursors.pop(room, None)
+        given = room in self._given
+        self._given.discard(room)
+        if cursor is None or cursor[0] != epoch or cursor[1] < 0:
+            return None
+        if given:
+            self._catch_up.add(room)
+        return cursor[1]
 
     # ------------------------------------------------------------ requests
 
-    async def _request(self, make: Callable[[int], p.Request], timeout: float | None = 10.0, retry: bool = True) -> p.Reply:
+    async def _request(
+        self, make: Callable[[int], p.Request], timeout: float | None = 10.0, retry: bool = True, rehello: bool | None = None,
+    ) -> p.Reply:
+        """Ask and await the reply. With ``retry``: after no_session, hello and ask once
+        more (unless ``rehello`` is False); after rate_limited, wait the broker's
+        retry_after and ask again (at most RATE_RETRIES times, RATE_WAIT_MAX seconds in
+        all), so a short wait is a delay, not a failure."""
+        waited = 0.0
+        rehello = retry if rehello is None else rehello
+        for attempt in range(RATE_RETRIES + 2):
+            reply = await self._ask(make, timeout)
+            if not isinstance(reply, p.Error):
+                return reply
+            if reply.code == p.ErrorCode.NO_SESSION and rehello:  # the broker restarted: hello, then again
+                rehello = False
+                await self._rehello()
+                continue
+            wait = max(reply.retry_after, 0.01)
+            if reply.code == p.ErrorCode.RATE_LIMITED and retry and attempt < RATE_RETRIES and waited + wait <= RATE_WAIT_MAX:
+                log.info("request rate limited; asking again in %.2fs", wait)
+                waited += wait
+                await asyncio.sleep(wait)
+                continue
+            raise ClientError(reply.code, reply.message, reply.retry_after)
+        raise ClientError(reply.code, reply.message, reply.retry_after)
+
+    async def _ask(self, make: Callable[[int], p.Request], timeout: float | None) -> p.Reply:
         self._rid += 1
         rid = self._rid
         fut = asyncio.get_running_loop().create_future()
@@ -410,15 +503,9 @@ class Client:
         data = p.encode(make(rid))
         self._dealer.submit(lambda s: s.send(data, NOBLOCK))
         try:
-            reply = await asyncio.wait_for(fut, timeout)
+            return await asyncio.wait_for(fut, timeout)
         finally:
             self._waiting.pop(rid, None)
-        if isinstance(reply, p.Error):
-            if reply.code == p.ErrorCode.NO_SESSION and retry:  # the broker restarted: hello, then again
-                await self._rehello()
-                return await self._request(make, timeout, retry=False)
-            raise ClientError(reply.code, reply.message)
-        return reply
 
     async def join(self, room: str, history: int = 0) -> list[p.Member]:
         """Join ``room`` and start receiving it: ``history`` earlier messages first, then live.
@@ -428,38 +515,88 @@ class Client:
         """
         joined = await self._request(lambda rid: p.Join(rid=rid, room=room))
         assert isinstance(joined, p.Joined)
-        if room not in self._trackers:
-            epoch, last = self._cursors.get(room, ("", -1))
-            if epoch != joined.epoch or last < 0:
+        tracker = self._trackers.get(room)
+        if tracker is None:
+            last = self._start_from(room, joined.epoch)
+            if last is None:
                 last = max(0, joined.head - history)
-            self._trackers[room] = Tracker(room, joined.epoch, last)
-        self._trackers[room].saw_head(joined.head)
-        topic = p.room_topic(room)
-        self._sub.submit(lambda s: s.setsockopt(zmq.SUBSCRIBE, topic))
+            tracker = self._trackers[room] = Tracker(room, joined.epoch, last)
+        tracker.saw_head(joined.head)
+        self._subscribe(room)
         self._wake_filler(room)
         return joined.members
 
     async def part(self, room: str) -> None:
+        """Leave ``room`` (or close a DM conversation: a later line of it is delivered
+        from where it was left, not from its start)."""
         await self._request(lambda rid: p.Part(rid=rid, room=room))
-        self._trackers.pop(room, None)
+        tracker = self._trackers.pop(room, None)
+        if tracker is not None and p.is_dm_room(room):
+            self._cursors[room] = (tracker.epoch, tracker.last)
+        self._catch_up.discard(room)
+        self._rejoin.discard(room)
+        self._unsubscribe(room)
+
+    def _subscribe(self, room: str, again: bool = False) -> None:
+        """Subscribe to a room once: SUB counts subscriptions, so a second SUBSCRIBE would
+        need a second UNSUBSCRIBE. ``again`` re-sends it (unsubscribe, subscribe) for a
+        broker that refused it before the room was joined again."""
+        if p.is_dm_room(room):
+            return  # DM conversations come on the inbox topic
         topic = p.room_topic(room)
-        self._sub.submit(lambda s: s.setsockopt(zmq.UNSUBSCRIBE, topic))
+        if room in self._subscribed:
+            if again:
+                self._sub.submit(lambda s: (s.setsockopt(zmq.UNSUBSCRIBE, topic), s.setsockopt(zmq.SUBSCRIBE, topic)))
+            return
+        self._subscribed.add(room)
+        self._sub.submit(lambda s: s.setsockopt(zmq.SUBSCRIBE, topic))
+
+    def _unsubscribe(self, room: str) -> None:
+        if room in self._subscribed:
+            self._subscribed.discard(room)
+            topic = p.room_topic(room)
+            self._sub.submit(lambda s: s.setsockopt(zmq.UNSUBSCRIBE, topic))
 
     async def history(self, room: str, limit: int = 100, before: int = 0, after: int = -1) -> list[p.Msg]:
-        """Stored messages, oldest first (see protocol.History for the bounds)."""
-        reply = await self._request(lambda rid: p.History(rid=rid, room=room, limit=limit, before=before, after=after))
-        assert isinstance(reply, p.HistoryReply)
-        return [msgspec.structs.replace(m, epoch=reply.epoch) for m in reply.messages]
+        """Stored messages, oldest first (see protocol.History for the bounds): all that
+        was asked, even when the broker cuts pages to its reply size (``more``)."""
+        out: list[p.Msg] = []
+        while True:
+            want = limit - len(out)
+            reply = await self._request(lambda rid: p.History(rid=rid, room=room, limit=want, before=before, after=after))
+            assert isinstance(reply, p.HistoryReply)
+            out += [msgspec.structs.replace(m, epoch=reply.epoch) for m in reply.messages]
+            if not reply.more or not reply.messages or len(out) >= limit:
+                return out
+            after = reply.messages[-1].seq  # the rest of the same selection, oldest first
 
     async def who(self, room: str) -> list[p.Member]:
-        reply = await self._request(lambda rid: p.Who(rid=rid, room=room))
-        assert isinstance(reply, p.WhoReply)
-        return reply.members
+        """A room's members by name, every page (up to MAX_LIST_PAGES)."""
+        members: list[p.Member] = []
+        after = ""
+        for _ in range(MAX_LIST_PAGES):
+            reply = await self._request(lambda rid: p.Who(rid=rid, room=room, after=after))
+            assert isinstance(reply, p.WhoReply)
+            members += reply.members
+            if not reply.more or not reply.members or reply.members[-1].name <= after:
+                return members
+            after = reply.members[-1].name
+        log.warning("who %s: stopped after %d pages (%d members)", room, MAX_LIST_PAGES, len(members))
+        return members
 
     async def rooms(self) -> list[p.RoomInfo]:
-        reply = await self._request(lambda rid: p.Rooms(rid=rid))
-        assert isinstance(reply, p.RoomsReply)
-        return reply.rooms
+        """Public rooms by name, every page (up to MAX_LIST_PAGES)."""
+        rooms: list[p.RoomInfo] = []
+        after = ""
+        for _ in range(MAX_LIST_PAGES):
+            reply = await self._request(lambda rid: p.Rooms(rid=rid, after=after))
+            assert isinstance(reply, p.RoomsReply)
+            rooms += reply.rooms
+            if not reply.more or not reply.rooms or reply.rooms[-1].name <= after:
+                return rooms
+            after = reply.rooms[-1].name
+        log.warning("rooms: stopped after %d pages (%d rooms)", MAX_LIST_PAGES, len(rooms))
+        return rooms
 
     async def ping(self, timeout: float = 5.0) -> float:
         """Round-trip time in seconds."""
@@ -482,6 +619,11 @@ class Client:
                 self._set_state("reconnecting", "broker shutting down")
             if reply.cid:
                 self._send_failed(reply)
+                return
+            if not reply.rid and reply.code not in (p.ErrorCode.NO_SESSION, p.ErrorCode.SHUTTING_DOWN):
+                # it names nothing we sent (those two are handled above): tell the user, do not drop it
+                log.warning("the broker reported %s: %s", reply.code, reply.message)
+                self._emit(Problem(reply.code, reply.message))
                 return
         fut = self._waiting.get(getattr(reply, "rid", 0))
         if fut is not None and not fut.done():
@@ -577,7 +719,7 @@ class Client:
             return  # stays pending: resent after ack_timeout
         pending = self._pending.pop(err.cid, None)
         if pending is not None and not pending.future.done():
-            pending.future.set_exception(ClientError(err.code, err.message))
+            pending.future.set_exception(ClientError(err.code, err.message, err.retry_after))
 
     async def _resends(self) -> None:
         while True:
@@ -596,8 +738,8 @@ class Client:
     def _tracker_for(self, room: str, head: int = 0) -> Tracker:
         tracker = self._trackers.get(room)
         if tracker is None:
-            epoch, last = self._cursors.get(room, ("", -1))
-            if epoch != self.epoch or last < 0:
+            last = self._start_from(room, self.epoch)
+            if last is None:
                 last = head  # a conversation from before this run: new messages only
             tracker = self._trackers[room] = Tracker(room, self.epoch, last)
         return tracker
@@ -633,9 +775,17 @@ class Client:
         elif kind is p.Presence:
             if event.room in self._trackers:  # type: ignore[union-attr]
                 self._emit(event)  # type: ignore[arg-type]
+        elif kind is p.Heads:
+            self._on_heads(event)  # type: ignore[arg-type]
         elif kind is p.Notice:
             if event.event == "shutdown" and event.boot == self.boot:  # type: ignore[union-attr]
                 self._set_state("reconnecting", "broker shut down")
+
+    def _on_heads(self, event: p.Heads) -> None:
+        """A subscription took effect: what was published before it is fetched now,
+        not at the next heartbeat."""
+        if event.epoch == self.epoch:
+            self._saw_heads(event.heads)
 
     def _own(self, msg: p.Msg) -> None:
         """Our own line seen on SUB counts as its ack (the Ack may come later)."""
@@ -659,7 +809,8 @@ class Client:
         self._fill_wake.set()
 
     async def _filler(self) -> None:
-        """Fetch from history what trackers miss, one room at a time, within recover_limit."""
+        """Fetch from history what trackers miss, one room at a time, for the client's
+        whole life: a failure is logged and the room tried again a second later."""
         while True:
             await self._fill_wake.wait()
             self._fill_wake.clear()
@@ -671,26 +822,40 @@ class Client:
                     log.info("could not fill %s yet: %s", room, exc)
                     self._want_fill.add(room)
                     await asyncio.sleep(1.0)
+                except asyncio.CancelledError:
+                    raise
+                except Exception:  # a bug must not end recovery for the client's lifetime
+                    log.exception("filling %s from history failed; trying again", room)
+                    self._want_fill.add(room)
+                    await asyncio.sleep(1.0)
 
     async def _fill(self, room: str) -> None:
-        for _ in range(100):  # bounded: each round delivers or skips something
+        """Page through history until ``room``'s tracker misses nothing. Every round
+        delivers or skips something, so this ends once the reader has caught up, however
+        far behind it was. Only the first catch-up after being away (a cursor from an
+        earlier run) is cut to the newest ``recover_limit``, with a Gap for the rest."""
+        while True:
             tracker = self._trackers.get(room)
             if tracker is None or (gap := tracker.missing()) is None:
+                self._catch_up.discard(room)
                 return
             after, before = gap
             upper = before - 1 if before else tracker.known_head
-            if upper - after > self.recover_limit:  # too far behind: keep only the newest
-                gap_event = tracker.skip(upper - self.recover_limit, "beyond the recovery limit")
-                if gap_event is not None:
-                    self._emit(gap_event)
-                after = tracker.last
+            if room in self._catch_up:
+                self._catch_up.discard(room)
+                if upper - after > self.recover_limit:  # away too long: keep only the newest
+                    gap_event = tracker.skip(upper - max(0, self.recover_limit), "beyond the recovery limit")
+                    if gap_event is not None:
+                        self._emit(gap_event)
+                    continue
             wanted = upper - after
             reply = await self._request(
                 lambda rid: p.History(rid=rid, room=room, limit=min(wanted, p.MAX_HISTORY), before=before, after=after)
             )
             assert isinstance(reply, p.HistoryReply)
-            if reply.epoch != tracker.epoch:
-                return
+            if reply.epoch != tracker.epoch or self._trackers.get(room) is not tracker:
+                return  # reset or parted meanwhile
+            progress = tracker.last
             msgs = [msgspec.structs.replace(m, epoch=reply.epoch) for m in reply.messages]
             if not msgs or msgs[0].seq > after + 1:
                 first_held = msgs[0].seq if msgs else (before or reply.head + 1)
@@ -707,6 +872,9 @@ class Client:
                 tail: list[Event] = [*([gap_event] if gap_event is not None else []), *tracker.release()]
                 if tail:
                     self._hand_over(tail)
+                return
+            if tracker.last == progress and tracker.missing() == gap:
+                log.warning("history of %s did not fill seqs %d..%d; trying later", room, after + 1, upper)
                 return
 
     # ------------------------------------------------------------ liveness
@@ -745,11 +913,21 @@ class Client:
                 self._set_state("connected")
                 self._resend_all()
             self._saw_heads(pong.heads)
+            if self._rejoin and time.monotonic() >= self._rejoin_at and (self._rejoining is None or self._rejoining.done()):
+                # its own task: waits for rate limits must not hold up the heartbeat
+                self._rejoining = asyncio.ensure_future(self._rejoin_rooms(sorted(self._rejoin)))
 
     def _saw_heads(self, heads: dict[str, int]) -> None:
+        """Heads from a Pong or a Heads event: fetch what is beyond what we delivered. A DM
+        conversation we do not track began during this run (its first line was lost on
+        the way): track it from its start, as that line would have."""
         for room, head in heads.items():
             tracker = self._trackers.get(room)
-            if tracker is not None and head > tracker.last:
+            if tracker is None:
+                if self.looking or not p.is_dm_room(room) or p.dm_peers(room) is None:
+                    continue
+                tracker = self._tracker_for(room)
+            if head > tracker.last:
                 tracker.saw_head(head)
                 self._wake_filler(room)
 
@@ -773,12 +951,44 @@ class Client:
         if old is not None and old.pub_port != welcome.pub_port:
             self._move(self._sub, old.pub_port, welcome.pub_port)
         if epoch_changed:  # the new broker knows none of our rooms: join and subscribe again
-            for room in [r for r in self._trackers if not p.is_dm_room(r)]:
-                await self._request(lambda rid, r=room: p.Join(rid=rid, room=r))
-                topic = p.room_topic(room)
-                self._sub.submit(lambda s, t=topic: s.setsockopt(zmq.SUBSCRIBE, t))
+            await self._rejoin_rooms([r for r in self._trackers if not p.is_dm_room(r)])
         self._set_state("connected")
         self._resend_all()
+
+    async def _rejoin_rooms(self, rooms: list[str]) -> None:
+        """Join each room again; one that fails does not stop the others. Transient
+        failures are retried from the heartbeat (every REJOIN_RETRY seconds), final
+        refusals drop the room with a Problem event."""
+        for room in rooms:
+            if room not in self._trackers:
+                self._rejoin.discard(room)
+                continue
+            try:
+                # no hello from here (we may hold the hello lock): no_session is retried later
+                joined = await self._request(lambda rid, r=room: p.Join(rid=rid, room=r), rehello=False)
+            except asyncio.TimeoutError:
+                self._rejoin.add(room)
+                continue
+            except ClientError as exc:
+                if exc.code in _TRANSIENT or exc.code == "closed":
+                    self._rejoin.add(room)
+                    continue
+                log.warning("could not rejoin %s: %s [%s]", room, exc.message, exc.code)
+                self._rejoin.discard(room)
+                self._trackers.pop(room, None)
+                self._unsubscribe(room)
+                self._emit(Problem(exc.code, f"could not rejoin #{room}: {exc.message}"))
+                continue
+            assert isinstance(joined, p.Joined)
+            self._rejoin.discard(room)
+            tracker = self._trackers.get(room)
+            if tracker is not None:
+                tracker.saw_head(joined.head)
+                self._wake_filler(room)
+            self._subscribe(room, again=True)
+        if self._rejoin:
+            self._rejoin_at = time.monotonic() + REJOIN_RETRY
+            log.info("will retry joining %s", ", ".join(sorted(self._rejoin)))
 
     def _move(self, pump: _Pump, old: int, new: int) -> None:
         """The restarted broker listens on other ports (it was bound to port 0)."""
@@ -797,6 +1007,8 @@ class Client:
 
     def _reset_epoch(self, epoch: str) -> None:
         """The broker's history was replaced: report it and start each room afresh."""
+        self._catch_up.clear()
+        self._cursors = {room: c for room, c in self._cursors.items() if c[0] == epoch}
         for room, tracker in self._trackers.items():
             self._emit(Gap(room, 1, tracker.last, "the broker's history was reset"))
             self._trackers[room] = Tracker(room, epoch, 0)

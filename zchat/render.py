@@ -7,7 +7,7 @@ import time
 from typing import Any
 
 from zchat import protocol as p
-from zchat.client import Event, Recovered, StateChange
+from zchat.client import Event, Problem, Recovered, StateChange
 from zchat.recovery import Gap
 
 
@@ -15,11 +15,21 @@ def clock(ts: float) -> str:
     return time.strftime("%H:%M:%S", time.localtime(ts))
 
 
+def counted(n: int, word: str) -> str:
+    """``1 member``, ``2 members``: counts read as English."""
+    return f"{n} {word}" if n == 1 else f"{n} {word}s"
+
+
 def where(msg: p.Msg, me: str = "") -> str:
     """``#room``, or ``@peer`` for a direct message seen by ``me``."""
-    peers = p.dm_peers(msg.room)
+    return label(msg.room, me)
+
+
+def label(room: str, me: str = "") -> str:
+    """``#room``, or ``@peer`` for the DM conversation ``room`` of ``me``."""
+    peers = p.dm_peers(room)
     if peers is None:
-        return f"#{msg.room}"
+        return f"#{room}"
     other = peers[1] if peers[0] == me else peers[0]
     return f"@{other}"
 
@@ -40,10 +50,18 @@ def line(event: Event, me: str = "") -> str | None:
     if isinstance(event, StateChange):
         return f"{clock(event.since)} --- {event.state}{': ' + event.detail if event.detail else ''}"
     if isinstance(event, Gap):
-        return f"--- #{event.room}: messages {event.first}..{event.last} could not be recovered ({event.reason})"
+        missed = counted(event.last - event.first + 1, "message")
+        return f"--- {label(event.room, me)}: {missed} missing (#{event.first}..#{event.last}): {event.reason}"
+    if isinstance(event, Problem):
+        return f"--- broker problem: {event.message} [{event.code}]"
     if isinstance(event, Recovered):
         return None
     return None
+
+
+def gap_json(gap: Gap) -> dict[str, Any]:
+    """The JSON record of a Gap for scripts: seqs ``first..last`` of ``room`` are lost."""
+    return {"kind": "gap", "room": gap.room, "first": gap.first, "last": gap.last, "reason": gap.reason}
 
 
 def as_json(msg: p.Msg) -> dict[str, Any]:

@@ -109,7 +109,9 @@ async def test_a_listener_gets_every_event_in_order_and_survives_its_own_errors(
     await alice.join("general")
     await bob.join("general")
     await alice.send("general", "before listening")
-    await wait_for(lambda: not bob._events.empty(), what="a queued line")
+    # the line itself must be queued (the queue already holds join lines and states)
+    await wait_for(lambda: any(isinstance(e, p.Msg) and e.text == "before listening" for chunk in list(bob._events._queue) for e in chunk or ()),
+                   what="the line queued")
     seen: list[str] = []
     calls = 0
 

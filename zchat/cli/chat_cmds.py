@@ -11,9 +11,10 @@ import click
 
 from zchat import protocol as p
 from zchat import render
-from zchat.cli.options import client_options, fallback_name, require_name, run_client, with_settings
+from zchat.cli.options import client_options, require_name, run_client, with_settings
 from zchat.client import Client
 from zchat.config import Settings
+from zchat.recovery import Gap
 
 EXIT_CODES = "Exit status: 0 done, 1 refused by the broker, 2 bad usage, 3 broker unreachable."
 
@@ -58,12 +59,18 @@ def send(s: Settings, room: str | None, to: str | None, me: bool, timeout: float
 @client_options
 @click.option("--room", "-r", required=True, help="Room to follow.")
 @click.option("--history", type=int, default=10, show_default=True, help="Earlier messages to print first.")
-@click.option("--json", "as_json", is_flag=True, help="One JSON object per line (room, seq, sender, text, ts, id, kind).")
-@click.option("--count", type=int, help="Exit after this many messages.")
+@click.option("--json", "as_json", is_flag=True,
+              help="One JSON object per line (room, seq, sender, text, ts, id, kind); lost messages are a "
+                   '{"kind": "gap", "room", "first", "last", "reason"} record.')
+@click.option("--count", type=int, help="Exit after this many chat lines (text and /me; join and part lines are printed but not counted).")
 @click.option("--timeout", type=float, help="Exit after this many seconds.")
 @with_settings
 def tail(s: Settings, room: str, history: int, as_json: bool, count: int | None, timeout: float | None) -> None:
     """Print a room's history, then its live messages, in order, with nothing missed.
+
+    Messages that cannot be recovered (trimmed from history, or more than the
+    recovery limit missed while away) are reported in place: a "--- ... missing"
+    line, or a gap record with --json.
 
     \b
     Examples:
@@ -89,8 +96,11 @@ def tail(s: Settings, room: str, history: int, as_json: bool, count: int | None,
             except (asyncio.TimeoutError, StopAsyncIteration):
                 return
             if isinstance(event, p.Msg) and event.room == room:
-                seen += 1
+                if event.kind in ("text", "me"):
+                    seen += 1
                 click.echo(json.dumps(render.as_json(event), ensure_ascii=False) if as_json else render.line(event, name))
+            elif isinstance(event, Gap) and event.room == room:
+                click.echo(json.dumps(render.gap_json(event), ensure_ascii=False) if as_json else render.line(event, name))
             elif not as_json and (text := render.line(event, name)) is not None:
                 click.echo(text, err=True)
 
@@ -103,13 +113,14 @@ def tail(s: Settings, room: str, history: int, as_json: bool, count: int | None,
 @click.option("--json", "as_json", is_flag=True)
 @with_settings
 def who(s: Settings, room: str, as_json: bool) -> None:
-    """List a room's members and whether they are online.
+    """List a room's members and whether they are online (without --name, as a
+    look-only session that claims no name).
 
     \b
     Example:
       zchat who --room general
     """
-    members = run_client(s.broker, s.name or fallback_name(), lambda c: c.who(_room(room)))  # type: ignore[arg-type]
+    members = run_client(s.broker, s.name, lambda c: c.who(_room(room)))  # type: ignore[arg-type]
     for m in members:
         click.echo(json.dumps({"name": m.name, "online": m.online}) if as_json else f"{m.name}\t{'online' if m.online else 'offline'}")
 
@@ -119,17 +130,18 @@ def who(s: Settings, room: str, as_json: bool) -> None:
 @click.option("--json", "as_json", is_flag=True)
 @with_settings
 def rooms(s: Settings, as_json: bool) -> None:
-    """List rooms with their member and online counts.
+    """List rooms with their member and online counts (without --name, as a
+    look-only session that claims no name).
 
     \b
     Example:
       zchat rooms --broker tcp://chat.example:5555
     """
-    for r in run_client(s.broker, s.name or fallback_name(), lambda c: c.rooms()):
+    for r in run_client(s.broker, s.name, lambda c: c.rooms()):
         if as_json:
             click.echo(json.dumps({"room": r.name, "members": r.members, "online": r.online}))
         else:
-            click.echo(f"#{r.name}\t{r.members} members\t{r.online} online")
+            click.echo(f"#{r.name}\t{render.counted(r.members, 'member')}\t{r.online} online")
 
 
 @click.command("ping", epilog=EXIT_CODES)
@@ -137,14 +149,15 @@ def rooms(s: Settings, as_json: bool) -> None:
 @click.option("--timeout", type=float, default=5.0, show_default=True, help="Seconds to wait for an answer.")
 @with_settings
 def ping(s: Settings, timeout: float) -> None:
-    """Check that the broker answers; exit 0 if it does.
+    """Check that the broker answers; exit 0 if it does (without --name, as a
+    look-only session that claims no name).
 
     \b
     Examples:
       zchat ping
       zchat ping --broker tcp://broker:5555 --timeout 2   # a container healthcheck
     """
-    rtt = run_client(s.broker, s.name or fallback_name(), lambda c: c.ping(timeout), timeout=timeout)
+    rtt = run_client(s.broker, s.name, lambda c: c.ping(timeout), timeout=timeout)
     click.echo(f"broker {s.broker} answered in {rtt * 1000:.1f} ms")
 
 

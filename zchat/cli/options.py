@@ -6,6 +6,7 @@ import asyncio
 import functools
 import getpass
 import hashlib
+import logging
 import socket
 import sys
 from typing import Any, Awaitable, Callable, TypeVar
@@ -16,6 +17,7 @@ from zchat import config as cfg
 from zchat.client import AuthError, Client, ClientError, ConnectError
 
 T = TypeVar("T")
+log = logging.getLogger(__name__)
 
 #: Exit codes of the client commands (documented in their --help).
 EXIT_REFUSED = 1  # the broker answered no (name taken, rate limited, unknown room...)
@@ -38,7 +40,8 @@ def settings(config_path: str | None, **flags: Any) -> cfg.Settings:
 
 
 def fallback_name() -> str:
-    """A stable per-user, per-machine name for commands that only look (ping, who, rooms)."""
+    """A stable per-user, per-machine name, for ping, who and rooms without --name only
+    when the broker predates look-only sessions (see Client.looker)."""
     who = f"{getpass.getuser()}@{socket.gethostname()}"
     return "cli-" + hashlib.sha256(who.encode()).hexdigest()[:8]
 
@@ -49,12 +52,21 @@ def require_name(s: cfg.Settings) -> str:
     return s.name
 
 
-def run_client(broker: str, name: str, body: Callable[[Client], Awaitable[T]], timeout: float = 5.0) -> T:
-    """Connect, run ``body``, close; broker problems become clear messages and exit codes."""
+def run_client(broker: str, name: str | None, body: Callable[[Client], Awaitable[T]], timeout: float = 5.0) -> T:
+    """Connect, run ``body``, close; broker problems become clear messages and exit codes.
+    With no ``name`` the session only looks (claims no name, needs no secret)."""
 
     async def main() -> T:
-        client = Client(broker, name)
-        await client.connect(timeout=timeout)
+        client = Client(broker, name) if name else Client.looker(broker)
+        try:
+            await client.connect(timeout=timeout)
+        except AuthError:
+            if name:
+                raise
+            # a broker from before look-only sessions: look under this machine's own name
+            log.info("the broker refused a look-only session; using %s", fallback_name())
+            client = Client(broker, fallback_name())
+            await client.connect(timeout=timeout)
         try:
             return await body(client)
         finally:
