@@ -210,7 +210,6 @@ def test_tail_reports_a_gap(cli_env: dict[str, str], tmp_path) -> None:
         proc.stop()
 
 
-@pytest.mark.xfail(reason="needs broker: look-only sessions (protocol.LOOKER at ZAP and in the core)", strict=False)
 def test_look_only_commands_claim_no_name(broker_proc: BrokerProcess, cli_env: dict[str, str], tmp_path) -> None:
     """fails on main: the second config dir on the same host was refused the derived name."""
     b = broker_proc.endpoint

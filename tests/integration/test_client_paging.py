@@ -3,7 +3,7 @@ rate_limited requests (``retry_after``), Heads on subscription, look-only sessio
 
 Where the real broker does not do it yet, a scripted broker on real sockets (ROUTER and
 XPUB on 127.0.0.1, PLAIN with a ZAP handler that lets everyone in) answers as the
-contract says; the real-broker versions are marked xfail until the broker has it.
+contract says; the real-broker versions check the same against a real broker.
 """
 
 from __future__ import annotations
@@ -255,7 +255,6 @@ async def test_heads_make_a_missed_line_arrive_at_once() -> None:
 # ------------------------------------------------------------ the real broker
 
 
-@pytest.mark.xfail(reason="needs broker: Heads published when a subscription takes effect (core.subscribed)", strict=False)
 async def test_a_line_between_joined_and_the_subscription_arrives_at_once(tmp_path: Path) -> None:
     running = await RunningBroker(tmp_path / "h.db", Limits(heartbeat=10, rate=0)).start()
     alice = Client(running.endpoint, "alice", "secret-of-alice-0123456789")
@@ -280,7 +279,6 @@ async def test_a_line_between_joined_and_the_subscription_arrives_at_once(tmp_pa
         await running.stop()
 
 
-@pytest.mark.xfail(reason="needs broker: look-only sessions (protocol.LOOKER at ZAP and in the core)", strict=False)
 async def test_a_looker_may_look_but_not_speak(connect) -> None:
     alice = await connect("alice")
     await alice.join("general")
