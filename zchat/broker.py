@@ -167,6 +167,12 @@ class Broker:
             epoch=epoch, boot=secrets.token_hex(6), limits=limits, heads=heads, members=members, users=users,
             recent=recent, id_prefix=secrets.token_hex(4) + "-", wall_offset=time.time() - time.monotonic(),
         )
+        lim = self.core.limits
+        log.info(
+            "limits: %g lines/s per user (burst %g), %g lines/s per room, %g requests/s per user (burst %g), "
+            "max_rooms %d per user, %d-byte messages",
+            lim.rate, lim.burst, lim.room_rate, lim.request_rate, lim.request_burst, lim.max_rooms, lim.max_bytes,
+        )
         log.info(
             "zchat %s broker up: requests %s, chat in %s:%d, fan-out %s:%d, epoch %s, pid %d",
             __version__, self.endpoint, base, ports[1], base, ports[2], epoch, os.getpid(),
@@ -398,10 +404,14 @@ class Broker:
             if not data:
                 continue
             topic = data[1:]
-            user = frame.get("User-Id")
             if data[0] == 0:
                 self.xpub.setsockopt(zmq.UNSUBSCRIBE, topic)
-            elif data[0] == 1 and core.may_subscribe(user, topic):
+                continue
+            try:
+                user = frame.get("User-Id")
+            except zmq.ZMQError:  # the peer is gone already: its frame has no metadata left
+                continue
+            if data[0] == 1 and core.may_subscribe(user, topic):
                 self.xpub.setsockopt(zmq.SUBSCRIBE, topic)
                 # What was published before this took effect never reached the client:
                 # tell it the heads now (on its inbox, in force before any room of its).

@@ -86,6 +86,9 @@ class Settings:
     rate: float = 20.0  # messages per second per user (token bucket refill)
     burst: float = 100.0  # token bucket size
     max_bytes: int = MAX_MESSAGE_BYTES
+    request_rate: float = 10.0  # requests per second per user (hello, join, history, who, ...)
+    room_rate: float = 200.0  # stored lines per second per room, over all its senders
+    max_rooms: int = 500  # rooms and DM conversations per user
     # The broker's edge (zchat.guard.GuardConfig has the memory arithmetic).
     max_per_address: int = 64  # TCP connections from one address on each broker port
     max_connections: int = 0  # connections on all ports; 0: the descriptor limit less a reserve
@@ -118,6 +121,9 @@ HELP = {
     "rate": "messages a second each user may send, on average (0: no limit)",
     "burst": "messages a user may send at once before the rate applies",
     "max_bytes": f"largest message body in bytes (at most {MAX_MESSAGE_BYTES})",
+    "request_rate": "requests a second each user may make, on average (burst 100; 0 or rate 0: no limit)",
+    "room_rate": "lines a second a room takes from all its senders together (burst 5 s of it; 0 or rate 0: no limit)",
+    "max_rooms": "rooms and direct conversations each user may be in",
     "max_per_address": "TCP connections the broker takes from one address on each port (a client uses one a port)",
     "max_connections": "connections the broker takes in all; 0: its descriptor limit less a reserve",
     "claims_per_minute": "new names one address may claim a minute (0: no limit)",
@@ -219,6 +225,14 @@ def _validate(name: str, value: Any, source: str) -> Any:
     if name == "rate":
         if value < 0:
             raise _fail(name, source, value, "0 (no limit) or a number above 0")
+        return value
+    if name in ("request_rate", "room_rate"):
+        if value < 0:
+            raise _fail(name, source, value, "0 (no limit) or a number above 0")
+        return value
+    if name == "max_rooms":
+        if value < 1:
+            raise _fail(name, source, value, "a positive integer")
         return value
     if name == "burst":
         if value < 1:

@@ -122,3 +122,33 @@ async def test_rooms_are_paged_and_the_rooms_cap_holds(tmp_path: Path) -> None:
         for peer in peers:
             peer.close()
         await running.stop()
+
+
+def test_the_core_budgets_are_broker_settings(tmp_path: Path, cli_env: dict[str, str]) -> None:
+    """--max-rooms, --request-rate and --room-rate reach a real broker (flag, then env)."""
+    import asyncio
+    import subprocess
+    import sys
+
+    from tests.conftest import BrokerProcess
+    from zchat.client import Client, ClientError
+
+    bad = subprocess.run([sys.executable, "-m", "zchat", "broker", "--max-rooms", "0"], env=cli_env, capture_output=True, text=True, timeout=30)
+    assert bad.returncode == 2 and "max_rooms" in bad.stderr
+    env = dict(cli_env, ZCHAT_REQUEST_RATE="1000")
+    proc = BrokerProcess(tmp_path / "h.db", env, "--heartbeat", str(HEARTBEAT), "--max-rooms", "2").start()
+    try:
+        async def body() -> str:
+            async with Client(proc.endpoint, "alice", "secret-of-alice-0123456789") as alice:
+                await alice.join("one")
+                await alice.join("two")
+                with pytest.raises(ClientError) as info:
+                    await alice.join("three")
+                return info.value.code
+
+        assert asyncio.run(body()) == p.ErrorCode.LIMIT_REACHED
+    finally:
+        out = proc.stop()
+
+    assert "max_rooms 2 per user" in out and "1000 requests/s per user" in out  # the limits in force, at start
+    assert "Traceback" not in out  # (a departed peer's unsubscription once raised here)

@@ -23,6 +23,9 @@ log = logging.getLogger(__name__)
 @click.option("--rate", type=float, help="Messages per second per user, 0 for no limit. [20]")
 @click.option("--burst", type=float, help="Messages a user may send at once before the rate applies. [100]")
 @click.option("--max-bytes", type=int, help="Largest message body in bytes. [65536]")
+@click.option("--request-rate", type=float, help="Requests per second per user (join, history, who...), 0 for no limit. [10]")
+@click.option("--room-rate", type=float, help="Lines per second a room takes from all its senders, 0 for no limit. [200]")
+@click.option("--max-rooms", type=int, help="Rooms and direct conversations per user. [500]")
 @click.option("--max-per-address", type=int, help="TCP connections taken from one address on each port; more are cut. [64]")
 @click.option("--max-connections", type=int, help="Connections taken in all; 0: the descriptor limit less a reserve. [0]")
 @click.option("--claims-per-minute", type=int, help="New names one address may claim a minute, 0 for no limit. [5]")
@@ -53,7 +56,10 @@ def broker(config_path: str | None, **flags: object) -> None:
         store = open_storage(s.storage, s.db_path())
     except ValueError as exc:
         raise click.UsageError(str(exc)) from None
-    limits = Limits(heartbeat=s.heartbeat, rate=s.rate, burst=s.burst, max_bytes=s.max_bytes)
+    limits = Limits(
+        heartbeat=s.heartbeat, rate=s.rate, burst=s.burst, max_bytes=s.max_bytes, request_rate=s.request_rate,
+        room_rate=s.room_rate, room_burst=max(1.0, 5 * s.room_rate), max_rooms=s.max_rooms,
+    )
     guard = GuardConfig(
         max_per_address=s.max_per_address, max_connections=s.max_connections, claims_per_minute=s.claims_per_minute,
         claim_timeout=s.claim_timeout, reserved=s.reserved(), queue_budget=s.queue_budget, send_budget=s.send_budget,
