@@ -1012,3 +1012,6 @@ class Client:
         for room, tracker in self._trackers.items():
             self._emit(Gap(room, 1, tracker.last, "the broker's history was reset"))
             self._trackers[room] = Tracker(room, epoch, 0)
+            # A new epoch may still hold all the old history (a store renumbered after a
+            # crash keeps its messages): catch up as after being away, within recover_limit.
+            self._catch_up.add(room)

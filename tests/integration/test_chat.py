@@ -523,3 +523,32 @@ async def test_send_timeout_gives_up_and_forgets(connect, broker) -> None:
     await alice.send("general", "back", timeout=15)
     # a timed-out send is unconfirmed, not cancelled: a copy queued in the socket may still land
     assert texts(await alice.history("general"))[-1] == "back"
+
+
+async def test_a_renumbered_epoch_is_caught_up_within_the_recovery_limit(connect, broker, tmp_path: Path) -> None:
+    """A store found open after the machine went down gets a new epoch but keeps its
+    messages: a connected client starts that room afresh, so its catch-up is bounded
+    like a return from being away (and says so), not a replay of all history."""
+    import sqlite3
+
+    from zchat.recovery import Gap
+
+    alice = await connect("alice")
+    bob = await connect("bob", recover_limit=20)
+    await alice.join("general")
+    await bob.join("general")
+    for i in range(60):
+        alice.post("general", f"line {i}")
+    await alice.send("general", "line 60")
+    await chat(bob, 61)
+    old = broker.core.epoch
+    await broker.stop()
+    with sqlite3.connect(broker.path) as db:  # as if the machine had gone down with the file open
+        db.execute("INSERT OR REPLACE INTO meta (key, value) VALUES ('running', 'another-boot')")
+    await broker.start()
+    assert broker.core.epoch != old
+    gaps = await collect(bob, 2, timeout=15, kinds=(Gap,))
+    assert "reset" in gaps[0].reason and "recovery limit" in gaps[1].reason
+    await alice.send("general", "after", timeout=15)
+    got = await chat(bob, 21, timeout=15)
+    assert [m.text for m in got][-1] == "after" and len({m.seq for m in got}) == 21
