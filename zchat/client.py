@@ -96,6 +96,10 @@ class Problem:
 Event = p.Msg | p.Presence | StateChange | Recovered | Gap | Problem
 
 
+#: Unanswered pings in a row after which the client connects again as a new session.
+REDIAL_AFTER = 3
+
+
 class _Pump:
     """Owns one socket: runs queued operations on it and hands received frames on.
 
@@ -113,6 +117,7 @@ class _Pump:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._scheduled = False
         self._closed = False
+        self._fd: int | None = None
 
     def submit(self, op: Callable[[zmq.Socket], None]) -> None:
         self.ops.append(op)
@@ -136,7 +141,7 @@ class _Pump:
     async def run(self) -> None:
         """Serve the socket until cancelled."""
         loop = self._loop = asyncio.get_running_loop()
-        fd = self.sync.getsockopt(zmq.FD) if self.on_recv is not None else None
+        fd = self._fd = self.sync.getsockopt(zmq.FD) if self.on_recv is not None else None
         safety: asyncio.TimerHandle | None = None
 
         def recheck() -> None:  # one standing timer, not one per wait
@@ -151,11 +156,16 @@ class _Pump:
         try:
             await loop.create_future()  # forever: the callbacks do the work
         finally:
-            self._closed = True
             if safety is not None:
                 safety.cancel()
-            if fd is not None:
-                loop.remove_reader(fd)
+            self.stop()
+
+    def stop(self) -> None:
+        """Stop serving the socket now (before it is closed): no callback touches it after."""
+        if not self._closed:
+            self._closed = True
+            if self._fd is not None and self._loop is not None:
+                self._loop.remove_reader(self._fd)
 
     def _service(self) -> None:
         self._scheduled = False
@@ -306,14 +316,7 @@ class Client:
         """Say hello; raise AuthError if the name is refused, ConnectError on silence."""
         loop = asyncio.get_running_loop()
         self._auth_failed = loop.create_future()
-        dealer = self._socket(zmq.DEALER)
-        dealer.routing_id = self.sid.encode()
-        dealer.sndhwm = 100_000  # chat lines go here too: a burst must not hit the default 1,000
-        monitor = dealer.get_monitor_socket(zmq.EVENT_HANDSHAKE_FAILED_AUTH | zmq.EVENT_HANDSHAKE_SUCCEEDED)
-        self._socks.append(monitor)
-        dealer.connect(self.broker)
-        self._dealer = _Pump(dealer, self._on_reply)
-        self._spawn(self._dealer.run(), self._watch(monitor))
+        self._dial()
         hello = asyncio.ensure_future(self._request(lambda rid: p.Hello(rid=rid, client=self.label), timeout=None))
         done, _ = await asyncio.wait({hello, self._auth_failed}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
         if self._auth_failed in done or hello not in done:
@@ -336,6 +339,44 @@ class Client:
         self._spawn(self._sub.run(), self._heartbeats(), self._resends(), self._filler())
         self._set_state("connected")
         return welcome
+
+    def _dial(self) -> None:
+        """Open the DEALER (routing id = session id) and its pump and monitor."""
+        dealer = self._socket(zmq.DEALER)
+        dealer.routing_id = self.sid.encode()
+        dealer.sndhwm = 100_000  # chat lines go here too: a burst must not hit the default 1,000
+        monitor = dealer.get_monitor_socket(zmq.EVENT_HANDSHAKE_FAILED_AUTH | zmq.EVENT_HANDSHAKE_SUCCEEDED)
+        self._socks.append(monitor)
+        dealer.connect(self.broker)
+        self._dealer = _Pump(dealer, self._on_reply)
+        self._dealing = (dealer, monitor, asyncio.ensure_future(self._dealer.run()), asyncio.ensure_future(self._watch(monitor)))
+        self._tasks += self._dealing[2:]
+
+    def _redial(self) -> None:
+        """Start over on a new DEALER with a new session id, after pings went unanswered.
+
+        The broker takes no second connection with a routing id it still holds (so
+        nobody can take a session over), and a connection that went silent without
+        closing (a network that drops, a NAT that forgets) may be held until its
+        heartbeats time out, or is never left by our DEALER at all. A new id gets a
+        new route at once; the broker answers it no_session and we say hello again.
+        Unacked sends are re-addressed to the new session (their cids, so the
+        broker's dedup, stay the same).
+        """
+        dealer, monitor, *tasks = self._dealing
+        self._dealer.stop()
+        for task in tasks:
+            task.cancel()
+            self._tasks.remove(task)
+        for sock in (dealer, monitor):
+            sock.close(linger=0)
+            self._socks.remove(sock)
+        self.sid = secrets.token_hex(8)
+        log.info("no answer from %s on this connection: connecting again as a new session", self.broker)
+        for pending in self._pending.values():
+            pending.data = p.encode(msgspec.structs.replace(p.decode_send(pending.data, 0), sid=self.sid))
+        self._outbox.clear()  # all of it is pending: resent after the hello
+        self._dial()
 
     def _take_welcome(self, welcome: p.Welcome) -> None:
         # At the first hello a DM conversation we do not track is from before this run:
@@ -894,6 +935,7 @@ class Client:
 
     async def _heartbeats(self) -> None:
         """Ping every heartbeat: keeps presence alive, detects a lost broker and lost tails."""
+        unanswered = 0  # pings in a row with no answer
         while True:
             await asyncio.sleep(self.heartbeat if self.state == "connected" else min(1.0, self.heartbeat))
             try:
@@ -904,7 +946,11 @@ class Client:
                 continue
             except asyncio.TimeoutError:
                 self._set_state("reconnecting", "broker not answering")
+                unanswered += 1
+                if unanswered % REDIAL_AFTER == 0:
+                    self._redial()
                 continue
+            unanswered = 0
             assert isinstance(pong, p.Pong)
             if pong.boot != self.boot or pong.epoch != self.epoch:
                 await self._rehello()
