@@ -364,6 +364,63 @@ async def test_broker_restart_keeps_history_and_clients(connect, broker) -> None
     assert texts(got) == ["sent while down", "after restart"]
     history = await bob.history("general")
     assert texts(history) == ["before restart", "sent while down", "after restart"]
+    # seqs go on from the stored head: none reused, none skipped (a broker starting from
+    # empty heads would number "sent while down" 1 again)
+    assert [m.seq for m in history] == list(range(1, len(history) + 1))
+    assert got[0].seq > max(m.seq for m in history if m.text == "before restart")
+
+
+async def test_wall_clock_steps_limit_nobody_and_expire_nobody(connect, broker, monkeypatch) -> None:
+    """Rate buckets and presence ran on the wall clock: a 1-hour step back kept a user
+    limited for an hour, a 31 s step forward expired every session."""
+    import time as time_module
+
+    from zchat import broker as broker_module
+    from zchat.core import Limits
+
+    await broker.stop()
+    broker.limits = Limits(heartbeat=10.0, rate=20.0, burst=3)
+    await broker.start()
+    alice, bob = await connect("alice"), await connect("bob")
+    await alice.join("general")
+    await bob.join("general")
+    real = time_module.time
+    offset = [0.0]
+
+    class SteppedTime:  # the broker's view of the time module: only the wall clock steps
+        def __getattr__(self, name: str):  # type: ignore[no-untyped-def]
+            return getattr(time_module, name)
+
+        @staticmethod
+        def time() -> float:
+            return real() + offset[0]
+
+    core = broker.core
+    ticks = [0]
+    real_tick = core.tick
+
+    def counted_tick(now, out):  # type: ignore[no-untyped-def]
+        ticks[0] += 1
+        real_tick(now, out)
+
+    monkeypatch.setattr(core, "tick", counted_tick)
+    monkeypatch.setattr(broker_module, "time", SteppedTime())
+    before = len(core.sessions)
+    offset[0] = 31.0  # forward, past the presence timeout (30 s)
+    await wait_for(lambda: ticks[0] >= 3, what="three ticks after the step")
+    assert len(core.sessions) == before  # nobody expired
+    offset[0] = -3600.0  # an hour back: the bucket still refills
+    for i in range(3):
+        await alice.send("general", f"burst {i}")
+    deadline = time_module.monotonic() + 5
+    while True:  # after the burst, a line goes through within about 1/rate
+        try:
+            await alice.send("general", "after the step")
+            break
+        except Exception:
+            assert time_module.monotonic() < deadline, "still limited after the wall clock stepped back"
+            await asyncio.sleep(0.05)
+    assert [m.text for m in await chat(bob, 4)][-1] == "after the step"
 
 
 async def test_malformed_barrage_leaves_broker_serving(connect, broker) -> None:
