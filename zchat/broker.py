@@ -33,7 +33,7 @@ log = logging.getLogger(__name__)
 
 ZAP_ENDPOINT = "inproc://zeromq.zap.01"
 ZAP_DOMAIN = b"zchat"
-BATCH = 512  # most messages taken from one socket per loop turn
+BATCH = 128  # most messages taken from one socket per loop turn: bounds a turn, so the wait of everyone else
 #: A Batch publication grows to about this many bytes at most (text counted as bytes
 #: per character: a bound, not a measure): 256 KiB, so the per-subscriber queue of
 #: pub_hwm publications holds at most pub_hwm * 320 KiB or so.
