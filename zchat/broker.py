@@ -27,6 +27,7 @@ from zchat.sockio import NOBLOCK, readable, recv_frames, recv_parts, send_parts
 from zchat import protocol as p
 from zchat.core import Core, HistoryQuery, Limits, Outcome
 from zchat.guard import Claims, ConnectionGuard, GuardConfig, connection_cap, raise_fd_limit
+from zchat.metrics import Stats, status as fill_status
 from zchat.storage import Storage, StorageError
 
 log = logging.getLogger(__name__)
@@ -86,6 +87,7 @@ class Broker:
         self.reserved = frozenset(self.guard_config.reserved)
         self.claims = Claims(self.guard_config.claims_per_minute, self.guard_config.claim_timeout)
         self.guard: ConnectionGuard | None = None
+        self.stats = Stats()  # plain counters for metrics and `zchat status` (zchat.metrics)
 
     # ------------------------------------------------------------ set-up
 
@@ -250,6 +252,7 @@ class Broker:
                 # messages with the wall clock through wall_offset, so a clock step moves
                 # timestamps only.
                 now = time.monotonic()
+                turn = time.perf_counter()
                 self.core.wall_offset = time.time() - now
                 out = Outcome()
                 read = 0
@@ -289,6 +292,7 @@ class Broker:
                     if len(self.core.sessions) < live:
                         log.info("%d session(s) gone silent for %.0fs: dropped", live - len(self.core.sessions), self.limits.presence_timeout)
                     next_tick = now + self.tick_every
+                    self.stats.sample(now)
                 if out.publish:
                     stale[XPUB] = True
                 if out.replies or out.acks or out.queries:
@@ -298,6 +302,8 @@ class Broker:
                 except Exception:  # never let one bad turn take the broker down
                     log.exception("failed to carry out a batch (%d to store)", len(out.store))
                 if read:  # more is likely queued: let other tasks run, then look again
+                    self.stats.turn_seconds.observe(time.perf_counter() - turn)
+                    self.stats.turn_items = read
                     await asyncio.sleep(0)
                     continue
                 if any(stale):
@@ -365,6 +371,8 @@ class Broker:
                 log.exception("ZAP decision failed")
                 verdict = auth.Verdict(b"500", "internal error")
             self.zap.send_multipart([version, request_id, verdict.status, verdict.text.encode(), verdict.user_id.encode(), b""])
+            key = "accepted" if verdict.status == b"200" else "refused"
+            self.stats.zap[key] = self.stats.zap.get(key, 0) + 1
 
     async def _decide(self, mechanism: bytes, creds: list[bytes], address: str) -> auth.Verdict:
         if mechanism != b"PLAIN" or len(creds) != 2:
@@ -513,6 +521,7 @@ class Broker:
         """
         core = self.core
         assert core is not None
+        self.stats.received += len(msgs) + len(bad)
         for exc in bad:
             core.count(exc.code)
             self.bad.warn(exc.code, exc.message, now)
@@ -538,23 +547,36 @@ class Broker:
         from dedup); a failing history query costs its own reply only."""
         core = self.core
         assert core is not None
+        stats = self.stats
         if out.store or out.members:
+            began = time.perf_counter()
             try:
                 await self.storage.append(out.store, out.members)
+                stats.stored += len(out.store)
             except Exception as exc:
+                stats.store_failed += 1
                 log.error("storing %d messages (%d membership changes) failed: %r", len(out.store), len(out.members), exc)
                 # Nobody may see those seqs and every sender is told (protocol.md §10.2):
                 # the core takes the batch back and rewrites what is left to do.
                 core.undo(out)
+            stats.append_seconds.observe(time.perf_counter() - began)
         self._publish(out.publish)
         encode = p.encode
         router = self.router
         for sid, body in out.replies:
+            kind = type(body)
+            if kind is p.Error:
+                stats.error(body.code, bool(body.cid))  # type: ignore[union-attr]
+            elif kind is p.StatusReply:
+                body = fill_status(self, body)  # type: ignore[arg-type]
             send_parts(router, [sid.encode("latin-1"), encode(body)])
+        stats.replies += len(out.replies)
         for sid, items in out.acks.items():
             if items:
                 send_parts(router, [sid.encode("latin-1"), encode(p.Ack(stored=items))])
+        stats.acks += len(out.acks)
         for query in out.queries:
+            stats.history["range" if query.request.after >= 0 else "last"] += 1
             try:
                 body = await self._history(query)
             except Exception as exc:
@@ -583,6 +605,7 @@ class Broker:
         is bounded in bytes too)."""
         xpub, encode = self.xpub, p.encode
         i, n = 0, len(publish)
+        frames = 0
         while i < n:
             topic, body = publish[i]
             j = i + 1
@@ -598,16 +621,37 @@ class Broker:
             else:
                 send_parts(xpub, [topic, encode(p.Batch(items=[m for _, m in publish[i:j]]))])  # type: ignore[misc]
                 self.core.count("batches")  # type: ignore[union-attr]
+            frames += 1
             i = j
+        self.stats.publications += frames
+        self.stats.published += n
 
 
-async def serve(bind: str, storage: Storage, limits: Limits = Limits(), guard: GuardConfig | None = None) -> None:
-    """Run a broker until SIGINT or SIGTERM."""
+async def serve(
+    bind: str, storage: Storage, limits: Limits = Limits(), guard: GuardConfig | None = None,
+    metrics: str | None = None, metrics_public: bool = False,
+) -> None:
+    """Run a broker until SIGINT or SIGTERM; with ``metrics`` (HOST:PORT) also serve
+    Prometheus metrics there (zchat.metrics), from a thread of their own."""
     import signal
 
     broker = Broker(bind, storage, limits, guard=guard)
     await broker.start()
+    server = None
+    if metrics:
+        from zchat.metrics import start_metrics
+
+        try:
+            server = start_metrics(broker, metrics, metrics_public)
+        except BaseException:
+            broker.stop()  # run() closes sockets and storage on its way out
+            await broker.run()
+            raise
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, broker.stop)
-    await broker.run()
+    try:
+        await broker.run()
+    finally:
+        if server is not None:
+            server.close()

@@ -639,6 +639,14 @@ class Client:
         log.warning("rooms: stopped after %d pages (%d rooms)", MAX_LIST_PAGES, len(rooms))
         return rooms
 
+    async def status(self, timeout: float = 5.0) -> p.StatusReply:
+        """What the broker is doing (version, uptime, counts, rates, limits): for its
+        operator; a look-only session may ask. Raises ClientError as any request does."""
+        reply = await self._request(lambda rid: p.Status(rid=rid), timeout=timeout)
+        if not isinstance(reply, p.StatusReply):
+            raise ClientError(p.ErrorCode.INTERNAL, f"expected a status reply, got {type(reply).__name__}")
+        return reply
+
     async def ping(self, timeout: float = 5.0) -> float:
         """Round-trip time in seconds."""
         start = time.perf_counter()

@@ -661,6 +661,23 @@ class Core:
         elif isinstance(req, p.Bye):
             self._close_session(sid, now, out)
             out.replies.append((sid, p.Ok(rid=req.rid)))
+        elif isinstance(req, p.Status):
+            out.replies.append((sid, self.status(req.rid)))
+
+    def status(self, rid: int = 0) -> p.StatusReply:
+        """What the core knows for ``zchat status``: counts, limits, counters. The shell
+        fills in the rest (version, uptime, storage, rates) before sending it."""
+        lim = self.limits
+        limits: dict[str, p.LimitValue] = {
+            f.name: getattr(lim, f.name) for f in dataclasses.fields(lim) if f.name not in ("pull_port", "pub_port")
+        }
+        public = len(self.room_index)
+        return p.StatusReply(
+            rid=rid, version="", boot=self.boot, epoch=self.epoch, uptime=0.0, storage="", storage_bytes=-1,
+            sessions=len(self.sessions), users_online=len(self.devices), users=len(self.users),
+            rooms=public, conversations=len(self.members) - public, messages=sum(self.heads.values()),
+            limits=limits, counters=dict(self.counters),
+        )
 
     def _line_budget(self, sid: str, name: str, room: str, now: float, out: Outcome, *, rid: int = 0, cid: str = "") -> bool:
         """Take a token for a stored line of ``name`` in public ``room``: the user's line

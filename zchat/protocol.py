@@ -174,7 +174,14 @@ class Bye(_Body, tag="bye"):
     rid: Rid
 
 
-Request = Union[Hello, Join, Part, History, Who, Rooms, Ping, Bye]
+class Status(_Body, tag="status"):
+    """What the broker is doing, for its operator (``zchat status``): see StatusReply.
+    Any session may ask, look-only ones too; it draws from the request budget."""
+
+    rid: Rid
+
+
+Request = Union[Hello, Join, Part, History, Who, Rooms, Ping, Bye, Status]
 
 # ------------------------------------------------------ client -> broker (PUSH/PULL)
 
@@ -292,7 +299,33 @@ class Error(_Body, tag="error"):
     retry_after: float = 0.0
 
 
-Reply = Union[Welcome, Joined, Ok, HistoryReply, WhoReply, RoomsReply, Pong, Ack, Error]
+#: A value of StatusReply.limits: a number, or a text (reserved names, storage kind).
+LimitValue = Union[int, float, str]
+
+
+class StatusReply(_Body, tag="brokerstatus"):
+    """The answer to Status: what an operator asks first. Counts are of now; ``rates``
+    are per second over about the last minute; ``storage_bytes`` is -1 when unknown."""
+
+    rid: int
+    version: str
+    boot: str
+    epoch: str
+    uptime: float  # seconds since the broker started
+    storage: str  # "sqlite PATH" or "redis"
+    storage_bytes: int
+    sessions: int
+    users_online: int
+    users: int  # claimed names
+    rooms: int  # public rooms with members
+    conversations: int  # DM conversations
+    messages: int  # sequenced lines over all rooms (the sum of the heads)
+    rates: dict[str, float] = {}
+    limits: dict[str, LimitValue] = {}
+    counters: dict[str, int] = {}
+
+
+Reply = Union[Welcome, Joined, Ok, HistoryReply, WhoReply, RoomsReply, Pong, Ack, Error, StatusReply]
 
 # ------------------------------------------------------- broker -> client (PUB/SUB)
 
@@ -360,7 +393,7 @@ _encoder = msgspec.msgpack.Encoder()
 _request_decoder = msgspec.msgpack.Decoder(Request)
 _send_decoder = msgspec.msgpack.Decoder(Union[Send, Sends])
 _single_send_decoder = msgspec.msgpack.Decoder(Send)
-_router_decoder = msgspec.msgpack.Decoder(Union[Hello, Join, Part, History, Who, Rooms, Ping, Bye, Send, Sends])
+_router_decoder = msgspec.msgpack.Decoder(Union[Hello, Join, Part, History, Who, Rooms, Ping, Bye, Status, Send, Sends])
 _raw_sends_decoder = msgspec.msgpack.Decoder(_RawSends)
 _sends_head_decoder = msgspec.msgpack.Decoder(_SendsHead)
 _reply_decoder = msgspec.msgpack.Decoder(Reply)

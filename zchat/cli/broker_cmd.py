@@ -36,8 +36,18 @@ log = logging.getLogger(__name__)
 @click.option("--handshake-timeout", type=float, help="Seconds a new TCP connection has to finish its handshake. [5]")
 @click.option("--log-level", help="DEBUG, INFO, WARNING or ERROR. [INFO]")
 @click.option("--log-format", type=click.Choice(["text", "json"]), help="Log lines as text or JSON. [text]")
+@click.option("--log-file", type=click.Path(dir_okay=False), help="Write logs to this file (rotated) instead of stderr.")
+@click.option("--log-max-bytes", type=click.IntRange(min=0), default=10 * 1024 * 1024, show_default=True,
+              help="Rotate the log file at this size (0: never).")
+@click.option("--log-backups", type=click.IntRange(min=0), default=5, show_default=True, help="Rotated log files kept.")
+@click.option("--metrics", "metrics", metavar="[HOST:]PORT",
+              help="Serve Prometheus metrics at http://HOST:PORT/metrics (HOST defaults to 127.0.0.1). [off]")
+@click.option("--metrics-public", is_flag=True, help="Allow --metrics on an address that is not loopback.")
 @click.option("--config", "config_path", type=click.Path(dir_okay=False), help="TOML settings file.")
-def broker(config_path: str | None, **flags: object) -> None:
+def broker(
+    config_path: str | None, log_file: str | None, log_max_bytes: int, log_backups: int,
+    metrics: str | None, metrics_public: bool, **flags: object,
+) -> None:
     """Run the chat broker until Ctrl-C or SIGTERM (history is closed cleanly).
 
     \b
@@ -45,13 +55,29 @@ def broker(config_path: str | None, **flags: object) -> None:
       zchat broker
       zchat broker --bind tcp://0.0.0.0:5555 --db /srv/zchat/history.db
       zchat broker --log-format json --log-level DEBUG
+      zchat broker --metrics 127.0.0.1:9464 --log-file /var/log/zchat/broker.log
     """
     from zchat.broker import serve
     from zchat.logs import setup_logging
+    from zchat.metrics import MetricsError
     from zchat.storage import StorageError, open_storage
 
     s = settings(config_path, **flags)
-    setup_logging(s.log_level, s.log_format)
+    if metrics:
+        from zchat.metrics import parse_address
+
+        try:
+            parse_address(metrics, metrics_public)
+        except ValueError as exc:
+            raise click.UsageError(str(exc)) from None
+        try:
+            import prometheus_client  # noqa: F401
+        except ImportError:
+            raise click.UsageError("--metrics needs prometheus-client (a dependency of zchat): pip install prometheus-client") from None
+    try:
+        setup_logging(s.log_level, s.log_format, log_file, log_max_bytes, log_backups)
+    except OSError as exc:
+        raise click.UsageError(f"cannot write --log-file {log_file}: {exc}") from None
     try:
         store = open_storage(s.storage, s.db_path())
     except ValueError as exc:
@@ -66,9 +92,11 @@ def broker(config_path: str | None, **flags: object) -> None:
         handshake_timeout=s.handshake_timeout,
     )
     try:
-        asyncio.run(serve(s.bind, store, limits, guard))
+        asyncio.run(serve(s.bind, store, limits, guard, metrics, metrics_public))
     except StorageError as exc:
         raise click.ClickException(f"cannot open history: {exc}") from None
+    except MetricsError as exc:
+        raise click.ClickException(str(exc)) from None
     except (OSError, zmq.ZMQError) as exc:  # address in use, unknown interface
         raise click.ClickException(f"cannot listen on {s.bind}: {exc}") from None
     except ValueError as exc:
