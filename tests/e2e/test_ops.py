@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import socket
 import subprocess
 import sys
@@ -121,6 +122,11 @@ async def test_metrics_scraped_over_http_move_with_real_traffic(metrics_broker: 
     assert value(during, "zchat_loop_turn_seconds_count") > value(before, "zchat_loop_turn_seconds_count")
     assert value(during, "zchat_connections") >= 3  # at least one a peer (the guard counts as its monitors tell)
     assert value(during, "zchat_uptime_seconds") > value(before, "zchat_uptime_seconds")
+    # The Grafana dashboard in docs/ asks only for what the broker serves.
+    dashboard = json.loads((Path(__file__).parents[2] / "docs" / "grafana-zchat.json").read_text())
+    asked = {name for panel in dashboard["panels"] for target in panel["targets"]
+             for name in re.findall(r"\b(?:zchat|process)_[a-z_]+", target["expr"])}
+    assert asked and asked <= set(during), asked - set(during)
 
 
     # A wrong secret is a refused handshake; the peer hears nothing, so poll the metrics.
