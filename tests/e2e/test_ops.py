@@ -60,7 +60,9 @@ def metrics_broker(tmp_path: Path, cli_env: dict[str, str]):  # type: ignore[no-
     proc = BrokerProcess(tmp_path / "history.db", cli_env, "--heartbeat", "0.5", "--metrics", f"127.0.0.1:{port}").start()
     proc.metrics_url = f"http://127.0.0.1:{port}/metrics"  # type: ignore[attr-defined]
     yield proc
-    proc.stop()
+    output = proc.stop()
+    assert "metrics at http://127.0.0.1:" in output
+    assert "history closed cleanly" in output  # SIGTERM stops the metrics thread too
 
 
 async def test_metrics_scraped_over_http_move_with_real_traffic(metrics_broker: BrokerProcess) -> None:
