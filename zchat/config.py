@@ -96,7 +96,7 @@ class Settings:
     claim_timeout: float = 30.0  # seconds a new name's handshake has to say hello
     reserved_names: str = "admin,root,system,zchat"  # comma-separated; nobody may claim them
     queue_budget: int = 4 * 1024 * 1024  # bytes each connection's receive queue may hold
-    send_budget: int = 64 * 1024 * 1024  # bytes each connection's send queue may hold
+    send_budget: int = 16 * 1024 * 1024  # bytes each connection's send queue may hold
     handshake_timeout: float = 5.0  # seconds a TCP connection has to finish its handshake
 
     def reserved(self) -> tuple[str, ...]:
