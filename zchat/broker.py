@@ -19,7 +19,6 @@ import secrets
 import time
 from typing import Any
 
-import msgspec
 import zmq
 
 from zchat import __version__, auth
@@ -126,16 +125,18 @@ class Broker:
         # too_large error; a frame beyond twice the limit costs its sender the connection.
         maxmsgsize = 2 * self.limits.max_bytes
         rcvhwm = g.rcvhwm(maxmsgsize)
-        # ZMTP heartbeats end a connection whose peer stopped answering (a half-open TCP
-        # connection would otherwise hold its descriptor and routing id for many minutes),
-        # and a handshake must finish within handshake_timeout. No heartbeat_ttl: the
-        # client's side should not drop and redial first, as its new connection would
-        # find its routing id still held by the old pipe here (libzmq then ignores it).
-        beat_ms = max(100, int(self.limits.heartbeat * 1000))
+        # A handshake must finish within handshake_timeout. Dead hosts are found by TCP
+        # keepalive (idle 60 s, then 6 probes 10 s apart), not by ZMTP heartbeats: in
+        # libzmq 4.3.5 the heartbeat timer calls out_event() on an engine that has already
+        # met an I/O error (stream_engine_base.cpp timer_event), which aborts the whole
+        # broker on "Assertion failed: !_io_error"; a flood that fills a connection's
+        # receive queue made that happen (twice in six 10 s runs of the stalled-subscriber
+        # attack). A client whose connection went silent starts over with a new session
+        # id (the old pipe's routing id stays held until TCP gives up, and takes nothing).
         secure = dict(
             plain_server=1, zap_domain=ZAP_DOMAIN, maxmsgsize=maxmsgsize, rcvhwm=rcvhwm,
             handshake_ivl=max(100, int(g.handshake_timeout * 1000)),
-            heartbeat_ivl=beat_ms, heartbeat_timeout=3 * beat_ms,
+            tcp_keepalive=1, tcp_keepalive_idle=60, tcp_keepalive_intvl=10, tcp_keepalive_cnt=6,
         )
         # No router_handover: a connection that presents a routing id already in use is
         # ignored by libzmq rather than given that session's route (a takeover).
