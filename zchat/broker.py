@@ -27,7 +27,8 @@ from zchat.sockio import NOBLOCK, readable, recv_frames, recv_parts, send_parts
 from zchat import protocol as p
 from zchat.core import Core, HistoryQuery, Limits, Outcome
 from zchat.guard import Claims, ConnectionGuard, GuardConfig, connection_cap, raise_fd_limit
-from zchat.storage import Storage, StorageError
+from zchat.retention import Retention, RetentionPolicy
+from zchat.storage import Storage, StorageError, StorageUnavailable
 
 log = logging.getLogger(__name__)
 
@@ -601,8 +602,11 @@ class Broker:
             i = j
 
 
-async def serve(bind: str, storage: Storage, limits: Limits = Limits(), guard: GuardConfig | None = None) -> None:
-    """Run a broker until SIGINT or SIGTERM."""
+async def serve(
+    bind: str, storage: Storage, limits: Limits = Limits(), guard: GuardConfig | None = None,
+    retention: RetentionPolicy | None = None,
+) -> None:
+    """Run a broker until SIGINT or SIGTERM (with retention pruning beside it, if asked)."""
     import signal
 
     broker = Broker(bind, storage, limits, guard=guard)
@@ -610,4 +614,9 @@ async def serve(bind: str, storage: Storage, limits: Limits = Limits(), guard: G
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, broker.stop)
-    await broker.run()
+    pruner = asyncio.create_task(Retention(storage, retention).run()) if retention and retention.active else None
+    try:
+        await broker.run()
+    finally:
+        if pruner is not None:
+            pruner.cancel()
