@@ -42,6 +42,12 @@ def backup(path: str, db: str | None, force: bool, step_pages: int, pause: float
     from zchat.storage import StorageError
     from zchat.storage.backup import backup_sqlite
 
+    import os
+
+    try:  # a copy is never urgent: the broker gets the CPU first
+        os.nice(10)
+    except (AttributeError, OSError):
+        pass
     s = settings(config_path, db=db)
     if s.storage != "sqlite":
         raise click.ClickException(REDIS_ADVICE.format(url=s.storage))
