@@ -12,9 +12,8 @@ import sys
 import time
 from pathlib import Path
 
-from tests.conftest import BrokerProcess, collect, wait_for
+from tests.conftest import BrokerProcess, collect
 from zchat import protocol as p
-from zchat.client import Client
 from zchat.recovery import Gap
 from zchat.retention import Retention, RetentionPolicy
 from zchat.storage.sqlite import SqliteStorage
