@@ -656,8 +656,16 @@ async def serve(
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, broker.stop)
     pruner = asyncio.create_task(Retention(storage, retention).run()) if retention and retention.active else None
+
+    async def stop_pruning() -> None:  # before run() closes the storage it prunes
+        await broker.stopping.wait()
+        if pruner is not None:
+            pruner.cancel()
+
+    stopper = asyncio.create_task(stop_pruning())
     try:
         await broker.run()
     finally:
+        stopper.cancel()
         if pruner is not None:
             pruner.cancel()

@@ -429,3 +429,35 @@ async def test_prune_with_nothing_to_do_changes_nothing(storage: Storage) -> Non
     assert await storage.prune("dev", before_ts=1.0) == 0
     assert await storage.prune("nowhere", keep=1) == 0
     assert seqs(await storage.range("dev", 0, 100)) == [1, 2, 3]
+
+
+async def test_a_write_the_store_cannot_take_is_storage_unavailable_and_stores_nothing(storage: Storage) -> None:
+    """Disk full / read-only (SQLite: query_only) or out of memory (Redis: maxmemory with
+    noeviction): StorageUnavailable, which the broker answers storage_unavailable."""
+    from zchat.storage import StorageUnavailable
+
+    await storage.append([msg("dev", 1), msg("dev", 2)])
+    if isinstance(storage, SqliteStorage):
+        block = lambda: storage._db.execute("PRAGMA query_only=1")  # noqa: E731
+        unblock = lambda: storage._db.execute("PRAGMA query_only=0")  # noqa: E731
+    else:
+        import redis
+
+        assert isinstance(storage, RedisStorage)
+        admin = redis.Redis.from_url(storage.url)
+        old = admin.config_get("maxmemory")["maxmemory"]
+        block = lambda: admin.config_set("maxmemory", 1)  # noqa: E731
+        unblock = lambda: admin.config_set("maxmemory", old)  # noqa: E731
+    block()
+    try:
+        with pytest.raises(StorageUnavailable):
+            await storage.append([msg("dev", 3)], [("dev", "bob", True)])
+        if isinstance(storage, SqliteStorage):  # (Redis takes deletes when out of memory)
+            with pytest.raises(StorageUnavailable):
+                await storage.prune("dev", keep=1)
+    finally:
+        unblock()
+    assert seqs(await storage.range("dev", 0, 100)) == [1, 2]
+    assert "bob" not in (await storage.members()).get("dev", set())
+    await storage.append([msg("dev", 3)])  # recovered by itself
+    assert seqs(await storage.range("dev", 0, 100)) == [1, 2, 3]
