@@ -8,7 +8,8 @@ process sends --rate lines a second to it the whole time. A probe task on the br
 event loop sleeps 2 ms again and again: how late it wakes is how long the loop was busy
 (a broker turn, a storage append, a checkpoint catch-up). The longest and p99 lateness
 are printed for a quiet stretch (the writer alone) and while ``zchat backup`` (a separate
-process, as operators run it) copies the file, --backups times in a row.
+process, as operators run it) copies the file, --backups times in a row; then for a
+retention pass that prunes every room to --retain messages, on the broker's loop.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from zchat.client import Client
 from zchat.core import Limits
 from zchat.guard import GuardConfig
 from zchat.protocol import Msg
+from zchat.retention import Retention, RetentionPolicy
 from zchat.storage.sqlite import SqliteStorage
 
 PROBE = 0.002
@@ -65,8 +67,9 @@ def show(label: str, lags: list[float]) -> None:
         print(f"{label}: no samples")
         return
     p99 = lags[min(len(lags) - 1, int(0.99 * len(lags)))]
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     print(f"{label}: {len(lags)} probes, loop late by p50 {lags[len(lags) // 2] * 1000:.2f} ms, "
-          f"p99 {p99 * 1000:.2f} ms, max {lags[-1] * 1000:.2f} ms")
+          f"p99 {p99 * 1000:.2f} ms, max {lags[-1] * 1000:.2f} ms (load average {load:.1f} on {os.cpu_count()} CPUs)")
 
 
 async def main() -> None:
@@ -75,6 +78,7 @@ async def main() -> None:
     ap.add_argument("--backups", type=int, default=3)
     ap.add_argument("--rate", type=float, default=500.0)
     ap.add_argument("--quiet", type=float, default=3.0, help="seconds measured without a backup")
+    ap.add_argument("--retain", type=int, default=1000, help="then prune to this many a room (0: skip)")
     ap.add_argument("--writer", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.writer:
@@ -127,6 +131,15 @@ async def main() -> None:
             show("during all backups", sorted(all_lags))
             stored = sum(broker.core.heads.values()) - sum(heads_before.values())
             print(f"lines stored while the backups ran: {stored}")
+            if args.retain:
+                # Retention beside the loop, as `zchat broker --retain-messages` runs it.
+                retention = Retention(broker.storage, RetentionPolicy(messages=args.retain))
+                t0 = time.perf_counter()
+                probe.window()
+                pruned = await retention.pass_once()
+                took = time.perf_counter() - t0
+                show(f"retention pass to {args.retain} a room: {pruned} pruned in {took:.2f}s, "
+                     f"{retention.busy:.2f}s in prune calls, longest {retention.longest_batch * 1000:.2f} ms", probe.window())
         finally:
             probing.cancel()
             feeder.terminate()
