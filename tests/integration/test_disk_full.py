@@ -1,5 +1,6 @@
 """A full disk on a real broker: SQLite's ``max_page_count`` caps the history file (set on
-the broker's own connection, then raised, as freeing disk space would). Sends are
+the broker's own connection, then raised, as freeing disk space would), and a real
+small filesystem (a tmpfs this test mounts, where it may). Sends are
 refused with storage_unavailable and nothing unstored is acked; reads go on; the
 broker logs the outage at most once a second and recovers by itself."""
 
@@ -7,11 +8,19 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
+import shutil
+import subprocess
 import time
+from pathlib import Path
+from typing import Iterator
 
-from tests.conftest import chat, wait_for
+import pytest
+
+from tests.conftest import RunningBroker, chat, wait_for
 from tests.integration.test_limits import RawPeer
 from zchat import protocol as p
+from zchat.core import Limits
 
 
 def cap_pages(broker, extra: int) -> int:  # type: ignore[no-untyped-def]
@@ -97,3 +106,54 @@ async def test_an_unwritable_database_is_storage_unavailable_too(broker) -> None
     finally:
         storage._db.execute("PRAGMA query_only=0")
         peer.close()
+
+
+@pytest.fixture
+def small_fs(tmp_path: Path) -> Iterator[Path]:
+    """A 4 MiB tmpfs of our own (needs the right to mount: root, as in CI); skipped otherwise."""
+    where = tmp_path / "small-fs"
+    where.mkdir()
+    if shutil.which("mount") is None or os.geteuid() != 0:
+        pytest.skip("mounting a tmpfs needs root")
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m,mode=0700", "tmpfs", str(where)],
+                          capture_output=True, text=True)
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.strip()}")
+    try:
+        yield where
+    finally:
+        subprocess.run(["umount", "-l", str(where)], capture_output=True)
+
+
+async def test_a_really_full_filesystem_refuses_then_recovers_when_space_is_freed(small_fs: Path, caplog) -> None:
+    """ENOSPC from the kernel, not a pragma: a filler file leaves ~600 KB, 20 KB lines fill
+    it; deleting the filler is the operator freeing space."""
+    caplog.set_level(logging.INFO, logger="zchat.broker")
+    running = await RunningBroker(small_fs / "history.db", Limits(heartbeat=5.0, rate=0)).start()
+    peer = RawPeer(running, "writer", "writer-1")
+    filler = small_fs / "filler"
+    try:
+        st = os.statvfs(small_fs)
+        filler.write_bytes(b"\0" * (st.f_bavail * st.f_frsize - 600_000))
+        assert isinstance(await peer.ask(p.Hello(rid=1)), p.Welcome)
+        assert isinstance(await peer.ask(p.Join(rid=2, room="room")), p.Joined)
+        acked, codes = [], set()
+        for i in range(100):
+            reply = await peer.ask(p.Send(sid="writer-1", cid=f"c{i}", text="x" * 20_000, room="room"))
+            if isinstance(reply, p.Ack):
+                assert not codes, "an ack after a refusal while the disk stayed full"
+                acked.append(reply.stored[0].seq)
+            else:
+                assert isinstance(reply, p.Error), reply
+                codes.add(reply.code)
+        assert acked and codes == {p.ErrorCode.STORAGE_UNAVAILABLE}
+        history = await peer.ask(p.History(rid=3, room="room", limit=1000))
+        assert isinstance(history, p.HistoryReply)
+        assert [m.seq for m in history.messages if m.kind == "text"] == acked  # every ack is stored
+        filler.unlink()
+        reply = await peer.ask(p.Send(sid="writer-1", cid="after", text="space again", room="room"))
+        assert isinstance(reply, p.Ack) and reply.stored[0].seq == acked[-1] + 1, reply
+        assert any("storage writable again" in r.getMessage() for r in caplog.records)
+    finally:
+        peer.close()
+        await running.stop()
