@@ -54,7 +54,7 @@ async def test_broker_serves_while_retention_prunes_in_the_background(connect, b
     # rows written behind the core's back: tell it the new head, as a restart would
     await storage.append(msgs)
     broker.core.heads["busy"] = 20_001
-    retention = Retention(storage, RetentionPolicy(messages=100, batch=200, pause=0, every=3600))
+    retention = Retention(storage, RetentionPolicy(messages=100, batch=200, pause=0.002, every=3600))
     task = asyncio.create_task(retention.run())
     try:
         pings = 0
