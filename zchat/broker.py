@@ -26,7 +26,8 @@ from zchat.sockio import NOBLOCK, readable, recv_frames, recv_parts, send_parts
 from zchat import protocol as p
 from zchat.core import Core, HistoryQuery, Limits, Outcome
 from zchat.guard import Claims, ConnectionGuard, GuardConfig, connection_cap, raise_fd_limit
-from zchat.storage import Storage, StorageError
+from zchat.retention import Retention, RetentionPolicy
+from zchat.storage import Storage, StorageError, StorageUnavailable
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +56,36 @@ class RateLimitedLog:
         log.warning("bad input (%s): %s%s", kind, detail, f" (+{extra} more suppressed)" if extra else "")
 
 
+class StorageOutage:
+    """Tracks a store that cannot take writes (disk full, read-only, server gone): logs it
+    at most once a second with how many batches were refused meanwhile, and once when
+    writes succeed again. The broker needs no action to recover: every batch tries."""
+
+    def __init__(self) -> None:
+        self.since = 0.0  # monotonic time of the first refusal; 0: storage is fine
+        self.last_log = 0.0
+        self.refused = 0  # batches refused since the last log line
+        self.total = 0  # lines refused over the outage
+
+    def failed(self, exc: Exception, lines: int, now: float) -> None:
+        if not self.since:
+            self.since = now
+        self.refused += 1
+        self.total += lines
+        if now - self.last_log >= 1.0:
+            log.error(
+                "storage unavailable, refusing sends with storage_unavailable (reads go on): %s "
+                "(%d batch(es) refused since the last report, %d lines in %.0fs)",
+                exc, self.refused, self.total, now - self.since,
+            )
+            self.last_log, self.refused = now, 0
+
+    def stored(self, now: float) -> None:
+        if self.since:
+            log.warning("storage writable again after %.1fs; %d lines were refused meanwhile", now - self.since, self.total)
+            self.since, self.refused, self.total, self.last_log = 0.0, 0, 0, 0.0
+
+
 def split_endpoint(endpoint: str) -> tuple[str, int]:
     """``tcp://host:port`` -> (``tcp://host``, port); port 0 means pick free ports."""
     base, _, port = endpoint.rpartition(":")
@@ -78,6 +109,7 @@ class Broker:
         self.ports: tuple[int, int, int] = (0, 0, 0)
         self.digests: dict[str, bytes] = {}
         self.bad = RateLimitedLog()
+        self.outage = StorageOutage()
         self.stopping = asyncio.Event()
         self.stopped = asyncio.Event()
         self._wake: asyncio.Future | None = None
@@ -535,18 +567,28 @@ class Broker:
 
     async def _apply(self, out: Outcome) -> None:
         """Store, then publish and reply. A batch storage refused, for any reason, is
-        undone in the core and answered ``internal`` (so resends are stored, not acked
-        from dedup); a failing history query costs its own reply only."""
+        undone in the core and answered ``storage_unavailable`` when the store cannot
+        take writes now (disk full...; logged once a second at most) or ``internal``
+        otherwise (so resends are stored, not acked from dedup); a failing history query
+        costs its own reply only."""
         core = self.core
         assert core is not None
         if out.store or out.members:
             try:
                 await self.storage.append(out.store, out.members)
             except Exception as exc:
-                log.error("storing %d messages (%d membership changes) failed: %r", len(out.store), len(out.members), exc)
+                if isinstance(exc, StorageUnavailable):
+                    self.outage.failed(exc, len(out.store), time.monotonic())
+                    code = p.ErrorCode.STORAGE_UNAVAILABLE
+                else:
+                    log.error("storing %d messages (%d membership changes) failed: %r", len(out.store), len(out.members), exc)
+                    code = p.ErrorCode.INTERNAL
                 # Nobody may see those seqs and every sender is told (protocol.md §10.2):
                 # the core takes the batch back and rewrites what is left to do.
-                core.undo(out)
+                core.undo(out, code)
+            else:
+                if self.outage.since:
+                    self.outage.stored(time.monotonic())
         self._publish(out.publish)
         encode = p.encode
         router = self.router
@@ -602,8 +644,11 @@ class Broker:
             i = j
 
 
-async def serve(bind: str, storage: Storage, limits: Limits = Limits(), guard: GuardConfig | None = None) -> None:
-    """Run a broker until SIGINT or SIGTERM."""
+async def serve(
+    bind: str, storage: Storage, limits: Limits = Limits(), guard: GuardConfig | None = None,
+    retention: RetentionPolicy | None = None,
+) -> None:
+    """Run a broker until SIGINT or SIGTERM (with retention pruning beside it, if asked)."""
     import signal
 
     broker = Broker(bind, storage, limits, guard=guard)
@@ -611,4 +656,17 @@ async def serve(bind: str, storage: Storage, limits: Limits = Limits(), guard: G
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, broker.stop)
-    await broker.run()
+    pruner = asyncio.create_task(Retention(storage, retention).run()) if retention and retention.active else None
+
+    async def stop_pruning() -> None:  # before run() closes the storage it prunes
+        await broker.stopping.wait()
+        if pruner is not None:
+            pruner.cancel()
+
+    stopper = asyncio.create_task(stop_pruning())
+    try:
+        await broker.run()
+    finally:
+        stopper.cancel()
+        if pruner is not None:
+            pruner.cancel()

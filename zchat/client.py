@@ -45,7 +45,9 @@ MAX_LIST_PAGES = 200
 #: Seconds between attempts to re-join rooms a restarted broker refused or did not answer.
 REJOIN_RETRY = 5.0
 #: Refusals worth trying again later (the others are final: the room is dropped).
-_TRANSIENT = frozenset({p.ErrorCode.RATE_LIMITED, p.ErrorCode.INTERNAL, p.ErrorCode.NO_SESSION, p.ErrorCode.SHUTTING_DOWN})
+_TRANSIENT = frozenset({p.ErrorCode.RATE_LIMITED, p.ErrorCode.INTERNAL, p.ErrorCode.NO_SESSION, p.ErrorCode.SHUTTING_DOWN, p.ErrorCode.STORAGE_UNAVAILABLE})
+#: Send refusals that keep the line pending, resent after ack_timeout (nothing was stored).
+_RESEND = frozenset({p.ErrorCode.INTERNAL, p.ErrorCode.STORAGE_UNAVAILABLE})
 
 
 class ClientError(Exception):
@@ -766,7 +768,7 @@ class Client:
             pending.future.set_result(stored)
 
     def _send_failed(self, err: p.Error) -> None:
-        if err.code == p.ErrorCode.INTERNAL:
+        if err.code in _RESEND:
             return  # stays pending: resent after ack_timeout
         pending = self._pending.pop(err.cid, None)
         if pending is not None and not pending.future.done():

@@ -34,6 +34,8 @@ log = logging.getLogger(__name__)
 @click.option("--queue-budget", type=int, help="Bytes each connection's receive queue may hold. [4194304]")
 @click.option("--send-budget", type=int, help="Bytes each connection's send queue may hold (replies up to 1 MiB). [16777216]")
 @click.option("--handshake-timeout", type=float, help="Seconds a new TCP connection has to finish its handshake. [5]")
+@click.option("--retain-days", type=float, help="Days of history to keep; older messages are pruned in the background. [0: all]")
+@click.option("--retain-messages", type=int, help="Messages to keep a room (the newest); older ones are pruned. [0: all]")
 @click.option("--log-level", help="DEBUG, INFO, WARNING or ERROR. [INFO]")
 @click.option("--log-format", type=click.Choice(["text", "json"]), help="Log lines as text or JSON. [text]")
 @click.option("--config", "config_path", type=click.Path(dir_okay=False), help="TOML settings file.")
@@ -65,8 +67,11 @@ def broker(config_path: str | None, **flags: object) -> None:
         claim_timeout=s.claim_timeout, reserved=s.reserved(), queue_budget=s.queue_budget, send_budget=s.send_budget,
         handshake_timeout=s.handshake_timeout,
     )
+    from zchat.retention import RetentionPolicy
+
+    retention = RetentionPolicy(days=s.retain_days, messages=s.retain_messages)
     try:
-        asyncio.run(serve(s.bind, store, limits, guard))
+        asyncio.run(serve(s.bind, store, limits, guard, retention=retention))
     except StorageError as exc:
         raise click.ClickException(f"cannot open history: {exc}") from None
     except (OSError, zmq.ZMQError) as exc:  # address in use, unknown interface
