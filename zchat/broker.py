@@ -19,7 +19,6 @@ import secrets
 import time
 from typing import Any
 
-import msgspec
 import zmq
 
 from zchat import __version__, auth
@@ -28,7 +27,8 @@ from zchat import protocol as p
 from zchat.core import Core, HistoryQuery, Limits, Outcome
 from zchat.guard import Claims, ConnectionGuard, GuardConfig, connection_cap, raise_fd_limit
 from zchat.metrics import Stats, status as fill_status
-from zchat.storage import Storage, StorageError
+from zchat.retention import Retention, RetentionPolicy
+from zchat.storage import Storage, StorageError, StorageUnavailable
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +57,36 @@ class RateLimitedLog:
         log.warning("bad input (%s): %s%s", kind, detail, f" (+{extra} more suppressed)" if extra else "")
 
 
+class StorageOutage:
+    """Tracks a store that cannot take writes (disk full, read-only, server gone): logs it
+    at most once a second with how many batches were refused meanwhile, and once when
+    writes succeed again. The broker needs no action to recover: every batch tries."""
+
+    def __init__(self) -> None:
+        self.since = 0.0  # monotonic time of the first refusal; 0: storage is fine
+        self.last_log = 0.0
+        self.refused = 0  # batches refused since the last log line
+        self.total = 0  # lines refused over the outage
+
+    def failed(self, exc: Exception, lines: int, now: float) -> None:
+        if not self.since:
+            self.since = now
+        self.refused += 1
+        self.total += lines
+        if now - self.last_log >= 1.0:
+            log.error(
+                "storage unavailable, refusing sends with storage_unavailable (reads go on): %s "
+                "(%d batch(es) refused since the last report, %d lines in %.0fs)",
+                exc, self.refused, self.total, now - self.since,
+            )
+            self.last_log, self.refused = now, 0
+
+    def stored(self, now: float) -> None:
+        if self.since:
+            log.warning("storage writable again after %.1fs; %d lines were refused meanwhile", now - self.since, self.total)
+            self.since, self.refused, self.total, self.last_log = 0.0, 0, 0, 0.0
+
+
 def split_endpoint(endpoint: str) -> tuple[str, int]:
     """``tcp://host:port`` -> (``tcp://host``, port); port 0 means pick free ports."""
     base, _, port = endpoint.rpartition(":")
@@ -80,6 +110,7 @@ class Broker:
         self.ports: tuple[int, int, int] = (0, 0, 0)
         self.digests: dict[str, bytes] = {}
         self.bad = RateLimitedLog()
+        self.outage = StorageOutage()
         self.stopping = asyncio.Event()
         self.stopped = asyncio.Event()
         self._wake: asyncio.Future | None = None
@@ -128,16 +159,18 @@ class Broker:
         # too_large error; a frame beyond twice the limit costs its sender the connection.
         maxmsgsize = 2 * self.limits.max_bytes
         rcvhwm = g.rcvhwm(maxmsgsize)
-        # ZMTP heartbeats end a connection whose peer stopped answering (a half-open TCP
-        # connection would otherwise hold its descriptor and routing id for many minutes),
-        # and a handshake must finish within handshake_timeout. No heartbeat_ttl: the
-        # client's side should not drop and redial first, as its new connection would
-        # find its routing id still held by the old pipe here (libzmq then ignores it).
-        beat_ms = max(100, int(self.limits.heartbeat * 1000))
+        # A handshake must finish within handshake_timeout. Dead hosts are found by TCP
+        # keepalive (idle 60 s, then 6 probes 10 s apart), not by ZMTP heartbeats: in
+        # libzmq 4.3.5 the heartbeat timer calls out_event() on an engine that has already
+        # met an I/O error (stream_engine_base.cpp timer_event), which aborts the whole
+        # broker on "Assertion failed: !_io_error"; a flood that fills a connection's
+        # receive queue made that happen (twice in six 10 s runs of the stalled-subscriber
+        # attack). A client whose connection went silent starts over with a new session
+        # id (the old pipe's routing id stays held until TCP gives up, and takes nothing).
         secure = dict(
             plain_server=1, zap_domain=ZAP_DOMAIN, maxmsgsize=maxmsgsize, rcvhwm=rcvhwm,
             handshake_ivl=max(100, int(g.handshake_timeout * 1000)),
-            heartbeat_ivl=beat_ms, heartbeat_timeout=3 * beat_ms,
+            tcp_keepalive=1, tcp_keepalive_idle=60, tcp_keepalive_intvl=10, tcp_keepalive_cnt=6,
         )
         # No router_handover: a connection that presents a routing id already in use is
         # ignored by libzmq rather than given that session's route (a takeover).
@@ -543,8 +576,10 @@ class Broker:
 
     async def _apply(self, out: Outcome) -> None:
         """Store, then publish and reply. A batch storage refused, for any reason, is
-        undone in the core and answered ``internal`` (so resends are stored, not acked
-        from dedup); a failing history query costs its own reply only."""
+        undone in the core and answered ``storage_unavailable`` when the store cannot
+        take writes now (disk full...; logged once a second at most) or ``internal``
+        otherwise (so resends are stored, not acked from dedup); a failing history query
+        costs its own reply only."""
         core = self.core
         assert core is not None
         stats = self.stats
@@ -555,10 +590,18 @@ class Broker:
                 stats.stored += len(out.store)
             except Exception as exc:
                 stats.store_failed += 1
-                log.error("storing %d messages (%d membership changes) failed: %r", len(out.store), len(out.members), exc)
+                if isinstance(exc, StorageUnavailable):
+                    self.outage.failed(exc, len(out.store), time.monotonic())
+                    code = p.ErrorCode.STORAGE_UNAVAILABLE
+                else:
+                    log.error("storing %d messages (%d membership changes) failed: %r", len(out.store), len(out.members), exc)
+                    code = p.ErrorCode.INTERNAL
                 # Nobody may see those seqs and every sender is told (protocol.md §10.2):
                 # the core takes the batch back and rewrites what is left to do.
-                core.undo(out)
+                core.undo(out, code)
+            else:
+                if self.outage.since:
+                    self.outage.stored(time.monotonic())
             stats.append_seconds.observe(time.perf_counter() - began)
         self._publish(out.publish)
         encode = p.encode
@@ -629,10 +672,11 @@ class Broker:
 
 async def serve(
     bind: str, storage: Storage, limits: Limits = Limits(), guard: GuardConfig | None = None,
-    metrics: str | None = None, metrics_public: bool = False,
+    retention: RetentionPolicy | None = None, metrics: str | None = None, metrics_public: bool = False,
 ) -> None:
-    """Run a broker until SIGINT or SIGTERM; with ``metrics`` (HOST:PORT) also serve
-    Prometheus metrics there (zchat.metrics), from a thread of their own."""
+    """Run a broker until SIGINT or SIGTERM (with retention pruning beside it, if asked);
+    with ``metrics`` (HOST:PORT) also serve Prometheus metrics there (zchat.metrics),
+    from a thread of their own."""
     import signal
 
     broker = Broker(bind, storage, limits, guard=guard)
@@ -650,8 +694,19 @@ async def serve(
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, broker.stop)
+    pruner = asyncio.create_task(Retention(storage, retention).run()) if retention and retention.active else None
+
+    async def stop_pruning() -> None:  # before run() closes the storage it prunes
+        await broker.stopping.wait()
+        if pruner is not None:
+            pruner.cancel()
+
+    stopper = asyncio.create_task(stop_pruning())
     try:
         await broker.run()
     finally:
+        stopper.cancel()
+        if pruner is not None:
+            pruner.cancel()
         if server is not None:
             server.close()

@@ -1051,7 +1051,7 @@ class Core:
 
     # ------------------------------------------------------------ storage failures
 
-    def undo(self, out: Outcome) -> None:
+    def undo(self, out: Outcome, code: str = E.INTERNAL) -> None:
         """Storage refused ``out.store``: put the core back as if none of it had been
         sequenced, and rewrite ``out`` so the shell carries out only the rest.
 
@@ -1064,7 +1064,8 @@ class Core:
         no member changes and no publication of those messages; their acks become
         errors, and so do the replies to the joins and parts that were undone. Tokens
         spent stay spent; cids the caps evicted for the batch stay evicted (they were
-        the oldest).
+        the oldest). The errors carry ``code`` (``storage_unavailable`` when the store
+        cannot take writes now, so clients know to resend later).
         """
         failed = out.store
         lowest: dict[str, int] = {}
@@ -1091,14 +1092,14 @@ class Core:
             self._lower_heads(out, lowest)
         for i in out.changed:
             sid, body = out.replies[i]
-            out.replies[i] = (sid, p.Error(code=E.INTERNAL, message="could not store that change; try again", rid=body.rid))  # type: ignore[union-attr]
+            out.replies[i] = (sid, p.Error(code=code, message="could not store that change; try again", rid=body.rid))  # type: ignore[union-attr]
         out.changed = []
         acks: dict[str, list[p.Stored]] = {}
         for sid, items in out.acks.items():
             kept = []
             for item in items:
                 if item.id in ids:
-                    out.error(sid, E.INTERNAL, "could not store the message; resend it", cid=item.cid)
+                    out.error(sid, code, "could not store the message; resend it", cid=item.cid)
                 else:
                     kept.append(item)
             if kept:

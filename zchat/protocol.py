@@ -77,12 +77,14 @@ class ErrorCode:
     INTERNAL = "internal"
     FORBIDDEN = "forbidden"  # not for this identity (a look-only session may not join or send)
     LIMIT_REACHED = "limit_reached"  # a per-user cap (rooms per user, ...) is full
+    STORAGE_UNAVAILABLE = "storage_unavailable"  # history cannot be written now (disk full...): resend later
 
     ALL: Final = frozenset(
         {
             BAD_FRAME, BAD_ENCODING, BAD_VERSION, BAD_REQUEST, TOO_LARGE, BAD_NAME,
             BAD_ROOM, UNKNOWN_ROOM, UNKNOWN_USER, NOT_MEMBER, RATE_LIMITED,
             NO_SESSION, NAME_TAKEN, SHUTTING_DOWN, INTERNAL, FORBIDDEN, LIMIT_REACHED,
+            STORAGE_UNAVAILABLE,
         }
     )
 

@@ -32,8 +32,10 @@ log = logging.getLogger(__name__)
 @click.option("--claim-timeout", type=float, help="Seconds a new name's first connection has to say hello, or the name is freed. [30]")
 @click.option("--reserved-names", help="Comma-separated names nobody may claim. [admin,root,system,zchat]")
 @click.option("--queue-budget", type=int, help="Bytes each connection's receive queue may hold. [4194304]")
-@click.option("--send-budget", type=int, help="Bytes each connection's send queue may hold (replies up to 1 MiB). [67108864]")
+@click.option("--send-budget", type=int, help="Bytes each connection's send queue may hold (replies up to 1 MiB). [16777216]")
 @click.option("--handshake-timeout", type=float, help="Seconds a new TCP connection has to finish its handshake. [5]")
+@click.option("--retain-days", type=float, help="Days of history to keep; older messages are pruned in the background. [0: all]")
+@click.option("--retain-messages", type=int, help="Messages to keep a room (the newest); older ones are pruned. [0: all]")
 @click.option("--log-level", help="DEBUG, INFO, WARNING or ERROR. [INFO]")
 @click.option("--log-format", type=click.Choice(["text", "json"]), help="Log lines as text or JSON. [text]")
 @click.option("--log-file", type=click.Path(dir_okay=False), help="Write logs to this file (rotated) instead of stderr.")
@@ -91,8 +93,11 @@ def broker(
         claim_timeout=s.claim_timeout, reserved=s.reserved(), queue_budget=s.queue_budget, send_budget=s.send_budget,
         handshake_timeout=s.handshake_timeout,
     )
+    from zchat.retention import RetentionPolicy
+
+    retention = RetentionPolicy(days=s.retain_days, messages=s.retain_messages)
     try:
-        asyncio.run(serve(s.bind, store, limits, guard, metrics, metrics_public))
+        asyncio.run(serve(s.bind, store, limits, guard, retention=retention, metrics=metrics, metrics_public=metrics_public))
     except StorageError as exc:
         raise click.ClickException(f"cannot open history: {exc}") from None
     except MetricsError as exc:
