@@ -119,6 +119,7 @@ class Broker:
         self.claims = Claims(self.guard_config.claims_per_minute, self.guard_config.claim_timeout)
         self.guard: ConnectionGuard | None = None
         self.stats = Stats()  # plain counters for metrics and `zchat status` (zchat.metrics)
+        self.retention: Retention | None = None  # set by serve() when retention is on
 
     # ------------------------------------------------------------ set-up
 
@@ -694,7 +695,10 @@ async def serve(
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, broker.stop)
-    pruner = asyncio.create_task(Retention(storage, retention).run()) if retention and retention.active else None
+    pruner = None
+    if retention and retention.active:
+        broker.retention = Retention(storage, retention)  # its counts are metrics
+        pruner = asyncio.create_task(broker.retention.run())
 
     async def stop_pruning() -> None:  # before run() closes the storage it prunes
         await broker.stopping.wait()

@@ -167,9 +167,10 @@ def status(broker: Broker, body: p.StatusReply) -> p.StatusReply:
         queue_budget=g.queue_budget, send_budget=g.send_budget, handshake_timeout=g.handshake_timeout,
         reserved_names=",".join(sorted(broker.reserved)),
     )
+    since = broker.outage.since
     return msgspec.structs.replace(
         body, version=__version__, uptime=round(now - stats.started, 3), storage=kind, storage_bytes=size,
-        rates=stats.rates(now), limits=limits,
+        rates=stats.rates(now), limits=limits, storage_unavailable=round(now - since, 3) if since else 0.0,
     )
 
 
@@ -252,6 +253,15 @@ class BrokerCollector:
         kind, size = storage_size(broker.storage)
         if size >= 0:
             yield GaugeMetricFamily("zchat_storage_bytes", "Bytes the history takes on disk (SQLite file, WAL and shm).", value=size)
+        outage = getattr(broker, "outage", None)
+        since = getattr(outage, "since", 0.0)
+        yield GaugeMetricFamily("zchat_storage_unavailable_seconds", "Seconds the store has refused writes (disk full, read-only); 0 while it writes.",
+                                value=time.monotonic() - since if since else 0.0)
+        retention = getattr(broker, "retention", None)
+        if retention is not None:
+            yield counter("zchat_retention_pruned", "Messages retention deleted since start.", retention.pruned)
+            yield counter("zchat_retention_passes", "Retention passes over all rooms completed.", retention.passes)
+            yield counter("zchat_retention_busy_seconds", "Seconds spent in prune calls (the loop waited that long, in pieces).", retention.busy)
 
 
 def parse_address(text: str, public: bool = False) -> tuple[str, int]:

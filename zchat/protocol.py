@@ -325,6 +325,7 @@ class StatusReply(_Body, tag="brokerstatus"):
     rates: dict[str, float] = {}
     limits: dict[str, LimitValue] = {}
     counters: dict[str, int] = {}
+    storage_unavailable: float = 0.0  # seconds the store has refused writes (disk full...); 0: writing
 
 
 Reply = Union[Welcome, Joined, Ok, HistoryReply, WhoReply, RoomsReply, Pong, Ack, Error, StatusReply]

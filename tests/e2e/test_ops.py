@@ -57,7 +57,8 @@ def value(samples: dict, name: str, **labels: str) -> float:
 @pytest.fixture
 def metrics_broker(tmp_path: Path, cli_env: dict[str, str]):  # type: ignore[no-untyped-def]
     port = free_port_base(1)
-    proc = BrokerProcess(tmp_path / "history.db", cli_env, "--heartbeat", "0.5", "--metrics", f"127.0.0.1:{port}").start()
+    # Retention on (keeping ten years: nothing goes) so that its metrics are served too.
+    proc = BrokerProcess(tmp_path / "history.db", cli_env, "--heartbeat", "0.5", "--retain-days", "3650", "--metrics", f"127.0.0.1:{port}").start()
     proc.metrics_url = f"http://127.0.0.1:{port}/metrics"  # type: ignore[attr-defined]
     yield proc
     output = proc.stop()

@@ -38,7 +38,8 @@ def as_text(s: p.StatusReply, broker: str) -> str:
         f"broker     {broker} (zchat {s.version}, boot {s.boot})",
         f"uptime     {_uptime(s.uptime)}",
         f"epoch      {s.epoch}",
-        f"storage    {s.storage} ({_bytes(s.storage_bytes)})",
+        f"storage    {s.storage} ({_bytes(s.storage_bytes)})"
+        + (f", REFUSING WRITES for {s.storage_unavailable:.0f}s (disk full or read-only?)" if s.storage_unavailable else ""),
         f"sessions   {s.sessions} ({s.users_online} users online of {s.users})",
         f"rooms      {s.rooms} rooms, {s.conversations} direct conversations",
         f"messages   {s.messages}",
