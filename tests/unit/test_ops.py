@@ -103,3 +103,16 @@ def test_metrics_addresses(text: str, public: bool, expected: tuple[str, int]) -
 def test_bad_or_public_metrics_addresses_are_refused(text: str) -> None:
     with pytest.raises(ValueError):
         parse_address(text)
+
+
+def test_storage_size_of_sqlite_counts_the_wal_and_redis_is_unknown(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    from zchat.metrics import storage_size
+    from zchat.storage.sqlite import SqliteStorage
+
+    db = tmp_path / "h.db"
+    db.write_bytes(b"x" * 100)
+    (tmp_path / "h.db-wal").write_bytes(b"x" * 20)
+    assert storage_size(SqliteStorage(db)) == (f"sqlite {db}", 120)
+    assert storage_size(SqliteStorage(tmp_path / "none.db")) == (f"sqlite {tmp_path / 'none.db'}", 0)
+    redis = pytest.importorskip("zchat.storage.redis")
+    assert storage_size(redis.RedisStorage("redis://127.0.0.1:1")) == ("redis", -1)
