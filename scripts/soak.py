@@ -228,16 +228,34 @@ def free_base() -> int:
     raise RuntimeError("no free ports")
 
 
+#: Longest line read from a worker: a chatter's final "acked" line lists every seq its
+#: clients had acked (about 1 MB for 50 clients over 30 minutes; asyncio's default is 64 KiB).
+LINE_LIMIT = 1 << 28
+CHILDREN: list[asyncio.subprocess.Process] = []  # the broker and workers, stopped if the soak fails
+
+
 async def pump_lines(proc: asyncio.subprocess.Process, sink: list[dict], tag: str) -> None:
+    """Collect a worker's JSON lines. A failure here is loud: a worker whose pipe is not
+    read blocks on its next write and the soak would hang."""
     assert proc.stdout is not None
-    async for raw in proc.stdout:
-        line = raw.decode(errors="replace").strip()
-        if line.startswith("{"):
-            obj = json.loads(line)
-            obj["_from"] = tag
-            sink.append(obj)
-        elif line:
-            print(f"[{tag}] {line}", file=sys.stderr, flush=True)
+    try:
+        async for raw in proc.stdout:
+            line = raw.decode(errors="replace").strip()
+            if line.startswith("{"):
+                obj = json.loads(line)
+                obj["_from"] = tag
+                sink.append(obj)
+            elif line:
+                print(f"[{tag}] {line}", file=sys.stderr, flush=True)
+    except asyncio.CancelledError:
+        raise
+    except Exception as exc:
+        print(f"soak: reading {tag} failed: {exc!r}; stopping", file=sys.stderr, flush=True)
+        for child in CHILDREN:
+            if child.returncode is None:
+                child.send_signal(signal.SIGCONT)
+                child.terminate()
+        os._exit(2)
 
 
 async def orchestrate(args: argparse.Namespace) -> int:
@@ -249,7 +267,8 @@ async def orchestrate(args: argparse.Namespace) -> int:
     broker = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "zchat", "broker", "--bind", endpoint, "--db", str(tmp / "history.db"),
         "--max-per-address", "100000", "--claims-per-minute", "0", "--log-level", "WARNING",
-        env=env, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT)
+        env=env, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT, limit=LINE_LIMIT)
+    CHILDREN.append(broker)
     lines: list[dict] = []
     pumps = [asyncio.ensure_future(pump_lines(broker, lines, "broker"))]
     for _ in range(300):
@@ -266,15 +285,17 @@ async def orchestrate(args: argparse.Namespace) -> int:
         first, count = w * per, min(per, args.clients - w * per)
         proc = await asyncio.create_subprocess_exec(
             sys.executable, me, "_chatters", endpoint, str(first), str(count), str(args.rate), str(args.room_size),
-            str(t0), str(args.seed + w), env=env, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT)
+            str(t0), str(args.seed + w), env=env, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT, limit=LINE_LIMIT)
         workers.append(proc)
+        CHILDREN.append(proc)
         pumps.append(asyncio.ensure_future(pump_lines(proc, lines, f"w{w}")))
     expect_path = tmp / "expect.json"
     for r in range(args.readers):
         proc = await asyncio.create_subprocess_exec(
             sys.executable, me, "_reader", endpoint, f"reader{r}", str(rooms), str(expect_path),
-            env=env, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT)
+            env=env, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT, limit=LINE_LIMIT)
         readers.append(proc)
+        CHILDREN.append(proc)
         pumps.append(asyncio.ensure_future(pump_lines(proc, lines, f"r{r}")))
     ready_needed = args.workers + args.readers
     while sum(1 for x in lines if "ready" in x) < ready_needed:
