@@ -374,7 +374,7 @@ async def orchestrate(args: argparse.Namespace) -> int:
     for x in reports:
         print(f"  {x['report']}: missing {x['missing']}, doubled {x['doubled']}, gaps {x['gap_count']}, "
               f"recovered from history {x['recovered']}, held {x['held']}")
-    print(f"broker RSS: {summary['rss_first']:.1f} MiB after the first minute, {summary['rss_last']:.1f} MiB at the end, "
+    print(f"broker RSS: {summary['rss_first']:.1f} MiB over the first 2 minutes (median), {summary['rss_last']:.1f} MiB at the end, "
           f"max {summary['rss_max']:.1f}; growth over {summary['window_min']:.0f} min window: {summary['rss_growth_pct']:+.2f}%")
     print(f"broker CPU: {summary['cpu_avg_pct']:.1f}% of one core on average")
     if args.json:
