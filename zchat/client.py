@@ -67,6 +67,11 @@ class ConnectError(ClientError):
     """The broker did not answer in time."""
 
 
+class BrokerKeyError(ConnectError):
+    """The broker's key is unknown (and may not be trusted on first use here) or is not
+    the one pinned for it: nothing was sent to it. The message says how to fix it."""
+
+
 @dataclasses.dataclass(frozen=True)
 class StateChange:
     """Connection state: ``connected``, ``reconnecting`` or ``closed``; ``since`` is time.time()."""
@@ -243,15 +248,30 @@ class Client:
         ack_timeout: float = 3.0,
         label: str = "zchat",
         sub_hwm: int = 100_000,
+        trust_new_broker: bool = False,
+        invite: str = "",
     ) -> None:
         if name != p.LOOKER and not p.valid_name(name):
             raise ClientError(p.ErrorCode.BAD_NAME, f"bad name {name!r}: use a-z, 0-9, '_', '-' (1-{p.MAX_NAME_LEN} characters, lowercase)")
-        self.base, _ = split_broker(broker)
+        from zchat import keys
+
+        try:
+            endpoint, _ = keys.split_address(broker)
+        except ValueError as exc:
+            raise ClientError(p.ErrorCode.BAD_REQUEST, str(exc)) from None
+        self.base, _ = split_broker(endpoint)
         if secret is None:
             from zchat.config import load_secret
 
             secret = load_secret(name)
-        self.broker = broker
+        self.address = broker  # as given, maybe with #k=KEY
+        self.broker = endpoint  # what we connect to
+        self.trust_new_broker = trust_new_broker
+        self.invite = invite
+        # CURVE unless a broker in this very process was started in its test-only plaintext mode.
+        self.plaintext = keys.is_insecure(endpoint)
+        self.server_key: str | None = None
+        self.public_key, self._secret_key = keys.throwaway_keypair() if name == p.LOOKER else keys.keypair_from_secret(secret)
         self.name = name
         self.secret = secret
         self.label = label
@@ -307,13 +327,45 @@ class Client:
     def _socket(self, kind: int) -> zmq.asyncio.Socket:
         sock = self._ctx.socket(kind)
         sock.linger = 0
-        sock.plain_username = self.name.encode()
-        sock.plain_password = self.secret.encode()
+        if self.plaintext:
+            sock.plain_username = self.name.encode()
+            sock.plain_password = self.secret.encode()
+        else:
+            assert self.server_key is not None, "connect() learns the broker's key first"
+            sock.curve_serverkey = self.server_key.encode()
+            sock.curve_publickey = self.public_key
+            sock.curve_secretkey = self._secret_key
         self._socks.append(sock)
         return sock
 
     async def connect(self, timeout: float = 5.0) -> p.Welcome:
-        """Say hello; raise AuthError if the name is refused, ConnectError on silence."""
+        """Say hello; raise AuthError if the name is refused, ConnectError on silence,
+        BrokerKeyError if the broker's key is unknown or not the pinned one (then
+        nothing but the plain key request was sent)."""
+        if not self.plaintext and self.server_key is None:
+            from zchat import keys
+
+            try:
+                _, self.server_key = await keys.broker_key(self.address, self._ctx, self.trust_new_broker)
+            except keys.KeyError_ as exc:
+                raise BrokerKeyError("broker_key", str(exc)) from None
+        welcome = await self._hello(timeout)
+        if welcome.name == p.LOOKER and not self.looking:
+            welcome = await self._claim(timeout)
+        self._take_welcome(welcome)
+        sub = self._socket(zmq.SUB)
+        sub.rcvhwm = self.sub_hwm
+        sub.connect(f"{self.base}:{welcome.pub_port}")
+        self._sub = _Pump(sub, self._on_event)
+        topics = (p.SYSTEM_TOPIC,) if self.looking else (p.SYSTEM_TOPIC, p.inbox_topic(self.name))
+        for topic in topics:
+            self._sub.submit(lambda s, t=topic: s.setsockopt(zmq.SUBSCRIBE, t))
+        self._spawn(self._sub.run(), self._heartbeats(), self._resends(), self._filler())
+        self._set_state("connected")
+        return welcome
+
+    async def _hello(self, timeout: float) -> p.Welcome:
+        """Dial the DEALER and say hello on it; close everything and raise on refusal or silence."""
         loop = asyncio.get_running_loop()
         self._auth_failed = loop.create_future()
         self._dial()
@@ -325,19 +377,44 @@ class Client:
             if self._auth_failed.done() and self.looking:
                 raise AuthError(p.ErrorCode.FORBIDDEN, f"the broker at {self.broker} refused a look-only session: give --name")
             if self._auth_failed.done():
-                raise AuthError(p.ErrorCode.NAME_TAKEN, f"the broker refused the name {self.name!r}: it belongs to someone else (or your secret changed)")
+                raise AuthError(
+                    p.ErrorCode.NAME_TAKEN,
+                    f"the broker refused the name {self.name!r}: it belongs to someone else (or your key changed), "
+                    "it is reserved, or the broker's registration needs an invite or an admin (its log says which)",
+                )
             raise ConnectError("unreachable", f"no answer from the broker at {self.broker} within {timeout:g}s")
-        welcome = hello.result()
-        self._take_welcome(welcome)
-        sub = self._socket(zmq.SUB)
-        sub.rcvhwm = self.sub_hwm
-        sub.connect(f"{self.base}:{welcome.pub_port}")
-        self._sub = _Pump(sub, self._on_event)
-        topics = (p.SYSTEM_TOPIC,) if self.looking else (p.SYSTEM_TOPIC, p.inbox_topic(self.name))
-        for topic in topics:
-            self._sub.submit(lambda s, t=topic: s.setsockopt(zmq.SUBSCRIBE, t))
-        self._spawn(self._sub.run(), self._heartbeats(), self._resends(), self._filler())
-        self._set_state("connected")
+        return hello.result()
+
+    async def _claim(self, timeout: float) -> p.Welcome:
+        """Our key owns no name yet: ask for ours on this look-only session, then dial
+        again; the broker's ZAP handler finishes the claim at that handshake (or refuses
+        it: the name is taken, reserved, or registration says no).
+
+        The claim carries the SHA-256 digest of the name's secret, never the secret
+        (from which our key is derived): a broker that holds that digest from the PLAIN
+        era moves the name to our key; any other broker learns nothing from it."""
+        from zchat import auth
+
+        proof = auth.digest(self.secret.encode()).hex() if self.plaintext is False and self.secret else ""
+        try:
+            await self._request(lambda rid: p.Claim(rid=rid, name=self.name, secret=proof, invite=self.invite), timeout=timeout)
+        except (ClientError, asyncio.TimeoutError):
+            await self.close()
+            raise
+        dealer, monitor, *tasks = self._dealing
+        self._dealer.stop()
+        for task in tasks:
+            task.cancel()
+            self._tasks.remove(task)
+        for sock in (dealer, monitor):
+            sock.close(linger=0)
+            self._socks.remove(sock)
+        self.sid = secrets.token_hex(8)
+        welcome = await self._hello(timeout)
+        if welcome.name != self.name:
+            await self.close()
+            raise AuthError(p.ErrorCode.NAME_TAKEN, f"the broker did not give this key the name {self.name!r}")
+        log.info("this key now owns the name %r at %s", self.name, self.broker)
         return welcome
 
     def _dial(self) -> None:

@@ -174,7 +174,19 @@ class Bye(_Body, tag="bye"):
     rid: Rid
 
 
-Request = Union[Hello, Join, Part, History, Who, Rooms, Ping, Bye]
+class Claim(_Body, tag="claim"):
+    """Bind ``name`` to the key of this (look-only) connection; the client then dials
+    again and the broker's ZAP handler finishes the claim (docs/protocol.md "Keys and
+    names"). ``secret``: a PLAIN-era name's secret, to move that name to the key.
+    ``invite``: a one-use code, when the broker's registration is by invitation."""
+
+    rid: Rid
+    name: str
+    secret: str = ""
+    invite: str = ""
+
+
+Request = Union[Hello, Join, Part, History, Who, Rooms, Ping, Bye, Claim]
 
 # ------------------------------------------------------ client -> broker (PUSH/PULL)
 
@@ -360,7 +372,7 @@ _encoder = msgspec.msgpack.Encoder()
 _request_decoder = msgspec.msgpack.Decoder(Request)
 _send_decoder = msgspec.msgpack.Decoder(Union[Send, Sends])
 _single_send_decoder = msgspec.msgpack.Decoder(Send)
-_router_decoder = msgspec.msgpack.Decoder(Union[Hello, Join, Part, History, Who, Rooms, Ping, Bye, Send, Sends])
+_router_decoder = msgspec.msgpack.Decoder(Union[Hello, Join, Part, History, Who, Rooms, Ping, Bye, Claim, Send, Sends])
 _raw_sends_decoder = msgspec.msgpack.Decoder(_RawSends)
 _sends_head_decoder = msgspec.msgpack.Decoder(_SendsHead)
 _reply_decoder = msgspec.msgpack.Decoder(Reply)
