@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import hmac
 import secrets
 import time
 from typing import Any
@@ -519,7 +520,7 @@ class Broker:
             log.info("name %r claimed by key %s from %s", name, keys.fingerprint(z85.encode(key)), address)
         elif auth.owner_keys(stored):
             return auth.Verdict(b"400", f"name {name!r} is taken")  # devices are added with `zchat keys add`
-        elif intent.secret and intent.secret == stored.hex():
+        elif intent.secret and hmac.compare_digest(intent.secret, stored.hex()):
             owned = auth.key_digest([key])
             if not (await self.storage.release_user(name, stored) and await self.storage.add_user(name, owned)):
                 return auth.Verdict(b"400", f"name {name!r} changed while moving it to a key: try again")
