@@ -77,6 +77,8 @@ def check_plain(name_raw: bytes, secret: bytes, stored: bytes | None, reserved: 
 
 KEY_TAG = b"curve:"
 REGISTRATION = ("open", "invite", "closed")
+MAX_DEVICES = 16  # keys a name may have
+MAX_REVOKED = 100_000  # revoked keys remembered while the broker runs
 MAX_INVITES = 10_000  # unused invite codes kept at once
 INVITE_TTL = 7 * 24 * 3600.0  # seconds an invite code stays good
 
@@ -110,6 +112,13 @@ def looker(key: bytes) -> Verdict:
     from zmq.utils import z85
 
     return Verdict(b"200", "OK", p.LOOKER, metadata=_property(b"X-Key", z85.encode(key)))
+
+
+def owned(name: str, key: bytes) -> Verdict:
+    """The key owns ``name``; its Z85 text rides along as ``X-Key`` (for keys requests)."""
+    from zmq.utils import z85
+
+    return Verdict(b"200", "OK", name, metadata=_property(b"X-Key", z85.encode(key)))
 
 
 def is_admin(name: str, key: bytes, admins: Collection[str]) -> bool:

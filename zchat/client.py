@@ -353,6 +353,7 @@ class Client:
         if welcome.name == p.LOOKER and not self.looking:
             welcome = await self._claim(timeout)
         self._take_welcome(welcome)
+        self._auth_failed = None  # a refusal from now on (a revoked key) closes the client: see _watch
         sub = self._socket(zmq.SUB)
         sub.rcvhwm = self.sub_hwm
         sub.connect(f"{self.base}:{welcome.pub_port}")
@@ -716,6 +717,31 @@ class Client:
         log.warning("rooms: stopped after %d pages (%d rooms)", MAX_LIST_PAGES, len(rooms))
         return rooms
 
+    # ------------------------------------------------------------ keys and invites
+
+    async def make_invite(self, timeout: float = 5.0) -> str:
+        """A one-use invite code (broker admins only)."""
+        reply = await self._request(lambda rid: p.Invite(rid=rid), timeout=timeout)
+        return reply.code  # type: ignore[union-attr]
+
+    async def list_keys(self, timeout: float = 5.0) -> list[str]:
+        """The Z85 public keys that own this name at the broker (one per device)."""
+        reply = await self._request(lambda rid: p.KeyList(rid=rid), timeout=timeout)
+        return list(reply.keys)  # type: ignore[union-attr]
+
+    async def add_key(self, key: str, timeout: float = 5.0) -> None:
+        """Authorise another device's public key for this name."""
+        await self._request(lambda rid: p.KeyAdd(rid=rid, key=key), timeout=timeout)
+
+    async def revoke_key(self, key: str, timeout: float = 5.0) -> None:
+        """Take a key away from this name: refused from its next handshake on, and its
+        live connections are cut."""
+        await self._request(lambda rid: p.KeyRevoke(rid=rid, key=key), timeout=timeout)
+
+    async def _refused_later(self) -> None:
+        log.error("the broker at %s now refuses this key (revoked?): closing", self.broker)
+        await self.close()
+
     async def ping(self, timeout: float = 5.0) -> float:
         """Round-trip time in seconds."""
         start = time.perf_counter()
@@ -1009,6 +1035,8 @@ class Client:
                 log.warning("handshake refused by %s (status %s)", self.broker, event["value"])
                 if self._auth_failed is not None and not self._auth_failed.done():
                     self._auth_failed.set_result(event["value"])
+                elif self.state != "closed" and not self.plaintext:  # refused after we were in: revoked
+                    asyncio.ensure_future(self._refused_later())
 
     async def _heartbeats(self) -> None:
         """Ping every heartbeat: keeps presence alive, detects a lost broker and lost tails."""

@@ -186,7 +186,34 @@ class Claim(_Body, tag="claim"):
     invite: str = ""
 
 
-Request = Union[Hello, Join, Part, History, Who, Rooms, Ping, Bye, Claim]
+class Invite(_Body, tag="invite"):
+    """An admin asks for a one-use invite code (reply ``invited``)."""
+
+    rid: Rid
+
+
+class KeyAdd(_Body, tag="key_add"):
+    """Authorise another device's Z85 public key for this session's name (reply ``ok``)."""
+
+    rid: Rid
+    key: str
+
+
+class KeyRevoke(_Body, tag="key_revoke"):
+    """Take a key away from this session's name: refused at its next handshake, its
+    live connections cut (reply ``ok``)."""
+
+    rid: Rid
+    key: str
+
+
+class KeyList(_Body, tag="key_list"):
+    """The Z85 keys that own this session's name (reply ``keys``)."""
+
+    rid: Rid
+
+
+Request = Union[Hello, Join, Part, History, Who, Rooms, Ping, Bye, Claim, Invite, KeyAdd, KeyRevoke, KeyList]
 
 # ------------------------------------------------------ client -> broker (PUSH/PULL)
 
@@ -304,7 +331,17 @@ class Error(_Body, tag="error"):
     retry_after: float = 0.0
 
 
-Reply = Union[Welcome, Joined, Ok, HistoryReply, WhoReply, RoomsReply, Pong, Ack, Error]
+class Invited(_Body, tag="invited"):
+    rid: int
+    code: str
+
+
+class KeysReply(_Body, tag="keys"):
+    rid: int
+    keys: list[str] = []
+
+
+Reply = Union[Welcome, Joined, Ok, HistoryReply, WhoReply, RoomsReply, Pong, Ack, Error, Invited, KeysReply]
 
 # ------------------------------------------------------- broker -> client (PUB/SUB)
 
@@ -372,7 +409,7 @@ _encoder = msgspec.msgpack.Encoder()
 _request_decoder = msgspec.msgpack.Decoder(Request)
 _send_decoder = msgspec.msgpack.Decoder(Union[Send, Sends])
 _single_send_decoder = msgspec.msgpack.Decoder(Send)
-_router_decoder = msgspec.msgpack.Decoder(Union[Hello, Join, Part, History, Who, Rooms, Ping, Bye, Claim, Send, Sends])
+_router_decoder = msgspec.msgpack.Decoder(Union[Hello, Join, Part, History, Who, Rooms, Ping, Bye, Claim, Invite, KeyAdd, KeyRevoke, KeyList, Send, Sends])
 _raw_sends_decoder = msgspec.msgpack.Decoder(_RawSends)
 _sends_head_decoder = msgspec.msgpack.Decoder(_SendsHead)
 _reply_decoder = msgspec.msgpack.Decoder(Reply)

@@ -271,3 +271,59 @@ async def test_a_plain_era_name_moves_to_its_key_once_with_its_secret(tmp_path: 
     assert (await back.connect()).name == "alice"
     await back.close()
     await again.stop()
+
+
+async def test_a_second_device_authorised_from_the_first_then_revoked(tmp_path: Path) -> None:
+    running = await RunningBroker(tmp_path / "h.db", LIMITS, secure=True, key_dir=tmp_path).start()
+    address = running.broker.address  # type: ignore[union-attr]
+    laptop = Client(address, "alice", "laptop-secret-0123456789-abcd")
+    await laptop.connect()
+    phone = Client(address, "alice", "phone-secret-0123456789-abcdef")
+    with pytest.raises(AuthError):  # not authorised yet: the name is taken
+        await Client(address, "alice", "phone-secret-0123456789-abcdef").connect()
+    await laptop.add_key(phone.public_key.decode())
+    assert sorted(await laptop.list_keys()) == sorted([laptop.public_key.decode(), phone.public_key.decode()])
+    assert (await phone.connect()).name == "alice"
+    bob = Client(address, "bob", "secret-of-bob-0123456789")
+    await bob.connect()
+    for c in (laptop, phone, bob):
+        await c.join("lobby")
+    await bob.send("lobby", "to both devices")
+    for device in (laptop, phone):
+        assert [m.text for m in await chat(device, 1)] == ["to both devices"]
+    members = await bob.who("lobby")
+    assert [m.name for m in members].count("alice") == 1  # one user, two devices
+
+    await laptop.revoke_key(phone.public_key.decode())
+    await wait_for(lambda: phone.state == "closed", what="the revoked device's session to end")
+    with pytest.raises(AuthError):
+        await Client(address, "alice", "phone-secret-0123456789-abcdef").connect()
+    await bob.send("lobby", "after the revocation")
+    assert [m.text for m in await chat(laptop, 1)] == ["after the revocation"]  # the laptop is untouched
+    await wait_for(lambda: not running.broker.key_writes, what="the keys to be stored")  # type: ignore[union-attr]
+    await laptop.close()
+    await bob.close()
+    await running.stop()
+    again = await RunningBroker(tmp_path / "h.db", LIMITS, secure=True, key_dir=tmp_path).start()  # stored, not only in memory
+    with pytest.raises(AuthError):
+        await Client(again.broker.address, "alice", "phone-secret-0123456789-abcdef").connect()  # type: ignore[union-attr]
+    back = Client(again.broker.address, "alice", "laptop-secret-0123456789-abcd")  # type: ignore[union-attr]
+    assert (await back.connect()).name == "alice"
+    await back.close()
+    await again.stop()
+
+
+async def test_invite_codes_come_from_admins_only(tmp_path: Path) -> None:
+    running = await RunningBroker(tmp_path / "h.db", LIMITS, secure=True, key_dir=tmp_path, registration="invite", admins=("boss",)).start()
+    address = running.broker.address  # type: ignore[union-attr]
+    boss = Client(address, "boss", "secret-of-boss-0123456789")
+    await boss.connect()
+    code = await boss.make_invite()
+    carol = Client(address, "carol", "secret-of-carol-0123456789", invite=code)
+    assert (await carol.connect()).name == "carol"
+    with pytest.raises(Exception) as refused:
+        await carol.make_invite()
+    assert getattr(refused.value, "code", "") == p.ErrorCode.FORBIDDEN
+    await carol.close()
+    await boss.close()
+    await running.stop()
