@@ -33,7 +33,22 @@ def client_options(func: Callable[..., Any]) -> Callable[..., Any]:
         "--trust-new-broker", is_flag=True, default=False, expose_value=False, callback=_trust_new,
         help="Pin an unknown non-loopback broker's key on first use (check its fingerprint first).",
     )(func)
+    func = click.option(
+        "--invite", expose_value=False, callback=_invite, metavar="CODE",
+        help="Invite code for claiming a new name on a broker with --registration invite.",
+    )(func)
     return func
+
+
+#: --invite of this command.
+INVITE = ""
+
+
+def _invite(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
+    global INVITE
+    if value:
+        INVITE = value
+    return value
 
 
 #: --trust-new-broker of this command (client commands run one client each).
@@ -72,7 +87,7 @@ def run_client(broker: str, name: str | None, body: Callable[[Client], Awaitable
 
     async def main() -> T:
         trust = TRUST_NEW_BROKER
-        client = Client(broker, name, trust_new_broker=trust) if name else Client.looker(broker, trust_new_broker=trust)
+        client = Client(broker, name, trust_new_broker=trust, invite=INVITE) if name else Client.looker(broker, trust_new_broker=trust)
         try:
             await client.connect(timeout=timeout)
         except AuthError:
