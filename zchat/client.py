@@ -274,7 +274,7 @@ class Client:
         # CURVE unless a broker in this very process was started in its test-only plaintext mode.
         self.plaintext = keys.is_insecure(endpoint)
         self.server_key: str | None = None
-        self.public_key, self._secret_key = keys.throwaway_keypair() if name == p.LOOKER else keys.keypair_from_secret(secret)
+        self.public_key, self._secret_key = keys.throwaway_keypair() if name == p.LOOKER else keys.keypair_from_secret(secret, name)
         self.name = name
         self.secret = secret
         self.label = label

@@ -6,7 +6,7 @@ Keys are Z85 text (40 characters for 32 bytes), as ZeroMQ takes them.
   public key on its first line and the secret on its second), made on first start.
 * A user's identity for a name is a CURVE keypair derived from the per-name secret
   that zchat.config keeps in ``CONFIG_DIR/secrets/NAME`` (mode 0600, made on first
-  use): the secret is hashed into a Curve25519 secret key, whose public key ZeroMQ
+  use): name and secret are hashed into a Curve25519 secret key, whose public key ZeroMQ
   computes. Copying that file copies the identity; a PLAIN-era secret becomes a key
   with no new file (see docs/protocol.md "Keys and names").
 * A keyed address is ``tcp://HOST:PORT#k=<z85 public key>``: the part after ``#`` is
@@ -90,9 +90,10 @@ def fingerprint(public: str | bytes) -> str:
     return ":".join(h[i : i + 4] for i in range(0, 16, 4))
 
 
-def keypair_from_secret(secret: str) -> tuple[bytes, bytes]:
-    """(public, secret) Z85 keys for a user's per-name secret (deterministic)."""
-    seed = hashlib.sha256(b"zchat-curve-key:" + secret.encode()).digest()
+def keypair_from_secret(secret: str, name: str) -> tuple[bytes, bytes]:
+    """(public, secret) Z85 keys for ``name``'s secret (deterministic; one key per name,
+    even where one secret is used for several names)."""
+    seed = hashlib.sha256(b"zchat-curve-key:" + name.encode() + b":" + secret.encode()).digest()
     secret_key = z85.encode(seed)
     return zmq.curve_public(secret_key), secret_key
 

@@ -327,3 +327,17 @@ async def test_invite_codes_come_from_admins_only(tmp_path: Path) -> None:
     await carol.close()
     await boss.close()
     await running.stop()
+
+
+async def test_one_secret_for_several_names_makes_a_key_per_name(tmp_path: Path) -> None:
+    running = await RunningBroker(tmp_path / "h.db", LIMITS, secure=True, key_dir=tmp_path).start()
+    address = running.broker.address  # type: ignore[union-attr]
+    clients = [Client(address, f"user{i}", "one-shared-secret-0123456789") for i in range(3)]
+    try:
+        for c in clients:
+            assert (await c.connect()).name == c.name
+        assert len({c.public_key for c in clients}) == 3
+    finally:
+        for c in clients:
+            await c.close()
+        await running.stop()

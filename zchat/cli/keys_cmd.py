@@ -29,7 +29,7 @@ def show(s: Settings) -> None:
     """Print this device's public key for --name (made on first use), and its fingerprint."""
     name = require_name(s)
     try:
-        public, _ = keys.keypair_from_secret(load_secret(name))
+        public, _ = keys.keypair_from_secret(load_secret(name), name)
     except ConfigError as exc:
         raise click.UsageError(str(exc)) from None
     click.echo(public.decode())
@@ -46,7 +46,7 @@ def list_(s: Settings) -> None:
     async def body(client: Client) -> list[str]:
         return await client.list_keys()
 
-    mine = keys.keypair_from_secret(load_secret(name))[0].decode()
+    mine = keys.keypair_from_secret(load_secret(name), name)[0].decode()
     for key in run_client(s.broker, name, body):
         click.echo(f"{'*' if key == mine else ' '} {key}  {keys.fingerprint(key)}")
 
