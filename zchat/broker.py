@@ -292,6 +292,8 @@ class Broker:
                 core.release_user(name)
                 if self.digests.get(name) == digest:
                     del self.digests[name]
+                for key in self.name_keys.pop(name, []):  # a key's claim, released: the key owns nothing again
+                    self.key_names.pop(key, None)
                 log.info("name %r released: its handshake said no hello within %.0fs", name, self.claims.timeout)
 
     # ------------------------------------------------------------ main loop

@@ -341,3 +341,42 @@ async def test_one_secret_for_several_names_makes_a_key_per_name(tmp_path: Path)
         for c in clients:
             await c.close()
         await running.stop()
+
+
+async def test_a_key_claim_that_never_says_hello_is_released(tmp_path: Path) -> None:
+    import zmq
+    import zmq.asyncio
+
+    edge = dataclasses.replace(TEST_EDGE, claim_timeout=0.3)
+    running = await RunningBroker(tmp_path / "h.db", LIMITS, secure=True, key_dir=tmp_path, guard=edge).start()
+    broker = running.broker
+    assert broker is not None
+    squatter_secret = "squatter-secret-0123456789"
+    public, secret = keys.keypair_from_secret(squatter_secret, "dave")
+    ctx = zmq.asyncio.Context.instance()
+
+    def dealer() -> zmq.asyncio.Socket:
+        sock = ctx.socket(zmq.DEALER)
+        sock.linger = 0
+        sock.curve_serverkey, sock.curve_publickey, sock.curve_secretkey = broker.public_key, public, secret
+        return sock
+
+    first = dealer()  # a look-only connection asks for the name...
+    first.connect(broker.endpoint)
+    await first.send(p.encode(p.Claim(rid=1, name="dave")))
+    assert isinstance(p.decode_reply(await asyncio.wait_for(first.recv(), 5)), p.Ok)
+    first.close(linger=0)
+    second = dealer()  # ...and its next handshake takes it, but it never says hello
+    monitor = second.get_monitor_socket(zmq.EVENT_HANDSHAKE_SUCCEEDED)
+    second.connect(broker.endpoint)
+    await asyncio.wait_for(monitor.recv_multipart(), 5)
+    await wait_for(lambda: "dave" in running.core.users, what="the claim")
+    await wait_for(lambda: "dave" not in running.core.users, what="the unused claim to be released")
+    monitor.close(linger=0)
+    second.close(linger=0)
+    owner = Client(broker.address, "dave", "the-real-dave-0123456789")
+    assert (await owner.connect()).name == "dave"
+    with pytest.raises(AuthError):  # the squatter's key owns nothing any more
+        await Client(broker.address, "dave", squatter_secret).connect()
+    await owner.close()
+    await running.stop()
