@@ -142,6 +142,13 @@ class RunningBroker:
             self.task = None
 
 
+@pytest.fixture(autouse=True)
+def _private_config_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """In-process clients pin brokers' keys (known_brokers) and keep secrets in
+    CONFIG_DIR: never in the real user's."""
+    monkeypatch.setenv("ZCHAT_CONFIG_DIR", str(tmp_path / "config"))
+
+
 @pytest.fixture
 async def broker(tmp_path: Path) -> AsyncIterator[RunningBroker]:
     running = await RunningBroker(tmp_path / "history.db", Limits(heartbeat=HEARTBEAT, rate=0)).start()

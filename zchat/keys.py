@@ -54,7 +54,7 @@ def declare_insecure(endpoint: str) -> None:
 
 def is_insecure(endpoint: str) -> bool:
     if endpoint in INSECURE_ENDPOINTS or endpoint in os.environ.get(INSECURE_ENV, "").split(","):
-        log.warning("INSECURE: speaking PLAIN without encryption to the test-only plaintext broker %s", endpoint)
+        log.info("INSECURE: speaking PLAIN without encryption to the test-only plaintext broker %s", endpoint)
         return True
     return False
 
@@ -264,5 +264,7 @@ async def broker_key(address: str, ctx: zmq.asyncio.Context, trust_new: bool = F
             f"with its operator, then use the address with the key ({endpoint}#k={presented}) or --trust-new-broker"
         )
     pin(endpoint, presented)
-    log.warning("pinned the new broker %s, key fingerprint %s, in %s", endpoint, fingerprint(presented), known_brokers_path())
+    # On loopback pinning needs no question (documented); trusting a remote broker is worth a warning.
+    log.log(logging.INFO if is_loopback(endpoint) else logging.WARNING, "pinned the new broker %s, key fingerprint %s, in %s",
+            endpoint, fingerprint(presented), known_brokers_path())
     return endpoint, presented
