@@ -23,7 +23,6 @@ import secrets
 import time
 from typing import Any
 
-import msgspec
 import zmq
 from zmq.utils import z85
 
@@ -32,7 +31,9 @@ from zchat.sockio import NOBLOCK, readable, recv_frames, recv_parts, send_parts
 from zchat import protocol as p
 from zchat.core import Core, HistoryQuery, Limits, Outcome
 from zchat.guard import Claims, ConnectionGuard, GuardConfig, connection_cap, cut_connection, peer_name, raise_fd_limit
-from zchat.storage import Storage, StorageError
+from zchat.metrics import Stats, status as fill_status
+from zchat.retention import Retention, RetentionPolicy
+from zchat.storage import Storage, StorageError, StorageUnavailable
 
 log = logging.getLogger(__name__)
 
@@ -62,6 +63,36 @@ class RateLimitedLog:
         log.warning("bad input (%s): %s%s", kind, detail, f" (+{extra} more suppressed)" if extra else "")
 
 
+class StorageOutage:
+    """Tracks a store that cannot take writes (disk full, read-only, server gone): logs it
+    at most once a second with how many batches were refused meanwhile, and once when
+    writes succeed again. The broker needs no action to recover: every batch tries."""
+
+    def __init__(self) -> None:
+        self.since = 0.0  # monotonic time of the first refusal; 0: storage is fine
+        self.last_log = 0.0
+        self.refused = 0  # batches refused since the last log line
+        self.total = 0  # lines refused over the outage
+
+    def failed(self, exc: Exception, lines: int, now: float) -> None:
+        if not self.since:
+            self.since = now
+        self.refused += 1
+        self.total += lines
+        if now - self.last_log >= 1.0:
+            log.error(
+                "storage unavailable, refusing sends with storage_unavailable (reads go on): %s "
+                "(%d batch(es) refused since the last report, %d lines in %.0fs)",
+                exc, self.refused, self.total, now - self.since,
+            )
+            self.last_log, self.refused = now, 0
+
+    def stored(self, now: float) -> None:
+        if self.since:
+            log.warning("storage writable again after %.1fs; %d lines were refused meanwhile", now - self.since, self.total)
+            self.since, self.refused, self.total, self.last_log = 0.0, 0, 0, 0.0
+
+
 def split_endpoint(endpoint: str) -> tuple[str, int]:
     """``tcp://host:port`` -> (``tcp://host``, port); port 0 means pick free ports."""
     base, _, port = endpoint.rpartition(":")
@@ -86,6 +117,7 @@ class Broker:
         self.ports: tuple[int, int, int] = (0, 0, 0)
         self.digests: dict[str, bytes] = {}
         self.bad = RateLimitedLog()
+        self.outage = StorageOutage()
         self.stopping = asyncio.Event()
         self.stopped = asyncio.Event()
         self._wake: asyncio.Future | None = None
@@ -107,6 +139,8 @@ class Broker:
         self.key_writes: set[str] = set()  # names whose keys changed and are yet to be stored
         self.intents = auth.Intents()
         self.invites = auth.Invites()
+        self.stats = Stats()  # plain counters for metrics and `zchat status` (zchat.metrics)
+        self.retention: Retention | None = None  # set by serve() when retention is on
 
     # ------------------------------------------------------------ set-up
 
@@ -164,16 +198,18 @@ class Broker:
         # too_large error; a frame beyond twice the limit costs its sender the connection.
         maxmsgsize = 2 * self.limits.max_bytes
         rcvhwm = g.rcvhwm(maxmsgsize)
-        # ZMTP heartbeats end a connection whose peer stopped answering (a half-open TCP
-        # connection would otherwise hold its descriptor and routing id for many minutes),
-        # and a handshake must finish within handshake_timeout. No heartbeat_ttl: the
-        # client's side should not drop and redial first, as its new connection would
-        # find its routing id still held by the old pipe here (libzmq then ignores it).
-        beat_ms = max(100, int(self.limits.heartbeat * 1000))
+        # A handshake must finish within handshake_timeout. Dead hosts are found by TCP
+        # keepalive (idle 60 s, then 6 probes 10 s apart), not by ZMTP heartbeats: in
+        # libzmq 4.3.5 the heartbeat timer calls out_event() on an engine that has already
+        # met an I/O error (stream_engine_base.cpp timer_event), which aborts the whole
+        # broker on "Assertion failed: !_io_error"; a flood that fills a connection's
+        # receive queue made that happen (twice in six 10 s runs of the stalled-subscriber
+        # attack). A client whose connection went silent starts over with a new session
+        # id (the old pipe's routing id stays held until TCP gives up, and takes nothing).
         secure = dict(
             zap_domain=ZAP_DOMAIN, maxmsgsize=maxmsgsize, rcvhwm=rcvhwm, **mech,
             handshake_ivl=max(100, int(g.handshake_timeout * 1000)),
-            heartbeat_ivl=beat_ms, heartbeat_timeout=3 * beat_ms,
+            tcp_keepalive=1, tcp_keepalive_idle=60, tcp_keepalive_intvl=10, tcp_keepalive_cnt=6,
         )
         # No router_handover: a connection that presents a routing id already in use is
         # ignored by libzmq rather than given that session's route (a takeover).
@@ -348,6 +384,7 @@ class Broker:
                 # messages with the wall clock through wall_offset, so a clock step moves
                 # timestamps only.
                 now = time.monotonic()
+                turn = time.perf_counter()
                 self.core.wall_offset = time.time() - now
                 out = Outcome()
                 read = 0
@@ -387,6 +424,7 @@ class Broker:
                     if len(self.core.sessions) < live:
                         log.info("%d session(s) gone silent for %.0fs: dropped", live - len(self.core.sessions), self.limits.presence_timeout)
                     next_tick = now + self.tick_every
+                    self.stats.sample(now)
                 if out.publish:
                     stale[XPUB] = True
                 if out.replies or out.acks or out.queries:
@@ -396,6 +434,8 @@ class Broker:
                 except Exception:  # never let one bad turn take the broker down
                     log.exception("failed to carry out a batch (%d to store)", len(out.store))
                 if read:  # more is likely queued: let other tasks run, then look again
+                    self.stats.turn_seconds.observe(time.perf_counter() - turn)
+                    self.stats.turn_items = read
                     await asyncio.sleep(0)
                     continue
                 if any(stale):
@@ -463,6 +503,8 @@ class Broker:
                 log.exception("ZAP decision failed")
                 verdict = auth.Verdict(b"500", "internal error")
             self.zap.send_multipart([version, request_id, verdict.status, verdict.text.encode(), verdict.user_id.encode(), verdict.metadata])
+            key = "accepted" if verdict.status == b"200" else "refused"
+            self.stats.zap[key] = self.stats.zap.get(key, 0) + 1
 
     async def _decide(self, mechanism: bytes, creds: list[bytes], address: str) -> auth.Verdict:
         if not self.insecure_plaintext:
@@ -785,6 +827,7 @@ class Broker:
         """
         core = self.core
         assert core is not None
+        self.stats.received += len(msgs) + len(bad)
         for exc in bad:
             core.count(exc.code)
             self.bad.warn(exc.code, exc.message, now)
@@ -806,27 +849,50 @@ class Broker:
 
     async def _apply(self, out: Outcome) -> None:
         """Store, then publish and reply. A batch storage refused, for any reason, is
-        undone in the core and answered ``internal`` (so resends are stored, not acked
-        from dedup); a failing history query costs its own reply only."""
+        undone in the core and answered ``storage_unavailable`` when the store cannot
+        take writes now (disk full...; logged once a second at most) or ``internal``
+        otherwise (so resends are stored, not acked from dedup); a failing history query
+        costs its own reply only."""
         core = self.core
         assert core is not None
+        stats = self.stats
         if out.store or out.members:
+            began = time.perf_counter()
             try:
                 await self.storage.append(out.store, out.members)
+                stats.stored += len(out.store)
             except Exception as exc:
-                log.error("storing %d messages (%d membership changes) failed: %r", len(out.store), len(out.members), exc)
+                stats.store_failed += 1
+                if isinstance(exc, StorageUnavailable):
+                    self.outage.failed(exc, len(out.store), time.monotonic())
+                    code = p.ErrorCode.STORAGE_UNAVAILABLE
+                else:
+                    log.error("storing %d messages (%d membership changes) failed: %r", len(out.store), len(out.members), exc)
+                    code = p.ErrorCode.INTERNAL
                 # Nobody may see those seqs and every sender is told (protocol.md §10.2):
                 # the core takes the batch back and rewrites what is left to do.
-                core.undo(out)
+                core.undo(out, code)
+            else:
+                if self.outage.since:
+                    self.outage.stored(time.monotonic())
+            stats.append_seconds.observe(time.perf_counter() - began)
         self._publish(out.publish)
         encode = p.encode
         router = self.router
         for sid, body in out.replies:
+            kind = type(body)
+            if kind is p.Error:
+                stats.error(body.code, bool(body.cid))  # type: ignore[union-attr]
+            elif kind is p.StatusReply:
+                body = fill_status(self, body)  # type: ignore[arg-type]
             send_parts(router, [sid.encode("latin-1"), encode(body)])
+        stats.replies += len(out.replies)
         for sid, items in out.acks.items():
             if items:
                 send_parts(router, [sid.encode("latin-1"), encode(p.Ack(stored=items))])
+        stats.acks += len(out.acks)
         for query in out.queries:
+            stats.history["range" if query.request.after >= 0 else "last"] += 1
             try:
                 body = await self._history(query)
             except Exception as exc:
@@ -855,6 +921,7 @@ class Broker:
         is bounded in bytes too)."""
         xpub, encode = self.xpub, p.encode
         i, n = 0, len(publish)
+        frames = 0
         while i < n:
             topic, body = publish[i]
             j = i + 1
@@ -870,16 +937,52 @@ class Broker:
             else:
                 send_parts(xpub, [topic, encode(p.Batch(items=[m for _, m in publish[i:j]]))])  # type: ignore[misc]
                 self.core.count("batches")  # type: ignore[union-attr]
+            frames += 1
             i = j
+        self.stats.publications += frames
+        self.stats.published += n
 
 
-async def serve(bind: str, storage: Storage, limits: Limits = Limits(), guard: GuardConfig | None = None, **security: Any) -> None:
-    """Run a broker until SIGINT or SIGTERM (``security``: Broker's key_dir, registration, admins)."""
+async def serve(
+    bind: str, storage: Storage, limits: Limits = Limits(), guard: GuardConfig | None = None,
+    retention: RetentionPolicy | None = None, metrics: str | None = None, metrics_public: bool = False, **security: Any,
+) -> None:
+    """Run a broker until SIGINT or SIGTERM (with retention pruning beside it, if asked);
+    with ``metrics`` (HOST:PORT) also serve Prometheus metrics there (zchat.metrics),
+    from a thread of their own. ``security``: Broker's key_dir, registration, admins."""
     import signal
 
     broker = Broker(bind, storage, limits, guard=guard, **security)
     await broker.start()
+    server = None
+    if metrics:
+        from zchat.metrics import start_metrics
+
+        try:
+            server = start_metrics(broker, metrics, metrics_public)
+        except BaseException:
+            broker.stop()  # run() closes sockets and storage on its way out
+            await broker.run()
+            raise
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, broker.stop)
-    await broker.run()
+    pruner = None
+    if retention and retention.active:
+        broker.retention = Retention(storage, retention)  # its counts are metrics
+        pruner = asyncio.create_task(broker.retention.run())
+
+    async def stop_pruning() -> None:  # before run() closes the storage it prunes
+        await broker.stopping.wait()
+        if pruner is not None:
+            pruner.cancel()
+
+    stopper = asyncio.create_task(stop_pruning())
+    try:
+        await broker.run()
+    finally:
+        stopper.cancel()
+        if pruner is not None:
+            pruner.cancel()
+        if server is not None:
+            server.close()

@@ -46,7 +46,9 @@ MAX_LIST_PAGES = 200
 #: Seconds between attempts to re-join rooms a restarted broker refused or did not answer.
 REJOIN_RETRY = 5.0
 #: Refusals worth trying again later (the others are final: the room is dropped).
-_TRANSIENT = frozenset({p.ErrorCode.RATE_LIMITED, p.ErrorCode.INTERNAL, p.ErrorCode.NO_SESSION, p.ErrorCode.SHUTTING_DOWN})
+_TRANSIENT = frozenset({p.ErrorCode.RATE_LIMITED, p.ErrorCode.INTERNAL, p.ErrorCode.NO_SESSION, p.ErrorCode.SHUTTING_DOWN, p.ErrorCode.STORAGE_UNAVAILABLE})
+#: Send refusals that keep the line pending, resent after ack_timeout (nothing was stored).
+_RESEND = frozenset({p.ErrorCode.INTERNAL, p.ErrorCode.STORAGE_UNAVAILABLE})
 
 
 class ClientError(Exception):
@@ -101,6 +103,10 @@ class Problem:
 
 Event = p.Msg | p.Presence | StateChange | Recovered | Gap | Problem
 
+
+#: Requests a client has on the wire at once (the broker's ROUTER queues 16 replies a
+#: connection by default; acks and errors share that queue).
+MAX_IN_FLIGHT = 8
 
 #: Unanswered pings in a row after which the client connects again as a new session.
 REDIAL_AFTER = 3
@@ -299,6 +305,7 @@ class Client:
         self._rejoin_at = 0.0
         self._rejoining: asyncio.Future | None = None
         self._rid = 0
+        self._slots = asyncio.Semaphore(MAX_IN_FLIGHT)  # requests awaiting their reply
         self._waiting: dict[int, asyncio.Future] = {}
         self._pending: dict[str, _Pending] = {}
         self._outbox: list[bytes] = []  # encoded Sends waiting for the DEALER pump
@@ -405,6 +412,10 @@ class Client:
         except (ClientError, asyncio.TimeoutError):
             await self.close()
             raise
+        try:  # end the look-only session now rather than leave it to time out
+            await self._request(lambda rid: p.Bye(rid=rid), timeout=min(timeout, 1.0), retry=False)
+        except (ClientError, asyncio.TimeoutError):
+            pass
         dealer, monitor, *tasks = self._dealing
         self._dealer.stop()
         for task in tasks:
@@ -618,16 +629,21 @@ class Client:
         raise ClientError(reply.code, reply.message, reply.retry_after)
 
     async def _ask(self, make: Callable[[int], p.Request], timeout: float | None) -> p.Reply:
-        self._rid += 1
-        rid = self._rid
-        fut = asyncio.get_running_loop().create_future()
-        self._waiting[rid] = fut
-        data = p.encode(make(rid))
-        self._dealer.submit(lambda s: s.send(data, NOBLOCK))
-        try:
-            return await asyncio.wait_for(fut, timeout)
-        finally:
-            self._waiting.pop(rid, None)
+        """One request on the wire, at most MAX_IN_FLIGHT at once: the broker queues at most
+        a few replies for a connection (its send queue is sized in bytes, replies reach
+        1 MiB) and drops what does not fit, so a client never asks for more at once."""
+        async with asyncio.timeout(timeout):  # the wait for a slot counts too
+            async with self._slots:
+                self._rid += 1
+                rid = self._rid
+                fut = asyncio.get_running_loop().create_future()
+                self._waiting[rid] = fut
+                data = p.encode(make(rid))
+                self._dealer.submit(lambda s: s.send(data, NOBLOCK))
+                try:
+                    return await fut
+                finally:
+                    self._waiting.pop(rid, None)
 
     async def join(self, room: str, history: int = 0) -> list[p.Member]:
         """Join ``room`` and start receiving it: ``history`` earlier messages first, then live.
@@ -719,6 +735,14 @@ class Client:
             after = reply.rooms[-1].name
         log.warning("rooms: stopped after %d pages (%d rooms)", MAX_LIST_PAGES, len(rooms))
         return rooms
+
+    async def status(self, timeout: float = 5.0) -> p.StatusReply:
+        """What the broker is doing (version, uptime, counts, rates, limits): for its
+        operator; a look-only session may ask. Raises ClientError as any request does."""
+        reply = await self._request(lambda rid: p.Status(rid=rid), timeout=timeout)
+        if not isinstance(reply, p.StatusReply):
+            raise ClientError(p.ErrorCode.INTERNAL, f"expected a status reply, got {type(reply).__name__}")
+        return reply
 
     # ------------------------------------------------------------ keys and invites
 
@@ -862,7 +886,7 @@ class Client:
             pending.future.set_result(stored)
 
     def _send_failed(self, err: p.Error) -> None:
-        if err.code == p.ErrorCode.INTERNAL:
+        if err.code in _RESEND:
             return  # stays pending: resent after ack_timeout
         pending = self._pending.pop(err.cid, None)
         if pending is not None and not pending.future.done():

@@ -96,10 +96,13 @@ class Settings:
     claim_timeout: float = 30.0  # seconds a new name's handshake has to say hello
     reserved_names: str = "admin,root,system,zchat"  # comma-separated; nobody may claim them
     queue_budget: int = 4 * 1024 * 1024  # bytes each connection's receive queue may hold
-    send_budget: int = 64 * 1024 * 1024  # bytes each connection's send queue may hold
+    send_budget: int = 16 * 1024 * 1024  # bytes each connection's send queue may hold
     handshake_timeout: float = 5.0  # seconds a TCP connection has to finish its handshake
     registration: str = "open"  # who may claim a new name: open, invite or closed
     admins: str = ""  # comma-separated admin names or Z85 public keys
+    # Retention (zchat.retention): 0 keeps everything, the default.
+    retain_days: float = 0.0  # delete messages older than this many days
+    retain_messages: int = 0  # keep at most this many (the newest) messages a room
 
     def reserved(self) -> tuple[str, ...]:
         return tuple(n for n in (part.strip() for part in self.reserved_names.split(",")) if n)
@@ -139,6 +142,8 @@ HELP = {
     "registration": "who may claim a new name: 'open' (anyone), 'invite' (with a code from `zchat admin invite`) or 'closed' (admins only)",
     "admins": "comma-separated broker admins, by name or by Z85 public key (`zchat keys list` shows yours)",
     "send_budget": f"bytes each connection's send queue at the broker may hold (at least {MIN_SEND_BUDGET})",
+    "retain_days": "days of history the broker keeps; older messages are pruned in the background (0: all)",
+    "retain_messages": "messages the broker keeps a room, the newest; older ones are pruned in the background (0: all)",
 }
 
 
@@ -284,6 +289,10 @@ def _validate(name: str, value: Any, source: str) -> Any:
     if name == "max_bytes":
         if not 1 <= value <= MAX_MESSAGE_BYTES:
             raise _fail(name, source, value, f"an integer from 1 to {MAX_MESSAGE_BYTES}")
+        return value
+    if name in ("retain_days", "retain_messages"):
+        if value < 0:
+            raise _fail(name, source, value, "0 (keep everything) or a number above 0")
         return value
     return value
 

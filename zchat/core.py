@@ -661,6 +661,23 @@ class Core:
         elif isinstance(req, p.Bye):
             self._close_session(sid, now, out)
             out.replies.append((sid, p.Ok(rid=req.rid)))
+        elif isinstance(req, p.Status):
+            out.replies.append((sid, self.status(req.rid)))
+
+    def status(self, rid: int = 0) -> p.StatusReply:
+        """What the core knows for ``zchat status``: counts, limits, counters. The shell
+        fills in the rest (version, uptime, storage, rates) before sending it."""
+        lim = self.limits
+        limits: dict[str, p.LimitValue] = {
+            f.name: getattr(lim, f.name) for f in dataclasses.fields(lim) if f.name not in ("pull_port", "pub_port")
+        }
+        public = len(self.room_index)
+        return p.StatusReply(
+            rid=rid, version="", boot=self.boot, epoch=self.epoch, uptime=0.0, storage="", storage_bytes=-1,
+            sessions=len(self.sessions), users_online=len(self.devices), users=len(self.users),
+            rooms=public, conversations=len(self.members) - public, messages=sum(self.heads.values()),
+            limits=limits, counters=dict(self.counters),
+        )
 
     def _line_budget(self, sid: str, name: str, room: str, now: float, out: Outcome, *, rid: int = 0, cid: str = "") -> bool:
         """Take a token for a stored line of ``name`` in public ``room``: the user's line
@@ -1034,7 +1051,7 @@ class Core:
 
     # ------------------------------------------------------------ storage failures
 
-    def undo(self, out: Outcome) -> None:
+    def undo(self, out: Outcome, code: str = E.INTERNAL) -> None:
         """Storage refused ``out.store``: put the core back as if none of it had been
         sequenced, and rewrite ``out`` so the shell carries out only the rest.
 
@@ -1047,7 +1064,8 @@ class Core:
         no member changes and no publication of those messages; their acks become
         errors, and so do the replies to the joins and parts that were undone. Tokens
         spent stay spent; cids the caps evicted for the batch stay evicted (they were
-        the oldest).
+        the oldest). The errors carry ``code`` (``storage_unavailable`` when the store
+        cannot take writes now, so clients know to resend later).
         """
         failed = out.store
         lowest: dict[str, int] = {}
@@ -1074,14 +1092,14 @@ class Core:
             self._lower_heads(out, lowest)
         for i in out.changed:
             sid, body = out.replies[i]
-            out.replies[i] = (sid, p.Error(code=E.INTERNAL, message="could not store that change; try again", rid=body.rid))  # type: ignore[union-attr]
+            out.replies[i] = (sid, p.Error(code=code, message="could not store that change; try again", rid=body.rid))  # type: ignore[union-attr]
         out.changed = []
         acks: dict[str, list[p.Stored]] = {}
         for sid, items in out.acks.items():
             kept = []
             for item in items:
                 if item.id in ids:
-                    out.error(sid, E.INTERNAL, "could not store the message; resend it", cid=item.cid)
+                    out.error(sid, code, "could not store the message; resend it", cid=item.cid)
                 else:
                     kept.append(item)
             if kept:

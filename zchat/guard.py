@@ -70,22 +70,22 @@ class GuardConfig:
     and never above ``Limits.pub_hwm``.
 
     Worst case with the defaults (max_bytes 64 KiB, so maxmsgsize 128 KiB; budgets
-    4 MiB in, 64 MiB out): rcvhwm 32, ROUTER sndhwm 64, XPUB sndhwm 256.
+    4 MiB in, 16 MiB out): rcvhwm 32, ROUTER sndhwm 16, XPUB sndhwm 64.
 
-    * a ROUTER connection: 32 x 128 KiB in + 64 x 1 MiB out = 4 + 64 = 68 MiB
+    * a ROUTER connection: 32 x 128 KiB in + 16 x 1 MiB out = 4 + 16 = 20 MiB
     * a PULL connection: 32 x 128 KiB in = 4 MiB
-    * an XPUB connection: 256 x 256 KiB out + 32 x 128 KiB in (subscriptions) = 64 + 4 = 68 MiB
+    * an XPUB connection: 64 x 256 KiB out + 32 x 128 KiB in (subscriptions) = 16 + 4 = 20 MiB
     * plus libzmq's buffers of any connection: one message being decoded (at most
       maxmsgsize, 128 KiB) and 8 KiB in and out batches: about 0.14 MiB
 
-    So at most 68.2 MiB for one connection, 140.4 MiB for a client's three. The total
-    cap ``max_connections`` (default: descriptor limit less a reserve, 909 at 1,024
-    descriptors) bounds the whole at 909 / 3 x 140.4 MiB = 41.6 GiB (all-ROUTER:
-    909 x 68.2 MiB = 60.5 GiB), and one address (64 connections a port) at 64 x 140.4
-    MiB = 8.8 GiB. These are bounds for peers that never read (a reading client keeps
-    its queues near empty); a broker on a small machine lowers send_budget (64 MiB
-    allows 64 replies in flight per connection: a client firing more requests at once
-    than sndhwm loses the excess replies, since a ROUTER drops what does not fit).
+    So at most 20.2 MiB for one connection, 40.4 MiB for a reference client's two
+    (DEALER and SUB). One address (64 connections a port) is bounded at 64 x 44.4 MiB =
+    2.8 GiB, and the whole at the total cap ``max_connections`` (default: descriptor
+    limit less a reserve, 909 at 1,024 descriptors) x 20.2 MiB = 17.9 GiB. These are
+    bounds for peers that never read (a reading client keeps its queues near empty); a
+    broker on a small machine lowers send_budget or max_per_address. 16 replies in
+    flight per connection: the reference client keeps at most 8 requests on the wire
+    (acks and errors share the queue), since a ROUTER drops what does not fit.
     """
 
     max_per_address: int = 64  # TCP connections from one address on each port
@@ -94,7 +94,7 @@ class GuardConfig:
     claim_timeout: float = 30.0  # seconds a fresh claim has to say hello before it is released
     reserved: tuple[str, ...] = RESERVED_NAMES  # names nobody may claim
     queue_budget: int = 4 * MiB  # bytes a connection's receive queue may hold
-    send_budget: int = 64 * MiB  # bytes a connection's send queue may hold
+    send_budget: int = 16 * MiB  # bytes a connection's send queue may hold
     handshake_timeout: float = 5.0  # seconds a connection has to finish its ZMTP handshake
 
     def rcvhwm(self, maxmsgsize: int) -> int:

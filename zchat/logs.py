@@ -17,6 +17,7 @@ from __future__ import annotations
 import datetime as _dt
 import json
 import logging
+import logging.handlers
 import sys
 from typing import Any
 
@@ -83,8 +84,18 @@ def _text_value(value: Any) -> str:
     return json.dumps(text, ensure_ascii=False) if (not text or any(c.isspace() or c in '"=' for c in text)) else text
 
 
-def setup_logging(level: str = "INFO", fmt: str = "text") -> None:
-    """Send the root logger's records at ``level`` and above to stderr in ``fmt``.
+#: Defaults of ``--log-file``: rotate at 10 MiB, keep 5 old files (60 MiB at most).
+LOG_MAX_BYTES = 10 * 1024 * 1024
+LOG_BACKUPS = 5
+
+
+def setup_logging(
+    level: str = "INFO", fmt: str = "text", log_file: str | None = None,
+    max_bytes: int = LOG_MAX_BYTES, backups: int = LOG_BACKUPS,
+) -> None:
+    """Send the root logger's records at ``level`` and above to stderr in ``fmt``; with
+    ``log_file``, to that file instead, rotated at ``max_bytes`` with ``backups`` old
+    files kept (FILE.1 the newest), so a long-running broker's logs stay bounded.
 
     Calling it again replaces zchat's handler rather than adding a second one.
     Raises ConfigError for an unknown level or format.
@@ -97,7 +108,13 @@ def setup_logging(level: str = "INFO", fmt: str = "text") -> None:
     fmt = fmt.lower()
     if fmt not in LOG_FORMATS:
         raise ConfigError(f"log format {fmt!r}: expected 'text' or 'json'")
-    handler = logging.StreamHandler(sys.stderr)
+    handler: logging.Handler
+    if log_file:
+        if max_bytes < 0 or backups < 0:
+            raise ConfigError("log rotation wants max_bytes >= 0 and backups >= 0")
+        handler = logging.handlers.RotatingFileHandler(log_file, maxBytes=max_bytes, backupCount=backups, encoding="utf-8")
+    else:
+        handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(JsonFormatter() if fmt == "json" else TextFormatter())
     setattr(handler, _HANDLER_MARK, True)
     root = logging.getLogger()

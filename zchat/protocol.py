@@ -77,12 +77,14 @@ class ErrorCode:
     INTERNAL = "internal"
     FORBIDDEN = "forbidden"  # not for this identity (a look-only session may not join or send)
     LIMIT_REACHED = "limit_reached"  # a per-user cap (rooms per user, ...) is full
+    STORAGE_UNAVAILABLE = "storage_unavailable"  # history cannot be written now (disk full...): resend later
 
     ALL: Final = frozenset(
         {
             BAD_FRAME, BAD_ENCODING, BAD_VERSION, BAD_REQUEST, TOO_LARGE, BAD_NAME,
             BAD_ROOM, UNKNOWN_ROOM, UNKNOWN_USER, NOT_MEMBER, RATE_LIMITED,
             NO_SESSION, NAME_TAKEN, SHUTTING_DOWN, INTERNAL, FORBIDDEN, LIMIT_REACHED,
+            STORAGE_UNAVAILABLE,
         }
     )
 
@@ -174,6 +176,13 @@ class Bye(_Body, tag="bye"):
     rid: Rid
 
 
+class Status(_Body, tag="status"):
+    """What the broker is doing, for its operator (``zchat status``): see StatusReply.
+    Any session may ask, look-only ones too; it draws from the request budget."""
+
+    rid: Rid
+
+
 class Claim(_Body, tag="claim"):
     """Bind ``name`` to the key of this (look-only) connection; the client then dials
     again and the broker's ZAP handler finishes the claim (docs/protocol.md "Keys and
@@ -213,7 +222,7 @@ class KeyList(_Body, tag="key_list"):
     rid: Rid
 
 
-Request = Union[Hello, Join, Part, History, Who, Rooms, Ping, Bye, Claim, Invite, KeyAdd, KeyRevoke, KeyList]
+Request = Union[Hello, Join, Part, History, Who, Rooms, Ping, Bye, Status, Claim, Invite, KeyAdd, KeyRevoke, KeyList]
 
 # ------------------------------------------------------ client -> broker (PUSH/PULL)
 
@@ -331,6 +340,33 @@ class Error(_Body, tag="error"):
     retry_after: float = 0.0
 
 
+#: A value of StatusReply.limits: a number, or a text (reserved names, storage kind).
+LimitValue = Union[int, float, str]
+
+
+class StatusReply(_Body, tag="brokerstatus"):
+    """The answer to Status: what an operator asks first. Counts are of now; ``rates``
+    are per second over about the last minute; ``storage_bytes`` is -1 when unknown."""
+
+    rid: int
+    version: str
+    boot: str
+    epoch: str
+    uptime: float  # seconds since the broker started
+    storage: str  # "sqlite PATH" or "redis"
+    storage_bytes: int
+    sessions: int
+    users_online: int
+    users: int  # claimed names
+    rooms: int  # public rooms with members
+    conversations: int  # DM conversations
+    messages: int  # sequenced lines over all rooms (the sum of the heads)
+    rates: dict[str, float] = {}
+    limits: dict[str, LimitValue] = {}
+    counters: dict[str, int] = {}
+    storage_unavailable: float = 0.0  # seconds the store has refused writes (disk full...); 0: writing
+
+
 class Invited(_Body, tag="invited"):
     rid: int
     code: str
@@ -341,7 +377,7 @@ class KeysReply(_Body, tag="keys"):
     keys: list[str] = []
 
 
-Reply = Union[Welcome, Joined, Ok, HistoryReply, WhoReply, RoomsReply, Pong, Ack, Error, Invited, KeysReply]
+Reply = Union[Welcome, Joined, Ok, HistoryReply, WhoReply, RoomsReply, Pong, Ack, Error, StatusReply, Invited, KeysReply]
 
 # ------------------------------------------------------- broker -> client (PUB/SUB)
 
@@ -409,7 +445,7 @@ _encoder = msgspec.msgpack.Encoder()
 _request_decoder = msgspec.msgpack.Decoder(Request)
 _send_decoder = msgspec.msgpack.Decoder(Union[Send, Sends])
 _single_send_decoder = msgspec.msgpack.Decoder(Send)
-_router_decoder = msgspec.msgpack.Decoder(Union[Hello, Join, Part, History, Who, Rooms, Ping, Bye, Claim, Invite, KeyAdd, KeyRevoke, KeyList, Send, Sends])
+_router_decoder = msgspec.msgpack.Decoder(Union[Hello, Join, Part, History, Who, Rooms, Ping, Bye, Status, Claim, Invite, KeyAdd, KeyRevoke, KeyList, Send, Sends])
 _raw_sends_decoder = msgspec.msgpack.Decoder(_RawSends)
 _sends_head_decoder = msgspec.msgpack.Decoder(_SendsHead)
 _reply_decoder = msgspec.msgpack.Decoder(Reply)

@@ -61,8 +61,8 @@ def test_bad_values_are_clear_errors(flags: dict, pattern: str) -> None:
 def test_queue_sizes_follow_the_byte_budgets() -> None:
     g = GuardConfig()
     assert g.rcvhwm(2 * p.MAX_MESSAGE_BYTES) == 32  # 32 x 128 KiB = 4 MiB
-    assert g.router_sndhwm() == 64  # 64 x 1 MiB replies = 64 MiB
-    assert g.xpub_sndhwm(100_000, 256 * 1024) == 256  # 256 x 256 KiB publications = 64 MiB
+    assert g.router_sndhwm() == 16  # 16 x 1 MiB replies = 16 MiB
+    assert g.xpub_sndhwm(100_000, 256 * 1024) == 64  # 64 x 256 KiB publications = 16 MiB
     assert g.xpub_sndhwm(4, 256 * 1024) == 4  # never above Limits.pub_hwm
     small = GuardConfig(queue_budget=1, send_budget=1)
     assert (small.rcvhwm(2 * p.MAX_MESSAGE_BYTES), small.router_sndhwm(), small.xpub_sndhwm(10)) == (1, 1, 1)

@@ -374,3 +374,90 @@ async def test_redis_new_epoch_after_a_lossy_server_restart(redis_url: str) -> N
     store = RedisStorage(redis_url, prefix=prefix)
     assert await store.open() != epoch  # the test server runs without persistence
     await store.close()
+
+
+# -------------------------------------------------------------- retention
+
+
+async def prune_all(store: Storage, room: str, **kw: object) -> int:
+    """Call prune until it has nothing left to do; the total deleted."""
+    total = 0
+    for _ in range(1000):
+        n = await store.prune(room, **kw)  # type: ignore[arg-type]
+        if not n:
+            return total
+        total += n
+    raise AssertionError("prune never finished")
+
+
+async def test_prune_keeps_the_newest_messages_per_room(storage: Storage) -> None:
+    await storage.append([msg("dev", s) for s in range(1, 21)] + [msg("ops", s) for s in range(1, 4)])
+    assert await prune_all(storage, "dev", keep=5, batch=4) == 15
+    assert seqs(await storage.range("dev", 0, 100)) == [16, 17, 18, 19, 20]
+    assert await storage.first_seq("dev") == 16
+    assert await prune_all(storage, "ops", keep=5) == 0
+    assert seqs(await storage.range("ops", 0, 100)) == [1, 2, 3]
+    assert (await storage.heads())["dev"] == 20
+
+
+async def test_prune_by_age_takes_the_old_prefix_in_batches(storage: Storage) -> None:
+    # msg() stamps seq s at 1_700_000_000 + s
+    await storage.append([msg("dev", s) for s in range(1, 11)])
+    assert await storage.prune("dev", before_ts=1_700_000_000 + 8, batch=3) == 3  # one batch at a time
+    assert await prune_all(storage, "dev", before_ts=1_700_000_000 + 8) == 4
+    assert seqs(await storage.range("dev", 0, 100)) == [8, 9, 10]
+
+
+async def test_prune_never_removes_a_rooms_newest_message(backend: Backend) -> None:
+    store = backend.new()
+    await store.open()
+    await store.append([msg("dev", s) for s in range(1, 6)])
+    assert await prune_all(store, "dev", before_ts=2_000_000_000.0) == 4
+    assert await prune_all(store, "dev", keep=1) == 0
+    await store.close()
+    again = backend.new()
+    await again.open()
+    assert (await again.heads())["dev"] == 5  # the next seq a broker hands out is 6
+    assert seqs(await again.range("dev", 0, 100)) == [5]
+    await again.close()
+
+
+async def test_prune_with_nothing_to_do_changes_nothing(storage: Storage) -> None:
+    await storage.append([msg("dev", s) for s in range(1, 4)])
+    assert await storage.prune("dev") == 0  # no policy
+    assert await storage.prune("dev", keep=10) == 0
+    assert await storage.prune("dev", before_ts=1.0) == 0
+    assert await storage.prune("nowhere", keep=1) == 0
+    assert seqs(await storage.range("dev", 0, 100)) == [1, 2, 3]
+
+
+async def test_a_write_the_store_cannot_take_is_storage_unavailable_and_stores_nothing(storage: Storage) -> None:
+    """Disk full / read-only (SQLite: query_only) or out of memory (Redis: maxmemory with
+    noeviction): StorageUnavailable, which the broker answers storage_unavailable."""
+    from zchat.storage import StorageUnavailable
+
+    await storage.append([msg("dev", 1), msg("dev", 2)])
+    if isinstance(storage, SqliteStorage):
+        block = lambda: storage._db.execute("PRAGMA query_only=1")  # noqa: E731
+        unblock = lambda: storage._db.execute("PRAGMA query_only=0")  # noqa: E731
+    else:
+        import redis
+
+        assert isinstance(storage, RedisStorage)
+        admin = redis.Redis.from_url(storage.url)
+        old = admin.config_get("maxmemory")["maxmemory"]
+        block = lambda: admin.config_set("maxmemory", 1)  # noqa: E731
+        unblock = lambda: admin.config_set("maxmemory", old)  # noqa: E731
+    block()
+    try:
+        with pytest.raises(StorageUnavailable):
+            await storage.append([msg("dev", 3)], [("dev", "bob", True)])
+        if isinstance(storage, SqliteStorage):  # (Redis takes deletes when out of memory)
+            with pytest.raises(StorageUnavailable):
+                await storage.prune("dev", keep=1)
+    finally:
+        unblock()
+    assert seqs(await storage.range("dev", 0, 100)) == [1, 2]
+    assert "bob" not in (await storage.members()).get("dev", set())
+    await storage.append([msg("dev", 3)])  # recovered by itself
+    assert seqs(await storage.range("dev", 0, 100)) == [1, 2, 3]

@@ -326,3 +326,14 @@ async def test_a_name_owned_by_someone_else_ends_with_one_clear_message(broker, 
         assert not app.is_running
     assert app.fatal_code == "refused"
     assert "refused the name 'bob'" in app.fatal and "\n" not in app.fatal
+
+
+async def test_a_broker_error_naming_nothing_is_shown(broker) -> None:  # type: ignore[no-untyped-def]
+    """An error with neither rid nor cid (the broker could not read a frame at all) is a
+    line on screen, not dropped: the client library hands it over as a Problem."""
+    app = app_for(broker)
+    async with app.run_test() as pilot:
+        await connected(pilot)
+        assert app.client is not None
+        app.client._dealer.submit(lambda s: s.send(b"\xc1 not messagepack"))  # a frame nobody can read
+        await until(pilot, lambda: shown(app, "!! broker: not a MessagePack") == 1, "the problem on screen")

@@ -20,6 +20,12 @@ class StorageError(Exception):
     """Storage refused or failed an operation (for example a (room, seq) already stored)."""
 
 
+class StorageUnavailable(StorageError):
+    """The store cannot take writes now (disk full, file read-only, I/O error, server
+    gone): not the request's fault, and likely to pass. The broker refuses sends with
+    ``storage_unavailable`` while it lasts and keeps serving reads."""
+
+
 class Page(list[Msg]):
     """Messages a history query returned; ``cut`` when the byte budget stopped it
     before ``limit`` (ask again from the last seq given)."""
@@ -87,3 +93,10 @@ class Storage(Protocol):
         The broker releases a name whose claiming handshake never said hello in time,
         so a claim alone cannot squat a name; True if the name was removed.
         """
+
+    async def prune(self, room: str, keep: int = 0, before_ts: float = 0.0, batch: int = 500) -> int:
+        """Delete up to ``batch`` of room's oldest messages that retention lets go: those
+        beyond the newest ``keep`` (when keep > 0) and those stamped before ``before_ts``
+        (when before_ts > 0). The room's newest message always stays, so its head (and
+        the next seq) survives a restart. Returns how many were deleted (0: nothing due).
+        Small batches keep each call short; the caller loops with pauses in between."""

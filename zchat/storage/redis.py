@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any, Sequence
 import msgspec
 
 from zchat.protocol import Msg, encode
-from zchat.storage.base import MemberChange, Page, StorageError, msg_bytes
+from zchat.storage.base import MemberChange, Page, StorageError, StorageUnavailable, msg_bytes
 
 if TYPE_CHECKING:
     from redis.asyncio import Redis
@@ -218,8 +218,8 @@ class RedisStorage:
             args += [room, name, "1" if member else "0"]
         try:
             duplicate = await self._append_script(keys=keys, args=args, client=client)
-        except self._aioredis.RedisError as exc:
-            raise StorageError(f"Redis append failed: {exc}") from exc
+        except self._aioredis.RedisError as exc:  # unreachable, OOM (maxmemory), MISCONF (a failing BGSAVE)
+            raise StorageUnavailable(f"Redis append failed: {exc}") from exc
         if duplicate:
             m = messages[duplicate - 1]
             raise StorageError(
@@ -245,6 +245,40 @@ class RedisStorage:
         page = _page(raw, max_bytes)
         page.reverse()
         return page
+
+    async def prune(self, room: str, keep: int = 0, before_ts: float = 0.0, batch: int = 500) -> int:
+        """Delete a batch of room's oldest messages past retention (see Storage.prune).
+
+        Reads the oldest ``batch`` entries, picks the highest seq that may go, then
+        ZREMRANGEBYSCORE up to it: by score, not rank, so brokers pruning the same room at
+        once never remove more than retention allows. ``heads`` is kept apart, so the
+        head survives anyway; the newest message stays too, as with SQLite.
+        """
+        if batch <= 0 or (keep <= 0 and before_ts <= 0):
+            return 0
+        r = self._redis
+        key = self._key("room", room)
+        try:
+            async with r.pipeline(transaction=False) as pipe:
+                pipe.zcard(key)
+                pipe.zrange(key, 0, batch - 1, withscores=True)
+                total, oldest = await pipe.execute()
+            if total <= 1 or not oldest:
+                return 0
+            count = max(0, total - keep) if keep > 0 else 0
+            if before_ts > 0:
+                old = 0
+                for body, _score in oldest:
+                    if _msg_decoder.decode(body).ts >= before_ts:
+                        break
+                    old += 1
+                count = max(count, old)
+            count = min(count, len(oldest), total - 1)
+            if count <= 0:
+                return 0
+            return int(await r.zremrangebyscore(key, "-inf", oldest[count - 1][1]))
+        except self._aioredis.RedisError as exc:
+            raise StorageUnavailable(f"Redis prune of {room!r} failed: {exc}") from exc
 
     async def first_seq(self, room: str) -> int:
         first = await self._redis.zrange(self._key("room", room), 0, 0, withscores=True)

@@ -36,7 +36,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from zchat.protocol import Msg
-from zchat.storage.base import MemberChange, Page, StorageError
+from zchat.storage.base import MemberChange, Page, StorageError, StorageUnavailable
 
 log = logging.getLogger(__name__)
 
@@ -410,12 +410,59 @@ class SqliteStorage:
                 db.execute(_JOIN_SQL if member else _LEAVE_SQL, (room, name))
             db.execute("COMMIT")
         except sqlite3.Error as exc:
-            if db.in_transaction:
-                db.execute("ROLLBACK")
+            self._rollback(db)
             if isinstance(exc, sqlite3.IntegrityError):
                 raise StorageError(f"refused {len(rows)} messages: (room, seq) already stored: {exc}") from exc
-            raise StorageError(f"SQLite append failed: {exc}") from exc
+            # Disk full, read-only file, I/O error, locked: the store, not the batch.
+            raise StorageUnavailable(f"SQLite append failed: {exc}") from exc
         self._wrote(len(rows) + len(members))
+
+    def _rollback(self, db: sqlite3.Connection) -> None:
+        """End a failed transaction (SQLite may have rolled it back itself, e.g. on SQLITE_FULL)."""
+        if db.in_transaction:
+            try:
+                db.execute("ROLLBACK")
+            except sqlite3.Error as exc:
+                log.warning("SQLite %s: rollback failed: %s", self.path, exc)
+
+    async def prune(self, room: str, keep: int = 0, before_ts: float = 0.0, batch: int = 500) -> int:
+        """Delete a batch of room's oldest messages past retention (see Storage.prune).
+
+        Runs on the broker's connection between its turns: one short write transaction
+        (a primary-key range delete of at most ``batch`` rows, about a millisecond for
+        500) rather than a second writer, which would make the broker's commits wait on
+        the write lock. Seqs are contiguous within a room, so "beyond the newest keep"
+        is ``seq <= head - keep``; ts grows with seq, so the old ones are a prefix.
+        """
+        if batch <= 0 or (keep <= 0 and before_ts <= 0):
+            return 0
+        db = self._db
+        rows = db.execute(
+            "SELECT seq, ts FROM messages WHERE room = ? ORDER BY seq LIMIT ?", (room, batch)
+        ).fetchall()
+        if not rows:
+            return 0
+        head = db.execute("SELECT MAX(seq) FROM messages WHERE room = ?", (room,)).fetchone()[0]
+        cut = 0
+        if keep > 0:
+            cut = head - keep
+        if before_ts > 0:
+            for seq, ts in rows:
+                if ts >= before_ts:
+                    break
+                cut = max(cut, seq)
+        cut = min(cut, rows[-1][0], head - 1)  # a batch at most; never the newest
+        if cut < rows[0][0]:
+            return 0
+        try:
+            db.execute("BEGIN IMMEDIATE")
+            deleted = db.execute("DELETE FROM messages WHERE room = ? AND seq <= ?", (room, cut)).rowcount
+            db.execute("COMMIT")
+        except sqlite3.Error as exc:
+            self._rollback(db)
+            raise StorageUnavailable(f"SQLite prune of {room!r} failed: {exc}") from exc
+        self._wrote(deleted)
+        return deleted
 
     async def heads(self) -> dict[str, int]:
         return dict(self._db.execute(_HEADS_SQL))

@@ -22,7 +22,7 @@ from textual.screen import ModalScreen
 from textual.widgets import Input, Static
 
 from zchat import protocol as p
-from zchat.client import AuthError, Client, ClientError, ConnectError, Recovered, StateChange, split_broker
+from zchat.client import AuthError, Client, ClientError, ConnectError, Problem, Recovered, StateChange, split_broker
 from zchat.recovery import Gap
 from zchat.tui import commands as c
 from zchat.tui.widgets import Buffer, ChatInput, MemberList, MessageLog, RoomList, StatusBar
@@ -351,6 +351,8 @@ class ChatApp(App[None]):
             self._refresh_status()
         elif isinstance(event, Gap):
             self._on_gap(event)
+        elif isinstance(event, Problem):  # names no line and no request: say it where the user is
+            self.error(f"broker: {event.message} ({event.code})")
 
     def _on_gap(self, gap: Gap) -> None:
         """Messages the client library could not recover: one line where they would be."""
