@@ -47,18 +47,19 @@ trap cleanup EXIT
 trap 'exit 130' INT
 trap 'exit 143' TERM
 
-# A port P with P, P+1 and P+2 free on 127.0.0.1 (the broker binds all three).
+# A port P with P..P+3 free on 127.0.0.1 (the broker binds all four; P+3 answers its
+# public key, which the clients on loopback pin without a question: all encrypted).
 PORT=$("$PY" - <<'EOF'
 import socket
 for _ in range(200):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         base = s.getsockname()[1]
-    if base + 2 >= 65535:
+    if base + 3 >= 65535:
         continue
     try:
         socks = []
-        for port in (base + 1, base + 2):
+        for port in (base + 1, base + 2, base + 3):
             s = socket.socket()
             socks.append(s)
             s.bind(("127.0.0.1", port))
@@ -70,7 +71,7 @@ for _ in range(200):
     print(base)
     break
 else:
-    raise SystemExit("no three free ports in a row")
+    raise SystemExit("no four free ports in a row")
 EOF
 )
 BROKER="tcp://127.0.0.1:$PORT"

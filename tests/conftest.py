@@ -33,7 +33,7 @@ TEST_EDGE = GuardConfig(max_per_address=100_000, claims_per_minute=0)
 TEST_EDGE_FLAGS = ("--max-per-address", "100000", "--claims-per-minute", "0")
 
 
-def free_port_base(count: int = 3) -> int:
+def free_port_base(count: int = 4) -> int:
     """A port P with P..P+count-1 free on 127.0.0.1 right now.
 
     Taken below the kernel's ephemeral range, so that a broker restarted on the same
@@ -99,7 +99,14 @@ async def chat(client: Client, count: int, timeout: float = 10.0) -> list:
 
 
 class RunningBroker:
-    def __init__(self, path: Path, limits: Limits, bind: str | None = None, storage: Callable[[], object] | None = None) -> None:
+    def __init__(
+        self, path: Path, limits: Limits, bind: str | None = None, storage: Callable[[], object] | None = None,
+        secure: bool = False, **security: object,
+    ) -> None:
+        # secure=False: the broker's test-only plaintext mode (raw PLAIN peers of older
+        # tests talk to it); tests/integration/test_curve.py runs CURVE brokers.
+        self.secure = secure
+        self.security = security
         self.path = path
         self.limits = limits
         self.bind = bind or f"tcp://127.0.0.1:{free_port_base()}"
@@ -108,7 +115,11 @@ class RunningBroker:
         self.task: asyncio.Task | None = None
 
     async def start(self) -> "RunningBroker":
-        self.broker = Broker(self.bind, self.storage(), self.limits, guard=TEST_EDGE)  # type: ignore[arg-type]
+        self.broker = Broker(  # type: ignore[arg-type]
+            self.bind, self.storage(), self.limits, guard=self.security.pop("guard", TEST_EDGE),  # type: ignore[arg-type]
+            insecure_plaintext=not self.secure, **self.security,  # type: ignore[arg-type]
+        )
+        self.security.setdefault("guard", self.broker.guard_config)
         await self.broker.start()
         self.bind = self.broker.endpoint  # restarts reuse the same ports
         self.task = asyncio.create_task(self.broker.run())
@@ -129,6 +140,13 @@ class RunningBroker:
             self.broker.stop()
             await asyncio.wait_for(self.task, 10)
             self.task = None
+
+
+@pytest.fixture(autouse=True)
+def _private_config_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """In-process clients pin brokers' keys (known_brokers) and keep secrets in
+    CONFIG_DIR: never in the real user's."""
+    monkeypatch.setenv("ZCHAT_CONFIG_DIR", str(tmp_path / "config"))
 
 
 @pytest.fixture

@@ -4,15 +4,19 @@ One task owns every socket. It waits on a poller, drains whatever is ready witho
 blocking (so one client can never stall the others), feeds the core, then carries
 out the core's Outcome: store (one transaction per batch), publish, reply.
 
-Sockets (all PLAIN-authenticated through the ZAP handler below):
+Sockets (all CURVE-encrypted and authenticated through the ZAP handler below):
   ROUTER  port P    requests and replies, acks and errors for chat lines
   PULL    port P+1  chat lines from the clients' PUSH
   XPUB    port P+2  fan-out; XPUB_MANUAL so each subscription is authorised
+  ROUTER  port P+3  plain and unauthenticated: answers its public key only (for
+                    clients pinning the broker on first use), in a thread of its own
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
+import hmac
 import logging
 import os
 import secrets
@@ -20,12 +24,13 @@ import time
 from typing import Any
 
 import zmq
+from zmq.utils import z85
 
-from zchat import __version__, auth
+from zchat import __version__, auth, keys
 from zchat.sockio import NOBLOCK, readable, recv_frames, recv_parts, send_parts
 from zchat import protocol as p
 from zchat.core import Core, HistoryQuery, Limits, Outcome
-from zchat.guard import Claims, ConnectionGuard, GuardConfig, connection_cap, raise_fd_limit
+from zchat.guard import Claims, ConnectionGuard, GuardConfig, connection_cap, cut_connection, peer_name, raise_fd_limit
 from zchat.metrics import Stats, status as fill_status
 from zchat.retention import Retention, RetentionPolicy
 from zchat.storage import Storage, StorageError, StorageUnavailable
@@ -34,6 +39,7 @@ log = logging.getLogger(__name__)
 
 ZAP_ENDPOINT = "inproc://zeromq.zap.01"
 ZAP_DOMAIN = b"zchat"
+EDGE_REQUESTS = (p.Claim, p.Invite, p.KeyAdd, p.KeyRevoke, p.KeyList)
 BATCH = 128  # most messages taken from one socket per loop turn: bounds a turn, so the wait of everyone else
 #: A Batch publication grows to about this many bytes at most (text counted as bytes
 #: per character: a bound, not a measure): 256 KiB, so the per-subscriber queue of
@@ -98,7 +104,8 @@ def split_endpoint(endpoint: str) -> tuple[str, int]:
 class Broker:
     def __init__(
         self, bind: str, storage: Storage, limits: Limits = Limits(), tick: float | None = None,
-        guard: GuardConfig | None = None,
+        guard: GuardConfig | None = None, key_dir: os.PathLike | str | None = None,
+        insecure_plaintext: bool = False, registration: str = "open", admins: tuple[str, ...] = (),
     ) -> None:
         self.bind = bind
         self.storage = storage
@@ -118,6 +125,20 @@ class Broker:
         self.reserved = frozenset(self.guard_config.reserved)
         self.claims = Claims(self.guard_config.claims_per_minute, self.guard_config.claim_timeout)
         self.guard: ConnectionGuard | None = None
+        # Security (see _start and _decide): CURVE with the keypair in key_dir (None: a
+        # keypair for this run only), or PLAIN for tests that ask for it by name.
+        self.key_dir = key_dir
+        self.insecure_plaintext = insecure_plaintext
+        self.registration = auth.check_registration(registration)
+        self.admins = tuple(admins)
+        self.public_key = b""
+        self.key_names: dict[bytes, str] = {}  # raw client key -> the name it owns
+        self.name_keys: dict[str, list[bytes]] = {}  # name -> its keys (devices), in order
+        self.revoked: set[bytes] = set()  # keys taken away while this broker ran (refused)
+        self.key_conns: dict[bytes, collections.deque] = {}  # key -> (label, fd, peer) of its live connections seen
+        self.key_writes: set[str] = set()  # names whose keys changed and are yet to be stored
+        self.intents = auth.Intents()
+        self.invites = auth.Invites()
         self.stats = Stats()  # plain counters for metrics and `zchat status` (zchat.metrics)
         self.retention: Retention | None = None  # set by serve() when retention is on
 
@@ -138,7 +159,7 @@ class Broker:
             if self.guard is not None and self.guard._thread is None:  # its thread closes them itself
                 for _, monitor in self.guard.monitors:
                     monitor.close(linger=0)
-            for sock in (getattr(self, name, None) for name in ("router", "pull", "xpub", "zap")):
+            for sock in (getattr(self, name, None) for name in ("router", "pull", "xpub", "zap", "keysock")):
                 if sock is not None:
                     sock.close(linger=0)
             self.ctx.term()
@@ -153,6 +174,23 @@ class Broker:
         recent = await self.storage.recent(10_000)
         soft, _hard = raise_fd_limit()
         g = self.guard_config
+        if self.insecure_plaintext:
+            log.error("!!! INSECURE PLAINTEXT MODE (tests only): names' secrets and every message cross the network in clear !!!")
+            mech: dict[str, Any] = dict(plain_server=1)
+        else:
+            keys.require_curve()
+            if self.key_dir is not None:
+                public, secret_key = keys.broker_keypair(__import__("pathlib").Path(self.key_dir))
+            else:
+                public, secret_key = zmq.curve_keypair()
+                log.warning("no key directory: this broker's keypair lasts for this run only")
+            self.public_key = public
+            mech = dict(curve_server=1, curve_secretkey=secret_key)
+            for name in users:
+                stored = await self.storage.get_user(name)
+                for key in auth.owner_keys(stored):
+                    self.key_names[key] = name
+                    self.name_keys.setdefault(name, []).append(key)
         self.guard = ConnectionGuard(self.ctx, g, connection_cap(g, soft))
         self.zap = self._socket(zmq.REP)
         self.zap.bind(ZAP_ENDPOINT)
@@ -169,7 +207,7 @@ class Broker:
         # attack). A client whose connection went silent starts over with a new session
         # id (the old pipe's routing id stays held until TCP gives up, and takes nothing).
         secure = dict(
-            plain_server=1, zap_domain=ZAP_DOMAIN, maxmsgsize=maxmsgsize, rcvhwm=rcvhwm,
+            zap_domain=ZAP_DOMAIN, maxmsgsize=maxmsgsize, rcvhwm=rcvhwm, **mech,
             handshake_ivl=max(100, int(g.handshake_timeout * 1000)),
             tcp_keepalive=1, tcp_keepalive_idle=60, tcp_keepalive_intvl=10, tcp_keepalive_cnt=6,
         )
@@ -178,7 +216,16 @@ class Broker:
         self.router = self._socket(zmq.ROUTER, router_handover=0, sndhwm=g.router_sndhwm(), **secure)
         self.pull = self._socket(zmq.PULL, **secure)
         self.xpub = self._socket(zmq.XPUB, xpub_manual=1, sndhwm=g.xpub_sndhwm(self.limits.pub_hwm, MAX_PUBLICATION_BYTES), **secure)
-        for label, sock in (("requests", self.router), ("chat", self.pull), ("fan-out", self.xpub)):
+        watched = [("requests", self.router), ("chat", self.pull), ("fan-out", self.xpub)]
+        if not self.insecure_plaintext:
+            # Plain on purpose: a client asks for the key before it can speak CURVE. It
+            # answers 40 public characters to a 10-byte question; queues of 16 tiny frames.
+            self.keysock = self._socket(
+                zmq.ROUTER, maxmsgsize=64, rcvhwm=16, sndhwm=16, router_mandatory=0,
+                handshake_ivl=max(100, int(g.handshake_timeout * 1000)),
+            )
+            watched.append(("keys", self.keysock))
+        for label, sock in watched:
             self.guard.watch(label, sock)
         self.guard.start()
         log.info(
@@ -198,6 +245,14 @@ class Broker:
                 ports.append(int(sock.last_endpoint.decode().rpartition(":")[2]))
         self.ports = (ports[0], ports[1], ports[2])
         self.endpoint = f"{base}:{ports[0]}"
+        if self.insecure_plaintext:
+            keys.declare_insecure(self.endpoint)
+            self.address = self.endpoint
+        else:
+            self.keys_port = self._serve_key(base, port + keys.KEYS_PORT_OFFSET if port else 0)
+            self.address = keys.keyed_address(self.endpoint, self.public_key)
+            log.info("broker key %s (fingerprint %s); give users the address %s", self.public_key.decode(), keys.fingerprint(self.public_key), self.address)
+            log.info("registration: %s; admins: %s", self.registration, ",".join(self.admins) or "none")
         limits = Limits(**{**self.limits.__dict__, "pull_port": ports[1], "pub_port": ports[2]})
         self.core = Core(
             epoch=epoch, boot=secrets.token_hex(6), limits=limits, heads=heads, members=members, users=users,
@@ -214,12 +269,53 @@ class Broker:
             __version__, self.endpoint, base, ports[1], base, ports[2], epoch, os.getpid(),
         )
 
+    def _serve_key(self, base: str, port: int) -> int:
+        """Bind the plain key endpoint and hand its socket to a thread that answers
+        KEY_REQUEST with this broker's public key; return its port. The thread alone
+        uses the socket from then on and closes it when the context is terminated."""
+        sock = self.keysock
+        sock.bind(f"{base}:{port}" if port else f"{base}:*")
+        bound = int(sock.last_endpoint.decode().rpartition(":")[2])
+        answer = keys.KEY_REPLY_PREFIX + self.public_key
+
+        def serve() -> None:
+            poller = zmq.Poller()
+            poller.register(sock, zmq.POLLIN)
+            try:
+                while True:
+                    if not poller.poll(1000):
+                        continue
+                    for _ in range(BATCH):
+                        try:
+                            frames = sock.recv_multipart(zmq.NOBLOCK)
+                        except zmq.Again:
+                            break
+                        if len(frames) == 2 and frames[1] == keys.KEY_REQUEST:
+                            try:
+                                sock.send_multipart([frames[0], answer], zmq.NOBLOCK)
+                            except zmq.ZMQError:
+                                pass  # that peer does not read: its answer is dropped
+            except zmq.ContextTerminated:
+                pass
+            except Exception:  # pragma: no cover - never take the broker down
+                log.exception("the key endpoint failed; clients must get the key in the address")
+            finally:
+                sock.close(linger=0)
+
+        import threading
+
+        threading.Thread(target=serve, name="zchat-key", daemon=True).start()
+        self.keysock = None  # type: ignore[assignment]  # the thread's now
+        return bound
+
     async def _expire_claims(self, now: float) -> None:
         """Free names claimed more than claim_timeout ago by a handshake that never said
         hello (call once a tick). A name whose owner said hello, joined or sent is kept."""
         core = self.core
         if core is None:
             return
+        if self.key_writes:
+            await self._store_keys()
         for name, digest in self.claims.due(now):
             if name in core.devices or name in core.rooms_of or name in core.dedup.by_user:
                 continue
@@ -232,6 +328,8 @@ class Broker:
                 core.release_user(name)
                 if self.digests.get(name) == digest:
                     del self.digests[name]
+                for key in self.name_keys.pop(name, []):  # a key's claim, released: the key owns nothing again
+                    self.key_names.pop(key, None)
                 log.info("name %r released: its handshake said no hello within %.0fs", name, self.claims.timeout)
 
     # ------------------------------------------------------------ main loop
@@ -404,11 +502,13 @@ class Broker:
             except Exception:
                 log.exception("ZAP decision failed")
                 verdict = auth.Verdict(b"500", "internal error")
-            self.zap.send_multipart([version, request_id, verdict.status, verdict.text.encode(), verdict.user_id.encode(), b""])
+            self.zap.send_multipart([version, request_id, verdict.status, verdict.text.encode(), verdict.user_id.encode(), verdict.metadata])
             key = "accepted" if verdict.status == b"200" else "refused"
             self.stats.zap[key] = self.stats.zap.get(key, 0) + 1
 
     async def _decide(self, mechanism: bytes, creds: list[bytes], address: str) -> auth.Verdict:
+        if not self.insecure_plaintext:
+            return await self._decide_curve(mechanism, creds, address)
         if mechanism != b"PLAIN" or len(creds) != 2:
             return auth.Verdict(b"400", "use the PLAIN mechanism")
         name = creds[0].decode("ascii", "replace")
@@ -434,6 +534,171 @@ class Broker:
             log.info("refused %r from %s: %s", name, address, verdict.text)
         return verdict
 
+    async def _decide_curve(self, mechanism: bytes, creds: list[bytes], address: str) -> auth.Verdict:
+        """A CURVE handshake: the client's key owns a name, or is finishing a claim it
+        made (auth.Intents), or it is a look-only session that may make one."""
+        if mechanism != b"CURVE" or len(creds) != 1 or len(creds[0]) != 32:
+            return auth.Verdict(b"400", "use the CURVE mechanism")
+        key = creds[0]
+        name = self.key_names.get(key)
+        if name is not None:
+            return auth.owned(name, key)
+        if key in self.revoked:
+            return auth.Verdict(b"400", "this key was revoked")
+        now = time.monotonic()
+        intent = self.intents.take(key, now)
+        if intent is None:
+            return auth.looker(key)
+        verdict = await self._finish_claim(key, intent, address, now)
+        if verdict.status != b"200":
+            log.info("refused the claim of %r from %s: %s", intent.name, address, verdict.text)
+        return verdict
+
+    async def _finish_claim(self, key: bytes, intent: "auth.Intent", address: str, now: float) -> auth.Verdict:
+        name = intent.name
+        stored = await self.storage.get_user(name)
+        admin = auth.is_admin(name, key, self.admins)
+        if stored is None:
+            refusal = auth.may_register(name, self.reserved, self.registration, admin, intent.invite, self.invites)
+            if refusal:
+                return auth.Verdict(b"400", refusal)
+            wait = self.claims.wait(address, now)
+            if wait:
+                return auth.Verdict(b"400", f"too many new names from {address}: try again in {wait:.0f}s")
+            owned = auth.key_digest([key])
+            if not await self.storage.add_user(name, owned):
+                return auth.Verdict(b"400", f"name {name!r} is taken")
+            if intent.invite:
+                self.invites.use(intent.invite)
+            self.core.add_user(name)  # type: ignore[union-attr]
+            self.claims.claimed(address, name, owned, now)
+            log.info("name %r claimed by key %s from %s", name, keys.fingerprint(z85.encode(key)), address)
+        elif auth.owner_keys(stored):
+            return auth.Verdict(b"400", f"name {name!r} is taken")  # devices are added with `zchat keys add`
+        elif intent.secret and hmac.compare_digest(intent.secret, stored.hex()):
+            owned = auth.key_digest([key])
+            if not (await self.storage.release_user(name, stored) and await self.storage.add_user(name, owned)):
+                return auth.Verdict(b"400", f"name {name!r} changed while moving it to a key: try again")
+            log.info("name %r moved from its PLAIN secret to key %s", name, keys.fingerprint(z85.encode(key)))
+        else:
+            return auth.Verdict(b"400", f"name {name!r} is taken (a PLAIN-era name moves to a key only with its secret)")
+        self.key_names[key] = name
+        self.name_keys[name] = [key]
+        return auth.owned(name, key)
+
+    def _note_connection(self, label: str, frame: zmq.Frame) -> None:
+        """Remember which TCP connection a key's hello or subscription came on, so that
+        revoking the key can cut it (a few per key; its peer's port tells a reused
+        descriptor from the connection itself)."""
+        try:
+            key_text, fd = frame.get("X-Key"), frame.get(zmq.SRCFD)
+        except zmq.ZMQError:
+            return
+        if not key_text or fd < 0:
+            return
+        key = z85.decode(key_text)
+        if key not in self.key_names:
+            return
+        conns = self.key_conns.setdefault(key, collections.deque(maxlen=16))
+        entry = (label, fd, peer_name(fd))
+        if entry not in conns:
+            conns.append(entry)
+
+    def _edge_request(self, sid: str, frame: zmq.Frame, req: Any, now: float, out: Outcome) -> None:
+        """Claim, Invite, KeyAdd, KeyRevoke, KeyList: keys and names, answered at once
+        from memory (a change of keys is stored at the next tick, see _store_keys)."""
+        if type(req) is p.Claim:
+            self._claim(sid, frame, req, now, out)
+            return
+        try:
+            user, key_text = frame.get("User-Id"), frame.get("X-Key")
+        except zmq.ZMQError:
+            return
+        if self.insecure_plaintext or not key_text or user == p.LOOKER:
+            out.error(sid, p.ErrorCode.FORBIDDEN, "keys and invites need a named CURVE session", rid=req.rid)
+            return
+        me = z85.decode(key_text)
+        kind = type(req)
+        if kind is p.Invite:
+            if not auth.is_admin(user, me, self.admins):
+                out.error(sid, p.ErrorCode.FORBIDDEN, "only the broker's admins make invite codes", rid=req.rid)
+                return
+            code = self.invites.make(now)
+            if code is None:
+                out.error(sid, p.ErrorCode.LIMIT_REACHED, f"{self.invites.limit} unused invite codes already", rid=req.rid)
+                return
+            log.info("%s made an invite code", user)
+            out.replies.append((sid, p.Invited(rid=req.rid, code=code)))
+            return
+        mine = self.name_keys.setdefault(user, [])
+        if kind is p.KeyList:
+            out.replies.append((sid, p.KeysReply(rid=req.rid, keys=[z85.encode(k).decode() for k in mine])))
+            return
+        if not keys.valid_key(req.key):
+            out.error(sid, p.ErrorCode.BAD_REQUEST, "expected a 40-character Z85 public key", rid=req.rid)
+            return
+        other = z85.decode(req.key)
+        if kind is p.KeyAdd:
+            if other in self.key_names:
+                out.error(sid, p.ErrorCode.BAD_REQUEST, "that key owns a name already", rid=req.rid)
+                return
+            if len(mine) >= auth.MAX_DEVICES:
+                out.error(sid, p.ErrorCode.LIMIT_REACHED, f"a name has at most {auth.MAX_DEVICES} keys", rid=req.rid)
+                return
+            self.revoked.discard(other)
+            mine.append(other)
+            self.key_names[other] = user
+            log.info("%s authorised key %s", user, keys.fingerprint(req.key))
+        else:  # KeyRevoke
+            if other not in mine:
+                out.error(sid, p.ErrorCode.BAD_REQUEST, "that key is not one of this name's", rid=req.rid)
+                return
+            if len(mine) == 1:
+                out.error(sid, p.ErrorCode.BAD_REQUEST, "that is the name's last key", rid=req.rid)
+                return
+            mine.remove(other)
+            del self.key_names[other]
+            if len(self.revoked) < auth.MAX_REVOKED:
+                self.revoked.add(other)
+            cut = 0
+            for _label, fd, peer in self.key_conns.pop(other, ()):
+                if peer is not None and peer_name(fd) == peer:
+                    cut_connection(fd)
+                    cut += 1
+            log.info("%s revoked key %s (%d live connection(s) cut)", user, keys.fingerprint(req.key), cut)
+        self.key_writes.add(user)
+        out.replies.append((sid, p.Ok(rid=req.rid)))
+
+    async def _store_keys(self) -> None:
+        """Store the key lists of names changed by KeyAdd/KeyRevoke (once a tick)."""
+        for name in list(self.key_writes):
+            self.key_writes.discard(name)
+            stored = await self.storage.get_user(name)
+            wanted = auth.key_digest(self.name_keys.get(name, []))
+            if stored == wanted:
+                continue
+            if stored is None or not await self.storage.release_user(name, stored) or not await self.storage.add_user(name, wanted):
+                log.warning("could not store the keys of %r", name)
+
+    def _claim(self, sid: str, frame: zmq.Frame, req: p.Claim, now: float, out: Outcome) -> None:
+        """A look-only connection asks that its key own ``req.name``: remember that
+        (bounded, for claim_timeout) and say ok; the client dials again and the ZAP
+        handler decides (_finish_claim). Nothing is stored here."""
+        try:
+            user, key_text = frame.get("User-Id"), frame.get("X-Key")
+        except zmq.ZMQError:
+            user, key_text = "", ""
+        if user != p.LOOKER or not key_text:
+            out.error(sid, p.ErrorCode.BAD_REQUEST, "this connection owns a name already", rid=req.rid)
+            return
+        if not p.valid_name(req.name):
+            out.error(sid, p.ErrorCode.BAD_NAME, f"bad name {req.name!r}: use a-z, 0-9, '_', '-' (max {p.MAX_NAME_LEN})", rid=req.rid)
+            return
+        if not self.intents.add(z85.decode(key_text), req, now + self.claims.timeout):
+            out.error(sid, p.ErrorCode.LIMIT_REACHED, "too many claims in progress: try again shortly", rid=req.rid, retry_after=1.0)
+            return
+        out.replies.append((sid, p.Ok(rid=req.rid)))
+
     def _subscriptions(self, now: float) -> None:
         core = self.core
         assert core is not None
@@ -453,6 +718,8 @@ class Broker:
                 user = frame.get("User-Id")
             except zmq.ZMQError:  # the peer is gone already: its frame has no metadata left
                 continue
+            if data[0] == 1 and not self.insecure_plaintext:
+                self._note_connection("fan-out", frame)
             if data[0] == 1 and core.may_subscribe(user, topic):
                 self.xpub.setsockopt(zmq.SUBSCRIBE, topic)
                 # What was published before this took effect never reached the client:
@@ -501,6 +768,11 @@ class Broker:
                 out.error(sid, exc.code, exc.message, rid=exc.rid, cid=exc.cid)
                 continue
             kind = type(req)
+            if kind in EDGE_REQUESTS:  # the broker's, not the core's: keys and names are the edge's
+                self._edge_request(sid, frames[1], req, now, out)
+                continue
+            if kind is p.Hello and not self.insecure_plaintext:
+                self._note_connection("requests", frames[1])
             if kind is p.Send or kind is p.Sends:
                 lines = [req] if kind is p.Send else req.items  # type: ignore[union-attr]
                 self._take(user, lines, [], now, out, sid)  # type: ignore[arg-type]
@@ -673,14 +945,14 @@ class Broker:
 
 async def serve(
     bind: str, storage: Storage, limits: Limits = Limits(), guard: GuardConfig | None = None,
-    retention: RetentionPolicy | None = None, metrics: str | None = None, metrics_public: bool = False,
+    retention: RetentionPolicy | None = None, metrics: str | None = None, metrics_public: bool = False, **security: Any,
 ) -> None:
     """Run a broker until SIGINT or SIGTERM (with retention pruning beside it, if asked);
     with ``metrics`` (HOST:PORT) also serve Prometheus metrics there (zchat.metrics),
-    from a thread of their own."""
+    from a thread of their own. ``security``: Broker's key_dir, registration, admins."""
     import signal
 
-    broker = Broker(bind, storage, limits, guard=guard)
+    broker = Broker(bind, storage, limits, guard=guard, **security)
     await broker.start()
     server = None
     if metrics:

@@ -18,6 +18,7 @@ import asyncio
 import collections
 import dataclasses
 import logging
+import os
 import secrets
 import time
 from typing import AsyncIterator, Callable
@@ -67,6 +68,11 @@ class AuthError(ClientError):
 
 class ConnectError(ClientError):
     """The broker did not answer in time."""
+
+
+class BrokerKeyError(ConnectError):
+    """The broker's key is unknown (and may not be trusted on first use here) or is not
+    the one pinned for it: nothing was sent to it. The message says how to fix it."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -249,15 +255,32 @@ class Client:
         ack_timeout: float = 3.0,
         label: str = "zchat",
         sub_hwm: int = 100_000,
+        trust_new_broker: bool = False,
+        invite: str = "",
     ) -> None:
         if name != p.LOOKER and not p.valid_name(name):
             raise ClientError(p.ErrorCode.BAD_NAME, f"bad name {name!r}: use a-z, 0-9, '_', '-' (1-{p.MAX_NAME_LEN} characters, lowercase)")
-        self.base, _ = split_broker(broker)
+        from zchat import keys
+
+        try:
+            endpoint, _ = keys.split_address(broker)
+        except ValueError as exc:
+            raise ClientError(p.ErrorCode.BAD_REQUEST, str(exc)) from None
+        self.base, _ = split_broker(endpoint)
         if secret is None:
             from zchat.config import load_secret
 
             secret = load_secret(name)
-        self.broker = broker
+        self.address = broker  # as given, maybe with #k=KEY
+        self.broker = endpoint  # what we connect to
+        # ZCHAT_TRUST_NEW_BROKER=1 is --trust-new-broker for processes without the flag
+        # (the compose demo's bots, on the compose network).
+        self.trust_new_broker = trust_new_broker or os.environ.get("ZCHAT_TRUST_NEW_BROKER") == "1"
+        self.invite = invite
+        # CURVE unless a broker in this very process was started in its test-only plaintext mode.
+        self.plaintext = keys.is_insecure(endpoint)
+        self.server_key: str | None = None
+        self.public_key, self._secret_key = keys.throwaway_keypair() if name == p.LOOKER else keys.keypair_from_secret(secret, name)
         self.name = name
         self.secret = secret
         self.label = label
@@ -314,13 +337,46 @@ class Client:
     def _socket(self, kind: int) -> zmq.asyncio.Socket:
         sock = self._ctx.socket(kind)
         sock.linger = 0
-        sock.plain_username = self.name.encode()
-        sock.plain_password = self.secret.encode()
+        if self.plaintext:
+            sock.plain_username = self.name.encode()
+            sock.plain_password = self.secret.encode()
+        else:
+            assert self.server_key is not None, "connect() learns the broker's key first"
+            sock.curve_serverkey = self.server_key.encode()
+            sock.curve_publickey = self.public_key
+            sock.curve_secretkey = self._secret_key
         self._socks.append(sock)
         return sock
 
     async def connect(self, timeout: float = 5.0) -> p.Welcome:
-        """Say hello; raise AuthError if the name is refused, ConnectError on silence."""
+        """Say hello; raise AuthError if the name is refused, ConnectError on silence,
+        BrokerKeyError if the broker's key is unknown or not the pinned one (then
+        nothing but the plain key request was sent)."""
+        if not self.plaintext and self.server_key is None:
+            from zchat import keys
+
+            try:
+                _, self.server_key = await keys.broker_key(self.address, self._ctx, self.trust_new_broker)
+            except keys.KeyError_ as exc:
+                raise BrokerKeyError("broker_key", str(exc)) from None
+        welcome = await self._hello(timeout)
+        if welcome.name == p.LOOKER and not self.looking:
+            welcome = await self._claim(timeout)
+        self._take_welcome(welcome)
+        self._auth_failed = None  # a refusal from now on (a revoked key) closes the client: see _watch
+        sub = self._socket(zmq.SUB)
+        sub.rcvhwm = self.sub_hwm
+        sub.connect(f"{self.base}:{welcome.pub_port}")
+        self._sub = _Pump(sub, self._on_event)
+        topics = (p.SYSTEM_TOPIC,) if self.looking else (p.SYSTEM_TOPIC, p.inbox_topic(self.name))
+        for topic in topics:
+            self._sub.submit(lambda s, t=topic: s.setsockopt(zmq.SUBSCRIBE, t))
+        self._spawn(self._sub.run(), self._heartbeats(), self._resends(), self._filler())
+        self._set_state("connected")
+        return welcome
+
+    async def _hello(self, timeout: float) -> p.Welcome:
+        """Dial the DEALER and say hello on it; close everything and raise on refusal or silence."""
         loop = asyncio.get_running_loop()
         self._auth_failed = loop.create_future()
         self._dial()
@@ -332,19 +388,48 @@ class Client:
             if self._auth_failed.done() and self.looking:
                 raise AuthError(p.ErrorCode.FORBIDDEN, f"the broker at {self.broker} refused a look-only session: give --name")
             if self._auth_failed.done():
-                raise AuthError(p.ErrorCode.NAME_TAKEN, f"the broker refused the name {self.name!r}: it belongs to someone else (or your secret changed)")
+                raise AuthError(
+                    p.ErrorCode.NAME_TAKEN,
+                    f"the broker refused the name {self.name!r}: it belongs to someone else (or your key changed), "
+                    "it is reserved, or the broker's registration needs an invite or an admin (its log says which)",
+                )
             raise ConnectError("unreachable", f"no answer from the broker at {self.broker} within {timeout:g}s")
-        welcome = hello.result()
-        self._take_welcome(welcome)
-        sub = self._socket(zmq.SUB)
-        sub.rcvhwm = self.sub_hwm
-        sub.connect(f"{self.base}:{welcome.pub_port}")
-        self._sub = _Pump(sub, self._on_event)
-        topics = (p.SYSTEM_TOPIC,) if self.looking else (p.SYSTEM_TOPIC, p.inbox_topic(self.name))
-        for topic in topics:
-            self._sub.submit(lambda s, t=topic: s.setsockopt(zmq.SUBSCRIBE, t))
-        self._spawn(self._sub.run(), self._heartbeats(), self._resends(), self._filler())
-        self._set_state("connected")
+        return hello.result()
+
+    async def _claim(self, timeout: float) -> p.Welcome:
+        """Our key owns no name yet: ask for ours on this look-only session, then dial
+        again; the broker's ZAP handler finishes the claim at that handshake (or refuses
+        it: the name is taken, reserved, or registration says no).
+
+        The claim carries the SHA-256 digest of the name's secret, never the secret
+        (from which our key is derived): a broker that holds that digest from the PLAIN
+        era moves the name to our key; any other broker learns nothing from it."""
+        from zchat import auth
+
+        proof = auth.digest(self.secret.encode()).hex() if self.plaintext is False and self.secret else ""
+        try:
+            await self._request(lambda rid: p.Claim(rid=rid, name=self.name, secret=proof, invite=self.invite), timeout=timeout)
+        except (ClientError, asyncio.TimeoutError):
+            await self.close()
+            raise
+        try:  # end the look-only session now rather than leave it to time out
+            await self._request(lambda rid: p.Bye(rid=rid), timeout=min(timeout, 1.0), retry=False)
+        except (ClientError, asyncio.TimeoutError):
+            pass
+        dealer, monitor, *tasks = self._dealing
+        self._dealer.stop()
+        for task in tasks:
+            task.cancel()
+            self._tasks.remove(task)
+        for sock in (dealer, monitor):
+            sock.close(linger=0)
+            self._socks.remove(sock)
+        self.sid = secrets.token_hex(8)
+        welcome = await self._hello(timeout)
+        if welcome.name != self.name:
+            await self.close()
+            raise AuthError(p.ErrorCode.NAME_TAKEN, f"the broker did not give this key the name {self.name!r}")
+        log.info("this key now owns the name %r at %s", self.name, self.broker)
         return welcome
 
     def _dial(self) -> None:
@@ -659,6 +744,31 @@ class Client:
             raise ClientError(p.ErrorCode.INTERNAL, f"expected a status reply, got {type(reply).__name__}")
         return reply
 
+    # ------------------------------------------------------------ keys and invites
+
+    async def make_invite(self, timeout: float = 5.0) -> str:
+        """A one-use invite code (broker admins only)."""
+        reply = await self._request(lambda rid: p.Invite(rid=rid), timeout=timeout)
+        return reply.code  # type: ignore[union-attr]
+
+    async def list_keys(self, timeout: float = 5.0) -> list[str]:
+        """The Z85 public keys that own this name at the broker (one per device)."""
+        reply = await self._request(lambda rid: p.KeyList(rid=rid), timeout=timeout)
+        return list(reply.keys)  # type: ignore[union-attr]
+
+    async def add_key(self, key: str, timeout: float = 5.0) -> None:
+        """Authorise another device's public key for this name."""
+        await self._request(lambda rid: p.KeyAdd(rid=rid, key=key), timeout=timeout)
+
+    async def revoke_key(self, key: str, timeout: float = 5.0) -> None:
+        """Take a key away from this name: refused from its next handshake on, and its
+        live connections are cut."""
+        await self._request(lambda rid: p.KeyRevoke(rid=rid, key=key), timeout=timeout)
+
+    async def _refused_later(self) -> None:
+        log.error("the broker at %s now refuses this key (revoked?): closing", self.broker)
+        await self.close()
+
     async def ping(self, timeout: float = 5.0) -> float:
         """Round-trip time in seconds."""
         start = time.perf_counter()
@@ -952,6 +1062,8 @@ class Client:
                 log.warning("handshake refused by %s (status %s)", self.broker, event["value"])
                 if self._auth_failed is not None and not self._auth_failed.done():
                     self._auth_failed.set_result(event["value"])
+                elif self.state != "closed" and not self.plaintext:  # refused after we were in: revoked
+                    asyncio.ensure_future(self._refused_later())
 
     async def _heartbeats(self) -> None:
         """Ping every heartbeat: keeps presence alive, detects a lost broker and lost tails."""

@@ -98,12 +98,17 @@ class Settings:
     queue_budget: int = 4 * 1024 * 1024  # bytes each connection's receive queue may hold
     send_budget: int = 16 * 1024 * 1024  # bytes each connection's send queue may hold
     handshake_timeout: float = 5.0  # seconds a TCP connection has to finish its handshake
+    registration: str = "open"  # who may claim a new name: open, invite or closed
+    admins: str = ""  # comma-separated admin names or Z85 public keys
     # Retention (zchat.retention): 0 keeps everything, the default.
     retain_days: float = 0.0  # delete messages older than this many days
     retain_messages: int = 0  # keep at most this many (the newest) messages a room
 
     def reserved(self) -> tuple[str, ...]:
         return tuple(n for n in (part.strip() for part in self.reserved_names.split(",")) if n)
+
+    def admin_list(self) -> tuple[str, ...]:
+        return tuple(a for a in (part.strip() for part in self.admins.split(",")) if a)
 
     def db_path(self) -> Path:
         return Path(self.db).expanduser() if self.db else data_dir() / "history.db"
@@ -134,6 +139,8 @@ HELP = {
     "reserved_names": "comma-separated names nobody may claim",
     "queue_budget": "bytes each connection's receive queue at the broker may hold",
     "handshake_timeout": "seconds a new TCP connection has to finish its ZeroMQ handshake",
+    "registration": "who may claim a new name: 'open' (anyone), 'invite' (with a code from `zchat admin invite`) or 'closed' (admins only)",
+    "admins": "comma-separated broker admins, by name or by Z85 public key (`zchat keys list` shows yours)",
     "send_budget": f"bytes each connection's send queue at the broker may hold (at least {MIN_SEND_BUDGET})",
     "retain_days": "days of history the broker keeps; older messages are pruned in the background (0: all)",
     "retain_messages": "messages the broker keeps a room, the newest; older ones are pruned in the background (0: all)",
@@ -190,12 +197,20 @@ def _to_type(name: str, value: Any, source: str, from_text: bool) -> Any:
 
 
 def _check_endpoint(name: str, value: str, source: str) -> str:
-    m = _ENDPOINT_RE.match(value)
-    # The broker binds PORT, PORT+1 and PORT+2, so PORT may be at most 65533; a
-    # broker bound to port 0 picks three free ports (useful in tests).
+    endpoint = value
+    if name == "broker" and "#" in value:  # a keyed address: tcp://HOST:PORT#k=KEY
+        from zchat.keys import split_address
+
+        try:
+            endpoint, _ = split_address(value)
+        except ValueError as exc:
+            raise _fail(name, source, value, f"tcp://HOST:PORT or tcp://HOST:PORT#k=KEY ({exc})") from None
+    m = _ENDPOINT_RE.match(endpoint)
+    # The broker binds PORT to PORT+3 (PORT+3: its plain key endpoint), so PORT may be
+    # at most 65532; a broker bound to port 0 picks free ports (useful in tests).
     lowest = 0 if name == "bind" else 1
-    if not m or not lowest <= int(m["port"]) <= 65533:
-        raise _fail(name, source, value, f"an endpoint tcp://HOST:PORT with PORT from {lowest} to 65533")
+    if not m or not lowest <= int(m["port"]) <= 65532:
+        raise _fail(name, source, value, f"an endpoint tcp://HOST:PORT with PORT from {lowest} to 65532")
     return value
 
 
@@ -251,6 +266,12 @@ def _validate(name: str, value: Any, source: str) -> Any:
         if value < 0:
             raise _fail(name, source, value, "0 or a positive integer")
         return value
+    if name == "registration":
+        if value not in ("open", "invite", "closed"):
+            raise _fail(name, source, value, "'open', 'invite' or 'closed'")
+        return value
+    if name == "admins":
+        return ",".join(dict.fromkeys(a.strip() for a in value.split(",") if a.strip()))
     if name == "reserved_names":
         names = [n.strip() for n in value.split(",") if n.strip()]
         bad = [n for n in names if not valid_name(n)]

@@ -149,6 +149,25 @@ def _peer_of(fd: int) -> str | None:
         return None
 
 
+def peer_name(fd: int) -> tuple[str, int] | None:
+    """(address, port) of the peer on libzmq's descriptor ``fd`` (None if gone)."""
+    try:
+        dup = os.dup(fd)
+    except OSError:
+        return None
+    try:
+        with socket.socket(fileno=dup) as sock:
+            peer = sock.getpeername()
+            return str(peer[0]), int(peer[1])
+    except OSError:
+        return None
+
+
+def cut_connection(fd: int) -> None:
+    """End the TCP connection on libzmq's ``fd`` (a revoked key's), never closing ``fd``."""
+    _cut(fd)
+
+
 def _handshake_done(fd: int) -> bool:
     """Whether the broker's side of ``fd`` has sent (and had acknowledged) as much as a
     finished ZMTP handshake sends, from the kernel's TCP_INFO (False if unknown)."""

@@ -183,7 +183,46 @@ class Status(_Body, tag="status"):
     rid: Rid
 
 
-Request = Union[Hello, Join, Part, History, Who, Rooms, Ping, Bye, Status]
+class Claim(_Body, tag="claim"):
+    """Bind ``name`` to the key of this (look-only) connection; the client then dials
+    again and the broker's ZAP handler finishes the claim (docs/protocol.md "Keys and
+    names"). ``secret``: a PLAIN-era name's secret, to move that name to the key.
+    ``invite``: a one-use code, when the broker's registration is by invitation."""
+
+    rid: Rid
+    name: str
+    secret: str = ""
+    invite: str = ""
+
+
+class Invite(_Body, tag="invite"):
+    """An admin asks for a one-use invite code (reply ``invited``)."""
+
+    rid: Rid
+
+
+class KeyAdd(_Body, tag="key_add"):
+    """Authorise another device's Z85 public key for this session's name (reply ``ok``)."""
+
+    rid: Rid
+    key: str
+
+
+class KeyRevoke(_Body, tag="key_revoke"):
+    """Take a key away from this session's name: refused at its next handshake, its
+    live connections cut (reply ``ok``)."""
+
+    rid: Rid
+    key: str
+
+
+class KeyList(_Body, tag="key_list"):
+    """The Z85 keys that own this session's name (reply ``keys``)."""
+
+    rid: Rid
+
+
+Request = Union[Hello, Join, Part, History, Who, Rooms, Ping, Bye, Status, Claim, Invite, KeyAdd, KeyRevoke, KeyList]
 
 # ------------------------------------------------------ client -> broker (PUSH/PULL)
 
@@ -328,7 +367,17 @@ class StatusReply(_Body, tag="brokerstatus"):
     storage_unavailable: float = 0.0  # seconds the store has refused writes (disk full...); 0: writing
 
 
-Reply = Union[Welcome, Joined, Ok, HistoryReply, WhoReply, RoomsReply, Pong, Ack, Error, StatusReply]
+class Invited(_Body, tag="invited"):
+    rid: int
+    code: str
+
+
+class KeysReply(_Body, tag="keys"):
+    rid: int
+    keys: list[str] = []
+
+
+Reply = Union[Welcome, Joined, Ok, HistoryReply, WhoReply, RoomsReply, Pong, Ack, Error, StatusReply, Invited, KeysReply]
 
 # ------------------------------------------------------- broker -> client (PUB/SUB)
 
@@ -396,7 +445,7 @@ _encoder = msgspec.msgpack.Encoder()
 _request_decoder = msgspec.msgpack.Decoder(Request)
 _send_decoder = msgspec.msgpack.Decoder(Union[Send, Sends])
 _single_send_decoder = msgspec.msgpack.Decoder(Send)
-_router_decoder = msgspec.msgpack.Decoder(Union[Hello, Join, Part, History, Who, Rooms, Ping, Bye, Status, Send, Sends])
+_router_decoder = msgspec.msgpack.Decoder(Union[Hello, Join, Part, History, Who, Rooms, Ping, Bye, Status, Claim, Invite, KeyAdd, KeyRevoke, KeyList, Send, Sends])
 _raw_sends_decoder = msgspec.msgpack.Decoder(_RawSends)
 _sends_head_decoder = msgspec.msgpack.Decoder(_SendsHead)
 _reply_decoder = msgspec.msgpack.Decoder(Reply)

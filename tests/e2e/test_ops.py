@@ -20,9 +20,9 @@ import zmq.asyncio
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.conftest import BrokerProcess, free_port_base
-from zchat import __version__
+from zchat import __version__, keys
 from zchat import protocol as p
-from zchat.client import Client, ClientError
+from zchat.client import AuthError, Client, ClientError
 
 
 def zchat(env: dict[str, str], *args: str, timeout: float = 30) -> subprocess.CompletedProcess:
@@ -81,7 +81,11 @@ async def test_metrics_scraped_over_http_move_with_real_traffic(metrics_broker: 
     bob = Client(metrics_broker.endpoint, "bob", "secret-of-bob-0123456789")
     rogue = zmq.asyncio.Context.instance().socket(zmq.DEALER)
     rogue.linger = 0
-    rogue.plain_username, rogue.plain_password = b"mallory", b"secret-of-mallory-0123456789"
+    # A CURVE peer with a fresh key: a look-only session, which claims no name.
+    server_key = await keys.fetch_key(metrics_broker.endpoint, zmq.asyncio.Context.instance())
+    assert server_key
+    rogue.curve_serverkey = server_key.encode()
+    rogue.curve_publickey, rogue.curve_secretkey = zmq.curve_keypair()
     try:
         await alice.connect()
         await bob.connect()
@@ -116,7 +120,7 @@ async def test_metrics_scraped_over_http_move_with_real_traffic(metrics_broker: 
     assert value(during, "zchat_zap_decisions_total", verdict="accepted") >= 3  # a handshake per connection
     assert value(during, "zchat_sessions") == 2  # the rogue never said hello
     assert value(during, "zchat_users_online") == 2
-    assert value(during, "zchat_users") == 3  # its name was claimed at its handshake
+    assert value(during, "zchat_users") == 2  # the rogue's key owns no name: it claimed none
     assert value(during, "zchat_rooms") == 1
     assert value(during, "zchat_messages") == 22
     assert value(during, "zchat_storage_bytes") > 0
@@ -132,18 +136,13 @@ async def test_metrics_scraped_over_http_move_with_real_traffic(metrics_broker: 
     assert asked and asked <= set(during), asked - set(during)
 
 
-    # A wrong secret is a refused handshake; the peer hears nothing, so poll the metrics.
-    thief = zmq.asyncio.Context.instance().socket(zmq.DEALER)
-    thief.linger = 0
-    thief.plain_username, thief.plain_password = b"alice", b"not-the-secret-of-alice-000"
-    thief.connect(metrics_broker.endpoint)
-    try:
-        deadline = time.monotonic() + 10
-        while not (await asyncio.to_thread(scrape, url))["zchat_zap_decisions_total"].get((("verdict", "refused"),)):
-            assert time.monotonic() < deadline, "the refused handshake was never counted"
-            await asyncio.sleep(0.05)
-    finally:
-        thief.close(linger=0)
+    # Another key claiming a taken name is a refused handshake (the claim's second dial).
+    with pytest.raises(AuthError):
+        await Client(metrics_broker.endpoint, "alice", "not-the-secret-of-alice-000").connect()
+    deadline = time.monotonic() + 10
+    while not (await asyncio.to_thread(scrape, url))["zchat_zap_decisions_total"].get((("verdict", "refused"),)):
+        assert time.monotonic() < deadline, "the refused handshake was never counted"
+        await asyncio.sleep(0.05)
 
 
 def test_metrics_are_off_by_default_and_refuse_a_public_address(broker_proc: BrokerProcess, cli_env: dict[str, str], tmp_path: Path) -> None:

@@ -17,6 +17,8 @@ import pytest
 import zmq
 import zmq.asyncio
 
+from zchat import keys
+
 from tests.conftest import RunningBroker, chat, collect, wait_for
 from zchat import protocol as p
 from zchat.client import Client, ClientError
@@ -41,6 +43,7 @@ class ScriptedBroker:
         self.zap.bind("inproc://zeromq.zap.01")
         self.router = self._sock(zmq.ROUTER, plain_server=True)
         self.port = self.router.bind_to_random_port("tcp://127.0.0.1")
+        keys.declare_insecure(f"tcp://127.0.0.1:{self.port}")  # it speaks PLAIN, as the broker's test-only mode
         self.xpub = self._sock(zmq.XPUB, plain_server=True)
         self.pub_port = self.xpub.bind_to_random_port("tcp://127.0.0.1")
         self.task: asyncio.Task | None = None

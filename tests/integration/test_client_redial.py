@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 
+from zchat import keys
 from zchat.client import Client
 
 from tests.conftest import RunningBroker, chat
@@ -61,6 +62,7 @@ class FreezingProxy:
 
 async def test_a_connection_gone_silent_is_replaced_by_a_new_session(broker: RunningBroker, connect) -> None:
     proxy = await FreezingProxy(broker.broker.ports[0]).start()  # type: ignore[union-attr]
+    keys.declare_insecure(f"tcp://127.0.0.1:{proxy.port}")  # it stands for the test-only plaintext broker
     alice = Client(f"tcp://127.0.0.1:{proxy.port}", "alice", "secret-of-alice-0123456789", ack_timeout=1.0)
     try:
         await alice.connect()

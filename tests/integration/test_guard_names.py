@@ -24,7 +24,7 @@ from zchat.guard import GuardConfig
 async def start_broker(path: Path, guard: GuardConfig) -> RunningBroker:
     """A broker in this event loop with the given edge settings."""
     running = RunningBroker(path, Limits(heartbeat=HEARTBEAT, rate=0))
-    running.broker = Broker(running.bind, running.storage(), running.limits, guard=guard)  # type: ignore[arg-type]
+    running.broker = Broker(running.bind, running.storage(), running.limits, guard=guard, insecure_plaintext=True)  # type: ignore[arg-type]
     await running.broker.start()
     running.bind = running.broker.endpoint
     running.task = asyncio.create_task(running.broker.run())

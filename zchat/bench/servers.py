@@ -46,7 +46,18 @@ class Server:
 # ------------------------------------------------------------------ zchat
 
 
-def _zchat_broker(bind: str, db: str, heartbeat: float, seed: Callable[[str], Any] | None) -> None:
+#: Bench-only switch: ZCHAT_BENCH_PLAINTEXT=1 runs the zchat broker in its test-only
+#: plaintext mode (PLAIN, no encryption), to measure what CURVE costs against the same run.
+PLAINTEXT_ENV = "ZCHAT_BENCH_PLAINTEXT"
+
+
+def bench_plaintext() -> bool:
+    import os
+
+    return os.environ.get(PLAINTEXT_ENV) == "1"
+
+
+def _zchat_broker(bind: str, db: str, heartbeat: float, seed: Callable[[str], Any] | None, key_dir: str = "", plaintext: bool = False) -> None:
     import asyncio
     import logging
 
@@ -62,15 +73,26 @@ def _zchat_broker(bind: str, db: str, heartbeat: float, seed: Callable[[str], An
     # rate=0: no per-user rate limit, so the benchmark measures the broker, not the limiter;
     # every benchmark client comes from 127.0.0.1, so no per-address caps either.
     edge = GuardConfig(max_per_address=1_000_000, claims_per_minute=0)
-    asyncio.run(serve(bind, SqliteStorage(db), Limits(heartbeat=heartbeat, rate=0), edge))
+    security: dict[str, Any] = dict(insecure_plaintext=True) if plaintext else dict(key_dir=key_dir)
+    asyncio.run(serve(bind, SqliteStorage(db), Limits(heartbeat=heartbeat, rate=0), edge, **security))
 
 
 def start_zchat(tmp: Path, heartbeat: float, seed: Callable[[str], Any] | None = None, db: Path | None = None) -> Server:
-    port = procs.free_port_base(3)
+    from zchat import keys
+
+    port = procs.free_port_base(4)
     bind = f"tcp://127.0.0.1:{port}"
     db = db or tmp / "history.db"
-    proc = procs.spawn(_zchat_broker, bind, str(db), heartbeat, seed, log=str(tmp / "broker.log"), name="zchat-broker")
-    server = Server("zchat", proc, {"broker": bind, "port": port}, tmp)
+    plaintext = bench_plaintext()
+    if plaintext:  # clients (spawned later) speak PLAIN to this endpoint only
+        keys.declare_insecure(bind)
+        address = bind
+    else:  # the key is made here and reused by the broker: clients get the keyed address
+        address = keys.keyed_address(bind, keys.broker_keypair(tmp / "keys")[0])
+    proc = procs.spawn(
+        _zchat_broker, bind, str(db), heartbeat, seed, str(tmp / "keys"), plaintext, log=str(tmp / "broker.log"), name="zchat-broker",
+    )
+    server = Server("zchat", proc, {"broker": address, "port": port}, tmp)
     try:
         procs.wait_listening(port + 2, proc, timeout=120.0)
     except Exception:

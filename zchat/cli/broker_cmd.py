@@ -34,6 +34,9 @@ log = logging.getLogger(__name__)
 @click.option("--queue-budget", type=int, help="Bytes each connection's receive queue may hold. [4194304]")
 @click.option("--send-budget", type=int, help="Bytes each connection's send queue may hold (replies up to 1 MiB). [16777216]")
 @click.option("--handshake-timeout", type=float, help="Seconds a new TCP connection has to finish its handshake. [5]")
+@click.option("--registration", type=click.Choice(["open", "invite", "closed"]), help="Who may claim a new name: anyone, holders of an invite code, or admins only. [open]")
+@click.option("--admins", help="Comma-separated admins, by name or Z85 public key. [none]")
+@click.option("--show-address", is_flag=True, default=False, help="Print the address to give users (it carries the broker's key; made on first use) and exit.")
 @click.option("--retain-days", type=float, help="Days of history to keep; older messages are pruned in the background. [0: all]")
 @click.option("--retain-messages", type=int, help="Messages to keep a room (the newest); older ones are pruned. [0: all]")
 @click.option("--log-level", help="DEBUG, INFO, WARNING or ERROR. [INFO]")
@@ -48,7 +51,7 @@ log = logging.getLogger(__name__)
 @click.option("--config", "config_path", type=click.Path(dir_okay=False), help="TOML settings file.")
 def broker(
     config_path: str | None, log_file: str | None, log_max_bytes: int, log_backups: int,
-    metrics: str | None, metrics_public: bool, **flags: object,
+    metrics: str | None, metrics_public: bool, show_address: bool, **flags: object,
 ) -> None:
     """Run the chat broker until Ctrl-C or SIGTERM (history is closed cleanly).
 
@@ -58,6 +61,11 @@ def broker(
       zchat broker --bind tcp://0.0.0.0:5555 --db /srv/zchat/history.db
       zchat broker --log-format json --log-level DEBUG
       zchat broker --metrics 127.0.0.1:9464 --log-file /var/log/zchat/broker.log
+      zchat broker --bind tcp://0.0.0.0:5555 --show-address   # the address for users
+
+    Every connection is CURVE-encrypted. The broker's keypair is made on first start
+    next to its history file (broker.key, mode 0600) and reused; users get the key in
+    the address (tcp://HOST:PORT#k=KEY) or pin it on first use (see the README).
     """
     from zchat.broker import serve
     from zchat.logs import setup_logging
@@ -65,6 +73,18 @@ def broker(
     from zchat.storage import StorageError, open_storage
 
     s = settings(config_path, **flags)
+    if show_address:
+        from zchat import keys
+
+        try:
+            keys.require_curve()
+            public, _ = keys.broker_keypair(s.db_path().parent)
+        except (keys.KeyError_, OSError) as exc:
+            raise click.ClickException(str(exc)) from None
+        host_port = s.bind.replace("0.0.0.0", __import__("socket").gethostname(), 1)
+        click.echo(keys.keyed_address(host_port, public))
+        click.echo(f"fingerprint {keys.fingerprint(public)}", err=True)
+        return
     if metrics:
         from zchat.metrics import parse_address
 
@@ -97,7 +117,10 @@ def broker(
 
     retention = RetentionPolicy(days=s.retain_days, messages=s.retain_messages)
     try:
-        asyncio.run(serve(s.bind, store, limits, guard, retention=retention, metrics=metrics, metrics_public=metrics_public))
+        asyncio.run(serve(
+            s.bind, store, limits, guard, retention=retention, metrics=metrics, metrics_public=metrics_public,
+            key_dir=s.db_path().parent, registration=s.registration, admins=s.admin_list(),
+        ))
     except StorageError as exc:
         raise click.ClickException(f"cannot open history: {exc}") from None
     except MetricsError as exc:

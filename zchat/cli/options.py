@@ -28,8 +28,37 @@ def client_options(func: Callable[..., Any]) -> Callable[..., Any]:
     """--broker, --name and --config for every command that talks to a broker."""
     func = click.option("--config", "config_path", type=click.Path(dir_okay=False), help="TOML settings file.")(func)
     func = click.option("--name", "-n", help="Your chat name (lowercase a-z, 0-9, _ -). [env ZCHAT_NAME]")(func)
-    func = click.option("--broker", "-b", help="Broker address. [env ZCHAT_BROKER; default tcp://127.0.0.1:5555]")(func)
+    func = click.option("--broker", "-b", help="Broker address, tcp://HOST:PORT or tcp://HOST:PORT#k=KEY (quote it). [env ZCHAT_BROKER; default tcp://127.0.0.1:5555]")(func)
+    func = click.option(
+        "--trust-new-broker", is_flag=True, default=False, expose_value=False, callback=_trust_new,
+        help="Pin an unknown non-loopback broker's key on first use (check its fingerprint first).",
+    )(func)
+    func = click.option(
+        "--invite", expose_value=False, callback=_invite, metavar="CODE",
+        help="Invite code for claiming a new name on a broker with --registration invite.",
+    )(func)
     return func
+
+
+#: --invite of this command.
+INVITE = ""
+
+
+def _invite(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
+    global INVITE
+    if value:
+        INVITE = value
+    return value
+
+
+#: --trust-new-broker of this command (client commands run one client each).
+TRUST_NEW_BROKER = False
+
+
+def _trust_new(ctx: click.Context, param: click.Parameter, value: bool) -> bool:
+    global TRUST_NEW_BROKER
+    TRUST_NEW_BROKER = TRUST_NEW_BROKER or bool(value)
+    return value
 
 
 def settings(config_path: str | None, **flags: Any) -> cfg.Settings:
@@ -57,7 +86,8 @@ def run_client(broker: str, name: str | None, body: Callable[[Client], Awaitable
     With no ``name`` the session only looks (claims no name, needs no secret)."""
 
     async def main() -> T:
-        client = Client(broker, name) if name else Client.looker(broker)
+        trust = TRUST_NEW_BROKER
+        client = Client(broker, name, trust_new_broker=trust, invite=INVITE) if name else Client.looker(broker, trust_new_broker=trust)
         try:
             await client.connect(timeout=timeout)
         except AuthError:
@@ -65,7 +95,7 @@ def run_client(broker: str, name: str | None, body: Callable[[Client], Awaitable
                 raise
             # a broker from before look-only sessions: look under this machine's own name
             log.info("the broker refused a look-only session; using %s", fallback_name())
-            client = Client(broker, fallback_name())
+            client = Client(broker, fallback_name(), trust_new_broker=trust)
             await client.connect(timeout=timeout)
         try:
             return await body(client)
