@@ -204,7 +204,7 @@ done
 # The same history, read from a fresh one-off container on the compose network by
 # service name, the way `docker compose run --rm talk` reaches the broker.
 say "reading the history from a one-off container via tcp://broker:5555"
-podman run --rm --network "${PROJECT}_default" "$IMAGE" tail --broker tcp://broker:5555 --name reader \
+podman run --rm --network "${PROJECT}_default" "$IMAGE" tail --broker tcp://broker:5555 --trust-new-broker --name reader \
     --room general --history 1000 --json --timeout 1 >"$WORK/history2.jsonl" 2>"$WORK/tail2.err" \
     || { cat "$WORK/tail2.err"; die "a one-off container could not read the history"; }
 summary2=$(python3 -c "$check_py" "${BOTS[*]}" "$WORK/history2.jsonl") || die "one-off reader saw: $summary2"
