@@ -24,6 +24,7 @@ import logging
 import os
 import secrets
 from pathlib import Path
+from typing import Callable
 
 import zmq
 import zmq.asyncio
@@ -268,3 +269,29 @@ async def broker_key(address: str, ctx: zmq.asyncio.Context, trust_new: bool = F
     log.log(logging.INFO if is_loopback(endpoint) else logging.WARNING, "pinned the new broker %s, key fingerprint %s, in %s",
             endpoint, fingerprint(presented), known_brokers_path())
     return endpoint, presented
+
+
+async def ask_to_pin(
+    address: str, ctx: zmq.asyncio.Context, confirm: Callable[[str], bool], *, loopback_trusted: bool = True,
+) -> bool:
+    """For an interactive client: if ``address`` names a broker with no key in it, not
+    pinned yet and not trusted without asking (loopback), fetch its key, show its
+    fingerprint through ``confirm`` and pin it if the user says yes. True when there is
+    nothing left to ask (pinned now, already known, keyed, or trusted); False if the user
+    said no or the broker did not answer (the connection then fails with the usual
+    explanation). Asked once: the pin answers every later run."""
+    endpoint, given = split_address(address)
+    if given is not None or pinned(endpoint) is not None or (loopback_trusted and is_loopback(endpoint)):
+        return True
+    presented = await fetch_key(endpoint, ctx)
+    if presented is None:
+        return False
+    question = (
+        f"The broker at {endpoint} is not known yet. Its key fingerprint is {fingerprint(presented)}.\n"
+        f"Check it with the broker's operator (zchat broker --show-address). Trust it and remember it?"
+    )
+    if not confirm(question):
+        return False
+    pin(endpoint, presented)
+    log.info("pinned the new broker %s, key fingerprint %s, in %s", endpoint, fingerprint(presented), known_brokers_path())
+    return True

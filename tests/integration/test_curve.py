@@ -11,9 +11,10 @@ import dataclasses
 from pathlib import Path
 
 import pytest
+import zmq.asyncio
 from zmq.utils import z85
 
-from tests.conftest import HEARTBEAT, RunningBroker, TEST_EDGE, chat, collect, free_port_base, wait_for
+from tests.conftest import HEARTBEAT, RunningBroker, TEST_EDGE, chat, free_port_base, wait_for
 from zchat import keys
 from zchat import protocol as p
 from zchat.client import AuthError, BrokerKeyError, Client
@@ -380,3 +381,32 @@ async def test_a_key_claim_that_never_says_hello_is_released(tmp_path: Path) -> 
         await Client(broker.address, "dave", squatter_secret).connect()
     await owner.close()
     await running.stop()
+
+
+async def test_an_interactive_client_asks_once_then_the_pin_answers(tmp_path: Path, config_dir: Path) -> None:
+    """zchat talk asks about a broker it does not know (off loopback; here loopback is
+    treated as remote), shows the fingerprint, pins on yes; a no pins nothing; once
+    pinned nobody is asked again."""
+    running = await RunningBroker(tmp_path / "h.db", LIMITS, secure=True, key_dir=tmp_path).start()
+    address = running.endpoint
+    ctx = zmq.asyncio.Context.instance()
+    asked: list[str] = []
+
+    def answer(reply: bool):  # type: ignore[no-untyped-def]
+        def confirm(question: str) -> bool:
+            asked.append(question)
+            return reply
+        return confirm
+
+    try:
+        assert not await keys.ask_to_pin(address, ctx, answer(False), loopback_trusted=False)
+        assert keys.pinned(address) is None and len(asked) == 1
+        assert keys.fingerprint(running.broker.public_key) in asked[0]  # type: ignore[union-attr]
+        assert await keys.ask_to_pin(address, ctx, answer(True), loopback_trusted=False)
+        assert keys.pinned(address) == running.broker.public_key.decode()  # type: ignore[union-attr]
+        assert await keys.ask_to_pin(address, ctx, answer(False), loopback_trusted=False)  # pinned: not asked
+        assert len(asked) == 2
+        keyed = keys.keyed_address(address, running.broker.public_key)  # type: ignore[union-attr]
+        assert await keys.ask_to_pin(keyed, ctx, answer(False), loopback_trusted=False) and len(asked) == 2
+    finally:
+        await running.stop()

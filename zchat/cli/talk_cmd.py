@@ -70,10 +70,31 @@ def talk(
         s.name = _prompt_name()
     me = require_name(s)
     line_mode = plain or not (sys.stdin.isatty() and sys.stdout.isatty())
+    if not line_mode:
+        _ask_once_about_a_new_broker(s.broker)
     if line_mode:
         _line_mode(s.broker, me, rooms, history or 0)
     else:
         _full_screen(s.broker, me, rooms, DEFAULT_HISTORY if history is None else history)
+
+
+def _ask_once_about_a_new_broker(broker: str) -> None:
+    """Before the screen takes over: trust on first use, asked once (then pinned)."""
+    import zmq.asyncio
+
+    from zchat import keys
+
+    async def ask() -> bool:
+        ctx = zmq.asyncio.Context()
+        try:
+            return await keys.ask_to_pin(broker, ctx, lambda q: click.confirm(q, default=False))
+        finally:
+            ctx.destroy(linger=0)
+
+    try:
+        asyncio.run(ask())
+    except ValueError as exc:  # a bad address: the client says so
+        raise click.UsageError(str(exc)) from None
 
 
 def _line_mode(broker: str, name: str, rooms: list[str], history: int) -> None:
