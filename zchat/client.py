@@ -437,7 +437,12 @@ class Client:
         dealer = self._socket(zmq.DEALER)
         dealer.routing_id = self.sid.encode()
         dealer.sndhwm = 100_000  # chat lines go here too: a burst must not hit the default 1,000
-        monitor = dealer.get_monitor_socket(zmq.EVENT_HANDSHAKE_FAILED_AUTH | zmq.EVENT_HANDSHAKE_SUCCEEDED)
+        # An inproc address of our own: pyzmq's default is named after the socket's fd,
+        # which a DEALER made right after another was closed can reuse before libzmq has
+        # released the old monitor's address (EADDRINUSE at a redial or a claim).
+        monitor = dealer.get_monitor_socket(
+            zmq.EVENT_HANDSHAKE_FAILED_AUTH | zmq.EVENT_HANDSHAKE_SUCCEEDED, addr=f"inproc://zchat-client-monitor-{secrets.token_hex(8)}"
+        )
         self._socks.append(monitor)
         dealer.connect(self.broker)
         self._dealer = _Pump(dealer, self._on_reply)
