@@ -61,6 +61,15 @@ async def wait_for(predicate: Callable[[], bool], timeout: float = 10.0, what: s
         await asyncio.sleep(0.01)
 
 
+def wait_until(predicate: Callable[[], bool], timeout: float, what: str) -> None:
+    """``wait_for`` for synchronous tests (subprocess peers): poll until true or fail."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(0.05)  # poll interval
+
+
 async def collect(
     client: Client, count: int, timeout: float = 10.0, kinds: tuple[type, ...] | None = None,
     where: Callable[[object], bool] | None = None,

@@ -9,12 +9,11 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import HEARTBEAT, BrokerProcess
+from tests.conftest import BrokerProcess, wait_until
 
 PEER = Path(__file__).with_name("fault_peer.py")
 SENDERS, READERS, LINES = 6, 3, 400
@@ -36,20 +35,9 @@ def records(log: Path) -> list[dict]:
     return rows
 
 
-def wait_until(predicate, timeout: float, what: str) -> None:  # type: ignore[no-untyped-def]
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(0.05)  # poll interval
-
-
 @pytest.fixture
-def broker_proc(tmp_path: Path, cli_env: dict[str, str]):  # type: ignore[no-untyped-def]
-    """No rate limit: the senders go as fast as the broker takes them."""
-    proc = BrokerProcess(tmp_path / "history.db", cli_env, "--heartbeat", str(HEARTBEAT), "--rate", "0").start()
-    yield proc
-    proc.stop()
+def broker_proc(unlimited_broker: BrokerProcess) -> BrokerProcess:
+    return unlimited_broker
 
 
 def test_kill_9_twice_under_load_loses_and_doubles_nothing(broker_proc: BrokerProcess, tmp_path: Path) -> None:

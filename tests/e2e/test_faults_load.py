@@ -7,31 +7,19 @@ stay connected, so they must catch up from the restarted broker's history."""
 from __future__ import annotations
 
 import signal
-import time
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import HEARTBEAT, BrokerProcess
+from tests.conftest import BrokerProcess, wait_until
 from tests.e2e.fault_peer import Groups, check_views
 
 GROUPS, SENDERS, READERS, LINES, RATE = 5, 8, 2, 60, 10.0
 
 
-def wait_until(predicate, timeout: float, what: str) -> None:  # type: ignore[no-untyped-def]
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(0.05)  # poll interval
-
-
 @pytest.fixture
-def broker_proc(tmp_path: Path, cli_env: dict[str, str]):  # type: ignore[no-untyped-def]
-    """No rate limits (rate 0 lifts the room's too): refusals would say nothing here."""
-    proc = BrokerProcess(tmp_path / "history.db", cli_env, "--heartbeat", str(HEARTBEAT), "--rate", "0").start()
-    yield proc
-    proc.stop()
+def broker_proc(unlimited_broker: BrokerProcess) -> BrokerProcess:
+    return unlimited_broker
 
 
 def test_kill_9_twice_with_50_clients_loses_and_doubles_nothing(broker_proc: BrokerProcess, tmp_path: Path, cli_env: dict[str, str]) -> None:

@@ -11,28 +11,16 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import HEARTBEAT, BrokerProcess
+from tests.conftest import BrokerProcess, wait_until
 from tests.e2e.fault_peer import Groups, check_views
 
 GROUPS, SENDERS, READERS, LINES, RATE = 3, 6, 2, 80, 10.0
 STOPPED = 15.0  # seconds: the fault's length, not a wait for something
 
 
-def wait_until(predicate, timeout: float, what: str) -> None:  # type: ignore[no-untyped-def]
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(0.05)  # poll interval
-
-
 @pytest.fixture
-def broker_proc(tmp_path: Path, cli_env: dict[str, str]):  # type: ignore[no-untyped-def]
-    proc = BrokerProcess(tmp_path / "history.db", cli_env, "--heartbeat", str(HEARTBEAT), "--rate", "0").start()
-    yield proc
-    if proc.proc is not None and proc.proc.poll() is None:
-        proc.proc.send_signal(signal.SIGCONT)  # a failed test must not leave it stopped
-    proc.stop()
+def broker_proc(unlimited_broker: BrokerProcess) -> BrokerProcess:
+    return unlimited_broker
 
 
 def last_states(groups: Groups) -> dict[str, str]:
