@@ -416,15 +416,7 @@ class Client:
             await self._request(lambda rid: p.Bye(rid=rid), timeout=min(timeout, 1.0), retry=False)
         except (ClientError, asyncio.TimeoutError):
             pass
-        dealer, monitor, *tasks = self._dealing
-        self._dealer.stop()
-        for task in tasks:
-            task.cancel()
-            self._tasks.remove(task)
-        for sock in (dealer, monitor):
-            sock.close(linger=0)
-            self._socks.remove(sock)
-        self.sid = secrets.token_hex(8)
+        self._hang_up()
         welcome = await self._hello(timeout)
         if welcome.name != self.name:
             await self.close()
@@ -449,17 +441,8 @@ class Client:
         self._dealing = (dealer, monitor, asyncio.ensure_future(self._dealer.run()), asyncio.ensure_future(self._watch(monitor)))
         self._tasks += self._dealing[2:]
 
-    def _redial(self) -> None:
-        """Start over on a new DEALER with a new session id, after pings went unanswered.
-
-        The broker takes no second connection with a routing id it still holds (so
-        nobody can take a session over), and a connection that went silent without
-        closing (a network that drops, a NAT that forgets) may be held until its
-        heartbeats time out, or is never left by our DEALER at all. A new id gets a
-        new route at once; the broker answers it no_session and we say hello again.
-        Unacked sends are re-addressed to the new session (their cids, so the
-        broker's dedup, stay the same).
-        """
+    def _hang_up(self) -> None:
+        """Close the DEALER, its pump and monitor, and take a new session id for the next."""
         dealer, monitor, *tasks = self._dealing
         self._dealer.stop()
         for task in tasks:
@@ -469,6 +452,19 @@ class Client:
             sock.close(linger=0)
             self._socks.remove(sock)
         self.sid = secrets.token_hex(8)
+
+    def _redial(self) -> None:
+        """Start over on a new DEALER with a new session id, after pings went unanswered.
+
+        The broker takes no second connection with a routing id it still holds (so
+        nobody can take a session over), and a connection that went silent without
+        closing (a network that drops, a NAT that forgets) may be held until its
+        TCP keepalive gives up, or is never left by our DEALER at all. A new id gets a
+        new route at once; the broker answers it no_session and we say hello again.
+        Unacked sends are re-addressed to the new session (their cids, so the
+        broker's dedup, stay the same).
+        """
+        self._hang_up()
         log.info("no answer from %s on this connection: connecting again as a new session", self.broker)
         for pending in self._pending.values():
             pending.data = p.encode(msgspec.structs.replace(p.decode_send(pending.data, 0), sid=self.sid))
