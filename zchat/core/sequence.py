@@ -14,7 +14,7 @@ from zchat import protocol as p
 from zchat.core.outcome import Outcome
 from zchat.protocol import ErrorCode as E
 
-log = logging.getLogger(__name__)
+log = logging.getLogger(__package__)  # the core's one logger: "zchat.core"
 
 _HEX2 = [f"{i:02x}" for i in range(256)]  # the last two hex digits of a message id
 
