@@ -17,6 +17,7 @@ from zchat import auth
 from zchat import protocol as p
 from zchat.broker.constants import MAX_PUBLICATION_BYTES
 from zchat.broker.edge import Edge
+from zchat.broker.engines import Engine, LocalEngine
 from zchat.broker.inputs import Inputs
 from zchat.broker.outage import RateLimitedLog, StorageOutage
 from zchat.broker.startup import Startup
@@ -75,6 +76,9 @@ class Broker(Startup, Zap, Edge, Inputs):
         self.invites = auth.Invites()
         self.stats = Stats()  # plain counters for metrics and `zchat status` (zchat.metrics)
         self.retention: Retention | None = None  # set by serve() when retention is on
+        # How a turn is stored and other brokers heard (zchat.broker.engines): made by
+        # _start, the Redis engine on a Redis store.
+        self.engine: Engine = LocalEngine(storage)
 
     # ------------------------------------------------------------ set-up
 
@@ -155,7 +159,7 @@ class Broker(Startup, Zap, Edge, Inputs):
                 turn = time.perf_counter()
                 self.core.wall_offset = time.time() - now
                 out = Outcome()
-                read = 0
+                read = self.engine.drain(self.core, now, out)  # what other brokers stored (several brokers)
                 # A failure in one input never stops the broker nor the other inputs;
                 # what was taken before it is still carried out below.
                 if ready(ZAP):
@@ -215,6 +219,10 @@ class Broker(Startup, Zap, Edge, Inputs):
             ticker.cancel()
             for fd in fds:
                 loop.remove_reader(fd)
+            try:
+                await self.engine.stop()
+            except Exception:
+                log.exception("the %s engine failed to stop", self.engine.name)
             self._close()
             await self.storage.close()
             log.info("broker stopped; history closed cleanly")
@@ -269,7 +277,7 @@ class Broker(Startup, Zap, Edge, Inputs):
         if out.store or out.members:
             began = time.perf_counter()
             try:
-                await self.storage.append(out.store, out.members)
+                await self.engine.store(core, out)
                 stats.stored += len(out.store)
             except Exception as exc:
                 stats.store_failed += 1
@@ -286,6 +294,8 @@ class Broker(Startup, Zap, Edge, Inputs):
                 if self.outage.since:
                     self.outage.stored(time.monotonic())
             stats.append_seconds.observe(time.perf_counter() - began)
+        if out.went or out.members:
+            await self.engine.after(core, out)
         self._publish(out.publish)
         encode = p.encode
         router = self.router

@@ -128,6 +128,10 @@ class Startup:
             epoch=epoch, boot=secrets.token_hex(6), limits=limits, heads=heads, members=members, users=users,
             recent=recent, id_prefix=secrets.token_hex(4) + "-", wall_offset=time.time() - time.monotonic(),
         )
+        from zchat.broker.engines import engine_for
+
+        self.engine = engine_for(self.storage, self._poke)
+        await self.engine.start(self.core)
         lim = self.core.limits
         log.info(
             "limits: %g lines/s per user (burst %g), %g lines/s per room, %g requests/s per user (burst %g), "

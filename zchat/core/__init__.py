@@ -67,6 +67,7 @@ class Core(Rooms, Sessions, Lines, Sequencing, Budgets):
         self.users.discard(_LOOKER)
         self.sessions: dict[str, Session] = {}
         self.devices: dict[str, set[str]] = {}  # name -> live session ids
+        self.elsewhere: set[str] = set()  # names online on another broker of the set (several brokers)
         self.buckets: dict[str, TokenBucket] = {}  # name -> chat line bucket
         self.request_buckets: dict[str, TokenBucket] = {}  # name -> request bucket
         self.room_buckets: dict[str, TokenBucket] = {}  # public room -> line bucket

@@ -34,6 +34,9 @@ class Outcome:
     # Indexes into ``replies`` of the replies to joins and parts that changed membership:
     # undo turns them into errors.
     changed: list[int] = dataclasses.field(default_factory=list)
+    # Users whose first session on this broker opened (True) or last one closed (False):
+    # the several-broker engine tells the other brokers (zchat.broker.engines).
+    went: list[tuple[str, bool]] = dataclasses.field(default_factory=list)
 
     def error(self, sid: str, code: str, message: str, *, rid: int = 0, cid: str = "", retry_after: float = 0.0) -> None:
         self.replies.append((sid, p.Error(code=code, message=message, rid=rid, cid=cid, retry_after=retry_after)))

@@ -38,14 +38,14 @@ class Rooms:
                 return [], False
             index = self._member_index[room] = sorted(names)  # kept while the room has members
         start = bisect_right(index, after) if after else 0
-        devices = self.devices
+        devices, elsewhere = self.devices, self.elsewhere
         page: list[p.Member] = []
         budget = p.MAX_REPLY_BYTES - _REPLY_SLACK
         for name in index[start:start + self.limits.page_size]:
             budget -= len(name) + _MEMBER_BYTES  # names are ASCII
             if budget < 0:
                 break
-            page.append(p.Member(name, bool(devices.get(name))))
+            page.append(p.Member(name, bool(devices.get(name)) or name in elsewhere))
         return page, start + len(page) < len(index)
 
     def room_page(self, after: str = "") -> tuple[list[p.RoomInfo], bool]:
@@ -155,7 +155,7 @@ class Rooms:
     def _apply_member(self, room: str, name: str, member: bool) -> None:
         """Change membership in memory with every index that follows it (a change, never
         a no-op: callers check first, and undo reverts changes in reverse order)."""
-        online = name in self.devices
+        online = name in self.devices or name in self.elsewhere
         index = self._member_index.get(room)
         if member:
             names = self.members.get(room)

@@ -294,13 +294,77 @@ class Sequencing:
                 acks[sid] = kept
         out.acks = acks
 
+    # ------------------------------------------------------------ several brokers
+
+    def renumber(self, out: Outcome, given: dict[str, tuple[int, str | None, float]], heads: dict[str, int]) -> None:
+        """The shared store sequenced ``out.store`` (several brokers: its script gave the
+        seqs, the core's were only placeholders): ``given`` maps each message id to its
+        seq, and for a (sender, cid) the store already held, to the first message's id
+        and ts (None: stored now). Rewrite ``out`` to match before anything is carried
+        out: stored messages take their seqs (in store, publish and acks); a duplicate is
+        neither stored nor published and its sender gets the first Stored again (dedup
+        across brokers); the rooms' heads become the store's (``heads``), also in this
+        outcome's replies."""
+        renamed: dict[str, p.Msg | None] = {}
+        acked: dict[str, p.Stored] = {}
+        store = []
+        for msg in out.store:
+            seq, first_id, first_ts = given[msg.id]
+            if first_id is None:
+                new = msgspec.structs.replace(msg, seq=seq)
+                store.append(new)
+                renamed[msg.id] = new
+                stored = p.Stored(msg.cid, msg.room, seq, msg.id, msg.ts)
+            else:
+                renamed[msg.id] = None
+                stored = p.Stored(msg.cid, msg.room, seq, first_id, first_ts)
+                self.count("duplicate_elsewhere")
+            acked[msg.id] = stored
+            if msg.cid:
+                cids = self.dedup.by_user.get(msg.sender)
+                if cids is not None and msg.cid in cids:
+                    cids[msg.cid] = stored
+        out.store = store
+        out.publish = [
+            (t, renamed[m.id]) if type(m) is p.Msg and m.id in renamed else (t, m)  # type: ignore[misc]
+            for t, m in out.publish if not (type(m) is p.Msg and m.id in renamed and renamed[m.id] is None)
+        ]
+        for items in out.acks.values():
+            for i, item in enumerate(items):
+                if item.id in acked:
+                    items[i] = acked[item.id]
+        for room, head in heads.items():
+            if head > self.heads.get(room, 0):
+                self.heads[room] = head
+        self._retell_heads(out, heads, max)
+
+    def member_elsewhere(self, room: str, name: str, member: bool) -> bool:
+        """Another broker changed ``room``'s membership (several brokers); whether that
+        changed anything here."""
+        if (name in self.members.get(room, ())) == member:
+            return False
+        self._apply_member(room, name, member)
+        if member:
+            self.add_user(name)
+        return True
+
+    def saw(self, room: str, seq: int) -> None:
+        """Another broker stored ``seq`` in ``room`` (several brokers): the head follows."""
+        if seq > self.heads.get(room, 0):
+            self.heads[room] = seq
+
     def _lower_heads(self, out: Outcome, rooms: Iterable[str]) -> None:
         """Lower the heads this outcome's replies tell for ``rooms`` to the core's own."""
+        self._retell_heads(out, rooms, min)
+
+    def _retell_heads(self, out: Outcome, rooms: Iterable[str], pick) -> None:  # type: ignore[no-untyped-def]
+        """The heads this outcome's replies tell for ``rooms``, made ``pick`` (min or max)
+        of what they told and the core's own."""
         heads = self.heads
         undone = set(rooms)
 
         def fix(told: dict[str, int]) -> dict[str, int]:
-            return {room: min(seq, heads.get(room, 0)) if room in undone else seq for room, seq in told.items()}
+            return {room: pick(seq, heads.get(room, 0)) if room in undone else seq for room, seq in told.items()}
 
         for i, (sid, body) in enumerate(out.replies):
             if type(body) is p.Pong:
@@ -308,9 +372,9 @@ class Sequencing:
             elif type(body) is p.Welcome:
                 out.replies[i] = (sid, msgspec.structs.replace(body, rooms=fix(body.rooms)))
             elif type(body) is p.Joined and body.room in undone:
-                out.replies[i] = (sid, msgspec.structs.replace(body, head=min(body.head, heads.get(body.room, 0))))
+                out.replies[i] = (sid, msgspec.structs.replace(body, head=pick(body.head, heads.get(body.room, 0))))
         out.queries = [
-            dataclasses.replace(q, head=min(q.head, heads.get(q.request.room, 0))) if q.request.room in undone else q
+            dataclasses.replace(q, head=pick(q.head, heads.get(q.request.room, 0))) if q.request.room in undone else q
             for q in out.queries
         ]
 

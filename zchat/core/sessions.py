@@ -49,7 +49,7 @@ class Sessions:
     # ------------------------------------------------------------ queries
 
     def online(self, name: str) -> bool:
-        return bool(self.devices.get(name))
+        return bool(self.devices.get(name)) or name in self.elsewhere
 
     def heads_of(self, name: str) -> dict[str, int]:
         return {room: self.heads.get(room, 0) for room in self.rooms_of.get(name, ())}
@@ -104,7 +104,9 @@ class Sessions:
         devices = self.devices.setdefault(name, set())
         devices.add(sid)
         if len(devices) == 1:
-            self._went(name, True, now, out)
+            out.went.append((name, True))
+            if name not in self.elsewhere:
+                self._went(name, True, now, out)
 
     def _close_session(self, sid: str, now: float, out: Outcome) -> None:
         session = self.sessions.pop(sid)
@@ -114,7 +116,23 @@ class Sessions:
         devices.discard(sid)
         if not devices:
             self.devices.pop(session.name, None)
-            self._went(session.name, False, now, out)
+            out.went.append((session.name, False))
+            if session.name not in self.elsewhere:
+                self._went(session.name, False, now, out)
+
+    def went_elsewhere(self, name: str, online: bool, now: float, out: Outcome) -> None:
+        """``name`` came online on some other broker of the set (first one) or went
+        offline on the last of them (several brokers: zchat.broker.engines): told in
+        their rooms unless this broker's own sessions already say so."""
+        if online == (name in self.elsewhere):
+            return
+        if online:
+            self.elsewhere.add(name)
+            self.add_user(name)
+        else:
+            self.elsewhere.discard(name)
+        if name not in self.devices:
+            self._went(name, online, now, out)
 
     def _went(self, name: str, online: bool, now: float, out: Outcome) -> None:
         """``name`` came online or went offline: count it in its rooms and tell them.

@@ -1,18 +1,20 @@
 """History, users and memberships in Redis, so several brokers can share one store.
 
-Layout (every key starts with ``prefix``):
+Layout (every key starts with ``prefix``): each room's keys carry the room in a hash
+tag, ``{room}:log``, ``{room}:head``, ``{room}:members``, ``{room}:cids``, ``{room}:cidq``
+(see zchat.storage.redis_scripts), so a room lives on one Redis Cluster shard. Besides:
 
-- ``room:{room}``     sorted set, score = seq, member = MessagePack-encoded Msg
-- ``heads``           hash room -> highest seq
-- ``recent``          list of encoded Msgs that carry a cid, newest first, capped
-- ``epoch``           string, set once with SET NX (renewed after a lossy Redis restart)
-- ``run``             the Redis server's run id at the last open (to notice a restart)
-- ``users``           hash name -> digest, claimed with HSETNX (first owner wins)
-- ``members:{room}``  set of names; ``rooms`` is the set of rooms that have members
+- ``rooms``    set of rooms that ever had a message or a member (``heads``, ``members``)
+- ``recent``   list of encoded Msgs that carry a cid, newest first, capped (warm-up)
+- ``epoch``    string, set once with SET NX (renewed after a lossy Redis restart)
+- ``run``      the Redis server's run id at the last open (to notice a restart)
+- ``users``    hash name -> digest, claimed with HSETNX (first owner wins)
 
-``append`` is one Lua script, so it is atomic across brokers and refuses a duplicate
-(room, seq) before writing anything. Durability is the Redis server's: run it with
-``appendonly yes`` (and ``appendfsync always`` to survive power loss).
+Two writes: ``append`` (the Storage interface: the caller's seqs, one script) and
+``sequence`` (the several-broker engine: one script per room assigns the seqs from the
+room's head in Redis, dedups (sender, cid), stores and PUBLISHes, atomically).
+Durability is the Redis server's: run it with ``appendonly yes`` and ``appendfsync
+always`` for an ack to survive a crash (docs/architecture.md, Several brokers).
 The redis package is imported lazily: zchat runs without the ``redis`` extra.
 """
 
@@ -20,12 +22,21 @@ from __future__ import annotations
 
 import logging
 import secrets
-from typing import TYPE_CHECKING, Any, Sequence
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 import msgspec
 
 from zchat.protocol import Msg, encode
-from zchat.storage.base import MemberChange, Page, StorageError, StorageUnavailable, msg_bytes
+from zchat.storage.base import (
+    MemberChange,
+    Page,
+    StorageError,
+    StorageUnavailable,
+    msg_bytes,
+)
+from zchat.storage.redis_scripts import APPEND_LUA, RELEASE_LUA, SEQUENCE_LUA
 
 if TYPE_CHECKING:
     from redis.asyncio import Redis
@@ -34,80 +45,40 @@ log = logging.getLogger(__name__)
 
 #: How many cid-carrying messages ``recent`` can return (the dedup warm-up window).
 RECENT_CAP = 10_000
-
-# KEYS: heads, recent, rooms, then one room key per message, then one members key per
-# membership change. ARGV: recent cap, message count n, then (room, seq, encoded msg,
-# has-cid "1"/"0") per message, then (room, name, "1" join / "0" leave) per change.
-# Returns 0 when stored, else the 1-based index of the first duplicate message.
-_APPEND_LUA = """
-local n = tonumber(ARGV[2])
-local seen = {}
-for i = 1, n do
-    local key, seq = KEYS[i + 3], ARGV[4 * i]
-    seen[key] = seen[key] or {}
-    if seen[key][seq] or redis.call('ZCOUNT', key, seq, seq) > 0 then
-        return i
-    end
-    seen[key][seq] = true
-end
-local pushed = false
-for i = 1, n do
-    local room, seq, body = ARGV[4 * i - 1], tonumber(ARGV[4 * i]), ARGV[4 * i + 1]
-    redis.call('ZADD', KEYS[i + 3], seq, body)
-    local head = tonumber(redis.call('HGET', KEYS[1], room) or '0')
-    if seq > head then
-        redis.call('HSET', KEYS[1], room, seq)
-    end
-    if ARGV[4 * i + 2] == '1' then
-        redis.call('LPUSH', KEYS[2], body)
-        pushed = true
-    end
-end
-if pushed then
-    redis.call('LTRIM', KEYS[2], 0, tonumber(ARGV[1]) - 1)
-end
-for j = 1, #KEYS - 3 - n do
-    local key, base = KEYS[3 + n + j], 2 + 4 * n + 3 * (j - 1)
-    local room, name = ARGV[base + 1], ARGV[base + 2]
-    if ARGV[base + 3] == '1' then
-        redis.call('SADD', key, name)
-        redis.call('SADD', KEYS[3], room)
-    else
-        redis.call('SREM', key, name)
-        if redis.call('SCARD', key) == 0 then
-            redis.call('SREM', KEYS[3], room)
-        end
-    end
-end
-return 0
-"""
-
-# KEYS: members:{room}, rooms. ARGV: name, room. Drops the room once nobody is left.
-_LEAVE_LUA = """
-redis.call('SREM', KEYS[1], ARGV[1])
-if redis.call('SCARD', KEYS[1]) == 0 then
-    redis.call('SREM', KEYS[2], ARGV[2])
-end
-return 0
-"""
+#: (sender, cid) pairs each room remembers for dedup across brokers (its newest lines).
+CID_CAP = 10_000
 
 # Our own decoder: protocol.decode_event enforces the wire size limit, which a stored
 # Msg (a near-limit Send plus seq, id, ts, sender) may legitimately exceed.
 _msg_decoder = msgspec.msgpack.Decoder(Msg)
 
 
-_RELEASE_LUA = """
-if redis.call('HGET', KEYS[1], ARGV[1]) == ARGV[2] then return redis.call('HDEL', KEYS[1], ARGV[1]) end
-return 0
-"""
+@dataclass(frozen=True)
+class Sequenced:
+    """What ``RedisStorage.sequence`` did with one message: its seq, and for a
+    duplicate (sender, cid) the id and ts it was first stored with (else None)."""
+
+    seq: int
+    id: str | None = None
+    ts: float = 0.0
 
 
-def _page(bodies: list[bytes], max_bytes: int) -> Page:
+def _stored_body(m: Msg) -> bytes:
+    """A message as kept in a room's log: its seq is the score, its epoch the store's."""
+    return encode(msgspec.structs.replace(m, seq=0, epoch=""))
+
+
+def decode_stored(body: bytes, seq: int) -> Msg:
+    """A message from a room's log (or a PUBLISH payload) with its seq put back."""
+    return msgspec.structs.replace(_msg_decoder.decode(body), seq=seq)
+
+
+def _page(rows: list[tuple[bytes, float]], max_bytes: int) -> Page:
     """Decoded messages within max_bytes (at least one), in the order given."""
     page = Page()
     size = 0
-    for body in bodies:
-        msg = _msg_decoder.decode(body)
+    for body, score in rows:
+        msg = decode_stored(body, int(score))
         size += msg_bytes(msg)
         if max_bytes and size > max_bytes and page:
             page.cut = True
@@ -125,7 +96,8 @@ def _import_redis() -> Any:
 
 
 class RedisStorage:
-    """The Storage interface on a Redis server (see zchat.storage.base)."""
+    """The Storage interface on a Redis server (see zchat.storage.base), and the
+    several-broker engine's atomic write (``sequence``)."""
 
     def __init__(self, url: str, prefix: str = "zchat:") -> None:
         self._aioredis = _import_redis()
@@ -134,10 +106,27 @@ class RedisStorage:
         self.epoch = ""
         self._client: Redis | None = None
         self._append_script: Any = None
-        self._leave_script: Any = None
+        self._sequence_script: Any = None
 
     def _key(self, *parts: str) -> str:
         return self.prefix + ":".join(parts)
+
+    def room_key(self, room: str, what: str) -> str:
+        """One of ``room``'s keys: the room in a hash tag keeps them on one shard."""
+        return f"{self.prefix}{{{room}}}:{what}"
+
+    def channel(self, room: str) -> str:
+        """The PUBLISH channel of a public room's new messages."""
+        return f"{self.prefix}{{{room}}}:pub"
+
+    def inbox_channel(self, name: str) -> str:
+        """The PUBLISH channel of a user's DM messages."""
+        return f"{self.prefix}inbox:{name}"
+
+    @property
+    def events_channel(self) -> str:
+        """The channel of membership changes (and the engine's presence and names)."""
+        return self._key("events")
 
     # ------------------------------------------------------------ lifecycle
 
@@ -152,8 +141,8 @@ class RedisStorage:
             await client.aclose()
             raise StorageError(f"cannot use Redis at {self.url}: {exc}") from exc
         self._client = client
-        self._append_script = client.register_script(_APPEND_LUA)
-        self._leave_script = client.register_script(_LEAVE_LUA)
+        self._append_script = client.register_script(APPEND_LUA)
+        self._sequence_script = client.register_script(SEQUENCE_LUA)
         self.epoch = epoch.decode()
         log.info("opened Redis history %s prefix %r (epoch %s)", self.url, self.prefix, self.epoch)
         return self.epoch
@@ -203,21 +192,18 @@ class RedisStorage:
 
     async def append(self, messages: Sequence[Msg], members: Sequence[MemberChange] = ()) -> None:
         """Store all messages and membership changes in one script run; a duplicate
-        (room, seq) stores none."""
+        (room, seq) stores none. One Redis server (the keys span rooms)."""
         if not messages and not members:
             return
-        client = self._redis
-        keys = [self._key("heads"), self._key("recent"), self._key("rooms")]
-        args: list[str | int | bytes] = [RECENT_CAP, len(messages)]
+        keys = [self.room_key(m.room, "log") for m in messages] + [self.room_key(m.room, "head") for m in messages]
+        args: list[str | int | bytes] = [len(messages)]
         for m in messages:
-            body = encode(msgspec.structs.replace(m, epoch="") if m.epoch else m)
-            keys.append(self._key("room", m.room))
-            args += [m.room, m.seq, body, "1" if m.cid else "0"]
+            args += [m.seq, _stored_body(m)]
         for room, name, member in members:
-            keys.append(self._key("members", room))
-            args += [room, name, "1" if member else "0"]
+            keys.append(self.room_key(room, "members"))
+            args += [name, "1" if member else "0"]
         try:
-            duplicate = await self._append_script(keys=keys, args=args, client=client)
+            duplicate = await self._append_script(keys=keys, args=args, client=self._redis)
         except self._aioredis.RedisError as exc:  # unreachable, OOM (maxmemory), MISCONF (a failing BGSAVE)
             raise StorageUnavailable(f"Redis append failed: {exc}") from exc
         if duplicate:
@@ -225,23 +211,84 @@ class RedisStorage:
             raise StorageError(
                 f"refused {len(messages)} messages: (room, seq) ({m.room!r}, {m.seq}) already stored"
             )
+        await self._after_write(messages, members)
+
+    async def _after_write(self, messages: Sequence[Msg], members: Sequence[MemberChange]) -> None:
+        """The global indexes (no room's own: outside the room scripts, so they stay on
+        one shard): rooms known, and the dedup warm-up list. Idempotent."""
+        rooms = {m.room for m in messages} | {room for room, _, member in members if member}
+        with_cid = [encode(msgspec.structs.replace(m, epoch="")) for m in messages if m.cid]
+        try:
+            async with self._redis.pipeline(transaction=False) as pipe:
+                if rooms:
+                    pipe.sadd(self._key("rooms"), *rooms)
+                if with_cid:
+                    pipe.lpush(self._key("recent"), *with_cid)
+                    pipe.ltrim(self._key("recent"), 0, RECENT_CAP - 1)
+                await pipe.execute()
+        except self._aioredis.RedisError as exc:
+            raise StorageUnavailable(f"Redis index update failed: {exc}") from exc
+
+    async def sequence(
+        self, room: str, messages: Sequence[Msg], members: Sequence[MemberChange], origin: str, channels: Sequence[str],
+    ) -> tuple[int, list[Sequenced]]:
+        """Give ``room``'s messages the next seqs after the room's head in Redis, store
+        them with ``members`` (all of this room's), remember their (sender, cid) and
+        PUBLISH them on ``channels``, in one script run; a (sender, cid) already stored
+        is not stored again and gets its first Sequenced back. Returns the room's head
+        and one Sequenced per message. The seqs in ``messages`` are ignored."""
+        keys = [self.room_key(room, what) for what in ("log", "head", "members", "cids", "cidq")]
+        args: list[str | int | bytes] = [" ".join(channels), origin, CID_CAP, len(messages), self.events_channel, room]
+        for m in messages:
+            args += [f"{m.sender} {m.cid}" if m.cid else "", m.id, repr(m.ts), _stored_body(m)]
+        for change_room, name, member in members:
+            assert change_room == room, "sequence takes one room's changes"
+            args += [name, "1" if member else "0"]
+        try:
+            raw = await self._sequence_script(keys=keys, args=args, client=self._redis)
+        except self._aioredis.RedisError as exc:
+            raise StorageUnavailable(f"Redis sequence of {room!r} failed: {exc}") from exc
+        results = []
+        for item in raw[1:]:
+            if isinstance(item, int):
+                results.append(Sequenced(item))
+            else:
+                seq, mid, ts = item.decode().split(" ")
+                results.append(Sequenced(int(seq), mid, float(ts)))
+        fresh = [msgspec.structs.replace(m, seq=r.seq) for m, r in zip(messages, results) if r.id is None]
+        await self._after_write(fresh, members)
+        return int(raw[0]), results
+
+    async def head(self, room: str) -> int:
+        """The highest seq given out in ``room`` (0 for none)."""
+        value = await self._redis.get(self.room_key(room, "head"))
+        return int(value) if value else 0
 
     async def heads(self) -> dict[str, int]:
-        raw = await self._redis.hgetall(self._key("heads"))
-        return {room.decode(): int(seq) for room, seq in raw.items()}
+        r = self._redis
+        rooms = sorted(room.decode() for room in await r.smembers(self._key("rooms")))
+        async with r.pipeline(transaction=False) as pipe:
+            for room in rooms:
+                pipe.get(self.room_key(room, "head"))
+            values = await pipe.execute()
+        return {room: int(v) for room, v in zip(rooms, values) if v}
 
     async def range(self, room: str, after: int, limit: int, before: int = 0, max_bytes: int = 0) -> Page:
         if limit <= 0:
             return Page()
         upper = f"({before}" if before > 0 else "+inf"
-        raw = await self._redis.zrangebyscore(self._key("room", room), f"({after}", upper, start=0, num=limit)
+        raw = await self._redis.zrangebyscore(
+            self.room_key(room, "log"), f"({after}", upper, start=0, num=limit, withscores=True
+        )
         return _page(raw, max_bytes)
 
     async def last(self, room: str, limit: int, before: int = 0, max_bytes: int = 0) -> Page:
         if limit <= 0:
             return Page()
         upper = f"({before}" if before > 0 else "+inf"
-        raw = await self._redis.zrevrangebyscore(self._key("room", room), upper, "-inf", start=0, num=limit)
+        raw = await self._redis.zrevrangebyscore(
+            self.room_key(room, "log"), upper, "-inf", start=0, num=limit, withscores=True
+        )
         page = _page(raw, max_bytes)
         page.reverse()
         return page
@@ -251,13 +298,13 @@ class RedisStorage:
 
         Reads the oldest ``batch`` entries, picks the highest seq that may go, then
         ZREMRANGEBYSCORE up to it: by score, not rank, so brokers pruning the same room at
-        once never remove more than retention allows. ``heads`` is kept apart, so the
+        once never remove more than retention allows. The head key is kept apart, so the
         head survives anyway; the newest message stays too, as with SQLite.
         """
         if batch <= 0 or (keep <= 0 and before_ts <= 0):
             return 0
         r = self._redis
-        key = self._key("room", room)
+        key = self.room_key(room, "log")
         try:
             async with r.pipeline(transaction=False) as pipe:
                 pipe.zcard(key)
@@ -281,7 +328,7 @@ class RedisStorage:
             raise StorageUnavailable(f"Redis prune of {room!r} failed: {exc}") from exc
 
     async def first_seq(self, room: str) -> int:
-        first = await self._redis.zrange(self._key("room", room), 0, 0, withscores=True)
+        first = await self._redis.zrange(self.room_key(room, "log"), 0, 0, withscores=True)
         return int(first[0][1]) if first else 0
 
     async def recent(self, limit: int) -> list[Msg]:
@@ -307,23 +354,21 @@ class RedisStorage:
         rooms = sorted(room.decode() for room in await r.smembers(self._key("rooms")))
         async with r.pipeline(transaction=False) as pipe:
             for room in rooms:
-                pipe.smembers(self._key("members", room))
+                pipe.smembers(self.room_key(room, "members"))
             sets = await pipe.execute()
         return {room: {n.decode() for n in names} for room, names in zip(rooms, sets) if names}
 
     async def set_member(self, room: str, name: str, member: bool) -> None:
         r = self._redis
         if member:
-            async with r.pipeline(transaction=True) as pipe:
-                pipe.sadd(self._key("members", room), name)
-                pipe.sadd(self._key("rooms"), room)
-                await pipe.execute()
+            await r.sadd(self.room_key(room, "members"), name)
+            await r.sadd(self._key("rooms"), room)
         else:
-            await self._leave_script(keys=[self._key("members", room), self._key("rooms")], args=[name, room])
+            await r.srem(self.room_key(room, "members"), name)
 
     async def release_user(self, name: str, digest: bytes | None = None) -> bool:
         r = self._redis
         if digest is None:
             return bool(await r.hdel(self._key("users"), name))
         # Compare and delete in one step: another broker may own the name by now.
-        return bool(await r.eval(_RELEASE_LUA, 1, self._key("users"), name, digest))
+        return bool(await r.eval(RELEASE_LUA, 1, self._key("users"), name, digest))
