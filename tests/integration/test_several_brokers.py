@@ -124,3 +124,63 @@ async def test_the_same_cid_through_two_brokers_is_stored_once(brokers, clients)
     stored = await a.broker.storage.range("dev", 0, 100)
     assert [m.text for m in stored if m.kind == "text"] == ["only once", "marker"]
     assert b.core.counters.get("duplicate_elsewhere") == 1
+
+
+async def test_three_brokers_two_rooms_one_mapping(brokers, clients) -> None:
+    """Two clients on each of three brokers, in two rooms, all sending at once: every
+    client ends with the same seq -> message mapping of each room, no gap, no double."""
+    trio = await brokers(3)
+    people = [await clients(trio[i % 3], f"u{i}") for i in range(6)]
+    rooms = ("dev", "ops")
+    seen = [views(c, rooms) for c in people]
+    for c in people:
+        for room in rooms:
+            await c.join(room)
+    sends = [c.post(rooms[j % 2], f"{c.name}-{j}") for c in people for j in range(20)]
+    acks = await asyncio.wait_for(asyncio.gather(*sends), 30)
+    heads = {room: max(s.seq for s in acks if s.room == room) for room in rooms}
+    assert heads == {"dev": 66, "ops": 66}  # 6 joins and 60 lines each
+    start = {room: 7 for room in rooms}  # every view has everything after the last join
+    for i, get in enumerate(seen):
+        for room in rooms:
+            await wait_for(
+                lambda g=get, r=room: set(range(start[r], heads[r] + 1)) <= set(g()[r]), 15, f"u{i} to see {room}"
+            )
+    for room in rooms:
+        maps = [{s: v for s, v in get()[room].items() if s >= start[room]} for get in seen]
+        assert all(m == maps[0] for m in maps), f"views of {room} differ"
+        assert sorted(maps[0]) == list(range(start[room], heads[room] + 1))
+        texts = sorted(t for _, kind, t in maps[0].values() if kind == "text")
+        assert texts == sorted(f"u{i}-{j}" for i in range(6) for j in range(20) if rooms[j % 2] == room)
+
+
+async def test_presence_and_members_across_brokers(brokers, clients) -> None:
+    """A user who joins on A is a member and online for a client on C; when they go,
+    C hears it and `who` says offline; `rooms` on C counts them."""
+    a, _b, c = await brokers(3)
+    carol = await clients(c, "carol")
+    await carol.join("dev")
+    events: list = []
+    carol.listen(events.extend)
+    alice = await clients(a, "alice")
+    await alice.join("dev")
+    await wait_for(lambda: any(isinstance(e, p.Msg) and e.kind == "join" and e.sender == "alice" for e in events), 10, "alice's join on C")
+    members = {m.name: m.online for m in await carol.who("dev")}
+    assert members == {"alice": True, "carol": True}
+    assert [(r.name, r.members, r.online) for r in await carol.rooms()] == [("dev", 2, 2)]
+    await alice.close()
+    await wait_for(lambda: any(isinstance(e, p.Presence) and e.name == "alice" and not e.online for e in events), 10, "alice offline on C")
+    assert {m.name: m.online for m in await carol.who("dev")} == {"alice": False, "carol": True}
+
+
+async def test_a_dm_crosses_brokers(brokers, clients) -> None:
+    """A direct message from a user on A reaches its addressee on B (inbox channels)."""
+    a, b = await brokers(2)
+    alice, bob = await clients(a, "alice"), await clients(b, "bob")
+    events: list = []
+    bob.listen(events.extend)
+    await wait_for(lambda: "alice" in b.core.users, 10, "B to know alice")
+    stored = await alice.send_dm("bob", "psst")
+    await wait_for(lambda: any(isinstance(e, p.Msg) and e.text == "psst" for e in events), 10, "the DM on B")
+    got = next(e for e in events if isinstance(e, p.Msg) and e.text == "psst")
+    assert (got.room, got.seq) == (stored.room, stored.seq)

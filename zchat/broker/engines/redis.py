@@ -83,6 +83,7 @@ class RedisEngine:
         self._tasks: list[asyncio.Task] = []
         self._pubsub: Any = None
         self._resync = False
+        self._check: set[str] = set()  # rooms whose head to read from Redis (the listener does)
 
     # ------------------------------------------------------------ keys
 
@@ -207,7 +208,10 @@ class RedisEngine:
                 _, room, head = item
                 if head > core.heads.get(room, 0):
                     core.saw(room, head)
-                    out.publish.append((p.room_topic(room), p.Heads(epoch=core.epoch, heads={room: head})))  # type: ignore[arg-type]
+                    heads = p.Heads(epoch=core.epoch, heads={room: head})
+                    peers = p.dm_peers(room)
+                    for topic in [p.room_topic(room)] if peers is None else [p.inbox_topic(n) for n in dict.fromkeys(peers)]:
+                        out.publish.append((topic, heads))  # type: ignore[arg-type]
             elif kind == "event":
                 self._event(core, item[1], now, out)
             elif kind == "members":
@@ -223,6 +227,7 @@ class RedisEngine:
             _, _, room, name, flag = parts
             if core.member_elsewhere(room, name, flag == "1") and name in core.devices:
                 self._want(core)
+                self._check.add(room)  # its lines may have come before our subscription
         elif kind == "p" and len(parts) == 4:
             _, _, name, flag = parts
             names = self.remote.setdefault(origin, set())
@@ -312,6 +317,10 @@ class RedisEngine:
         if self._resync:
             self._resync = False
             self._put(("members", await self.storage.members()))
+        if self._check:
+            rooms, self._check = sorted(self._check), set()
+            for room in rooms:
+                self._put(("head", room, await self.storage.head(room)))
         new, old = wanted - subscribed, subscribed - wanted
         if new:
             await self._pubsub.subscribe(*new)
@@ -328,10 +337,11 @@ class RedisEngine:
             if self.core is not None and self._tasks:  # not the first: something may be missed
                 self._put(("members", await storage.members()))
             return
-        prefix = storage.prefix + "{"
+        prefix, inbox = storage.prefix + "{", storage.prefix + "inbox:"
         if channel.startswith(prefix) and channel.endswith("}:pub"):
-            room = channel[len(prefix):-len("}:pub")]
-            self._put(("head", room, await storage.head(room)))
+            self._check.add(channel[len(prefix):-len("}:pub")])
+        elif channel.startswith(inbox) and self.core is not None:
+            self._check.update(r for r in self.core.rooms_of.get(channel[len(inbox):], ()) if p.is_dm_room(r))
 
     def _lines(self, channel: str, data: bytes) -> None:
         origin, items = parse_payload(data)
