@@ -118,7 +118,7 @@ FIELDS = {f.name: f for f in dataclasses.fields(Settings)}
 
 #: One line per setting, shown by ``zchat config`` and the README.
 HELP = {
-    "broker": "endpoint clients connect to (the broker's ROUTER), tcp://HOST:PORT",
+    "broker": "endpoint clients connect to (the broker's ROUTER), tcp://HOST:PORT; several brokers of one set: comma-separated, tried in turn",
     "bind": "endpoint the broker binds; it also binds PORT+1 and PORT+2 (port 0: any free ports)",
     "name": "your chat name: lowercase letters, digits, _ and -",
     "db": "SQLite history file; empty means DATA_DIR/history.db",
@@ -197,6 +197,10 @@ def _to_type(name: str, value: Any, source: str, from_text: bool) -> Any:
 
 
 def _check_endpoint(name: str, value: str, source: str) -> str:
+    if name == "broker" and "," in value:  # several brokers of one set: each address checked
+        for one in value.split(","):
+            _check_endpoint(name, one.strip(), source)
+        return value
     endpoint = value
     if name == "broker" and "#" in value:  # a keyed address: tcp://HOST:PORT#k=KEY
         from zchat.keys import split_address

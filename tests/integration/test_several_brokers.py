@@ -184,3 +184,31 @@ async def test_a_dm_crosses_brokers(brokers, clients) -> None:
     await wait_for(lambda: any(isinstance(e, p.Msg) and e.text == "psst" for e in events), 10, "the DM on B")
     got = next(e for e in events if isinstance(e, p.Msg) and e.text == "psst")
     assert (got.room, got.seq) == (stored.room, stored.seq)
+
+
+async def test_a_client_fails_over_to_the_next_broker(brokers) -> None:
+    """A client given two brokers moves to the second when the first goes, resends
+    what was not acked, and keeps its rooms: a reader sees every line once."""
+    a, b = await brokers(2)
+    alice = Client(f"{a.endpoint},{b.endpoint}", "alice", "secret-of-alice-0123456789", recover_limit=1_000_000)
+    bob = Client(b.endpoint, "bob", "secret-of-bob-0123456789", recover_limit=1_000_000)
+    try:
+        await alice.connect()
+        await bob.connect()
+        seen = views(bob, ("dev",))
+        await alice.join("dev")
+        await bob.join("dev")
+        before = await asyncio.gather(*(alice.post("dev", f"before-{i}") for i in range(10)))
+        await a.stop()
+        during = [alice.post("dev", f"during-{i}") for i in range(10)]  # pending until B takes them
+        after = await asyncio.wait_for(asyncio.gather(*during), 30)
+        assert alice.broker == b.endpoint
+        seqs = [s.seq for s in before + after]
+        assert len(set(seqs)) == 20
+        await wait_for(lambda: set(seqs) <= set(seen()["dev"]), 15, "bob to see all 20")
+        texts = [t for _, kind, t in seen()["dev"].values() if kind == "text"]
+        assert sorted(texts) == sorted([f"before-{i}" for i in range(10)] + [f"during-{i}" for i in range(10)])
+        assert {m.name for m in await alice.who("dev")} == {"alice", "bob"}
+    finally:
+        await alice.close()
+        await bob.close()

@@ -130,6 +130,13 @@ class Zap:
             self.core.add_user(name)  # type: ignore[union-attr]
             self.claims.claimed(address, name, owned, now)
             log.info("name %r claimed by key %s from %s", name, keys.fingerprint(z85.encode(key)), address)
+        elif key in auth.owner_keys(stored):  # claimed through another broker of the set (one Redis)
+            keys_of = auth.owner_keys(stored)
+            for known in keys_of:
+                self.key_names[known] = name
+            self.name_keys[name] = keys_of
+            self.core.add_user(name)  # type: ignore[union-attr]
+            return auth.owned(name, key)
         elif auth.owner_keys(stored):
             return auth.Verdict(b"400", f"name {name!r} is taken")  # devices are added with `zchat keys add`
         elif intent.secret and hmac.compare_digest(intent.secret, stored.hex()):

@@ -28,7 +28,7 @@ def client_options(func: Callable[..., Any]) -> Callable[..., Any]:
     """--broker, --name and --config for every command that talks to a broker."""
     func = click.option("--config", "config_path", type=click.Path(dir_okay=False), help="TOML settings file.")(func)
     func = click.option("--name", "-n", help="Your chat name (lowercase a-z, 0-9, _ -). [env ZCHAT_NAME]")(func)
-    func = click.option("--broker", "-b", help="Broker address, tcp://HOST:PORT or tcp://HOST:PORT#k=KEY (quote it). [env ZCHAT_BROKER; default tcp://127.0.0.1:5555]")(func)
+    func = click.option("--broker", "-b", help="Broker address, tcp://HOST:PORT or tcp://HOST:PORT#k=KEY (quote it); several brokers of one set comma-separated, each with its own #k=. [env ZCHAT_BROKER; default tcp://127.0.0.1:5555]")(func)
     func = click.option(
         "--trust-new-broker", is_flag=True, default=False, expose_value=False, callback=_trust_new,
         help="Pin an unknown non-loopback broker's key on first use (check its fingerprint first).",

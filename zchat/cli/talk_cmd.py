@@ -87,7 +87,10 @@ def _ask_once_about_a_new_broker(broker: str) -> None:
     async def ask() -> bool:
         ctx = zmq.asyncio.Context()
         try:
-            return await keys.ask_to_pin(broker, ctx, lambda q: click.confirm(q, default=False))
+            ok = True
+            for address in broker.split(","):  # several brokers of one set: each has its own key
+                ok = await keys.ask_to_pin(address.strip(), ctx, lambda q: click.confirm(q, default=False)) and ok
+            return ok
         finally:
             ctx.destroy(linger=0)
 

@@ -29,7 +29,13 @@ import zmq
 import zmq.asyncio
 
 from zchat import protocol as p
-from zchat.client.connection import REDIAL_AFTER, REJOIN_RETRY, Connection, split_broker
+from zchat.client.connection import (
+    REDIAL_AFTER,
+    REJOIN_RETRY,
+    Connection,
+    split_addresses,
+    split_broker,
+)
 from zchat.client.events import (
     AuthError,
     BrokerKeyError,
@@ -52,7 +58,7 @@ from zchat.client.requests import (
 from zchat.client.sending import Sending, _Pending
 from zchat.recovery import Gap, Tracker
 
-__all__ = ["Client", "ClientError", "AuthError", "ConnectError", "StateChange", "Recovered", "Gap", "Problem", "Event"]
+__all__ = ["Client", "split_addresses", "ClientError", "AuthError", "ConnectError", "StateChange", "Recovered", "Gap", "Problem", "Event"]
 # Also importable from here, as before the split: BrokerKeyError, split_broker, Tracker, the
 # bounds (MAX_IN_FLIGHT, REDIAL_AFTER, RATE_RETRIES, RATE_WAIT_MAX, MAX_LIST_PAGES,
 # REJOIN_RETRY) and _Pump, _Pending. A bound is read where it is used: patch it there.
@@ -90,26 +96,25 @@ class Client(Connection, Requests, Sending, Receiving):
     ) -> None:
         if name != p.LOOKER and not p.valid_name(name):
             raise ClientError(p.ErrorCode.BAD_NAME, f"bad name {name!r}: use a-z, 0-9, '_', '-' (1-{p.MAX_NAME_LEN} characters, lowercase)")
-        from zchat import keys
-
         try:
-            endpoint, _ = keys.split_address(broker)
+            # Several brokers of one set (on one Redis): the client moves to the next when
+            # one is lost. Each carries its own key (#k=) or is pinned on its own.
+            self.addresses = split_addresses(broker)
         except ValueError as exc:
             raise ClientError(p.ErrorCode.BAD_REQUEST, str(exc)) from None
-        self.base, _ = split_broker(endpoint)
         if secret is None:
             from zchat.config import load_secret
 
             secret = load_secret(name)
-        self.address = broker  # as given, maybe with #k=KEY
-        self.broker = endpoint  # what we connect to
+        self._at = 0
+        self.server_key: str | None = None
+        self._use(0)  # self.address (as given, maybe with #k=KEY), self.broker (what we connect to), self.base
         # ZCHAT_TRUST_NEW_BROKER=1 is --trust-new-broker for processes without the flag
         # (the compose demo's bots, on the compose network).
         self.trust_new_broker = trust_new_broker or os.environ.get("ZCHAT_TRUST_NEW_BROKER") == "1"
         self.invite = invite
-        # CURVE unless a broker in this very process was started in its test-only plaintext mode.
-        self.plaintext = keys.is_insecure(endpoint)
-        self.server_key: str | None = None
+        from zchat import keys
+
         self.public_key, self._secret_key = keys.throwaway_keypair() if name == p.LOOKER else keys.keypair_from_secret(secret, name)
         self.name = name
         self.secret = secret

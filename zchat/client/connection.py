@@ -42,8 +42,46 @@ def split_broker(address: str) -> tuple[str, int]:
     return base, int(port)
 
 
+def split_addresses(addresses: str) -> list[str]:
+    """``tcp://a:5555#k=K1,tcp://b:5555`` -> each address (checked), in order."""
+    from zchat import keys
+
+    out = []
+    for address in addresses.split(","):
+        address = address.strip()
+        endpoint, _ = keys.split_address(address)
+        split_broker(endpoint)
+        out.append(address)
+    if not out:
+        raise ValueError("no broker address given")
+    return out
+
+
 class Connection:
     """Connecting and staying connected (a mixin of Client)."""
+
+    def _use(self, at: int) -> None:
+        """Talk to the ``at``-th of the broker addresses from now on (its key is learnt
+        at the next dial)."""
+        from zchat import keys
+
+        self._at = at % len(self.addresses)
+        self.address = self.addresses[self._at]
+        self.broker, _ = keys.split_address(self.address)
+        self.base, _ = split_broker(self.broker)
+        # CURVE unless a broker in this very process was started in its test-only plaintext mode.
+        self.plaintext = keys.is_insecure(self.broker)
+        self.server_key = None
+
+    async def _learn_key(self) -> None:
+        """The broker's key, from the address or the pins (BrokerKeyError if unknown)."""
+        if not self.plaintext and self.server_key is None:
+            from zchat import keys
+
+            try:
+                _, self.server_key = await keys.broker_key(self.address, self._ctx, self.trust_new_broker)
+            except keys.KeyError_ as exc:
+                raise BrokerKeyError("broker_key", str(exc)) from None
 
     # ------------------------------------------------------------ life cycle
 
@@ -64,29 +102,56 @@ class Connection:
     async def connect(self, timeout: float = 5.0) -> p.Welcome:
         """Say hello; raise AuthError if the name is refused, ConnectError on silence,
         BrokerKeyError if the broker's key is unknown or not the pinned one (then
-        nothing but the plain key request was sent)."""
-        if not self.plaintext and self.server_key is None:
-            from zchat import keys
-
+        nothing but the plain key request was sent). Given several addresses, a silent
+        broker is passed over for the next (ConnectError when none answered)."""
+        for tried in range(len(self.addresses)):
             try:
-                _, self.server_key = await keys.broker_key(self.address, self._ctx, self.trust_new_broker)
-            except keys.KeyError_ as exc:
-                raise BrokerKeyError("broker_key", str(exc)) from None
+                return await self._connect_here(timeout)
+            except ConnectError as exc:
+                if tried == len(self.addresses) - 1:
+                    await self.close()
+                    raise
+                log.info("%s; trying %s", exc.message, self.addresses[(self._at + 1) % len(self.addresses)])
+                self._hang_up()
+                self._use(self._at + 1)
+            except BaseException:
+                await self.close()
+                raise
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    async def _connect_here(self, timeout: float) -> p.Welcome:
+        await self._learn_key()
         welcome = await self._hello(timeout)
         if welcome.name == p.LOOKER and not self.looking:
             welcome = await self._claim(timeout)
         self._take_welcome(welcome)
         self._auth_failed = None  # a refusal from now on (a revoked key) closes the client: see _watch
-        sub = self._socket(zmq.SUB)
-        sub.rcvhwm = self.sub_hwm
-        sub.connect(f"{self.base}:{welcome.pub_port}")
-        self._sub = _Pump(sub, self._on_event)
-        topics = (p.SYSTEM_TOPIC,) if self.looking else (p.SYSTEM_TOPIC, p.inbox_topic(self.name))
-        for topic in topics:
-            self._sub.submit(lambda s, t=topic: s.setsockopt(zmq.SUBSCRIBE, t))
-        self._spawn(self._sub.run(), self._heartbeats(), self._resends(), self._filler())
+        self._open_sub(welcome.pub_port)
+        self._spawn(self._heartbeats(), self._resends(), self._filler())
         self._set_state("connected")
         return welcome
+
+    def _open_sub(self, pub_port: int) -> None:
+        """A SUB on this broker's fan-out with our inbox, the system topic and every
+        room we follow (after a failover: the old broker's SUB is closed first)."""
+        old = getattr(self, "_sub_task", None)
+        if old is not None:
+            self._sub.stop()
+            old.cancel()
+            self._tasks.remove(old)
+            self._sub_sock.close(linger=0)
+            self._socks.remove(self._sub_sock)
+        sub = self._sub_sock = self._socket(zmq.SUB)
+        sub.rcvhwm = self.sub_hwm
+        sub.connect(f"{self.base}:{pub_port}")
+        self._sub_at = (self.base, pub_port, self.server_key)
+        self._sub = _Pump(sub, self._on_event)
+        topics = [p.SYSTEM_TOPIC] if self.looking else [p.SYSTEM_TOPIC, p.inbox_topic(self.name)]
+        topics += [p.room_topic(room) for room in sorted(self._subscribed)]
+        for topic in topics:
+            self._sub.submit(lambda s, t=topic: s.setsockopt(zmq.SUBSCRIBE, t))
+        self._sub_task = asyncio.ensure_future(self._sub.run())
+        self._tasks.append(self._sub_task)
 
     async def _hello(self, timeout: float) -> p.Welcome:
         """Dial the DEALER and say hello on it; close everything and raise on refusal or silence."""
@@ -96,8 +161,7 @@ class Connection:
         hello = asyncio.ensure_future(self._request(lambda rid: p.Hello(rid=rid, client=self.label), timeout=None))
         done, _ = await asyncio.wait({hello, self._auth_failed}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
         if self._auth_failed in done or hello not in done:
-            hello.cancel()
-            await self.close()
+            hello.cancel()  # connect() closes the client, or hangs up and tries the next address
             if self._auth_failed.done() and self.looking:
                 raise AuthError(p.ErrorCode.FORBIDDEN, f"the broker at {self.broker} refused a look-only session: give --name")
             if self._auth_failed.done():
@@ -184,6 +248,24 @@ class Connection:
         self._outbox.clear()  # all of it is pending: resent after the hello
         self._dial()
 
+    async def _fail_over(self) -> None:
+        """Pings went unanswered: move to the next broker of the set, as a new session.
+        The rooms, trackers and unacked sends stay: the next hello finds the same epoch
+        (one Redis), the trackers fill what was missed from its history, and resends
+        keep their cids, so the store's dedup acks a line the lost broker had stored."""
+        lost = self.broker
+        previous = (self._at, self.address, self.broker, self.base, self.plaintext, self.server_key)
+        self._use(self._at + 1)
+        try:
+            await self._learn_key()
+        except BrokerKeyError as exc:
+            log.warning("cannot move to %s: %s", self.broker, exc.message)
+            self._at, self.address, self.broker, self.base, self.plaintext, self.server_key = previous
+            self._at = (self._at + 1) % len(self.addresses)  # the one after it, next time
+            return
+        log.info("no answer from %s: moving to %s", lost, self.broker)
+        self._redial()
+
     def _take_welcome(self, welcome: p.Welcome) -> None:
         # At the first hello a DM conversation we do not track is from before this run:
         # new messages only. At a later one (a broker restart) it began while we ran.
@@ -233,7 +315,10 @@ class Connection:
                 self._set_state("reconnecting", "broker not answering")
                 unanswered += 1
                 if unanswered % REDIAL_AFTER == 0:
-                    self._redial()
+                    if len(self.addresses) > 1:
+                        await self._fail_over()
+                    else:
+                        self._redial()
                 continue
             unanswered = 0
             assert isinstance(pong, p.Pong)
@@ -276,11 +361,16 @@ class Connection:
     async def _hello_again(self) -> None:
         welcome = await self._request(lambda rid: p.Hello(rid=rid, client=self.label))
         assert isinstance(welcome, p.Welcome)
+        if welcome.name == p.LOOKER and not self.looking:  # another broker that has not seen our key
+            welcome = await self._claim(5.0)
         epoch_changed = welcome.epoch != self.epoch
         old = self.welcome
         self._take_welcome(welcome)
-        if old is not None and old.pub_port != welcome.pub_port:
+        if self._sub_at[0] != self.base or self._sub_at[2] != self.server_key:  # another broker of the set
+            self._open_sub(welcome.pub_port)
+        elif old is not None and old.pub_port != welcome.pub_port:
             self._move(self._sub, old.pub_port, welcome.pub_port)
+            self._sub_at = (self.base, welcome.pub_port, self.server_key)
         if epoch_changed:  # the new broker knows none of our rooms: join and subscribe again
             await self._rejoin_rooms([r for r in self._trackers if not p.is_dm_room(r)])
         self._set_state("connected")

@@ -22,7 +22,7 @@ from textual.screen import ModalScreen
 from textual.widgets import Input, Static
 
 from zchat import protocol as p
-from zchat.client import AuthError, Client, ClientError, ConnectError, Problem, Recovered, StateChange, split_broker
+from zchat.client import AuthError, Client, ClientError, ConnectError, Problem, Recovered, StateChange, split_addresses
 from zchat.recovery import Gap
 from zchat.tui import commands as c
 from zchat.tui.widgets import Buffer, ChatInput, MemberList, MessageLog, RoomList, StatusBar
@@ -100,7 +100,7 @@ class ChatApp(App[None]):
         connect_timeout: float = 3.0,
     ) -> None:
         super().__init__()
-        split_broker(broker)  # ValueError for a bad address, before the screen opens
+        split_addresses(broker)  # ValueError for a bad address, before the screen opens
         if not p.valid_name(name):
             raise ValueError(f"bad name {name!r}: use a-z, 0-9, '_', '-' (1-{p.MAX_NAME_LEN} characters)")
         self.broker = broker
@@ -248,7 +248,7 @@ class ChatApp(App[None]):
         buf = self.buffer
         recovered = self.client.recovered if self.client is not None else 0
         self.query_one("#status", StatusBar).show(
-            self.broker, self.state, self.state_since, self.me, buf.title if buf else "",
+            self.client.broker if self.client is not None else self.broker, self.state, self.state_since, self.me, buf.title if buf else "",
             recovered, self.sendq.qsize() + self.sending, self.state_detail,
         )
 
