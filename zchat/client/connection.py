@@ -243,10 +243,14 @@ class Connection:
         """
         self._hang_up()
         log.info("no answer from %s on this connection: connecting again as a new session", self.broker)
+        self._readdress()
+        self._dial()
+
+    def _readdress(self) -> None:
+        """Unacked sends name the new session (a line must name its DEALER's session)."""
         for pending in self._pending.values():
             pending.data = p.encode(msgspec.structs.replace(p.decode_send(pending.data, 0), sid=self.sid))
         self._outbox.clear()  # all of it is pending: resent after the hello
-        self._dial()
 
     async def _fail_over(self) -> None:
         """Pings went unanswered: move to the next broker of the set, as a new session.
@@ -362,7 +366,8 @@ class Connection:
         welcome = await self._request(lambda rid: p.Hello(rid=rid, client=self.label))
         assert isinstance(welcome, p.Welcome)
         if welcome.name == p.LOOKER and not self.looking:  # another broker that has not seen our key
-            welcome = await self._claim(5.0)
+            welcome = await self._claim(5.0)  # a new session
+            self._readdress()
         epoch_changed = welcome.epoch != self.epoch
         old = self.welcome
         self._take_welcome(welcome)

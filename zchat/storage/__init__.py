@@ -18,9 +18,18 @@ def open_storage(spec: str, db_path: Path) -> Storage:
 
         return SqliteStorage(db_path)
     if spec.startswith(_REDIS_SCHEMES):
+        from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+
         from zchat.storage.redis import RedisStorage
 
-        return RedisStorage(spec)
+        # ?prefix=P: the key prefix (brokers of one set share it; sets on one Redis differ).
+        parts = urlsplit(spec)
+        query = parse_qsl(parts.query, keep_blank_values=True)
+        prefix = [v for k, v in query if k == "prefix"]
+        if not prefix:
+            return RedisStorage(spec)
+        rest = urlencode([(k, v) for k, v in query if k != "prefix"])
+        return RedisStorage(urlunsplit(parts._replace(query=rest)), prefix=prefix[-1])
     raise ValueError(
         f"unknown storage {spec!r}: use 'sqlite' or a Redis URL (redis://, rediss:// or unix://)"
     )

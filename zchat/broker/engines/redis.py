@@ -373,8 +373,10 @@ class RedisEngine:
                 await self._beat()
                 if self.core is not None:
                     self._want(self.core)
-                brokers = [b.decode() for b in await redis.smembers(self._key("brokers"))]
-                others = [b for b in brokers if b != self.id]
+                # The brokers known to the set, and those we hold users of: another broker
+                # may have taken a dead one out of the set before we looked.
+                brokers = {b.decode() for b in await redis.smembers(self._key("brokers"))} | set(self.remote)
+                others = sorted(b for b in brokers if b != self.id)
                 if not others:
                     continue
                 async with redis.pipeline(transaction=False) as pipe:
