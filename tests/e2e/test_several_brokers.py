@@ -192,7 +192,7 @@ async def test_three_broker_processes_two_rooms_one_mapping(fleet: Fleet, people
         assert head == 6 + 30
         want = set(range(7, head + 1))
         for v in views:
-            await wait_for(lambda v=v: want <= set(v.seen.get(room, {})), 20, f"{v.name} to see {room}")
+            await wait_for(lambda v=v, want=want, room=room: want <= set(v.seen.get(room, {})), 20, f"{v.name} to see {room}")
         maps = [{s: x for s, x in v.seen[room].items() if s in want} for v in views]
         assert all(m == maps[0] for m in maps)
         assert sorted(t for _, kind, t in maps[0].values() if kind == "text") == sorted(
