@@ -7,13 +7,17 @@ the subprocess tests with kill -9 are in tests/e2e/test_several_brokers.py.
 from __future__ import annotations
 
 import asyncio
+import shutil
+import socket
+import subprocess
+import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import HEARTBEAT, RunningBroker, wait_for
+from tests.conftest import HEARTBEAT, RunningBroker, free_port_base, wait_for
 from zchat import protocol as p
 from zchat.client import Client
 from zchat.core import Limits
@@ -212,3 +216,100 @@ async def test_a_client_fails_over_to_the_next_broker(brokers) -> None:
     finally:
         await alice.close()
         await bob.close()
+
+
+def _cluster_port() -> int:
+    """A free port P whose cluster bus port P+10000 is free too (both below the
+    ephemeral range)."""
+    for _ in range(200):
+        port = free_port_base(1)
+        if port + 10000 >= 32768:
+            continue
+        try:
+            with socket.socket() as s:
+                s.bind(("127.0.0.1", port + 10000))
+        except OSError:
+            continue
+        return port
+    raise RuntimeError("no free port pair for a cluster node")
+
+
+def _cluster_or_skip(workdir: Path) -> tuple[list[subprocess.Popen[bytes]], int]:
+    """Three local Redis Cluster nodes sharing the slots, or skip saying why."""
+    exe, cli = shutil.which("redis-server"), shutil.which("redis-cli")
+    if exe is None or cli is None:
+        pytest.skip("redis-server and redis-cli are needed for a Redis Cluster")
+    procs, ports = [], []
+    try:
+        for i in range(3):
+            port = _cluster_port()
+            d = workdir / f"node-{i}"
+            d.mkdir()
+            procs.append(subprocess.Popen(
+                [exe, "--port", str(port), "--bind", "127.0.0.1", "--cluster-enabled", "yes", "--cluster-config-file",
+                 str(d / "nodes.conf"), "--save", "", "--appendonly", "no", "--dir", str(d), "--logfile", str(d / "log")],
+                stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            ))
+            ports.append(port)
+        deadline = time.monotonic() + 15
+        for port in ports:
+            while subprocess.run([cli, "-p", str(port), "ping"], capture_output=True, text=True).stdout.strip() != "PONG":
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"node {port} did not answer")
+                time.sleep(0.05)  # poll interval
+        made = subprocess.run(
+            [cli, "--cluster", "create", *(f"127.0.0.1:{port}" for port in ports), "--cluster-replicas", "0", "--cluster-yes"],
+            capture_output=True, text=True, timeout=60,
+        )
+        if made.returncode != 0:
+            raise RuntimeError(made.stdout[-500:] + made.stderr[-500:])
+        while "cluster_state:ok" not in subprocess.run([cli, "-p", str(ports[0]), "cluster", "info"], capture_output=True, text=True).stdout:
+            if time.monotonic() > deadline + 15:
+                raise RuntimeError("the cluster did not become ok")
+            time.sleep(0.05)  # poll interval
+    except (RuntimeError, OSError, subprocess.TimeoutExpired) as exc:
+        for proc in procs:
+            proc.kill()
+            proc.wait()
+        pytest.skip(f"cannot run a Redis Cluster here: {exc}")
+    return procs, ports[0]
+
+
+@pytest.fixture
+def redis_cluster(tmp_path: Path) -> Iterator[str]:
+    procs, port = _cluster_or_skip(tmp_path)
+    yield f"redis://127.0.0.1:{port}/0"
+    for proc in procs:
+        proc.terminate()
+        proc.wait(timeout=10)
+
+
+async def test_rooms_on_different_shards_of_a_redis_cluster(redis_cluster: str, tmp_path: Path, clients) -> None:
+    """Three brokers on a three-node Redis Cluster: rooms land on different shards (by
+    their {room} hash tag) and the chat holds one mapping per room."""
+    prefix = f"zchat-test:{uuid.uuid4().hex}:"
+    trio = []
+    try:
+        for i in range(3):
+            b = RunningBroker(tmp_path / f"unused-{i}.db", LIMITS, storage=lambda: RedisStorage(redis_cluster, prefix=prefix, cluster=True))
+            trio.append(await b.start())
+        rooms = ("dev", "ops", "qa")
+        store = trio[0].broker.storage
+        nodes = {room: store._redis.get_node_from_key(store.room_key(room, "log")).name for room in rooms}
+        assert len(set(nodes.values())) >= 2, nodes  # these names hash to different slots' owners
+        people = [await clients(trio[i], f"u{i}") for i in range(3)]
+        seen = [views(c, rooms) for c in people]
+        for c in people:
+            for room in rooms:
+                await c.join(room)
+        acks = await asyncio.wait_for(asyncio.gather(*(c.post(room, f"{c.name}-{room}-{j}") for c in people for room in rooms for j in range(5))), 30)
+        for room in rooms:
+            head = max(s.seq for s in acks if s.room == room)
+            assert head == 3 + 15
+            for get in seen:
+                await wait_for(lambda g=get, r=room, h=head: set(range(4, h + 1)) <= set(g()[r]), 15, f"{room} everywhere")
+            maps = [{s: v for s, v in get()[room].items() if s >= 4} for get in seen]
+            assert all(m == maps[0] for m in maps)
+    finally:
+        for b in trio:
+            await b.stop()

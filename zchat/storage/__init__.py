@@ -22,14 +22,17 @@ def open_storage(spec: str, db_path: Path) -> Storage:
 
         from zchat.storage.redis import RedisStorage
 
-        # ?prefix=P: the key prefix (brokers of one set share it; sets on one Redis differ).
+        # ?prefix=P: the key prefix (brokers of one set share it; sets on one Redis differ);
+        # ?cluster=1: the URL names a node of a Redis Cluster.
         parts = urlsplit(spec)
         query = parse_qsl(parts.query, keep_blank_values=True)
-        prefix = [v for k, v in query if k == "prefix"]
-        if not prefix:
+        ours = {k: v for k, v in query if k in ("prefix", "cluster")}
+        if not ours:
             return RedisStorage(spec)
-        rest = urlencode([(k, v) for k, v in query if k != "prefix"])
-        return RedisStorage(urlunsplit(parts._replace(query=rest)), prefix=prefix[-1])
+        rest = urlencode([(k, v) for k, v in query if k not in ours])
+        return RedisStorage(
+            urlunsplit(parts._replace(query=rest)), prefix=ours.get("prefix", "zchat:"), cluster=ours.get("cluster") in ("1", "yes", "true"),
+        )
     raise ValueError(
         f"unknown storage {spec!r}: use 'sqlite' or a Redis URL (redis://, rediss:// or unix://)"
     )

@@ -99,14 +99,16 @@ class RedisStorage:
     """The Storage interface on a Redis server (see zchat.storage.base), and the
     several-broker engine's atomic write (``sequence``)."""
 
-    def __init__(self, url: str, prefix: str = "zchat:") -> None:
+    def __init__(self, url: str, prefix: str = "zchat:", cluster: bool = False) -> None:
         self._aioredis = _import_redis()
         self.url = url
         self.prefix = prefix
+        self.cluster = cluster  # a Redis Cluster: rooms spread over shards by their {room} tag
         self.epoch = ""
         self._client: Redis | None = None
         self._append_script: Any = None
         self._sequence_script: Any = None
+        self._seed: Any = None  # a plain client on a cluster's seed node, for pub/sub
 
     def _key(self, *parts: str) -> str:
         return self.prefix + ":".join(parts)
@@ -130,8 +132,17 @@ class RedisStorage:
 
     # ------------------------------------------------------------ lifecycle
 
+    def pubsub(self) -> Any:
+        """A pub/sub object for the several-broker engine. On a Redis Cluster it is on the
+        seed node of the URL: PUBLISH is broadcast to every node of a cluster."""
+        if self.cluster:
+            if self._seed is None:
+                self._seed = self._aioredis.from_url(self.url)
+            return self._seed.pubsub()
+        return self._redis.pubsub()
+
     async def open(self) -> str:
-        client = self._aioredis.from_url(self.url)
+        client = self._aioredis.RedisCluster.from_url(self.url) if self.cluster else self._aioredis.from_url(self.url)
         try:
             await client.ping()
             await self._new_epoch_if_rolled_back(client)
@@ -153,11 +164,14 @@ class RedisStorage:
         seqs clients saw. So unless it fsyncs every write (``appendfsync always``), a
         server with another run id than at our last open starts a new epoch. Costs
         nothing per message; a Redis restart costs clients a fresh start."""
-        info = await client.info("server")
+        # On a cluster: the node that holds the epoch (a lossy restart of another shard
+        # is not noticed here: every node must fsync every write).
+        where = {"target_nodes": client.get_node_from_key(self._key("epoch"))} if self.cluster else {}
+        info = await client.info("server", **where)
         run_id = str(info.get("run_id", ""))
         try:
-            fsync = (await client.config_get("appendfsync")).get("appendfsync", "")
-            aof = (await client.config_get("appendonly")).get("appendonly", "")
+            fsync = (await client.config_get("appendfsync", **where)).get("appendfsync", "")
+            aof = (await client.config_get("appendonly", **where)).get("appendonly", "")
         except self._aioredis.ResponseError:  # CONFIG renamed or disabled: assume the worst
             fsync = aof = ""
         seen = await client.get(self._key("run"))
@@ -178,6 +192,9 @@ class RedisStorage:
         await client.set(self._key("run"), run_id)
 
     async def close(self) -> None:
+        if self._seed is not None:
+            await self._seed.aclose()
+            self._seed = None
         if self._client is not None:
             await self._client.aclose()
             self._client = None

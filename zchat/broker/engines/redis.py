@@ -126,7 +126,8 @@ class RedisEngine:
         try:
             async with self.storage._redis.pipeline(transaction=False) as pipe:
                 pipe.publish(self.storage.events_channel, f"x {self.id}")
-                pipe.delete(self._key("broker", self.id), self._key("online", self.id))
+                pipe.delete(self._key("broker", self.id))  # one key a DEL: they may be on two shards
+                pipe.delete(self._key("online", self.id))
                 pipe.srem(self._key("brokers"), self.id)
                 await pipe.execute()
         except Exception as exc:  # Redis gone: the heartbeat key expires by itself
@@ -273,7 +274,7 @@ class RedisEngine:
                 await self._pubsub.aclose()
             except Exception as exc:  # the connection is gone already
                 log.debug("closing the old subscription: %r", exc)
-        self._pubsub = self.storage._redis.pubsub()
+        self._pubsub = self.storage.pubsub()
         await self._pubsub.subscribe(self.storage.events_channel)
         self.subscribed = set()
 
