@@ -253,17 +253,17 @@ def _cluster_or_skip(workdir: Path) -> tuple[list[subprocess.Popen[bytes]], int]
             ports.append(port)
         deadline = time.monotonic() + 15
         for port in ports:
-            while subprocess.run([cli, "-p", str(port), "ping"], capture_output=True, text=True).stdout.strip() != "PONG":
+            while subprocess.run([cli, "-p", str(port), "ping"], capture_output=True, text=True, check=False).stdout.strip() != "PONG":
                 if time.monotonic() > deadline:
                     raise RuntimeError(f"node {port} did not answer")
                 time.sleep(0.05)  # poll interval
         made = subprocess.run(
             [cli, "--cluster", "create", *(f"127.0.0.1:{port}" for port in ports), "--cluster-replicas", "0", "--cluster-yes"],
-            capture_output=True, text=True, timeout=60,
+            capture_output=True, text=True, timeout=60, check=False,
         )
         if made.returncode != 0:
             raise RuntimeError(made.stdout[-500:] + made.stderr[-500:])
-        while "cluster_state:ok" not in subprocess.run([cli, "-p", str(ports[0]), "cluster", "info"], capture_output=True, text=True).stdout:
+        while "cluster_state:ok" not in subprocess.run([cli, "-p", str(ports[0]), "cluster", "info"], capture_output=True, text=True, check=False).stdout:
             if time.monotonic() > deadline + 15:
                 raise RuntimeError("the cluster did not become ok")
             time.sleep(0.05)  # poll interval
