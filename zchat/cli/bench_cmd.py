@@ -25,8 +25,13 @@ def bench(args: tuple[str, ...]) -> None:
       zchat bench --out results/today     # full run, under 15 minutes
       zchat bench --scenarios fanout latency --systems zchat zmq-proxy
       zchat bench --abuse --quick         # every attack, 3 s each
+      zchat bench --brokers 3             # SQLite, 1 and 3 brokers on Redis
     """
     rest = list(args)
+    if any(a == "--brokers" or a.startswith("--brokers=") for a in rest):  # several brokers on Redis
+        from zchat.bench.brokers import main as several
+
+        sys.exit(several(rest))
     if "--abuse" in rest:
         from zchat.bench.abuse import main as abuse
 
