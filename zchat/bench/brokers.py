@@ -119,7 +119,7 @@ def _subscribe_worker(addresses: list[str], names: list[str], cfg: str, expect: 
         conn.send("ready")
         try:
             await asyncio.wait_for(done.wait(), deadline)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             pass
         conn.send({"counts": counts, "lat": lat})
         for c in clients:
