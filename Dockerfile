@@ -10,13 +10,15 @@ ARG BASE=python:3.12-slim
 
 FROM ${BASE} AS build
 LABEL org.zchat.stage=build
+# EXTRAS="[redis]" adds the Redis client (several brokers: docker-compose.cluster.yml).
+ARG EXTRAS=
 ENV PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_NO_CACHE_DIR=1
 WORKDIR /src
 COPY pyproject.toml README.md ./
 COPY zchat ./zchat
 # pip compiles the bytecode here, so the non-root user never needs to write it.
 RUN python3 -m venv /opt/zchat \
-    && /opt/zchat/bin/pip install .
+    && /opt/zchat/bin/pip install ".${EXTRAS}"
 
 FROM ${BASE}
 # /data holds the broker's history, /config the settings file and the per-name

@@ -15,15 +15,25 @@
 #                         built with debootstrap when absent)
 #   ZCHAT_SMOKE_TIMEOUT   seconds to wait for the conversation (default 180)
 #   ZCHAT_SMOKE_KEEP=1    keep the containers and image for a look (tear down by hand)
+# For another compose file (scripts/compose-cluster-smoke.sh sets these):
+#   ZCHAT_SMOKE_COMPOSE   the compose file; ZCHAT_SMOKE_BROKER its broker service to ask;
+#   ZCHAT_SMOKE_BOTS      its bots; ZCHAT_SMOKE_SERVICES what to start (broker + bots);
+#   ZCHAT_SMOKE_SIDES     "bot=side ..." : a reply must cross sides (bots on different brokers);
+#   ZCHAT_SMOKE_EXTRAS    pip extras of the image ("[redis]"); ZCHAT_SMOKE_REDIS=1 builds
+#                         Dockerfile.redis as $ZCHAT_REDIS_IMAGE too
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
-COMPOSE_FILE="$ROOT/docker-compose.yml"
+COMPOSE_FILE=${ZCHAT_SMOKE_COMPOSE:-$ROOT/docker-compose.yml}
 BASE=${ZCHAT_BASE:-localhost/zchat-base:bookworm}
 TIMEOUT=${ZCHAT_SMOKE_TIMEOUT:-180}
 PROJECT="zchatsmoke$$$(date +%s)"
 IMAGE="localhost/zchat-smoke:$PROJECT"
-BOTS=(alice bob carol)
+read -r -a BOTS <<<"${ZCHAT_SMOKE_BOTS:-alice bob carol}"
+BROKER=${ZCHAT_SMOKE_BROKER:-broker}
+read -r -a SERVICES <<<"${ZCHAT_SMOKE_SERVICES:-$BROKER ${BOTS[*]}}"
+SIDES=${ZCHAT_SMOKE_SIDES:-}
+REDIS_IMAGE="localhost/zchat-smoke-redis:$PROJECT"
 CA=/etc/ssl/certs/ca-certificates.crt
 T0=$SECONDS
 
@@ -69,6 +79,7 @@ teardown() {
     fi
     if [[ $BUILT_IMAGE == 1 && ${ZCHAT_SMOKE_KEEP:-0} != 1 ]]; then
         podman rmi -f "$IMAGE" >/dev/null 2>&1 || true
+        podman rmi -f "$REDIS_IMAGE" >/dev/null 2>&1 || true
         # untagged leftovers of zchat's build stage only (the Dockerfile labels it)
         podman image prune -f --filter label=org.zchat.stage=build >/dev/null 2>&1 || true
     fi
@@ -125,22 +136,29 @@ fi
 
 # ---------------------------------------------------------------- zchat image
 
-build_args=(--network host --build-arg "BASE=$BASE" -t "$IMAGE")
+build_args=(--network host --build-arg "BASE=$BASE")
 [[ -f $CA ]] && build_args+=(-v "$CA:$CA:ro")
 say "building $IMAGE on $BASE"
 BUILT_IMAGE=1
-podman build "${build_args[@]}" "$ROOT" >"$WORK/build.log" 2>&1 || { tail -30 "$WORK/build.log"; die "image build failed"; }
+podman build "${build_args[@]}" --build-arg "EXTRAS=${ZCHAT_SMOKE_EXTRAS:-}" -t "$IMAGE" "$ROOT" >"$WORK/build.log" 2>&1 \
+    || { tail -30 "$WORK/build.log"; die "image build failed"; }
 say "image built"
+if [[ ${ZCHAT_SMOKE_REDIS:-0} == 1 ]]; then
+    say "building $REDIS_IMAGE (Redis from Debian's packages) on $BASE"
+    podman build "${build_args[@]}" -f "$ROOT/Dockerfile.redis" -t "$REDIS_IMAGE" "$ROOT" >"$WORK/build-redis.log" 2>&1 \
+        || { tail -30 "$WORK/build-redis.log"; die "Redis image build failed"; }
+    export ZCHAT_REDIS_IMAGE=$REDIS_IMAGE
+fi
 
 # ---------------------------------------------------------------- up
 
 export ZCHAT_IMAGE=$IMAGE
 STARTED=1
-say "starting project $PROJECT: broker ${BOTS[*]}"
+say "starting project $PROJECT: ${SERVICES[*]}"
 # Services are named: podman-compose 1.0 ignores profiles and would start `talk` too.
-compose up -d --no-build broker "${BOTS[@]}" >"$WORK/up.log" 2>&1 || { cat "$WORK/up.log"; die "podman-compose up failed"; }
+compose up -d --no-build "${SERVICES[@]}" >"$WORK/up.log" 2>&1 || { cat "$WORK/up.log"; die "podman-compose up failed"; }
 
-broker_ctr="${PROJECT}_broker_1"
+broker_ctr="${PROJECT}_${BROKER}_1"
 deadline=$((SECONDS + TIMEOUT))
 
 say "waiting for the broker to answer"
@@ -157,6 +175,7 @@ check_py=$(
     cat <<'EOF'
 import json, sys
 bots = set(sys.argv[1].split())
+sides = dict(pair.split("=") for pair in sys.argv[3].split()) if len(sys.argv) > 3 and sys.argv[3] else {}
 msgs = []
 for line in open(sys.argv[2]):
     line = line.strip()
@@ -174,8 +193,12 @@ for m in texts:
 repliers = {a for a, _ in pairs}
 targets = {b for _, b in pairs}
 ok = len(speakers) >= 2 and len(repliers) >= 2 and len(targets) >= 2
+across = sorted((a, b) for a, b in pairs if sides and sides.get(a) != sides.get(b))
+if sides:  # bots on different brokers must have heard each other, both ways
+    ok = ok and len({sides[a] for a, _ in across}) >= 2
 print(f"{len(msgs)} messages in history, {len(texts)} lines; bots that spoke: {sorted(speakers)}; "
-      f"replies across containers (replier -> original sender): {sorted(pairs)}")
+      f"replies across containers (replier -> original sender): {sorted(pairs)}"
+      + (f"; across brokers: {across}" if sides else ""))
 sys.exit(0 if ok else 1)
 EOF
 )
@@ -185,7 +208,7 @@ say "waiting until bots in different containers have answered each other"
 while :; do
     podman exec "$broker_ctr" zchat tail --broker tcp://127.0.0.1:5555 --name smoke --room general \
         --history 1000 --json --timeout 1 >"$history" 2>"$WORK/tail.err" || true
-    if summary=$(python3 -c "$check_py" "${BOTS[*]}" "$history"); then
+    if summary=$(python3 -c "$check_py" "${BOTS[*]}" "$history" "$SIDES"); then
         say "$summary"
         break
     fi
@@ -203,11 +226,12 @@ done
 
 # The same history, read from a fresh one-off container on the compose network by
 # service name, the way `docker compose run --rm talk` reaches the broker.
-say "reading the history from a one-off container via tcp://broker:5555"
-podman run --rm --network "${PROJECT}_default" "$IMAGE" tail --broker tcp://broker:5555 --trust-new-broker --name reader \
+READER=${ZCHAT_SMOKE_READER:-$BROKER}
+say "reading the history from a one-off container via tcp://$READER:5555"
+podman run --rm --network "${PROJECT}_default" "$IMAGE" tail --broker "tcp://$READER:5555" --trust-new-broker --name reader \
     --room general --history 1000 --json --timeout 1 >"$WORK/history2.jsonl" 2>"$WORK/tail2.err" \
     || { cat "$WORK/tail2.err"; die "a one-off container could not read the history"; }
-summary2=$(python3 -c "$check_py" "${BOTS[*]}" "$WORK/history2.jsonl") || die "one-off reader saw: $summary2"
+summary2=$(python3 -c "$check_py" "${BOTS[*]}" "$WORK/history2.jsonl" "$SIDES") || die "one-off reader saw: $summary2"
 say "one-off reader: $summary2"
 
 say "the conversation so far:"
@@ -222,5 +246,5 @@ for line in open(sys.argv[1]):
             print(f"  #{m['room']} {m['seq']:>3} -- {m['sender']} {m['kind']}s")
 EOF
 say "what alice's container printed (live fan-out it received):"
-podman logs --tail 8 "${PROJECT}_alice_1" 2>&1 | sed 's/^/  /'
-say "OK: ${#BOTS[@]} bots in separate containers chatted through the broker; history holds it"
+podman logs --tail 8 "${PROJECT}_${BOTS[0]}_1" 2>&1 | sed 's/^/  /'
+say "OK: ${#BOTS[@]} bots in separate containers chatted through the broker${SIDES:+s (across brokers)}; history holds it"

@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -58,17 +59,23 @@ def _brokers(tmp: Path, n: int, storage: str) -> tuple[list[Any], list[str]]:
     for i in range(n):
         home = tmp / f"broker-{i}"
         home.mkdir()
-        port = procs.free_port_base(4)
-        bind = f"tcp://127.0.0.1:{port}"
-        env = {**__import__("os").environ, "ZCHAT_DATA_DIR": str(home), "ZCHAT_CONFIG_DIR": str(home / "config")}
-        base = [sys.executable, "-m", "zchat", "broker", "--bind", bind, "--db", str(home / "history.db")]
-        shown = subprocess.run([*base, "--show-address"], env=env, capture_output=True, text=True, timeout=60, check=True)
-        addresses.append(shown.stdout.split()[0])
+        env = {**os.environ, "ZCHAT_DATA_DIR": str(home), "ZCHAT_CONFIG_DIR": str(home / "config")}
         flags = ["--storage", storage, "--rate", "0", "--request-rate", "0", "--max-per-address", "100000",
                  "--claims-per-minute", "0", "--heartbeat", "5", "--log-level", "WARNING"]
-        log = open(home / "broker.log", "w")  # noqa: SIM115  # the broker's own output, closed with it
-        proc = procs.popen([*base, *flags], env=env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
-        procs.wait_listening(port + 2, proc)
+        for attempt in range(3):  # a port of the four may be taken between the look and the bind
+            port = procs.free_port_base(4)
+            base = [sys.executable, "-m", "zchat", "broker", "--bind", f"tcp://127.0.0.1:{port}", "--db", str(home / "history.db")]
+            shown = subprocess.run([*base, "--show-address"], env=env, capture_output=True, text=True, timeout=60, check=True)
+            with open(home / "broker.log", "w") as log:  # the child holds its own copy of the descriptor
+                proc = procs.popen([*base, *flags], env=env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+            try:
+                procs.wait_listening(port + 2, proc)
+                break
+            except RuntimeError:
+                procs.stop(proc)
+                if attempt == 2:
+                    raise RuntimeError(f"broker {i} did not start: {(home / 'broker.log').read_text()[-1500:]}") from None
+        addresses.append(shown.stdout.split()[0])
         made.append(proc)
     return made, addresses
 
@@ -77,8 +84,6 @@ def _brokers(tmp: Path, n: int, storage: str) -> tuple[list[Any], list[str]]:
 
 
 async def _clients(addresses: list[str], names: list[str], cfg: str) -> list[Any]:
-    import os
-
     from zchat.client import Client
 
     os.environ["ZCHAT_CONFIG_DIR"] = cfg
