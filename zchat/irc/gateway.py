@@ -56,6 +56,9 @@ MAX_VISIBLE = 10_000
 NOTICE_EVERY = 1.0
 READ_CHUNK = 4096
 
+#: Commands whose parameters are never logged (passwords).
+_SECRET = frozenset({"PASS", "AUTHENTICATE"})
+
 _SAY_ERRORS = {
     p.ErrorCode.NOT_MEMBER: n.ERR_CANNOTSENDTOCHAN,
     p.ErrorCode.UNKNOWN_ROOM: n.ERR_NOSUCHCHANNEL,
@@ -137,6 +140,7 @@ class Connection:
                     except LineError as err:
                         await self._do(self.session.bad_line(err))
                         continue
+                    log.debug("%s: %s %s", self.address, line.command, "" if line.command in _SECRET else line.params[:1])
                     await self._do(self.session.receive(line))
                     if self.closing:
                         break
