@@ -111,7 +111,19 @@ def test_irssi_joins_reads_sends_and_gets_a_dm(irssi: Tmux, broker_proc: BrokerP
         assert mine["sender"] == "alice" and mine["room"] == "general"
     finally:
         tail.stop()
-    zchat(cli_env, "send", "--broker", broker_proc.endpoint, "--name", "carol", "--to", "alice", "a private word")
-    irssi.type("/window goto carol")  # irssi opened a query window for the private message
-    screen = irssi.wait("a private word")
-    assert "carol" in screen
+    talk = subprocess.Popen(  # a zchat talk user (its line mode: the same commands as the screen)
+        [sys.executable, "-m", "zchat", "talk", "--broker", broker_proc.endpoint, "--name", "carol", "--plain"],
+        env=cli_env, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, text=True,
+    )
+    try:
+        assert talk.stdin is not None
+        talk.stdin.write("/msg alice a private word from talk\n")
+        talk.stdin.flush()
+        wait_until(lambda: "carol" in irssi.screen(), 30, "irssi to open a query with carol")
+        irssi.type("/window goto carol")  # irssi opened a query window for the private message
+        screen = irssi.wait("a private word from talk")
+        line = next(x for x in screen.splitlines() if "a private word from talk" in x)
+        assert "carol" in line, line
+    finally:
+        talk.terminate()
+        talk.wait(10)
