@@ -91,6 +91,7 @@ class Connection:
         self.channels: dict[str, Channel] = {}
         self.unacked: collections.deque[asyncio.Future] = collections.deque()
         self.ready = False
+        self.lost = False  # told the user the broker is gone
         self.closing = False
         self.last_heard = time.monotonic()
         self.recent: collections.deque[str] = collections.deque(maxlen=4 * MAX_UNACKED)  # cids of lines acked lately
@@ -378,9 +379,11 @@ class Connection:
             elif isinstance(event, p.Presence):
                 self._on_presence(event)
             elif isinstance(event, StateChange):
-                if event.state == "reconnecting":
+                if event.state == "reconnecting" and not self.lost:
+                    self.lost = True
                     self.notice(f"lost the zchat broker ({event.detail}); reconnecting")
-                elif event.state == "connected":
+                elif event.state == "connected" and self.lost:
+                    self.lost = False
                     self.notice("connected to the zchat broker again")
                 elif event.state == "closed" and not self.closing:
                     asyncio.ensure_future(self.quit("the zchat connection closed"))
