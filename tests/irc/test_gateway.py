@@ -3,6 +3,8 @@ PRIVMSG both ways, DMs, NAMES/WHO/LIST/TOPIC, QUIT, presence and the bad-input n
 
 from __future__ import annotations
 
+import shutil
+
 import pytest
 
 from tests.conftest import chat, collect, wait_for
@@ -257,3 +259,45 @@ async def test_flood_gets_a_notice_not_a_disconnect(tmp_path, burst) -> None:  #
     finally:
         await gw.stop()
         await broker.stop()
+
+
+@pytest.fixture
+def certificate(tmp_path):  # type: ignore[no-untyped-def]
+    """A self-signed certificate for 127.0.0.1 (openssl)."""
+    import subprocess
+
+    if shutil.which("openssl") is None:
+        pytest.skip("openssl is not installed (to make a test certificate)")
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key), "-out", str(cert),
+         "-days", "1", "-subj", "/CN=localhost", "-addext", "subjectAltName=IP:127.0.0.1"],
+        check=True, capture_output=True,
+    )
+    return cert, key
+
+
+async def test_tls(broker, certificate) -> None:  # type: ignore[no-untyped-def]
+    import asyncio
+    import ssl
+
+    from tests.irc.conftest import Peer, register
+    from zchat.irc.server import Gateway, tls_context
+    from zchat.irc.signin import Gatekeeper
+
+    cert, key = certificate
+    gw = Gateway(broker.endpoint, Gatekeeper(None))
+    port = await gw.start("127.0.0.1", 0, tls_context(str(cert), str(key)))
+    try:
+        client_ctx = ssl.create_default_context(cafile=str(cert))
+        reader, writer = await asyncio.open_connection("127.0.0.1", port, ssl=client_ctx)
+        peer = Peer(reader, writer)
+        await register(peer, "alice")
+        assert writer.get_extra_info("ssl_object").version().startswith("TLS")
+        plain = await open_peer(port)  # a plain-text client gets nothing useful from a TLS port
+        plain.send("NICK bob", "USER bob 0 * :b")
+        await wait_for(lambda: plain.closed, what="the TLS port to drop a plain-text client")
+        assert not [x for x in plain.lines if x.command == "001"]
+        await peer.close()
+    finally:
+        await gw.stop()
