@@ -3,6 +3,7 @@ PRIVMSG both ways, DMs, NAMES/WHO/LIST/TOPIC, QUIT, presence and the bad-input n
 
 from __future__ import annotations
 
+import re
 import shutil
 
 import pytest
@@ -57,8 +58,12 @@ async def test_history_without_caps_is_plain_lines(irc, connect) -> None:  # typ
     peer = await irc("alice")
     peer.send("JOIN #general")
     msg = await peer.cmd("PRIVMSG")
-    assert msg.params == ("#general", "old line") and msg.tags == ()
-    assert b"BATCH" not in b"".join(peer.raw)
+    # no server-time: the line from the past says when it was said
+    assert msg.params[0] == "#general" and re.fullmatch(r"\[\d{4}-\d\d-\d\d \d\d:\d\d\] old line", msg.params[1]), msg
+    assert msg.tags == () and b"BATCH" not in b"".join(peer.raw)
+    await bob.send("general", "live line")
+    live = await peer.cmd("PRIVMSG")
+    assert live.params == ("#general", "live line")  # live lines are not dated
 
 
 async def test_privmsg_both_ways_and_actions(irc, connect) -> None:  # type: ignore[no-untyped-def]
@@ -162,14 +167,14 @@ async def test_reconnect_shows_nothing_twice(irc, connect) -> None:  # type: ign
     await bob.send("general", "before")
     first = await irc("alice")
     first.send("JOIN #general")
-    await first.expect(lambda x: x.command == "PRIVMSG" and x.params[-1] == "before")
+    await first.expect(lambda x: x.command == "PRIVMSG" and x.params[-1].endswith("before"))
     first.send("QUIT")
     await wait_for(lambda: first.closed, what="the first connection to close")
     await bob.send("general", "while away")
     second = await irc("alice")  # a member already: the gateway joins #general for it
-    await second.expect(lambda x: x.command == "PRIVMSG" and x.params[-1] == "while away")
+    await second.expect(lambda x: x.command == "PRIVMSG" and x.params[-1].endswith("while away"))
     lines = await second.marker()
-    texts = [x.params[-1] for x in second.lines if x.command == "PRIVMSG"]
+    texts = [x.params[-1].split("] ", 1)[-1] for x in second.lines if x.command == "PRIVMSG"]
     assert texts == ["while away"], (texts, lines)
 
 
@@ -301,3 +306,51 @@ async def test_tls(broker, certificate) -> None:  # type: ignore[no-untyped-def]
         await peer.close()
     finally:
         await gw.stop()
+
+
+async def test_chathistory_latest_before_after(irc, connect) -> None:  # type: ignore[no-untyped-def]
+    bob = await connect("bob")
+    await bob.join("general")
+    for i in range(6):
+        await bob.send("general", f"h{i}")
+    peer = await irc("alice", caps="server-time batch message-tags draft/chathistory")
+    peer.send("CHATHISTORY LATEST #general * 3")
+
+    async def batch() -> list:
+        start = await peer.cmd("BATCH")
+        assert start.params[1:] == ("chathistory", "#general"), start
+        lines = []
+        while True:
+            line = await peer.expect(lambda x: x.command in ("PRIVMSG", "BATCH"))
+            if line.command == "BATCH":
+                assert line.params == ("-" + start.params[0][1:],)
+                return lines
+            assert line.tag("batch") == start.params[0][1:]
+            lines.append(line)
+
+    latest = await batch()
+    assert [x.params[1] for x in latest] == ["h3", "h4", "h5"]
+    first = latest[0].tag("msgid")
+    peer.send(f"CHATHISTORY BEFORE #general msgid={first} 2")
+    assert [x.params[1] for x in await batch()] == ["h1", "h2"]
+    peer.send(f"CHATHISTORY AFTER #general msgid={first} 10")
+    assert [x.params[1] for x in await batch()] == ["h4", "h5"]
+    peer.send("CHATHISTORY BEFORE #general timestamp=2026-01-01T00:00:00.000Z 2", "CHATHISTORY AROUND #general * 2")
+    assert (await peer.cmd("FAIL")).params[:2] == ("CHATHISTORY", "INVALID_MSGREFTYPE")
+    assert (await peer.cmd("FAIL")).params[:2] == ("CHATHISTORY", "INVALID_PARAMS")
+
+
+async def test_chathistory_of_a_dm(irc, connect) -> None:  # type: ignore[no-untyped-def]
+    bob = await connect("bob")
+    peer = await irc("alice", caps="batch draft/chathistory")
+    await bob.send_dm("alice", "dm one")
+    await peer.expect(lambda x: x.command == "PRIVMSG" and x.params[-1] == "dm one")
+    peer.send("PRIVMSG bob :dm two")
+    await chat(bob, 1)
+    peer.send("CHATHISTORY LATEST bob * 10")
+    start = await peer.cmd("BATCH")
+    assert start.params[1:] == ("chathistory", "bob")
+    one = await peer.cmd("PRIVMSG")
+    two = await peer.cmd("PRIVMSG")
+    assert one.source.startswith("bob!") and one.params[0] == "alice" and one.params[1].endswith("dm one")
+    assert two.source.startswith("alice!") and two.params[0] == "bob" and two.params[1].endswith("dm two")

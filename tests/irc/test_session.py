@@ -189,3 +189,14 @@ def test_bad_line_numerics() -> None:
     assert codes(sess.bad_line(LineError("too_long", "x", "PRIVMSG"))) == ["417"]
     out = sess.bad_line(LineError("utf8", "x", "PRIVMSG"))
     assert out == [Line("FAIL", ("PRIVMSG", "INVALID_UTF8", out[0].params[-1]), "zchat")]
+
+
+def test_chathistory_requests() -> None:
+    sess = registered()
+    assert feed(sess, "CHATHISTORY LATEST #general * 500") == [s.History("#general", "general", s.MAX_CHATHISTORY)]
+    assert feed(sess, "CHATHISTORY BEFORE #general msgid=42.ab-1 10") == [s.History("#general", "general", 10, before=42)]
+    assert feed(sess, "CHATHISTORY AFTER Bob msgid=7.x 5") == [s.History("Bob", "@alice:bob", 5, after=7, newest=False)]
+    for bad in ("CHATHISTORY LATEST #general *", "CHATHISTORY BETWEEN #a * * 5", "CHATHISTORY BEFORE #a timestamp=x 5",
+                "CHATHISTORY LATEST #bad!x * 5", "CHATHISTORY LATEST #a * lots"):
+        out = feed(sess, bad)
+        assert codes(out) == ["FAIL"] and out[0].params[0] == "CHATHISTORY", bad

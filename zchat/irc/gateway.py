@@ -35,7 +35,14 @@ from zchat.irc import session as s
 from zchat.irc.lines import Line, LineError, Splitter, format_line, parse
 from zchat.irc.names import room_to_channel
 from zchat.irc.signin import Refused
-from zchat.irc.translate import chat_lines, hostmask, names_lines, tags_for
+from zchat.irc.translate import (
+    chat_lines,
+    hostmask,
+    msgid,
+    names_lines,
+    server_time,
+    tags_for,
+)
 
 if TYPE_CHECKING:
     from zchat.irc.server import Gateway
@@ -351,6 +358,41 @@ class Connection:
             self.send(self.session.reply(n.RPL_LIST, room_to_channel(room.name), str(room.members), f"{room.online} online"))
         self.send(self.session.reply(n.RPL_LISTEND, "End of /LIST"))
 
+    async def _on_history(self, action: s.History) -> None:
+        """CHATHISTORY: the lines in a chathistory batch (text and actions only)."""
+        assert self.client is not None
+        try:
+            if action.newest:
+                msgs = await self.client.history(action.room, limit=action.limit, before=action.before)
+                msgs = [m for m in msgs if m.seq > action.after]
+            else:
+                msgs = await self.client.history(action.room, limit=action.limit, after=action.after)
+        except (TimeoutError, ClientError) as exc:
+            self.send(self.session.fail("CHATHISTORY", "INVALID_TARGET", f"{action.target}: {getattr(exc, 'message', 'no answer')}"))
+            return
+        tag = secrets.token_hex(4)
+        self.send(Line("BATCH", ("+" + tag, "chathistory", action.target), self.session.server))
+        for msg in msgs:
+            if msg.kind in ("text", "me"):
+                self._chat(msg, tag, "" if p.is_dm_room(msg.room) else action.target, dated=True)
+        self.send(Line("BATCH", ("-" + tag,), self.session.server))
+
+    def _chat(self, msg: p.Msg, batch: str, channel: str, dated: bool) -> None:
+        """A text or /me line to ``channel`` (or, for "", the DM's other side). A line
+        from the past (``dated``) carries its time in its text for a client without
+        server-time, which would show it as said now."""
+        tags = tags_for(self.caps, msg.ts, msgid(msg.seq, msg.id), batch)
+        text = msg.text
+        if dated and "server-time" not in self.caps:
+            text = f"[{server_time(msg.ts)[:16].replace('T', ' ')}] {text}"
+        if channel:
+            target, source = channel, msg.sender
+        elif msg.sender == self.me:
+            target, source = msg.to, self.me
+        else:
+            target, source = self.me, msg.sender
+        self.send(*chat_lines(hostmask(source), target, text, me=msg.kind == "me", tags=tags))
+
     # ------------------------------------------------------------ zchat events
 
     def _mine(self, msg: p.Msg) -> bool:
@@ -396,13 +438,10 @@ class Connection:
             self.send(Line("BATCH", ("-" + batch,), self.session.server))
 
     def _on_msg(self, msg: p.Msg, replayed: bool, batch: str) -> None:
-        tags = tags_for(self.caps, msg.ts, msg.id, batch)
         own = msg.sender == self.me
         if p.is_dm_room(msg.room):
-            if not own:
-                self.send(*chat_lines(hostmask(msg.sender), self.me, msg.text, me=msg.kind == "me", tags=tags))
-            elif "echo-message" in self.caps:
-                self.send(*chat_lines(hostmask(self.me), msg.to, msg.text, me=msg.kind == "me", tags=tags))
+            if not own or "echo-message" in self.caps:  # our own DMs only as echoes
+                self._chat(msg, batch, "", replayed)
             return
         chan = self.channels.get(msg.room)
         if chan is None:
@@ -411,14 +450,16 @@ class Connection:
         if msg.kind in ("text", "me"):
             if own and "echo-message" not in self.caps and self._mine(msg):
                 return
-            self.send(*chat_lines(hostmask(msg.sender), channel, msg.text, me=msg.kind == "me", tags=tags))
-        elif replayed or own:
+            self._chat(msg, batch, channel, replayed)
+            return
+        if replayed or own:
             return  # joins and parts of the past are not replayed; ours we said already
-        elif msg.kind == "join" and msg.sender not in chan.visible:
+        tags = tags_for(self.caps, msg.ts, msgid(msg.seq, msg.id))
+        if msg.kind == "join" and msg.sender not in chan.visible:
             if len(chan.visible) < MAX_VISIBLE:
                 chan.visible.add(msg.sender)
             self.send(Line("JOIN", (channel,), hostmask(msg.sender), tags))
-        elif msg.kind == "part":
+        elif msg.kind == "part" and msg.sender in chan.visible:
             chan.visible.discard(msg.sender)
             self.send(Line("PART", (channel,), hostmask(msg.sender), tags))
 

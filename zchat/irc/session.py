@@ -20,11 +20,14 @@ import dataclasses
 from zchat.irc import numerics as n
 from zchat.irc.lines import Line, LineError
 from zchat.irc.names import channel_to_room, is_channel, nick_to_name
+from zchat.protocol import dm_room
 
 #: The capabilities offered (IRCv3). sasl's value is only sent to CAP LS 302 clients.
-CAPS = ("cap-notify", "sasl", "server-time", "message-tags", "echo-message", "batch", "away-notify")
+CAPS = ("cap-notify", "sasl", "server-time", "message-tags", "echo-message", "batch", "away-notify", "draft/chathistory")
 #: Targets one line may name (ISUPPORT TARGMAX): bounds the work one line causes.
 MAX_TARGETS = {"PRIVMSG": 4, "NOTICE": 4, "JOIN": 10, "PART": 10, "NAMES": 10}
+#: Most messages one CHATHISTORY request returns (ISUPPORT CHATHISTORY).
+MAX_CHATHISTORY = 100
 #: A SASL response is sent in 400-byte chunks; more than this in all is refused (905).
 MAX_SASL = 1200
 
@@ -84,6 +87,19 @@ class Who:
 
 
 @dataclasses.dataclass(frozen=True)
+class History:
+    """CHATHISTORY: up to ``limit`` stored lines of ``room`` (a room or DM id) with
+    ``after < seq < before`` (0: no bound), the newest if ``newest``; ``target`` as given."""
+
+    target: str
+    room: str
+    limit: int
+    before: int = 0
+    after: int = 0
+    newest: bool = True
+
+
+@dataclasses.dataclass(frozen=True)
 class ListRooms:
     """LIST: every room from the broker."""
 
@@ -94,7 +110,7 @@ class Quit:
     error: str = ""  # set: the connection is closed by the server with this ERROR text
 
 
-Action = SignIn | Ready | Join | Part | PartAll | Say | Names | Who | ListRooms | Quit
+Action = SignIn | Ready | Join | Part | PartAll | Say | Names | Who | ListRooms | History | Quit
 Out = Line | Action
 
 
@@ -324,7 +340,7 @@ class Session:
         me = self.nick
         isupport = [
             f"NETWORK={self.network}", "CASEMAPPING=ascii", "CHANTYPES=#", "PREFIX=", "CHANMODES=,,,nt",
-            "NICKLEN=32", "CHANNELLEN=65", "UTF8ONLY",
+            "NICKLEN=32", "CHANNELLEN=65", "UTF8ONLY", f"CHATHISTORY={MAX_CHATHISTORY}", "MSGREFTYPES=msgid",
             "TARGMAX=" + ",".join(f"{k}:{v}" for k, v in MAX_TARGETS.items()),
         ]
         return [
@@ -471,3 +487,42 @@ class Session:
     def _cmd_userhost(self, line: Line) -> list[Out]:
         nicks = [nk for nk in line.params[:5] if nick_to_name(nk)]
         return [self.reply("302", " ".join(f"{nick_to_name(nk)}=+{nick_to_name(nk)}@zchat" for nk in nicks))]
+
+    def _cmd_chathistory(self, line: Line) -> list[Out]:
+        """LATEST, BEFORE and AFTER with msgid references (a msgid starts with the
+        line's seq, see translate.msgid); timestamps and the other subcommands have
+        no zchat form (history is by sequence number)."""
+        def bad(code: str, text: str) -> list[Out]:
+            return [self.fail("CHATHISTORY", code, text)]
+
+        if len(line.params) < 4:
+            return bad("NEED_MORE_PARAMS", "CHATHISTORY needs a subcommand, a target, a reference and a limit")
+        sub, target, ref, count = line.params[0].upper(), line.params[1], line.params[2], line.params[-1]
+        if sub not in ("LATEST", "BEFORE", "AFTER"):
+            return bad("INVALID_PARAMS", f"{sub[:16]}: only LATEST, BEFORE and AFTER are supported")
+        if not count.isdigit() or not 0 < int(count) <= 10_000:
+            return bad("INVALID_PARAMS", "the limit must be a positive number")
+        seq = 0
+        if not (sub == "LATEST" and ref == "*"):
+            seq = msgid_seq(ref[6:]) if ref.startswith("msgid=") else None
+            if not seq:
+                return bad("INVALID_MSGREFTYPE", "use msgid= references (timestamps have no zchat form)")
+        if is_channel(target):
+            room = channel_to_room(target)
+        else:
+            name = nick_to_name(target)
+            room = dm_room(self.account, name) if name else None
+        if room is None:
+            return bad("INVALID_TARGET", f"{target[:64]} is not a channel or a nick")
+        limit = min(int(count), MAX_CHATHISTORY)
+        if sub == "BEFORE":
+            return [History(target, room, limit, before=seq)]
+        if sub == "AFTER":
+            return [History(target, room, limit, after=seq, newest=False)]
+        return [History(target, room, limit, after=seq)]
+
+
+def msgid_seq(msgid: str) -> int | None:
+    """The seq a msgid of ours starts with (``SEQ.ID``), or None."""
+    head = msgid.partition(".")[0]
+    return int(head) if head.isdigit() and len(head) < 19 else None

@@ -24,6 +24,12 @@ def server_time(ts: float) -> str:
     return when.strftime("%Y-%m-%dT%H:%M:%S.") + f"{when.microsecond // 1000:03d}Z"
 
 
+def msgid(seq: int, ident: str) -> str:
+    """The IRC msgid of a stored line: its seq (what CHATHISTORY needs: zchat history is
+    by seq) and the broker's message id (unique across rooms)."""
+    return f"{seq}.{ident}"
+
+
 def tags_for(caps: set[str], ts: float, msgid: str = "", batch: str = "") -> tuple[tuple[str, str], ...]:
     """The tags a client that negotiated ``caps`` may receive."""
     tags: list[tuple[str, str]] = []
