@@ -48,6 +48,7 @@ class Gateway:
         self.connections: set[Connection] = set()
         self._cursors: collections.OrderedDict[str, dict[str, tuple[str, int]]] = collections.OrderedDict()
         self._server: asyncio.base_events.Server | None = None
+        self._handlers: set[asyncio.Task] = set()  # one a connection, until its Client has closed
 
     def cursors_of(self, name: str) -> dict[str, tuple[str, int]] | None:
         return self._cursors.get(name)
@@ -72,25 +73,30 @@ class Gateway:
             return
         conn = Connection(self, reader, writer)
         self.connections.add(conn)
+        task = asyncio.current_task()
+        if task is not None:
+            self._handlers.add(task)
         try:
             await conn.run()
         except Exception:
             log.exception("IRC connection from %s failed", conn.address)
         finally:
             self.connections.discard(conn)
+            self._handlers.discard(task)  # type: ignore[arg-type]
 
     async def serve_forever(self) -> None:
         assert self._server is not None
         async with self._server:
             await self._server.serve_forever()
 
-    async def stop(self) -> None:
-        """Stop listening and close every connection (each says bye to the broker)."""
+    async def stop(self, timeout: float = 5.0) -> None:
+        """Stop listening and close every connection; each Client says bye to the broker
+        (within ``timeout`` in all)."""
         if self._server is not None:
             self._server.close()
         for conn in list(self.connections):
             await conn.quit("The gateway is shutting down")
-        for conn in list(self.connections):
-            await conn.close()
+        if self._handlers:
+            await asyncio.wait(list(self._handlers), timeout=timeout)
         if self._server is not None:
             await self._server.wait_closed()

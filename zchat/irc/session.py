@@ -4,7 +4,7 @@ the checks every command passes before it reaches zchat.
 ``receive(line)`` returns what to do: Lines to send back and Actions for the gateway
 (sign in, join, send, ...). The gateway runs an action on its ``zchat.client.Client``
 and may report back (``signed_in``). Nothing here touches a socket or a clock, so
-its tests are plain values (tests/irc/test_session.py).
+its tests are plain values (tests/irc_gateway/test_session.py).
 
 Registration ends when NICK and USER are in, CAP negotiation (if the client started
 one) has ended, and the user is signed in: by SASL PLAIN during CAP, by PASS at the

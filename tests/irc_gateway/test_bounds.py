@@ -9,7 +9,7 @@ import socket
 import pytest
 
 from tests.conftest import wait_for
-from tests.irc.conftest import Peer
+from tests.irc_gateway.conftest import Peer
 from zchat.irc import gateway as gw_module
 
 

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import BrokerProcess, wait_until
-from tests.irc.conftest import IrcProcess
+from tests.irc_gateway.conftest import IrcProcess
 
 pytestmark = [
     pytest.mark.skipif(shutil.which("irssi") is None, reason="irssi is not installed (apt-get install irssi)"),

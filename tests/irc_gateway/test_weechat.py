@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import BrokerProcess, wait_until
-from tests.irc.conftest import IrcProcess
-from tests.irc.test_irssi import Tail, zchat
+from tests.irc_gateway.conftest import IrcProcess
+from tests.irc_gateway.test_irssi import Tail, zchat
 
 pytestmark = pytest.mark.skipif(shutil.which("weechat-headless") is None, reason="weechat-headless is not installed (apt-get install weechat-headless)")
 

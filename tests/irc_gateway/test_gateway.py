@@ -9,7 +9,7 @@ import shutil
 import pytest
 
 from tests.conftest import chat, collect, wait_for
-from tests.irc.conftest import open_peer
+from tests.irc_gateway.conftest import open_peer
 from zchat import protocol as p
 from zchat.irc.lines import MAX_LINE
 
@@ -240,7 +240,7 @@ async def test_ping_pong(irc) -> None:  # type: ignore[no-untyped-def]
 @pytest.mark.parametrize("burst", [3])
 async def test_flood_gets_a_notice_not_a_disconnect(tmp_path, burst) -> None:  # type: ignore[no-untyped-def]
     from tests.conftest import RunningBroker
-    from tests.irc.conftest import register
+    from tests.irc_gateway.conftest import register
     from zchat.core import Limits
     from zchat.irc.server import Gateway
     from zchat.irc.signin import Gatekeeper
@@ -286,7 +286,7 @@ async def test_tls(broker, certificate) -> None:  # type: ignore[no-untyped-def]
     import asyncio
     import ssl
 
-    from tests.irc.conftest import Peer, register
+    from tests.irc_gateway.conftest import Peer, register
     from zchat.irc.server import Gateway, tls_context
     from zchat.irc.signin import Gatekeeper
 
