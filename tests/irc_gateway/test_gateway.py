@@ -354,3 +354,21 @@ async def test_chathistory_of_a_dm(irc, connect) -> None:  # type: ignore[no-unt
     two = await peer.cmd("PRIVMSG")
     assert one.source.startswith("bob!") and one.params[0] == "alice" and one.params[1].endswith("dm one")
     assert two.source.startswith("alice!") and two.params[0] == "bob" and two.params[1].endswith("dm two")
+
+
+async def test_a_broker_restart_is_told_and_survived(irc, connect, broker) -> None:  # type: ignore[no-untyped-def]
+    bob = await connect("bob")
+    await bob.join("general")
+    peer = await irc("alice")
+    peer.send("JOIN #general")
+    await peer.cmd("366")
+    await broker.stop()
+    await peer.expect(lambda x: x.command == "NOTICE" and "lost the zchat broker" in x.params[-1], timeout=20)
+    await broker.start()
+    await peer.expect(lambda x: x.command == "NOTICE" and "connected to the zchat broker again" in x.params[-1], timeout=30)
+    await bob.send("general", "after the restart", timeout=20)
+    got = await peer.expect(lambda x: x.command == "PRIVMSG" and x.params[-1].endswith("after the restart"), timeout=20)
+    assert got.source.startswith("bob!")
+    peer.send("PRIVMSG #general :irc after the restart")
+    back = await collect(bob, 1, timeout=20, where=lambda m: m.sender == "alice" and m.kind == "text")
+    assert back[0].text == "irc after the restart"

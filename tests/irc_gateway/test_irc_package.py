@@ -113,3 +113,23 @@ async def test_a_name_taken_on_the_broker_is_433(irc_proc: IrcProcess, broker_pr
     bots.append(bot)
     await wait_for(lambda: bot.of("nicknameinuse"), what="433 for a taken name")
     assert not bot.of("welcome")
+
+
+def test_sigterm_tells_every_client_and_exits_cleanly(irc_proc: IrcProcess) -> None:
+    import socket
+
+    with socket.create_connection(("127.0.0.1", irc_proc.port), timeout=20) as sock:
+        sock.sendall(b"PASS erin-password-1\r\nNICK erin\r\nUSER erin 0 * :Erin\r\n")
+        got = b""
+        while b" 376 " not in got:
+            chunk = sock.recv(4096)
+            assert chunk, got
+            got += chunk
+        irc_proc.proc.terminate()
+        while True:
+            chunk = sock.recv(4096)
+            if not chunk:
+                break
+            got += chunk
+    assert b"ERROR :The gateway is shutting down\r\n" in got
+    assert irc_proc.proc.wait(15) == 0
