@@ -372,3 +372,16 @@ async def test_a_broker_restart_is_told_and_survived(irc, connect, broker) -> No
     peer.send("PRIVMSG #general :irc after the restart")
     back = await collect(bob, 1, timeout=20, where=lambda m: m.sender == "alice" and m.kind == "text")
     assert back[0].text == "irc after the restart"
+
+
+async def test_a_burst_from_irc_arrives_whole_in_order_and_is_not_echoed(irc, connect) -> None:  # type: ignore[no-untyped-def]
+    bob = await connect("bob")
+    await bob.join("general")
+    peer = await irc("alice")
+    peer.send("JOIN #general")
+    await peer.cmd("366")
+    peer.send(*(f"PRIVMSG #general :burst {i}" for i in range(300)))  # more than MAX_UNACKED at once
+    got = await collect(bob, 300, timeout=60, where=lambda m: m.sender == "alice" and m.kind == "text")
+    assert [m.text for m in got] == [f"burst {i}" for i in range(300)]
+    await peer.marker()
+    assert not [x for x in peer.lines if x.command == "PRIVMSG"]  # no echo without echo-message

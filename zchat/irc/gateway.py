@@ -216,13 +216,13 @@ class Connection:
         client = Client(self.gateway.broker, action.name, secret, cursors=self.gateway.cursors_of(action.name), label="zchat-irc")
         try:
             await client.connect()
-        except AuthError:
-            if made:
-                keeper.forget(action.name)
-            await self._do(self.session.signed_in(action.name, f"the name {action.name} is taken on this zchat broker", taken=True))
-            return
         except ClientError as exc:
-            await self._do(self.session.signed_in(action.name, f"the zchat broker refused: {exc.message}"))
+            if made:  # the name was never ours: the account made for it goes too
+                keeper.forget(action.name)
+            if isinstance(exc, AuthError):
+                await self._do(self.session.signed_in(action.name, f"the name {action.name} is taken on this zchat broker", taken=True))
+            else:
+                await self._do(self.session.signed_in(action.name, f"the zchat broker refused: {exc.message}"))
             return
         self.client = client
         log.info("%s signed in as %s (%s)", self.address, action.name, action.via)
@@ -294,10 +294,12 @@ class Connection:
             return
         fut.add_done_callback(lambda f, a=action: self._said(f, a))
         self.unacked.append(fut)
-        while self.unacked and self.unacked[0].done():
-            self.unacked.popleft()
-        if len(self.unacked) >= MAX_UNACKED:  # wait for the broker before reading on
-            await asyncio.wait([self.unacked[0]], timeout=30)
+        if len(self.unacked) >= MAX_UNACKED:
+            for done in [f for f in self.unacked if f.done() and not f.cancelled() and f.exception() is None]:
+                self.recent.append(done.result().cid)  # _mine still knows them
+            self.unacked = collections.deque(f for f in self.unacked if not f.done())
+            if len(self.unacked) >= MAX_UNACKED:  # wait for the broker before reading on
+                await asyncio.wait(list(self.unacked), timeout=30, return_when=asyncio.FIRST_COMPLETED)
 
     def _said(self, fut: asyncio.Future, action: s.Say) -> None:
         """A line's ack or refusal: refusals become numerics or (rate limits) NOTICEs."""
