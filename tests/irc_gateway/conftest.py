@@ -159,14 +159,7 @@ class IrcProcess:
 @pytest.fixture
 def irc_proc(broker_proc: BrokerProcess, cli_env: dict[str, str], tmp_path: Path) -> Iterator[IrcProcess]:
     """``zchat irc`` with accounts in a private directory, on the subprocess broker."""
-    proc = IrcProcess(broker_proc, cli_env, *ACCOUNTS(tmp_path), "--history", "20", "--log-level", os.environ.get("ZCHAT_TEST_IRC_LOG", "INFO"))
+    proc = IrcProcess(broker_proc, cli_env, "--accounts-dir", str(tmp_path / "accounts"), "--history", "20", "--log-level", os.environ.get("ZCHAT_TEST_IRC_LOG", "INFO"))
     yield proc
     print(proc.stop())
 
-
-def ACCOUNTS(tmp_path: Path) -> list[str]:
-    import importlib.util
-
-    if importlib.util.find_spec("zchat.accounts") is None:
-        return ["--no-accounts"]
-    return ["--accounts-dir", str(tmp_path / "accounts")]

@@ -4,7 +4,6 @@ accounts, JOIN with history, PRIVMSG both ways, NAMES, QUIT."""
 
 from __future__ import annotations
 
-import importlib.util
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -16,9 +15,7 @@ from tests.irc_gateway.conftest import IrcProcess
 from zchat.client import Client
 
 irc_client = pytest.importorskip("irc.client", reason="the irc package is not installed (pip install irc)")
-needs_accounts = pytest.mark.skipif(
-    importlib.util.find_spec("zchat.accounts") is None, reason="zchat.accounts (the accounts of zchat web) is not there yet",
-)
+
 
 
 class Bot:
@@ -92,7 +89,6 @@ async def test_pass_signin_join_history_and_privmsg_both_ways(irc_proc: IrcProce
         await bob.close()
 
 
-@needs_accounts
 async def test_sasl_plain_and_its_failures(irc_proc: IrcProcess, bots) -> None:  # type: ignore[no-untyped-def]
     first = Bot(irc_proc.port, "carol", password="carol-password-1", sasl=True)
     bots.append(first)
@@ -104,7 +100,6 @@ async def test_sasl_plain_and_its_failures(irc_proc: IrcProcess, bots) -> None: 
     assert not wrong.of("welcome")
 
 
-@needs_accounts
 async def test_a_name_taken_on_the_broker_is_433(irc_proc: IrcProcess, broker_proc: BrokerProcess, bots, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     dave = Client(broker_proc.endpoint, "dave")  # dave's name belongs to this key now
     await dave.connect()
