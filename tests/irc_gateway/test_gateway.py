@@ -385,3 +385,20 @@ async def test_a_burst_from_irc_arrives_whole_in_order_and_is_not_echoed(irc, co
     assert [m.text for m in got] == [f"burst {i}" for i in range(300)]
     await peer.marker()
     assert not [x for x in peer.lines if x.command == "PRIVMSG"]  # no echo without echo-message
+
+
+async def test_list_is_bounded(irc, connect, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    from zchat.irc import gateway as gw_module
+
+    monkeypatch.setattr(gw_module, "MAX_LIST", 2)
+    bob = await connect("bob")
+    for room in ("a1", "a2", "a3"):
+        await bob.join(room)
+    peer = await irc("alice")
+    peer.send("LIST")
+    await peer.cmd("321")
+    rows = [await peer.cmd("322"), await peer.cmd("322")]
+    assert [r.params[1] for r in rows] == ["#a1", "#a2"]
+    note = await peer.cmd("NOTICE")
+    assert "first 2 of 3" in note.params[-1]
+    await peer.cmd("323")

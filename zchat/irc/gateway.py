@@ -62,6 +62,8 @@ MAX_VISIBLE = 10_000
 #: Seconds between rate-limit NOTICEs on one connection (the rest are counted in the next).
 NOTICE_EVERY = 1.0
 READ_CHUNK = 4096
+#: Rows a LIST answers at most (a NOTICE says how many were left out): within MAX_SENDQ.
+MAX_LIST = 5000
 
 #: Commands whose parameters are never logged (passwords).
 _SECRET = frozenset({"PASS", "AUTHENTICATE"})
@@ -356,8 +358,10 @@ class Connection:
         except (TimeoutError, ClientError):
             rooms = []
         self.send(self.session.reply(n.RPL_LISTSTART, "Channel", "Users  Name"))
-        for room in rooms:
+        for room in rooms[:MAX_LIST]:
             self.send(self.session.reply(n.RPL_LIST, room_to_channel(room.name), str(room.members), f"{room.online} online"))
+        if len(rooms) > MAX_LIST:
+            self.notice(f"LIST shows the first {MAX_LIST} of {len(rooms)} rooms (by name)")
         self.send(self.session.reply(n.RPL_LISTEND, "End of /LIST"))
 
     async def _on_history(self, action: s.History) -> None:
