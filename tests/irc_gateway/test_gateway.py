@@ -402,3 +402,12 @@ async def test_list_is_bounded(irc, connect, monkeypatch) -> None:  # type: igno
     note = await peer.cmd("NOTICE")
     assert "first 2 of 3" in note.params[-1]
     await peer.cmd("323")
+
+
+async def test_refusals_from_the_broker_become_numerics(irc) -> None:  # type: ignore[no-untyped-def]
+    peer = await irc("alice")
+    peer.send("PRIVMSG nobody-here :hello?")
+    err = await peer.cmd("401")
+    assert err.params[1] == "nobody-here"
+    peer.send("PART #general")
+    assert (await peer.cmd("442")).params[1] == "#general"
