@@ -411,3 +411,41 @@ async def test_refusals_from_the_broker_become_numerics(irc) -> None:  # type: i
     assert err.params[1] == "nobody-here"
     peer.send("PART #general")
     assert (await peer.cmd("442")).params[1] == "#general"
+
+
+async def test_dms_during_cap_negotiation_wait_for_registration(irc, connect) -> None:  # type: ignore[no-untyped-def]
+    """Signed in by SASL, still in CAP: a DM is held (bounded) and shown after 001."""
+    import base64
+
+    bob = await connect("bob")
+    peer = await irc()
+    peer.send("CAP LS 302", "NICK alice", "USER alice 0 * :a", "CAP REQ :sasl", "AUTHENTICATE PLAIN")
+    await peer.expect(lambda x: x.command == "AUTHENTICATE")
+    peer.send("AUTHENTICATE " + base64.b64encode(b"\0alice\0whatever").decode())
+    await peer.cmd("903")
+    await bob.send_dm("alice", "while you negotiate")
+    early = await peer.marker()
+    assert not [x for x in early if x.command == "PRIVMSG"]
+    peer.send("CAP END")
+    await peer.cmd("001")
+    dm = await peer.expect(lambda x: x.command == "PRIVMSG" and x.params[-1] == "while you negotiate")
+    assert dm.source.startswith("bob!")
+
+
+async def test_what_waits_for_registration_is_bounded_in_bytes(irc, connect, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    import base64
+
+    from zchat.irc import gateway as gw_module
+
+    monkeypatch.setattr(gw_module, "MAX_EARLY_BYTES", 1000)
+    bob = await connect("bob")
+    peer = await irc()
+    peer.send("CAP LS 302", "NICK alice", "USER alice 0 * :a", "CAP REQ :sasl", "AUTHENTICATE PLAIN")
+    await peer.expect(lambda x: x.command == "AUTHENTICATE")
+    peer.send("AUTHENTICATE " + base64.b64encode(b"\0alice\0whatever").decode())
+    await peer.cmd("903")
+    for i in range(5):
+        await bob.send_dm("alice", f"{i} " + "z" * 400)
+    err = await peer.cmd("ERROR")
+    assert "before registration" in err.params[0]
+    await wait_for(lambda: peer.closed, what="the connection to close")

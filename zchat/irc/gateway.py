@@ -55,6 +55,9 @@ MAX_SENDQ = 2 * 1024 * 1024
 MAX_UNACKED = 64
 #: Seconds of silence before a PING, and after it before the connection is dropped.
 PING_AFTER = 60.0
+#: Bytes of zchat events (text + 128 each) held between sign-in and the end of
+#: registration (SASL signs in during CAP; DMs only: no channel is joined yet).
+MAX_EARLY_BYTES = 1024 * 1024
 #: Seconds a new connection has to register.
 REGISTER_WITHIN = 60.0
 #: Members a channel's nick list keeps (for JOIN/PART/QUIT); NAMES asks the broker.
@@ -100,6 +103,8 @@ class Connection:
         self.channels: dict[str, Channel] = {}
         self.unacked: collections.deque[asyncio.Future] = collections.deque()
         self.ready = False
+        self.early: list = []  # zchat events before registration ends (MAX_EARLY_BYTES)
+        self.early_bytes = 0
         self.lost = False  # told the user the broker is gone
         self.closing = False
         self.last_heard = time.monotonic()
@@ -227,13 +232,15 @@ class Connection:
                 await self._do(self.session.signed_in(action.name, f"the zchat broker refused: {exc.message}"))
             return
         self.client = client
+        client.listen(self._on_events)  # before Ready, events wait in self.early (bounded)
         log.info("%s signed in as %s (%s)", self.address, action.name, action.via)
         await self._do(self.session.signed_in(action.name))
 
     async def _on_ready(self, action: s.Ready) -> None:
         assert self.client is not None and self.client.welcome is not None
         self.ready = True
-        self.client.listen(self._on_events)
+        early, self.early = self.early, []
+        self._on_events(early)
         for room in sorted(self.client.welcome.rooms):  # rooms the user is a member of
             if not p.is_dm_room(room):
                 await self._on_join(s.Join(room))
@@ -410,8 +417,16 @@ class Connection:
         return msg.cid in self.recent
 
     def _on_events(self, events: list) -> None:
-        """The Client's listener: zchat events as IRC lines, in order."""
+        """The Client's listener: zchat events as IRC lines, in order. Until registration
+        ends (SASL signs in during CAP) they wait in ``early``, at most MAX_EARLY_BYTES."""
         if self.closing:
+            return
+        if not self.ready:
+            self.early += events
+            self.early_bytes += sum(len(getattr(e, "text", "")) + 128 for e in events)
+            if self.early_bytes > MAX_EARLY_BYTES:
+                self.early.clear()
+                asyncio.ensure_future(self.quit("Too much arrived before registration ended"))
             return
         replayed = {e.room for e in events if isinstance(e, Recovered)}
         batches: dict[str, str] = {}
