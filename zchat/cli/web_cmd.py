@@ -34,11 +34,14 @@ def _listen(value: str) -> tuple[str, int]:
 @click.option("--behind-proxy", is_flag=True, help="Behind a reverse proxy: take the client address from X-Forwarded-For's last hop.")
 @click.option("--max-users", type=click.IntRange(min=1), default=1000, show_default=True, help="Signed-in users served at once.")
 @click.option("--max-tabs", type=click.IntRange(min=1), default=8, show_default=True, help="Open tabs per user.")
+@click.option("--sign-in-per-minute", type=click.FloatRange(min=0), default=10.0, show_default=True,
+              help="Sign-in attempts a name, and an address, may make a minute (5 at once); 0: no limit.")
 @click.option("--trust-new-broker", is_flag=True, help="Pin an unknown non-loopback broker's key on first use.")
 @click.option("--log-level", default=None, help="DEBUG, INFO, WARNING or ERROR [env ZCHAT_LOG_LEVEL].")
 def web_cmd(
     listen: str, broker: str | None, config_path: str | None, data_dir: str | None, tls_cert: str | None, tls_key: str | None,
-    origins: tuple[str, ...], behind_proxy: bool, max_users: int, max_tabs: int, trust_new_broker: bool, log_level: str | None,
+    origins: tuple[str, ...], behind_proxy: bool, max_users: int, max_tabs: int, sign_in_per_minute: float, trust_new_broker: bool,
+    log_level: str | None,
 ) -> None:
     """Serve the web chat: a page and a WebSocket, one zchat client per signed-in user.
 
@@ -69,7 +72,9 @@ def web_cmd(
 
     async def main() -> None:
         gateway = Gateway(s.broker, max_users=max_users, max_tabs=max_tabs, trust_new_broker=trust_new_broker)
-        app = make_app(gateway, WebConfig(directory, origins=origins, secure_cookies=secure, trust_proxy=behind_proxy))
+        app = make_app(gateway, WebConfig(
+            directory, origins=origins, secure_cookies=secure, trust_proxy=behind_proxy, sign_in_per_minute=sign_in_per_minute,
+        ))
         runner = web.AppRunner(app, access_log=None)
         await runner.setup()
         site = web.TCPSite(runner, host, port, ssl_context=ssl_ctx)

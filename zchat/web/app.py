@@ -17,6 +17,7 @@ Sign-in and sign-up are rate limited per name and per source address.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import logging
 import ssl
 from pathlib import Path
@@ -36,6 +37,8 @@ STATIC = Path(__file__).parent / "static"
 WRONG = "wrong name or password"
 #: Requests (join, part, who, history) one tab may have waiting for the broker at once.
 MAX_REQUESTS = 16
+#: Password hashes computed at once.
+HASHING_THREADS = 2
 #: The page's own headers: scripts, styles and sockets from this origin only, no
 #: framing (clickjacking), no sniffing; a second line behind rendering user text as text.
 SECURITY_HEADERS = {
@@ -55,7 +58,7 @@ class WebConfig:
 
     def __init__(
         self, data_dir: Path, *, origins: tuple[str, ...] = (), secure_cookies: bool = False, trust_proxy: bool = False,
-        tab_queue_bytes: int = QUEUE_BYTES, limiter: SignInLimiter | None = None,
+        tab_queue_bytes: int = QUEUE_BYTES, sign_in_per_minute: float = 10.0,
     ) -> None:
         self.accounts = Accounts(data_dir)
         self.sessions = Sessions()
@@ -63,7 +66,8 @@ class WebConfig:
         self.secure_cookies = secure_cookies
         self.trust_proxy = trust_proxy
         self.tab_queue_bytes = tab_queue_bytes
-        self.limiter = limiter or SignInLimiter()
+        # 0: no limit (a benchmark signing hundreds of users up from one address)
+        self.limiter = SignInLimiter(per_minute=sign_in_per_minute) if sign_in_per_minute > 0 else None
 
 
 class Web:
@@ -72,6 +76,12 @@ class Web:
     def __init__(self, gateway: Gateway, config: WebConfig) -> None:
         self.gateway = gateway
         self.config = config
+        # scrypt takes 16 MiB and tens of ms a hash: two at a time bound both the memory
+        # (each thread's malloc arena keeps what it had) and the CPU a flood of sign-ins gets.
+        self._hashing = concurrent.futures.ThreadPoolExecutor(max_workers=HASHING_THREADS, thread_name_prefix="scrypt")
+
+    async def _hash(self, fn, *args):  # type: ignore[no-untyped-def]
+        return await asyncio.get_running_loop().run_in_executor(self._hashing, fn, *args)
 
     # ------------------------------------------------------------ checks
 
@@ -121,7 +131,7 @@ class Web:
                 raise TypeError("not text")
         except (ValueError, KeyError, TypeError, AttributeError):
             return web.json_response({"error": "send JSON with name and password"}, status=400)
-        wait = self.config.limiter.allow(name[:64], self.address(request))
+        wait = self.config.limiter.allow(name[:64], self.address(request)) if self.config.limiter else 0.0
         if wait:
             return web.json_response({"error": f"too many attempts: try again in {wait:.0f} s", "retry_after": wait}, status=429)
         return name, password, invite
@@ -151,7 +161,7 @@ class Web:
         if isinstance(got, web.Response):
             return got
         name, password, _ = got
-        if not await asyncio.to_thread(self.config.accounts.verify, name, password):
+        if not await self._hash(self.config.accounts.verify, name, password):
             log.info("refused a sign-in as %r from %s", name[:64], self.address(request))
             return web.json_response({"error": WRONG}, status=401)
         return await self._start(name) or self._signed_in(name)
@@ -162,7 +172,7 @@ class Web:
             return got
         name, password, invite = got
         try:
-            await asyncio.to_thread(self.config.accounts.create, name, password)
+            await self._hash(self.config.accounts.create, name, password)
         except AccountError as exc:
             status = 409 if exc.code == AccountError.TAKEN else 400
             msg = f"the name {name!r} is taken" if exc.code == AccountError.TAKEN else str(exc)
@@ -263,6 +273,7 @@ def make_app(gateway: Gateway, config: WebConfig) -> web.Application:
 
     async def closing(app: web.Application) -> None:
         await gateway.close()
+        handlers._hashing.shutdown(wait=False)
 
     app.on_shutdown.append(closing)
     return app
