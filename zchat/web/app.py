@@ -131,7 +131,8 @@ class Web:
                 raise TypeError("not text")
         except (ValueError, KeyError, TypeError, AttributeError):
             return web.json_response({"error": "send JSON with name and password"}, status=400)
-        wait = self.config.limiter.allow(name[:64], self.address(request)) if self.config.limiter else 0.0
+        limiter = self.config.limiter
+        wait = limiter.allow(name[:64], self.address(request)) if limiter is not None else 0.0
         if wait:
             return web.json_response({"error": f"too many attempts: try again in {wait:.0f} s", "retry_after": wait}, status=429)
         return name, password, invite
