@@ -58,6 +58,7 @@ def web_cmd(
     from aiohttp import web
 
     from zchat import config as cfg
+    from zchat.guard import raise_fd_limit
     from zchat.logs import setup_logging
     from zchat.web import Gateway, WebConfig, make_app, tls_context
 
@@ -69,6 +70,10 @@ def web_cmd(
     ssl_ctx = tls_context(tls_cert, tls_key) if tls_cert and tls_key else None
     secure = ssl_ctx is not None or any(o.startswith("https://") for o in origins)
     directory = Path(data_dir) if data_dir else cfg.data_dir() / "web"
+
+    # Each signed-in user costs a few descriptors (their Client's sockets, their tabs'):
+    # the usual soft limit of 1,024 would stop a gateway at a couple of hundred users.
+    raise_fd_limit()
 
     async def main() -> None:
         gateway = Gateway(s.broker, max_users=max_users, max_tabs=max_tabs, trust_new_broker=trust_new_broker)
