@@ -156,8 +156,26 @@ class Page:
         from selenium.webdriver.common.keys import Keys
 
         box = self.d.find_element(By.ID, "input")
-        box.send_keys(text)
+        for i, line in enumerate(text.split("\n")):
+            if i:
+                box.send_keys(Keys.SHIFT, Keys.ENTER)  # a new line within the message
+            box.send_keys(line)
         box.send_keys(Keys.ENTER)
+
+    def keys(self, *keys: str) -> None:
+        """Press keys wherever the focus is (keyboard-only use)."""
+        from selenium.webdriver.common.action_chains import ActionChains
+
+        ActionChains(self.d).send_keys(*keys).perform()
+
+    def chord(self, modifier: str, key: str) -> None:
+        """Hold ``modifier`` (Keys.ALT, ...) while pressing ``key``."""
+        from selenium.webdriver.common.action_chains import ActionChains
+
+        ActionChains(self.d).key_down(modifier).send_keys(key).key_up(modifier).perform()
+
+    def focused(self) -> str:
+        return self.js("return document.activeElement.id || document.activeElement.tagName")
 
     def lines(self) -> list[dict]:
         return self.js(LINES_JS)

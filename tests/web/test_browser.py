@@ -103,10 +103,12 @@ def test_reload_shows_history_once_and_a_broker_restart_loses_nothing(browsers, 
     for i in range(3):
         alice.type(f"line {i}")
     alice.wait(lambda: alice.pending() == 0 and len(alice.texts()) == 3, what="3 lines stored")
+    alice.type("two lines\nin one message (Shift-Enter)")
+    alice.wait(lambda: alice.pending() == 0 and len(alice.texts()) == 4, what="the two-line message stored")
     alice.d.refresh()
-    alice.wait(lambda: alice.chat_shown() and len(alice.texts()) == 3, what="the history after a reload")
+    alice.wait(lambda: alice.chat_shown() and len(alice.texts()) == 4, what="the history after a reload")
     seqs = [ln["seq"] for ln in alice.lines()]
-    assert alice.texts() == ["line 0", "line 1", "line 2"] and len(seqs) == len(set(seqs))
+    assert alice.texts() == ["line 0", "line 1", "line 2", "two lines\nin one message (Shift-Enter)"] and len(seqs) == len(set(seqs))
     # the broker goes away: the indicator says so, a line typed meanwhile goes once
     broker_proc.stop()
     for pg in (alice, bob):
@@ -118,7 +120,7 @@ def test_reload_shows_history_once_and_a_broker_restart_loses_nothing(browsers, 
     for pg in (alice, bob):
         pg.wait(lambda pg=pg: pg.indicator() == "connected", timeout=40, what="connected again")
     assert cli(cli_env, broker_proc.endpoint, "send", "--name", "carol", "--room", "general", "right after the restart").returncode == 0
-    want = ["line 0", "line 1", "line 2", "typed while the broker was down", "right after the restart"]
+    want = ["line 0", "line 1", "line 2", "two lines\nin one message (Shift-Enter)", "typed while the broker was down", "right after the restart"]
     for pg in (alice, bob):
         pg.wait(lambda pg=pg: pg.texts() == want, timeout=40, what="every line once, in order")
     alice.wait(lambda: alice.pending() == 0, what="nothing left to send")
@@ -132,6 +134,38 @@ def test_reload_shows_history_once_and_a_broker_restart_loses_nothing(browsers, 
         pg.wait(lambda pg=pg: pg.texts() == want and pg.pending() == 0, timeout=30, what="the line once after the drop")
     bob.type("marker")
     alice.wait(lambda: alice.texts() == [*want, "marker"], what="a later line (nothing doubled before it)")
+
+
+def test_a_phone_sized_screen_with_the_keyboard_only(browsers, web: WebProcess) -> None:
+    from selenium.webdriver.common.keys import Keys
+
+    pg = Page(chrome(width=390, height=800), web.url).open()
+    try:
+        pg.wait(lambda: pg.focused() == "signin-name", what="the name field focused")
+        assert pg.js("return window.innerWidth") <= 720
+        pg.keys("dora", Keys.TAB, PASSWORD, Keys.TAB, Keys.TAB, Keys.TAB)  # past the invite and Sign in
+        assert pg.focused() == "signup-button"
+        pg.keys(Keys.ENTER)
+        pg.wait(pg.chat_shown, what="signed up by keyboard")
+        assert pg.focused() == "input"
+        assert pg.js("return getComputedStyle(document.getElementById('rooms')).display") == "none"  # a panel on a phone
+        pg.keys("/join dev", Keys.ENTER)
+        pg.wait(lambda: pg.js("return document.getElementById('room-title').textContent") == "#dev", what="#dev")
+        pg.keys("hello from a phone", Keys.ENTER)
+        pg.wait(lambda: pg.texts() == ["hello from a phone"] and pg.pending() == 0, what="the line")
+        pg.chord(Keys.ALT, Keys.ARROW_DOWN)  # the next room
+        pg.wait(lambda: pg.js("return document.getElementById('room-title').textContent") == "#general", what="#general by Alt-Down")
+        for _ in range(4):  # back through the log, sign out, members, to the rooms button
+            pg.chord(Keys.SHIFT, Keys.TAB)
+        assert pg.focused() == "toggle-rooms"
+        pg.keys(Keys.ENTER)
+        assert pg.js("return getComputedStyle(document.getElementById('rooms')).display") == "block"
+        assert pg.js("return document.activeElement.classList.contains('room')")  # focus moved into the panel
+        pg.keys(Keys.ESCAPE)
+        assert pg.focused() == "input" and pg.js("return getComputedStyle(document.getElementById('rooms')).display") == "none"
+        assert pg.js("return document.documentElement.scrollWidth <= window.innerWidth")  # nothing wider than the screen
+    finally:
+        pg.d.quit()
 
 
 XSS = ['<script>window.__pwned = "script"</script>', '<img src=x onerror="window.__pwned = \'img\'">']

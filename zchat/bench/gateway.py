@@ -59,7 +59,11 @@ def _direct(address: str, n: int, lines: int, rate: float, conn: Any) -> None:
 
 
 async def _direct_main(address: str, n: int, lines: int, rate: float, conn: Any) -> None:
+    import zmq.asyncio
+
     from zchat.client import Client
+
+    zmq.asyncio.Context.instance().max_sockets = n * 8 + 64
 
     delays: list[float] = []
     got = [0] * n

@@ -22,6 +22,7 @@ import logging
 import ssl
 from pathlib import Path
 
+import zmq
 from aiohttp import WSMsgType, web
 
 from zchat.accounts import AccountError, Accounts, SignInLimiter
@@ -155,6 +156,9 @@ class Web:
             return web.json_response({"error": f"the name {name!r} is taken at the broker (or reserved, or it needs an invite)"}, status=409)
         except (ConnectError, BrokerKeyError) as exc:
             return web.json_response({"error": f"the chat server is not reachable: {exc.message}"}, status=503)
+        except (zmq.ZMQError, OSError) as exc:  # out of sockets or descriptors: say so, keep serving the others
+            log.error("could not connect %s to the broker: %s", name, exc)
+            return web.json_response({"error": f"the gateway cannot open another connection now ({exc}): try again later"}, status=503)
         return None
 
     async def signin(self, request: web.Request) -> web.Response:

@@ -18,6 +18,9 @@ import asyncio
 import collections
 import logging
 
+import zmq
+import zmq.asyncio
+
 from zchat import protocol as p
 from zchat.accounts import Account
 from zchat.client import Client, ClientError, Event, Gap, Problem, StateChange
@@ -42,6 +45,8 @@ REPLAY_MAX = 1000
 #: Messages a replay frame holds (history is asked a page at a time).
 REPLAY_PAGE = 100
 MAX_REFS = 4096
+#: ZeroMQ sockets one user's Client may hold at once (a redial briefly has two DEALERs).
+SOCKETS_PER_USER = 8
 
 
 class GatewayFull(Exception):
@@ -293,6 +298,11 @@ class Gateway:
         self.default_rooms = default_rooms
         self.users: dict[str, UserHub] = {}
         self._starting: dict[str, asyncio.Lock] = {}
+        # A Client has a few ZeroMQ sockets (DEALER, SUB, its monitor's pair); libzmq's
+        # default of 1,023 sockets a context would stop the gateway near 250 users.
+        # (Set before the first socket: libzmq reads it when the context starts.)
+        ctx = zmq.asyncio.Context.instance()
+        ctx.max_sockets = max(ctx.max_sockets, SOCKETS_PER_USER * max_users + 64)
 
     async def user(self, account: Account, invite: str = "") -> UserHub:
         """The hub of ``account``, connecting its client first if needed. Raises

@@ -415,6 +415,8 @@ function togglePanel(id) {
   closePanels();
   $(id).classList.toggle("open", open);
   $("toggle-" + id).setAttribute("aria-expanded", String(open));
+  const first = open && $(id).querySelector("button, input");
+  if (first) first.focus(); // keyboard users land in the panel they opened
 }
 
 function moveRoom(step) {
