@@ -308,3 +308,30 @@ async def test_broker_restart_shows_reconnecting_and_a_line_typed_meanwhile_goes
     await ta.until(lambda t: "marker" in t.texts("general"), timeout=15)
     assert ta.texts("general").count("typed while down") == 1
     assert tb.texts("general") == ["typed while down", "marker"]
+
+
+async def test_a_user_without_tabs_goes_offline_after_the_grace(broker: RunningBroker, connect, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    from tests.web.conftest import User
+
+    quick = await RunningWeb(broker, tmp_path / "q").start(idle_close=1.0)
+    try:
+        user = User(quick, "alice")
+        assert (await user.signup())[0] == 200
+        carol = await connect("carol")
+        await carol.join("general")
+        tab = await user.tab()
+        hub = quick.gateway.users["alice"]
+        await tab.close()
+        again = await user.tab()  # a reload within the grace: the same client
+        assert quick.gateway.users["alice"] is hub
+        await again.close()
+        await asyncio.wait_for(_until(lambda: "alice" not in quick.gateway.users and hub.client.state == "closed"), 10)
+        online = {m.name: m.online for m in await carol.who("general")}
+        assert online["alice"] is False  # it said bye: offline at once
+        back = await user.tab()  # and back: a new client, the room as before
+        await back.send(t="send", ref="b", room="general", text="back again")
+        await back.until(lambda t: t.of("sent"))
+        assert quick.gateway.users["alice"] is not hub
+        await user.close()
+    finally:
+        await quick.stop()

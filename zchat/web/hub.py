@@ -144,7 +144,13 @@ class UserHub:
         if self.tabs or self.closed or self._idle is not None:
             return
         loop = asyncio.get_running_loop()
-        self._idle = loop.call_later(self.gateway.idle_close, lambda: self._spawn(self.gateway.drop_user(self.name)))
+        self._idle = loop.call_later(self.gateway.idle_close, lambda: self._spawn(self._close_if_idle()))
+
+    async def _close_if_idle(self) -> None:
+        """The idle timer ran out: close, unless a tab came meanwhile."""
+        self._idle = None
+        if not self.tabs and self.gateway.users.get(self.name) is self:
+            await self.gateway.drop_user(self.name)
 
     def sign_out(self, session_key: str) -> None:
         """Close the tabs of one session (its cookie is no longer valid)."""
