@@ -241,3 +241,67 @@ async def test_a_kick_in_a_public_room_ends_an_old_subscription_too(
     with pytest.raises(ClientError):
         await bob.join("pub")
     await raw.close()
+
+
+# ------------------------------------------------------------------ broker admins
+
+
+async def test_an_admin_ban_ends_live_sessions_and_refuses_the_next_handshake(
+    secure: RunningBroker, user: Callable[[str], Awaitable[Client]]
+) -> None:
+    root, bob = await user("root"), await user("bob")
+    await bob.join("lobby")
+    with pytest.raises(ClientError) as refused:
+        await bob.admin_ban("root")
+    assert refused.value.code == p.ErrorCode.FORBIDDEN
+    await root.admin_ban("bob")
+    await wait_for(lambda: bob.state == "closed", what="bob's live session to end")
+    assert not secure.core.online("bob")
+    again = Client(secure.broker.address, "bob", secret("bob"))  # type: ignore[union-attr]
+    with pytest.raises(ClientError):
+        await again.connect(timeout=2.0)
+    await root.admin_unban("bob")
+    back = Client(secure.broker.address, "bob", secret("bob"))  # type: ignore[union-attr]
+    await back.connect()
+    await back.close()
+
+
+async def test_an_admin_delete_leaves_a_tombstone_and_tells_every_client(
+    secure: RunningBroker, user: Callable[[str], Awaitable[Client]]
+) -> None:
+    root, bob, carol = await user("root"), await user("bob"), await user("carol")
+    for client in (bob, carol):
+        await client.join("lobby")
+    stored = await bob.send("lobby", "something awful")
+    await bob.send("lobby", "fine")
+    with pytest.raises(ClientError) as refused:
+        await carol.delete("lobby", stored.seq)
+    assert refused.value.code == p.ErrorCode.FORBIDDEN
+    await root.delete("lobby", stored.seq)
+    for client in (bob, carol):
+        (line,) = await collect(client, 1, where=lambda m: m.kind == "delete")
+        assert (line.sender, line.text) == ("root", str(stored.seq))
+    history = {m.seq: m for m in await carol.history("lobby")}
+    assert (history[stored.seq].kind, history[stored.seq].text) == ("deleted", "")
+    assert history[stored.seq + 1].text == "fine"
+    with pytest.raises(ClientError):
+        await root.delete("lobby", 999)
+
+
+async def test_an_admin_releases_a_squatted_name(secure: RunningBroker, user: Callable[[str], Awaitable[Client]]) -> None:
+    root = await user("root")
+    (alice, squat) = await private_room(user, "squat")
+    await squat.join("lobby")
+    await root.release("squat")
+    await wait_for(lambda: squat.state == "closed", what="the squatter's session to end")
+    assert "squat" not in secure.core.users and "squat" not in secure.core.members.get("sec", ())
+    assert "squat" not in secure.broker.name_keys  # type: ignore[union-attr]
+    # Someone else may claim the name now, and inherits none of its rooms.
+    heir = Client(secure.broker.address, "squat", "another-secret-0123456789xyz")  # type: ignore[union-attr]
+    welcome = await heir.connect()
+    assert welcome.name == "squat" and welcome.rooms == {}
+    with pytest.raises(ClientError):
+        await heir.history("sec")
+    await heir.close()
+    kicks = await collect(alice, 1, where=lambda m: m.kind == "kick")
+    assert kicks[0].to == "squat" and kicks[0].sender == "root"

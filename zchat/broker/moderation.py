@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import logging
 
+from zchat import auth
 from zchat.core import Outcome, RoomChange
 
 log = logging.getLogger(__package__)  # one logger for the whole broker: "zchat.broker"
@@ -40,8 +41,10 @@ class Moderating:
         for name in dict.fromkeys(out.cut):
             cut = self._cut_name(name)
             if name in out.released:
-                for key in self.name_keys.pop(name, []):
+                for key in self.name_keys.pop(name, []):  # the squatter's keys are refused from now on
                     self.key_names.pop(key, None)
+                    if len(self.revoked) < auth.MAX_REVOKED:
+                        self.revoked.add(key)
                 log.info("name %r released by an admin (%d live connection(s) cut)", name, cut)
             else:
                 log.info("%r banned from the broker (%d live connection(s) cut)", name, cut)
