@@ -17,7 +17,7 @@ from zchat import protocol as p
 from zchat.client import Client, ClientError
 from zchat.recovery import Gap
 
-LIMITS_KW = dict(heartbeat=HEARTBEAT, rate=0)
+LIMITS_KW = {"heartbeat": HEARTBEAT, "rate": 0}
 
 
 def secret(name: str) -> str:
@@ -141,7 +141,7 @@ async def test_a_removed_member_and_its_raw_subscription_hear_nothing_while_the_
 
 
 async def test_remaining_members_see_no_gap_event(secure: RunningBroker, user: Callable[[str], Awaitable[Client]]) -> None:
-    alice, bob, carol = await private_room(user, "bob", "carol")
+    alice, _bob, carol = await private_room(user, "bob", "carol")
     await alice.kick("sec", "bob")
     for i in range(5):
         await alice.send("sec", f"n{i}")

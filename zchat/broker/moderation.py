@@ -8,6 +8,7 @@ import logging
 
 from zchat import auth
 from zchat.core import Outcome, RoomChange
+from zchat.storage import StorageError
 
 log = logging.getLogger(__package__)  # one logger for the whole broker: "zchat.broker"
 
@@ -19,7 +20,7 @@ class Moderating:
         """The batch that went with these stored settings was refused: take them back."""
         try:
             await self.storage.change_rooms([(room, role, value, not on) for room, role, value, on in reversed(changes)])
-        except Exception as exc:
+        except StorageError as exc:
             log.error("could not take back %d room setting(s) after a refused batch: %r", len(changes), exc)
 
     async def _moderated(self, out: Outcome) -> None:
@@ -30,12 +31,12 @@ class Moderating:
             try:
                 if not await self.storage.tombstone(room, seq):
                     log.info("line %d of %r was not a text line (or is gone): nothing to delete", seq, room)
-            except Exception as exc:
+            except StorageError as exc:
                 log.error("could not delete line %d of %r: %r", seq, room, exc)
         for name in out.released:
             try:
                 await self.storage.release_user(name)
-            except Exception as exc:
+            except StorageError as exc:
                 log.error("could not release the name %r: %r", name, exc)
             self.digests.pop(name, None)
         for name in dict.fromkeys(out.cut):
