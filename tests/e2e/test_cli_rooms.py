@@ -80,3 +80,9 @@ def test_admin_commands_end_to_end(admin_broker: BrokerProcess, cli_env: dict[st
     # the name is free again: another key (another config dir, another secret) claims it
     other = dict(cli_env, ZCHAT_CONFIG_DIR=cli_env["ZCHAT_CONFIG_DIR"] + "-other")
     ok(other, "send", *b, "--name", "bob", "--room", "fresh", "new bob")
+
+
+def test_the_rooms_bench_prints_its_figures(cli_env: dict[str, str]) -> None:
+    done = zchat(cli_env, "bench", "--rooms", "--members", "40", "--clients", "3", "--repeats", "3", timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert "'notices': 39" in done.stdout and "kick_to_all_caught_up_ms_median" in done.stdout
