@@ -214,3 +214,10 @@ def test_admin_release_takes_the_name_out_of_every_room() -> None:
     assert out.released == ["bob"] and out.cut == ["bob"] and "bob" not in core.users
     assert "bob" not in core.members["sec"] and core.tokens["sec"] != old
     assert [(m.kind, m.to) for m in out.store] == [("kick", "bob")]
+
+
+def test_a_rejected_store_undoes_a_release() -> None:
+    core = private_room("bob")
+    out = request(core, "s-root", "root", p.Admin(rid=1, action="release", name="bob"))
+    core.undo(out)
+    assert "bob" in core.users and "bob" in core.members["sec"] and out.released == [] and out.cut == []

@@ -249,6 +249,8 @@ class Moderation:
             if target not in banned:
                 out.error(sid, E.BAD_REQUEST, f"{target} is not banned", rid=req.rid)
                 return
+            if not self._moderation_budget(sid, name, now, out, req.rid):
+                return
             self._role(BROKER_SCOPE, "ban", target, False, out)
         else:  # release
             if target not in self.users:

@@ -277,6 +277,7 @@ class Sequencing:
         ids = {msg.id for msg in failed}
         out.store = []
         out.members = []
+        self.users.update(out.released)  # a release undone: the name is still claimed
         out.room_changes, out.tombstones, out.cut, out.released = [], [], [], []
         out.publish = [(t, m) for t, m in out.publish if not (type(m) is p.Msg and m.id in ids)]
         if lowest:
