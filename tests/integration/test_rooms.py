@@ -305,3 +305,28 @@ async def test_an_admin_releases_a_squatted_name(secure: RunningBroker, user: Ca
     await heir.close()
     kicks = await collect(alice, 1, where=lambda m: m.kind == "kick")
     assert kicks[0].to == "squat" and kicks[0].sender == "root"
+
+
+async def test_members_keep_receiving_a_private_room_across_a_broker_restart(tmp_path: Path) -> None:
+    from zchat.core import Limits
+
+    running = await RunningBroker(tmp_path / "h.db", Limits(**LIMITS_KW), secure=True, key_dir=tmp_path / "k").start()  # type: ignore[arg-type]
+    address = running.broker.address  # type: ignore[union-attr]
+    alice, bob = Client(address, "alice", secret("alice")), Client(address, "bob", secret("bob"))
+    try:
+        for client in (alice, bob):
+            await client.connect()
+        await alice.join("sec", private=True)
+        await alice.invite("sec", "bob")
+        await bob.join("sec")
+        old = running.core.tokens["sec"]
+        await running.stop()
+        await running.start()  # same ports and key; new tokens
+        assert running.core.tokens["sec"] != old
+        await wait_for(lambda: bob._tokens.get("sec") == running.core.tokens["sec"], timeout=15, what="bob to learn the new topic")
+        await alice.send("sec", "after the restart", timeout=15)
+        assert [m.text for m in await chat(bob, 1, timeout=15)] == ["after the restart"]
+    finally:
+        await alice.close()
+        await bob.close()
+        await running.stop()
