@@ -112,6 +112,9 @@ class Connection:
         self.away: set[str] = set()  # nicks shown as AWAY (away-notify), at most MAX_VISIBLE
         self._limited = 0  # rate-limited lines not yet told about
         self._limited_told = 0.0
+        self._limited_due = False  # a NOTICE for them is scheduled
+        self._limited_wait = 0.0
+        self._limited_where = ""
 
     # ------------------------------------------------------------ output
 
@@ -323,11 +326,14 @@ class Connection:
         code = getattr(exc, "code", "")
         if code == p.ErrorCode.RATE_LIMITED:
             self._limited += 1
-            now = time.monotonic()
-            if now - self._limited_told >= NOTICE_EVERY:
-                count, self._limited, self._limited_told = self._limited, 0, now
-                wait = getattr(exc, "retry_after", 0.0)
-                self.notice(f"you are sending too fast: {count} line(s) not sent; wait {wait:.1f}s", action.target if action.room else "")
+            self._limited_wait = getattr(exc, "retry_after", 0.0)
+            self._limited_where = action.target if action.room else ""
+            wait = NOTICE_EVERY - (time.monotonic() - self._limited_told)
+            if wait <= 0:
+                self._tell_limited()
+            elif not self._limited_due:  # the rest of this second's count comes then
+                self._limited_due = True
+                asyncio.get_running_loop().call_later(wait, self._tell_limited)
             return
         numeric = _SAY_ERRORS.get(code)
         message = getattr(exc, "message", str(exc))
@@ -335,6 +341,14 @@ class Connection:
             self.send(self.session.reply(numeric, action.target, message))
         else:
             self.notice(f"not sent to {action.target}: {message}")
+
+    def _tell_limited(self) -> None:
+        """One NOTICE for the lines refused as too fast since the last one."""
+        self._limited_due = False
+        if not self._limited or self.closing:
+            return
+        count, self._limited, self._limited_told = self._limited, 0, time.monotonic()
+        self.notice(f"you are sending too fast: {count} line(s) not sent; wait {self._limited_wait:.1f}s", self._limited_where)
 
     async def _on_names(self, action: s.Names) -> None:
         assert self.client is not None
