@@ -65,6 +65,8 @@ MAX_VISIBLE = 10_000
 #: Seconds between rate-limit NOTICEs on one connection (the rest are counted in the next).
 NOTICE_EVERY = 1.0
 READ_CHUNK = 4096
+#: Seconds after which a line from history carries its time in its text (no server-time).
+DATED_AFTER = 60.0
 #: Rows a LIST answers at most (a NOTICE says how many were left out): within MAX_SENDQ.
 MAX_LIST = 5000
 
@@ -406,11 +408,11 @@ class Connection:
 
     def _chat(self, msg: p.Msg, batch: str, channel: str, dated: bool) -> None:
         """A text or /me line to ``channel`` (or, for "", the DM's other side). A line
-        from the past (``dated``) carries its time in its text for a client without
-        server-time, which would show it as said now."""
+        from the past (``dated``: history, catch-up) older than DATED_AFTER carries its
+        time in its text for a client without server-time, which shows it as said now."""
         tags = tags_for(self.caps, msg.ts, msgid(msg.seq, msg.id), batch)
         text = msg.text
-        if dated and "server-time" not in self.caps:
+        if dated and "server-time" not in self.caps and time.time() - msg.ts > DATED_AFTER:
             text = f"[{server_time(msg.ts)[:16].replace('T', ' ')}] {text}"
         if channel:
             target, source = channel, msg.sender
