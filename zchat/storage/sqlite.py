@@ -36,7 +36,14 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from zchat.protocol import Msg
-from zchat.storage.base import TOMBSTONED_KINDS, MemberChange, Page, RoomChange, StorageError, StorageUnavailable
+from zchat.storage.base import (
+    TOMBSTONED_KINDS,
+    MemberChange,
+    Page,
+    RoomChange,
+    StorageError,
+    StorageUnavailable,
+)
 
 log = logging.getLogger(__name__)
 
