@@ -409,7 +409,7 @@ class StatusReply(_Body, tag="brokerstatus"):
     sessions: int
     users_online: int
     users: int  # claimed names
-    rooms: int  # public rooms with members
+    rooms: int  # rooms with members (public and private)
     conversations: int  # DM conversations
     messages: int  # sequenced lines over all rooms (the sum of the heads)
     rates: dict[str, float] = {}
