@@ -157,6 +157,7 @@ class Requests:
     # ------------------------------------------------------------ moderation
 
     async def _moderate(self, room: str, action: str, name: str = "", text: str = "") -> None:
+        """One operator action (protocol.Moderate); a non-operator's is ClientError forbidden."""
         await self._request(lambda rid: p.Moderate(rid=rid, room=room, action=action, name=name, text=text))  # type: ignore[arg-type]
 
     async def invite(self, room: str, name: str) -> None:
@@ -172,6 +173,7 @@ class Requests:
         await self._moderate(room, "ban", name, reason)
 
     async def unban(self, room: str, name: str) -> None:
+        """Lift ``name``'s ban from ``room`` (a private room still wants an invite)."""
         await self._moderate(room, "unban", name)
 
     async def set_topic(self, room: str, text: str) -> None:
@@ -183,9 +185,11 @@ class Requests:
         await self._moderate(room, "op", name)
 
     async def deop(self, room: str, name: str) -> None:
+        """Take operator status from ``name`` in ``room``."""
         await self._moderate(room, "deop", name)
 
     async def _admin(self, action: str, name: str = "", room: str = "", seq: int = 0) -> None:
+        """One broker admin action (protocol.Admin); a non-admin's is ClientError forbidden."""
         await self._request(lambda rid: p.Admin(rid=rid, action=action, name=name, room=room, seq=seq))  # type: ignore[arg-type]
 
     async def admin_ban(self, name: str) -> None:
@@ -193,6 +197,7 @@ class Requests:
         await self._admin("ban", name)
 
     async def admin_unban(self, name: str) -> None:
+        """(Broker admins) lift a broker ban: ``name`` may connect again."""
         await self._admin("unban", name)
 
     async def delete(self, room: str, seq: int) -> None:
