@@ -8,7 +8,8 @@ or storage, so tests drive it with plain values.
 
 ``Core`` is one class made of one part per concern, each in its own file:
 rooms (membership, pages, caps), sessions (presence, expiry, eviction), lines (the
-chat-line hot path), sequence (seqs, ids, dedup, undo) and limits (buckets, budgets).
+chat-line hot path), sequence (seqs, ids, dedup, undo), limits (buckets, budgets) and
+moderation (private rooms, operators, admins, wire-topic tokens).
 This file holds its state and routes each request to the part that owns it.
 """
 
