@@ -248,3 +248,25 @@ ws.onclose = () => {{ if (!document.title.startsWith("OPENED")) document.title =
     _evil_server = http.server.ThreadingHTTPServer(("127.0.0.1", port), handler)
     threading.Thread(target=_evil_server.serve_forever, daemon=True).start()
     return f"http://127.0.0.1:{port}"
+
+
+def test_a_deleted_line_and_a_topic_show_as_moderation_lines(browsers, tmp_path: Path, cli_env) -> None:  # type: ignore[no-untyped-def]
+    broker = BrokerProcess(tmp_path / "mod.db", cli_env, "--admins", "boss").start()
+    web = WebProcess(broker.endpoint, tmp_path / "web-mod", cli_env).start()
+    try:
+        alice = page(browsers, web, "alice")
+        alice.type("a line to regret")
+        alice.type("a line to keep")
+        alice.wait(lambda: alice.texts() == ["a line to regret", "a line to keep"] and alice.pending() == 0, what="two lines")
+        seq = next(ln["seq"] for ln in alice.lines() if ln["text"] == "a line to regret")
+        done = cli(cli_env, broker.endpoint, "admin", "delete", "--name", "boss", "general", str(seq))
+        assert done.returncode == 0, done.stderr
+        alice.wait(lambda: alice.texts() == ["a line to keep"], what="the deleted line hidden")
+        actions = alice.js("return Array.from(document.querySelectorAll('#log li.action')).map(n => n.textContent)")
+        assert any("(message deleted)" in a for a in actions) and any("boss deleted a message" in a for a in actions), actions
+        alice.d.refresh()  # from history: the tombstone, not the text
+        alice.wait(lambda: alice.chat_shown() and alice.texts() == ["a line to keep"], what="the same after a reload")
+        assert "a line to regret" not in alice.js("return document.getElementById('log').textContent")
+    finally:
+        web.stop()
+        broker.stop()

@@ -33,6 +33,16 @@ def test_frames_split_by_size_and_keep_every_item_once() -> None:
     assert json.loads(wire.frames("events", [], 1000)[0]) == {"t": "events", "items": []}
 
 
+def test_moderation_lines_carry_their_sentence() -> None:
+    from zchat import protocol as p
+
+    kick = p.Msg(room="general", seq=7, id="i", ts=1.0, sender="alice", text="spam", kind="kick", to="mallory")
+    assert wire.msg(kick)["action"] == "alice kicked mallory (spam)"
+    gone = p.Msg(room="general", seq=3, id="j", ts=1.0, sender="bob", kind="deleted")
+    assert wire.msg(gone)["action"] == "(message deleted)"
+    assert "action" not in wire.msg(p.Msg(room="general", seq=8, id="k", ts=1.0, sender="bob", text="hi"))
+
+
 def test_user_text_is_json_not_markup() -> None:
     text = wire.frame("error", message='<script>alert("x")</script>')
     assert json.loads(text)["message"] == '<script>alert("x")</script>'

@@ -18,6 +18,7 @@ import msgspec
 from msgspec import Meta
 
 from zchat import protocol as p
+from zchat import render
 
 #: The largest frame a page may send (a chat line is at most the broker's max_bytes).
 MAX_FRAME = 128 * 1024
@@ -105,8 +106,12 @@ def encode(obj: object) -> str:
 
 
 def msg(m: p.Msg) -> dict:
-    """A stored message as the page sees it (the broker's fields, minus the sender's cid)."""
-    return {"room": m.room, "seq": m.seq, "id": m.id, "ts": m.ts, "sender": m.sender, "text": m.text, "kind": m.kind, "to": m.to}
+    """A stored message as the page sees it (the broker's fields, minus the sender's cid);
+    a moderation line also carries its sentence (``action``), worded as every face words it."""
+    out = {"room": m.room, "seq": m.seq, "id": m.id, "ts": m.ts, "sender": m.sender, "text": m.text, "kind": m.kind, "to": m.to}
+    if m.kind in render.ACTIONS:
+        out["action"] = render.action(m)
+    return out
 
 
 def members(ms: list[p.Member]) -> list[dict]:

@@ -67,6 +67,7 @@ function mentions(text) {
 function addMsg(m, live) {
   const r = roomOf(m.room);
   if (r.msgs.has(m.seq)) return false;
+  if (m.kind === "delete") hide(r, Number(m.text));
   r.msgs.set(m.seq, m);
   let i = r.seqs.length;
   while (i > 0 && r.seqs[i - 1] > m.seq) i--;
@@ -81,6 +82,15 @@ function addMsg(m, live) {
   return true;
 }
 
+// A moderator deleted line SEQ: show it as the tombstone history now holds.
+function hide(r, seq) {
+  const old = r.msgs.get(seq);
+  if (!old) return;
+  r.msgs.set(seq, { ...old, kind: "deleted", text: "", action: "(message deleted)" });
+  const node = r.room === S.current && $("log").querySelector(`li.msg[data-seq="${seq}"]`);
+  if (node) node.replaceWith(msgNode(r.msgs.get(seq)));
+}
+
 function msgNode(m) {
   const li = el("li", "msg kind-" + m.kind);
   li.dataset.seq = String(m.seq);
@@ -90,7 +100,10 @@ function msgNode(m) {
   time.dateTime = when.toISOString();
   time.title = when.toLocaleString();
   li.append(time, " ");
-  if (m.kind === "me") {
+  if (m.action) { // a moderation line (kick, topic, delete...), worded by the gateway
+    li.classList.add("action");
+    li.append(el("span", "text", m.action));
+  } else if (m.kind === "me") {
     li.append(el("span", "star", "* "), el("span", "sender", m.sender), " ", el("span", "text", m.text));
   } else if (m.kind === "join" || m.kind === "part") {
     li.append(el("span", "sender", m.sender), el("span", "text", m.kind === "join" ? " joined" : " left"));
