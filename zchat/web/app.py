@@ -223,7 +223,7 @@ class Web:
                 raise wire.FrameError("the first frame must be hello")
             try:
                 hub = await self.gateway.user(account)
-            except (GatewayFull, AuthError, ConnectError) as exc:
+            except (GatewayFull, AuthError, ConnectError, zmq.ZMQError, OSError) as exc:
                 tab.push(wire.frame("error", code="unavailable", message=str(exc)))
                 await ws.close(code=1013, message=b"try again later")
                 return ws
