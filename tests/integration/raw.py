@@ -10,6 +10,7 @@ tests that need a plaintext control to be able to fail.
 from __future__ import annotations
 
 import asyncio
+import secrets
 
 import zmq
 import zmq.asyncio
@@ -46,7 +47,7 @@ class Raw:
             self.sock.plain_password = secret.encode()
         if routing_id is not None:
             self.sock.routing_id = routing_id
-        self.monitor = self.sock.get_monitor_socket(EVENTS)
+        self.monitor = self.sock.get_monitor_socket(EVENTS, addr=f"inproc://raw-monitor-{secrets.token_hex(8)}")
         self.events: list[int] = []
         host_port = endpoint.removeprefix("tcp://")
         self.sock.connect(f"tcp://{source}:0;{host_port}" if source else endpoint)
