@@ -56,7 +56,7 @@ MAX_PENDING_CLAIMS = 10_000  # fresh claims waiting for their hello at once
 AUDIT_SLICE = 512  # counted connections checked each second by the guard's thread
 MAX_REFUSAL_PARTIES = 10_000  # users or addresses whose recent refusals are counted at once
 
-MONITOR_EVENTS = zmq.EVENT_ACCEPTED | zmq.EVENT_ACCEPT_FAILED | zmq.EVENT_DISCONNECTED
+MONITOR_EVENTS = zmq.EVENT_ACCEPTED | zmq.EVENT_ACCEPT_FAILED | zmq.EVENT_DISCONNECTED | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
 #: A ZMTP server has sent its greeting (64 bytes), WELCOME (10) and READY (30 or more)
 #: once a handshake succeeded; one refused or unfinished has sent at most 64 + ERROR.
 HANDSHAKE_DONE_BYTES = 96
@@ -244,6 +244,8 @@ class ConnectionGuard:
         # at accept until the time given, before a CURVE handshake costs anything.
         self.barred: dict[str, float] = {}
         self.accept_failed = 0
+        self.mechanism_mismatch = 0  # handshakes that spoke another mechanism (a zchat from before CURVE)
+        self._last_mismatch_log = -1e9
         self._last_warn = 0.0
         self._audit_at = 0
         self._thread: threading.Thread | None = None
@@ -334,6 +336,18 @@ class ConnectionGuard:
                 log.debug("%s connection from %s (fd %d; %d from it, %d in all)", label, address, fd, self.per_address[slot], len(self.by_fd))
         elif kind == zmq.EVENT_DISCONNECTED:
             self._forget(key)
+        elif kind == zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL:
+            # ``fd`` holds the protocol error here. No body ever reaches such a client: it
+            # sees the same failure on its side and retries; say why once a minute.
+            if fd == zmq.PROTOCOL_ERROR_ZMTP_MECHANISM_MISMATCH:
+                self.mechanism_mismatch += 1
+                if now - self._last_mismatch_log >= 60.0:
+                    self._last_mismatch_log = now
+                    log.warning(
+                        "%s: a client spoke another security mechanism than this broker's (%d so far): a zchat "
+                        "from before CURVE (PLAIN) cannot connect; it must be upgraded (docs/protocol.md §13)",
+                        label, self.mechanism_mismatch,
+                    )
         elif kind == zmq.EVENT_ACCEPT_FAILED:
             self.accept_failed += 1
             self._warn(now, f"{label}: accept failed ({os.strerror(fd) if fd > 0 else fd}); {len(self.by_fd)} connections")

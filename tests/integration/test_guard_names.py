@@ -134,9 +134,10 @@ async def test_reserved_names_are_refused_at_the_handshake(tmp_path: Path, clien
         await custom.stop()
 
 
-async def test_looker_is_a_look_only_session_that_claims_nothing(tmp_path: Path, clients) -> None:
+async def test_looker_is_a_look_only_session_that_claims_nothing(tmp_path: Path, clients, caplog) -> None:
     """A key that owns no name gets a look-only session ("*"), whatever key it is; a
-    PLAIN peer (zchat before CURVE) is refused at the handshake."""
+    PLAIN peer (zchat before CURVE) is refused at the handshake, and the broker says why."""
+    caplog.set_level(logging.INFO, logger="zchat.guard")
     running = await start_broker(tmp_path / "h.db", GuardConfig())
     server_key = running.broker.public_key  # type: ignore[union-attr]
     try:
@@ -154,6 +155,7 @@ async def test_looker_is_a_look_only_session_that_claims_nothing(tmp_path: Path,
             assert await plain.handshake() != zmq.EVENT_HANDSHAKE_SUCCEEDED
         finally:
             plain.close()
+        await wait_for(lambda: any("another security mechanism" in r.getMessage() for r in caplog.records), what="the log line")
         storage = running.broker.storage  # type: ignore[union-attr]
         assert await storage.get_user(p.LOOKER) is None
         assert p.LOOKER not in await storage.users()
