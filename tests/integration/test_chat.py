@@ -375,7 +375,7 @@ async def test_wall_clock_steps_limit_nobody_and_expire_nobody(connect, broker, 
     limited for an hour, a 31 s step forward expired every session."""
     import time as time_module
 
-    from zchat import broker as broker_module
+    from zchat.broker import loop as broker_module  # the loop reads the wall clock
     from zchat.core import Limits
 
     await broker.stop()

@@ -140,7 +140,7 @@ async def test_who_and_rooms_follow_more_to_the_last_page() -> None:
 
 
 async def test_a_list_that_never_ends_is_cut_at_a_bound(monkeypatch: pytest.MonkeyPatch) -> None:
-    import zchat.client as zc
+    from zchat.client import requests as zc  # who() and rooms() read the bound there
 
     monkeypatch.setattr(zc, "MAX_LIST_PAGES", 5)
     count = 0

@@ -22,6 +22,7 @@ from rich.text import Text
 from textual import events
 from textual.binding import Binding
 from textual.message import Message
+from textual.reactive import reactive
 from textual.widgets import Input, RichLog, Static
 
 from zchat import protocol as p
@@ -303,6 +304,8 @@ class RoomList(Static):
                 text.append(f" ({buf.unread}{'!' if buf.mentioned else ''})", style="bold magenta" if buf.mentioned else "bold cyan")
             elif buf.mentioned:
                 text.append(" (!)", style="bold magenta")
+        if text.plain == self.plain:  # the usual second: nothing changed, so no repaint (idle CPU)
+            return
         self.plain = text.plain
         self.update(text)
 
@@ -322,6 +325,8 @@ class MemberList(Static):
             for name, on in members:
                 text.append("● " if on else "○ ", style="green" if on else "dim")
                 text.append(name + "\n", style=f"bold {nick_colour(name)}" if on else "dim")
+        if text.plain == self.plain:  # the usual second: nothing changed, so no repaint (idle CPU)
+            return
         self.plain = text.plain
         self.update(text)
 
@@ -352,6 +357,8 @@ class StatusBar(Static):
         text.append(where or "-", style="bold")
         text.append(" │ ", style="dim")
         text.append(f"recovered {recovered}", style="cyan" if recovered else "dim")
+        if text.plain == self.plain:  # the usual second: nothing changed, so no repaint (idle CPU)
+            return
         self.plain = text.plain
         self.update(text)
 
@@ -374,6 +381,10 @@ class ChatInput(Input):
     6605: "yes, 1.4 is out" + Enter + "/me celebrates" was sent as one merged line).
     A finished line goes to ``on_line`` at once, with the input already cleared.
     """
+
+    #: A blinking cursor repaints the input twice a second, idle or not: most of an idle
+    #: talk's CPU. A steady cursor shows where typing goes just as well.
+    cursor_blink = reactive(False, init=False)
 
     BINDINGS = [
         Binding("tab", "complete", "Complete", show=False),

@@ -1,0 +1,167 @@
+"""The loop's inputs, each drained in bounded turns (BATCH): subscriptions on the
+XPUB, requests on the ROUTER, chat lines on the PULL."""
+
+from __future__ import annotations
+
+import logging
+
+import zmq
+
+from zchat import protocol as p
+from zchat.broker.constants import BATCH, EDGE_REQUESTS
+from zchat.core import Outcome
+from zchat.sockio import NOBLOCK, recv_frames, send_parts
+
+log = logging.getLogger(__package__)  # one logger for the whole broker: "zchat.broker"
+
+
+class Inputs:
+    """Reading the sockets (a mixin of Broker): each input taken in a bounded turn."""
+
+    # ------------------------------------------------------------ inputs
+
+    def _subscriptions(self, now: float) -> None:
+        core = self.core
+        assert core is not None
+        for _ in range(BATCH):
+            try:
+                frame = self.xpub.recv(NOBLOCK, copy=False)
+            except zmq.Again:
+                return
+            data = frame.bytes
+            if not data:
+                continue
+            topic = data[1:]
+            if data[0] == 0:
+                self.xpub.setsockopt(zmq.UNSUBSCRIBE, topic)
+                continue
+            try:
+                user = frame.get("User-Id")
+            except zmq.ZMQError:  # the peer is gone already: its frame has no metadata left
+                continue
+            if data[0] == 1 and not self.insecure_plaintext:
+                self._note_connection("fan-out", frame)
+            if data[0] == 1 and core.may_subscribe(user, topic):
+                self.xpub.setsockopt(zmq.SUBSCRIBE, topic)
+                # What was published before this took effect never reached the client:
+                # tell it the heads now (on its inbox, in force before any room of its).
+                heads = core.subscribed(user, topic)
+                if heads is not None:
+                    send_parts(self.xpub, [p.inbox_topic(user), p.encode(heads)])
+            else:
+                core.count("bad_subscription")
+                self.bad.warn("subscription", f"{user} may not subscribe to {topic[:80]!r}", now)
+
+    def _requests(self, now: float, out: Outcome) -> int:
+        """Read requests and chat frames sent over the DEALER until about BATCH requests
+        and lines were taken; return how many frames."""
+        core = self.core
+        assert core is not None
+        count = taken = 0
+        while taken < BATCH:
+            try:
+                frames = recv_frames(self.router)
+            except zmq.Again:
+                return count
+            count += 1
+            taken += 1
+            sid = frames[0].bytes.decode("latin-1")
+            if len(frames) != 2:
+                core.count("bad_frame")
+                out.error(sid, p.ErrorCode.BAD_FRAME, f"expected 1 body frame, got {len(frames) - 1}")
+                continue
+            data = frames[1].bytes
+            user = frames[1].get("User-Id")
+            try:
+                req = p.decode_router(data, self.limits.max_bytes)
+            except p.ProtocolError as exc:
+                if exc.code != p.ErrorCode.TOO_LARGE:
+                    try:  # a sound sends frame with some bad lines: take the good ones
+                        msgs, bad = p.decode_sends(data, self.limits.max_bytes)
+                    except p.ProtocolError:
+                        pass
+                    else:
+                        self._take(user, msgs, bad, now, out, sid)
+                        taken += len(msgs) + len(bad)
+                        continue
+                core.count(exc.code)
+                self.bad.warn(exc.code, exc.message, now)
+                out.error(sid, exc.code, exc.message, rid=exc.rid, cid=exc.cid)
+                continue
+            kind = type(req)
+            if kind in EDGE_REQUESTS:  # the broker's, not the core's: keys and names are the edge's
+                self._edge_request(sid, frames[1], req, now, out)
+                continue
+            if kind is p.Hello and not self.insecure_plaintext:
+                self._note_connection("requests", frames[1])
+            if kind is p.Send or kind is p.Sends:
+                lines = [req] if kind is p.Send else req.items  # type: ignore[union-attr]
+                self._take(user, lines, [], now, out, sid)  # type: ignore[arg-type]
+                taken += len(lines) - 1
+                continue
+            if kind is p.Hello and sid not in core.sessions:
+                # Session ids stay out of INFO logs: whoever reads the log must not get a route.
+                log.info("%s connected (%s)", user, req.client[:40] or "unknown client")  # type: ignore[union-attr]
+                log.debug("session %s is %s", sid, user)
+            elif kind is p.Bye:
+                log.info("%s said goodbye", user)
+            try:
+                core.request(sid, user, req, now, out)  # type: ignore[arg-type]
+            except Exception:  # a bug met by one request costs that request only
+                self._failed("a request", now)
+                out.error(sid, p.ErrorCode.INTERNAL, "the broker failed to handle this request", rid=req.rid)  # type: ignore[union-attr]
+        return count
+
+    def _chat(self, now: float, out: Outcome) -> int:
+        """Read PULL frames until about BATCH chat lines were taken; return how many frames."""
+        core = self.core
+        assert core is not None
+        count = lines = 0
+        while lines < BATCH:
+            try:
+                frames = recv_frames(self.pull)
+            except zmq.Again:
+                return count
+            count += 1
+            if len(frames) != 1:
+                core.count("bad_frame")
+                self.bad.warn("bad_frame", f"chat line with {len(frames)} frames", now)
+                lines += 1
+                continue
+            lines += self._lines(frames[0].get("User-Id"), frames[0].bytes, now, out)
+        return count
+
+    def _lines(self, user: str, data: bytes, now: float, out: Outcome) -> int:
+        """Decode a PULLed ``send``/``sends`` body and take its lines; return how many."""
+        try:
+            msgs, bad = p.decode_sends(data, self.limits.max_bytes)
+        except p.ProtocolError as exc:
+            msgs, bad = [], [exc]
+        self._take(user, msgs, bad, now, out)
+        return max(1, len(msgs) + len(bad))
+
+    def _take(self, user: str, msgs: list[p.Send], bad: list[p.ProtocolError], now: float, out: Outcome, via: str = "") -> None:
+        """Hand good lines to the core; bad ones get an error at the sender's own session.
+
+        ``via`` is the DEALER session the frame came in on (empty for PULL): a line
+        sent there must name that session in its ``sid``.
+        """
+        core = self.core
+        assert core is not None
+        self.stats.received += len(msgs) + len(bad)
+        for exc in bad:
+            core.count(exc.code)
+            self.bad.warn(exc.code, exc.message, now)
+            sid = via or exc.sid
+            session = core.sessions.get(sid)
+            if session is not None and session.name == user:
+                out.error(sid, exc.code, exc.message, cid=exc.cid)  # the sender's own session
+        if len(msgs) + len(bad) > 1:
+            core.count("packed_frames")
+        send = core.send
+        for msg in msgs:
+            if via and msg.sid != via:
+                core.count("bad_sid")
+                out.error(via, p.ErrorCode.BAD_REQUEST, "sid must be this DEALER's routing id", cid=msg.cid[: p.MAX_CID_LEN])
+                continue
+            send(user, msg, now, out)

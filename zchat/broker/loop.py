@@ -1,0 +1,353 @@
+"""The broker's loop: one task owns every socket, waits on the poller, drains what is
+ready in bounded turns (zchat.broker.inputs), feeds the core, then carries out its
+Outcome: store (one transaction per batch), publish, reply."""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+import os
+import time
+from typing import Any
+
+import zmq
+
+from zchat import auth
+from zchat import protocol as p
+from zchat.broker.constants import MAX_PUBLICATION_BYTES
+from zchat.broker.edge import Edge
+from zchat.broker.inputs import Inputs
+from zchat.broker.outage import RateLimitedLog, StorageOutage
+from zchat.broker.startup import Startup
+from zchat.broker.zap import Zap
+from zchat.core import Core, HistoryQuery, Limits, Outcome
+from zchat.guard import Claims, ConnectionGuard, GuardConfig
+from zchat.metrics import Stats
+from zchat.metrics import status as fill_status
+from zchat.retention import Retention
+from zchat.sockio import readable, recv_parts, send_parts
+from zchat.storage import Storage, StorageUnavailable
+
+log = logging.getLogger(__package__)  # one logger for the whole broker: "zchat.broker"
+
+
+class Broker(Startup, Zap, Edge, Inputs):
+    """The broker process's state and loop; its parts (start-up, ZAP, edge requests,
+    inputs) are mixins in their own files, all on this one instance."""
+
+    def __init__(
+        self, bind: str, storage: Storage, limits: Limits = Limits(), tick: float | None = None,
+        guard: GuardConfig | None = None, key_dir: os.PathLike | str | None = None,
+        insecure_plaintext: bool = False, registration: str = "open", admins: tuple[str, ...] = (),
+    ) -> None:
+        self.bind = bind
+        self.storage = storage
+        self.limits = limits
+        self.tick_every = tick if tick is not None else min(1.0, limits.heartbeat / 2)
+        self.ctx = zmq.Context()  # plain sockets: the loop watches their FDs itself
+        self.core: Core | None = None
+        self.endpoint = ""
+        self.ports: tuple[int, int, int] = (0, 0, 0)
+        self.digests: dict[str, bytes] = {}
+        self.bad = RateLimitedLog()
+        self.outage = StorageOutage()
+        self.stopping = asyncio.Event()
+        self.stopped = asyncio.Event()
+        self._wake: asyncio.Future | None = None
+        self.guard_config = guard or GuardConfig()
+        self.reserved = frozenset(self.guard_config.reserved)
+        self.claims = Claims(self.guard_config.claims_per_minute, self.guard_config.claim_timeout)
+        self.guard: ConnectionGuard | None = None
+        # Security (see _start and _decide): CURVE with the keypair in key_dir (None: a
+        # keypair for this run only), or PLAIN for tests that ask for it by name.
+        self.key_dir = key_dir
+        self.insecure_plaintext = insecure_plaintext
+        self.registration = auth.check_registration(registration)
+        self.admins = tuple(admins)
+        self.public_key = b""
+        self.key_names: dict[bytes, str] = {}  # raw client key -> the name it owns
+        self.name_keys: dict[str, list[bytes]] = {}  # name -> its keys (devices), in order
+        self.revoked: set[bytes] = set()  # keys taken away while this broker ran (refused)
+        self.key_conns: dict[bytes, collections.deque] = {}  # key -> (label, fd, peer) of its live connections seen
+        self.key_writes: set[str] = set()  # names whose keys changed and are yet to be stored
+        self.intents = auth.Intents()
+        self.invites = auth.Invites()
+        self.stats = Stats()  # plain counters for metrics and `zchat status` (zchat.metrics)
+        self.retention: Retention | None = None  # set by serve() when retention is on
+
+    # ------------------------------------------------------------ set-up
+
+    def _socket(self, kind: int, **options: Any) -> zmq.Socket:
+        sock = self.ctx.socket(kind)
+        sock.linger = 0
+        for name, value in options.items():
+            sock.setsockopt(getattr(zmq, name.upper()), value)
+        return sock
+
+    async def start(self) -> None:
+        """Open storage and bind; on failure release whatever was opened, then raise."""
+        try:
+            await self._start()
+        except BaseException:
+            if self.guard is not None and self.guard._thread is None:  # its thread closes them itself
+                for _, monitor in self.guard.monitors:
+                    monitor.close(linger=0)
+            for sock in (getattr(self, name, None) for name in ("router", "pull", "xpub", "zap", "keysock")):
+                if sock is not None:
+                    sock.close(linger=0)
+            self.ctx.term()
+            await self.storage.close()
+            raise
+
+    # ------------------------------------------------------------ main loop
+
+    async def run(self) -> None:
+        """Serve until ``stop()``; always closes sockets and storage on the way out.
+
+        Each socket's ZMQ_FD wakes the loop. The FD is edge-triggered, so a socket is
+        asked for ZMQ_EVENTS whenever its FD fired or we used the socket since we last
+        asked (our own sends can consume an edge), and only then: asking costs a few
+        microseconds a socket. While input keeps coming the loop only yields to other
+        tasks between passes.
+        """
+        assert self.core is not None
+        loop = asyncio.get_running_loop()
+        self._wake = loop.create_future()
+        socks = (self.zap, self.xpub, self.router, self.pull)
+        ZAP, XPUB, ROUTER, PULL = range(4)
+        stale = [True] * 4
+
+        def fired(i: int) -> None:
+            # Most wake-ups are libzmq's own commands (pipe activations, handshakes), not
+            # messages: asking here, for 2 us, spares a whole turn of the loop for them.
+            if readable(socks[i]):
+                stale[i] = True
+                self._poke()
+            else:
+                stale[i] = False
+
+        def ready(i: int) -> bool:
+            if not stale[i]:
+                return False
+            if readable(socks[i]):
+                return True  # stays stale: we are about to read it
+            stale[i] = False
+            return False
+
+        fds = [s.getsockopt(zmq.FD) for s in socks]
+        for i, fd in enumerate(fds):
+            loop.add_reader(fd, fired, i)
+        next_tick = time.monotonic() + self.tick_every
+
+        def tick() -> None:  # one standing timer wakes the loop for the tick
+            nonlocal ticker
+            self._poke()
+            ticker = loop.call_later(self.tick_every, tick)
+
+        ticker = loop.call_later(self.tick_every, tick)
+        try:
+            while not self.stopping.is_set():
+                # The core runs on the monotonic clock (rate buckets, presence); it stamps
+                # messages with the wall clock through wall_offset, so a clock step moves
+                # timestamps only.
+                now = time.monotonic()
+                turn = time.perf_counter()
+                self.core.wall_offset = time.time() - now
+                out = Outcome()
+                read = 0
+                # A failure in one input never stops the broker nor the other inputs;
+                # what was taken before it is still carried out below.
+                if ready(ZAP):
+                    read += 1
+                    try:
+                        await self._zap()
+                    except Exception:
+                        self._failed("zap", now)
+                if ready(XPUB):
+                    read += 1
+                    try:
+                        self._subscriptions(now)
+                    except Exception:
+                        self._failed("subscriptions", now)
+                if ready(ROUTER):
+                    try:
+                        read += self._requests(now, out)
+                    except Exception:
+                        read += 1
+                        self._failed("requests", now)
+                if ready(PULL):
+                    try:
+                        read += self._chat(now, out)
+                    except Exception:
+                        read += 1
+                        self._failed("chat", now)
+                if now >= next_tick:
+                    try:
+                        await self._expire_claims(now)
+                    except Exception:
+                        self._failed("claims", now)
+                    live = len(self.core.sessions)
+                    self.core.tick(now, out)
+                    if len(self.core.sessions) < live:
+                        log.info("%d session(s) gone silent for %.0fs: dropped", live - len(self.core.sessions), self.limits.presence_timeout)
+                    next_tick = now + self.tick_every
+                    self.stats.sample(now)
+                if out.publish:
+                    stale[XPUB] = True
+                if out.replies or out.acks or out.queries:
+                    stale[ROUTER] = True
+                try:
+                    await self._apply(out)
+                except Exception:  # never let one bad turn take the broker down
+                    log.exception("failed to carry out a batch (%d to store)", len(out.store))
+                if read:  # more is likely queued: let other tasks run, then look again
+                    self.stats.turn_seconds.observe(time.perf_counter() - turn)
+                    self.stats.turn_items = read
+                    await asyncio.sleep(0)
+                    continue
+                if any(stale):
+                    continue  # ask the sockets we just used
+                self._wake = loop.create_future()
+                await self._wake  # a socket, stop() or the ticker
+            await self._farewell()
+        finally:
+            ticker.cancel()
+            for fd in fds:
+                loop.remove_reader(fd)
+            self._close()
+            await self.storage.close()
+            log.info("broker stopped; history closed cleanly")
+            self.stopped.set()
+
+    def _failed(self, what: str, now: float) -> None:
+        """Log a bug met while handling input (with its traceback, at most once a second)."""
+        self.core.count("internal")  # type: ignore[union-attr]
+        if now - self.bad.last.get("internal:" + what, 0.0) >= 1.0:
+            self.bad.last["internal:" + what] = now
+            log.exception("failed to handle %s; carrying on", what)
+
+    def _poke(self) -> None:
+        if self._wake is not None and not self._wake.done():
+            self._wake.set_result(None)
+
+    def stop(self) -> None:
+        self.stopping.set()
+        self._poke()
+
+    async def _farewell(self) -> None:
+        """Tell subscribers we are going, and answer stragglers, for a moment."""
+        out = Outcome()
+        self.core.shutdown(time.monotonic(), out)  # type: ignore[union-attr]
+        await self._apply(out)
+        deadline = time.monotonic() + 0.2
+        while time.monotonic() < deadline:
+            try:
+                frames = recv_parts(self.router)
+            except zmq.Again:
+                await asyncio.sleep(0.02)
+                continue
+            if len(frames) == 2:
+                send_parts(self.router, [frames[0], p.encode(p.Error(code=p.ErrorCode.SHUTTING_DOWN, message="broker is shutting down"))])
+
+    def _close(self) -> None:
+        for sock in (self.router, self.pull, self.xpub, self.zap):
+            sock.close(linger=0)
+        self.ctx.term()
+
+    # ------------------------------------------------------------ outputs
+
+    async def _apply(self, out: Outcome) -> None:
+        """Store, then publish and reply. A batch storage refused, for any reason, is
+        undone in the core and answered ``storage_unavailable`` when the store cannot
+        take writes now (disk full...; logged once a second at most) or ``internal``
+        otherwise (so resends are stored, not acked from dedup); a failing history query
+        costs its own reply only."""
+        core = self.core
+        assert core is not None
+        stats = self.stats
+        if out.store or out.members:
+            began = time.perf_counter()
+            try:
+                await self.storage.append(out.store, out.members)
+                stats.stored += len(out.store)
+            except Exception as exc:
+                stats.store_failed += 1
+                if isinstance(exc, StorageUnavailable):
+                    self.outage.failed(exc, len(out.store), time.monotonic())
+                    code = p.ErrorCode.STORAGE_UNAVAILABLE
+                else:
+                    log.error("storing %d messages (%d membership changes) failed: %r", len(out.store), len(out.members), exc)
+                    code = p.ErrorCode.INTERNAL
+                # Nobody may see those seqs and every sender is told (protocol.md §10.2):
+                # the core takes the batch back and rewrites what is left to do.
+                core.undo(out, code)
+            else:
+                if self.outage.since:
+                    self.outage.stored(time.monotonic())
+            stats.append_seconds.observe(time.perf_counter() - began)
+        self._publish(out.publish)
+        encode = p.encode
+        router = self.router
+        for sid, body in out.replies:
+            kind = type(body)
+            if kind is p.Error:
+                stats.error(body.code, bool(body.cid))  # type: ignore[union-attr]
+            elif kind is p.StatusReply:
+                body = fill_status(self, body)  # type: ignore[arg-type]
+            send_parts(router, [sid.encode("latin-1"), encode(body)])
+        stats.replies += len(out.replies)
+        for sid, items in out.acks.items():
+            if items:
+                send_parts(router, [sid.encode("latin-1"), encode(p.Ack(stored=items))])
+        stats.acks += len(out.acks)
+        for query in out.queries:
+            stats.history["range" if query.request.after >= 0 else "last"] += 1
+            try:
+                body = await self._history(query)
+            except Exception as exc:
+                log.error("history query %r failed: %r", query.request, exc)
+                body = p.Error(code=p.ErrorCode.INTERNAL, message="could not read history; try again", rid=query.request.rid)
+            send_parts(router, [query.sid.encode("latin-1"), encode(body)])
+
+    async def _history(self, query: HistoryQuery) -> p.HistoryReply:
+        req = query.request
+        cap = p.MAX_REPLY_BYTES - 1024  # the reply's envelope
+        if req.after >= 0:
+            msgs = await self.storage.range(req.room, req.after, req.limit, req.before, max_bytes=cap)
+        else:
+            msgs = await self.storage.last(req.room, req.limit, req.before, max_bytes=cap)
+        core = self.core
+        assert core is not None
+        # The head now: this turn's lines are stored by the time we answer (or undone).
+        head = max(core.heads.get(req.room, 0), msgs[-1].seq if msgs else 0)
+        return p.HistoryReply(
+            rid=req.rid, room=req.room, epoch=core.epoch, head=head, messages=msgs, more=getattr(msgs, "cut", False)
+        )
+
+    def _publish(self, publish: list[tuple[bytes, p.Msg | p.Presence | p.Notice]]) -> None:
+        """Send in order; consecutive Msgs of one topic go out as one Batch of at most
+        about MAX_PUBLICATION_BYTES (so a subscriber's queue, counted in publications,
+        is bounded in bytes too)."""
+        xpub, encode = self.xpub, p.encode
+        i, n = 0, len(publish)
+        frames = 0
+        while i < n:
+            topic, body = publish[i]
+            j = i + 1
+            if type(body) is p.Msg:
+                size = len(body.text)  # type: ignore[union-attr]
+                while j < n and publish[j][0] == topic and type(publish[j][1]) is p.Msg:
+                    size += len(publish[j][1].text) + 128  # type: ignore[union-attr]
+                    if size > MAX_PUBLICATION_BYTES:
+                        break
+                    j += 1
+            if j - i == 1:
+                send_parts(xpub, [topic, encode(body)])
+            else:
+                send_parts(xpub, [topic, encode(p.Batch(items=[m for _, m in publish[i:j]]))])  # type: ignore[misc]
+                self.core.count("batches")  # type: ignore[union-attr]
+            frames += 1
+            i = j
+        self.stats.publications += frames
+        self.stats.published += n

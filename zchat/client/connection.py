@@ -1,0 +1,348 @@
+"""The connection: sockets and the CURVE handshake, dial, redial and hang-up, and
+liveness (heartbeats, the monitor, hello again after a broker restart, re-joining)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import secrets
+import time
+
+import msgspec
+import zmq
+import zmq.asyncio
+from zmq.utils.monitor import parse_monitor_message
+
+from zchat import protocol as p
+from zchat.client.events import (
+    AuthError,
+    BrokerKeyError,
+    ClientError,
+    ConnectError,
+    Problem,
+    StateChange,
+)
+from zchat.client.pump import _Pump
+from zchat.recovery import Gap, Tracker
+
+log = logging.getLogger(__package__)  # one logger for the whole library: "zchat.client"
+
+#: Seconds between attempts to re-join rooms a restarted broker refused or did not answer.
+REJOIN_RETRY = 5.0
+#: Refusals worth trying again later (the others are final: the room is dropped).
+_TRANSIENT = frozenset({p.ErrorCode.RATE_LIMITED, p.ErrorCode.INTERNAL, p.ErrorCode.NO_SESSION, p.ErrorCode.SHUTTING_DOWN, p.ErrorCode.STORAGE_UNAVAILABLE})
+#: Unanswered pings in a row after which the client connects again as a new session.
+REDIAL_AFTER = 3
+
+
+def split_broker(address: str) -> tuple[str, int]:
+    base, _, port = address.rpartition(":")
+    if not address.startswith("tcp://") or not port.isdigit() or not base[len("tcp://"):]:
+        raise ValueError(f"broker address must look like tcp://HOST:PORT, got {address!r}")
+    return base, int(port)
+
+
+class Connection:
+    """Connecting and staying connected (a mixin of Client)."""
+
+    # ------------------------------------------------------------ life cycle
+
+    def _socket(self, kind: int) -> zmq.asyncio.Socket:
+        sock = self._ctx.socket(kind)
+        sock.linger = 0
+        if self.plaintext:
+            sock.plain_username = self.name.encode()
+            sock.plain_password = self.secret.encode()
+        else:
+            assert self.server_key is not None, "connect() learns the broker's key first"
+            sock.curve_serverkey = self.server_key.encode()
+            sock.curve_publickey = self.public_key
+            sock.curve_secretkey = self._secret_key
+        self._socks.append(sock)
+        return sock
+
+    async def connect(self, timeout: float = 5.0) -> p.Welcome:
+        """Say hello; raise AuthError if the name is refused, ConnectError on silence,
+        BrokerKeyError if the broker's key is unknown or not the pinned one (then
+        nothing but the plain key request was sent)."""
+        if not self.plaintext and self.server_key is None:
+            from zchat import keys
+
+            try:
+                _, self.server_key = await keys.broker_key(self.address, self._ctx, self.trust_new_broker)
+            except keys.KeyError_ as exc:
+                raise BrokerKeyError("broker_key", str(exc)) from None
+        welcome = await self._hello(timeout)
+        if welcome.name == p.LOOKER and not self.looking:
+            welcome = await self._claim(timeout)
+        self._take_welcome(welcome)
+        self._auth_failed = None  # a refusal from now on (a revoked key) closes the client: see _watch
+        sub = self._socket(zmq.SUB)
+        sub.rcvhwm = self.sub_hwm
+        sub.connect(f"{self.base}:{welcome.pub_port}")
+        self._sub = _Pump(sub, self._on_event)
+        topics = (p.SYSTEM_TOPIC,) if self.looking else (p.SYSTEM_TOPIC, p.inbox_topic(self.name))
+        for topic in topics:
+            self._sub.submit(lambda s, t=topic: s.setsockopt(zmq.SUBSCRIBE, t))
+        self._spawn(self._sub.run(), self._heartbeats(), self._resends(), self._filler())
+        self._set_state("connected")
+        return welcome
+
+    async def _hello(self, timeout: float) -> p.Welcome:
+        """Dial the DEALER and say hello on it; close everything and raise on refusal or silence."""
+        loop = asyncio.get_running_loop()
+        self._auth_failed = loop.create_future()
+        self._dial()
+        hello = asyncio.ensure_future(self._request(lambda rid: p.Hello(rid=rid, client=self.label), timeout=None))
+        done, _ = await asyncio.wait({hello, self._auth_failed}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+        if self._auth_failed in done or hello not in done:
+            hello.cancel()
+            await self.close()
+            if self._auth_failed.done() and self.looking:
+                raise AuthError(p.ErrorCode.FORBIDDEN, f"the broker at {self.broker} refused a look-only session: give --name")
+            if self._auth_failed.done():
+                raise AuthError(
+                    p.ErrorCode.NAME_TAKEN,
+                    f"the broker refused the name {self.name!r}: it belongs to someone else (or your key changed), "
+                    "it is reserved, or the broker's registration needs an invite or an admin (its log says which)",
+                )
+            raise ConnectError("unreachable", f"no answer from the broker at {self.broker} within {timeout:g}s")
+        return hello.result()
+
+    async def _claim(self, timeout: float) -> p.Welcome:
+        """Our key owns no name yet: ask for ours on this look-only session, then dial
+        again; the broker's ZAP handler finishes the claim at that handshake (or refuses
+        it: the name is taken, reserved, or registration says no).
+
+        The claim carries the SHA-256 digest of the name's secret, never the secret
+        (from which our key is derived): a broker that holds that digest from the PLAIN
+        era moves the name to our key; any other broker learns nothing from it."""
+        from zchat import auth
+
+        proof = auth.digest(self.secret.encode()).hex() if self.plaintext is False and self.secret else ""
+        try:
+            await self._request(lambda rid: p.Claim(rid=rid, name=self.name, secret=proof, invite=self.invite), timeout=timeout)
+        except (ClientError, asyncio.TimeoutError):
+            await self.close()
+            raise
+        try:  # end the look-only session now rather than leave it to time out
+            await self._request(lambda rid: p.Bye(rid=rid), timeout=min(timeout, 1.0), retry=False)
+        except (ClientError, asyncio.TimeoutError):
+            pass
+        self._hang_up()
+        welcome = await self._hello(timeout)
+        if welcome.name != self.name:
+            await self.close()
+            raise AuthError(p.ErrorCode.NAME_TAKEN, f"the broker did not give this key the name {self.name!r}")
+        log.info("this key now owns the name %r at %s", self.name, self.broker)
+        return welcome
+
+    def _dial(self) -> None:
+        """Open the DEALER (routing id = session id) and its pump and monitor."""
+        dealer = self._socket(zmq.DEALER)
+        dealer.routing_id = self.sid.encode()
+        dealer.sndhwm = 100_000  # chat lines go here too: a burst must not hit the default 1,000
+        # An inproc address of our own: pyzmq's default is named after the socket's fd,
+        # which a DEALER made right after another was closed can reuse before libzmq has
+        # released the old monitor's address (EADDRINUSE at a redial or a claim).
+        monitor = dealer.get_monitor_socket(
+            zmq.EVENT_HANDSHAKE_FAILED_AUTH | zmq.EVENT_HANDSHAKE_SUCCEEDED, addr=f"inproc://zchat-client-monitor-{secrets.token_hex(8)}"
+        )
+        self._socks.append(monitor)
+        dealer.connect(self.broker)
+        self._dealer = _Pump(dealer, self._on_reply)
+        self._dealing = (dealer, monitor, asyncio.ensure_future(self._dealer.run()), asyncio.ensure_future(self._watch(monitor)))
+        self._tasks += self._dealing[2:]
+
+    def _hang_up(self) -> None:
+        """Close the DEALER, its pump and monitor, and take a new session id for the next."""
+        dealer, monitor, *tasks = self._dealing
+        self._dealer.stop()
+        for task in tasks:
+            task.cancel()
+            self._tasks.remove(task)
+        for sock in (dealer, monitor):
+            sock.close(linger=0)
+            self._socks.remove(sock)
+        self.sid = secrets.token_hex(8)
+
+    def _redial(self) -> None:
+        """Start over on a new DEALER with a new session id, after pings went unanswered.
+
+        The broker takes no second connection with a routing id it still holds (so
+        nobody can take a session over), and a connection that went silent without
+        closing (a network that drops, a NAT that forgets) may be held until its
+        TCP keepalive gives up, or is never left by our DEALER at all. A new id gets a
+        new route at once; the broker answers it no_session and we say hello again.
+        Unacked sends are re-addressed to the new session (their cids, so the
+        broker's dedup, stay the same).
+        """
+        self._hang_up()
+        log.info("no answer from %s on this connection: connecting again as a new session", self.broker)
+        for pending in self._pending.values():
+            pending.data = p.encode(msgspec.structs.replace(p.decode_send(pending.data, 0), sid=self.sid))
+        self._outbox.clear()  # all of it is pending: resent after the hello
+        self._dial()
+
+    def _take_welcome(self, welcome: p.Welcome) -> None:
+        # At the first hello a DM conversation we do not track is from before this run:
+        # new messages only. At a later one (a broker restart) it began while we ran.
+        again = self.welcome is not None
+        self.welcome = welcome
+        self.boot, self.heartbeat, self.max_bytes = welcome.boot, welcome.heartbeat, welcome.max_bytes
+        if self.epoch and welcome.epoch != self.epoch:
+            self._reset_epoch(welcome.epoch)
+        self.epoch = welcome.epoch
+        for room, head in welcome.rooms.items():
+            if p.is_dm_room(room):
+                tracker = self._tracker_for(room, 0 if again else head)
+                tracker.saw_head(head)
+            elif room in self._trackers:
+                self._trackers[room].saw_head(head)
+        self._wake_filler(*self._trackers)
+
+    # ------------------------------------------------------------ liveness
+
+    def _set_state(self, state: str, detail: str = "") -> None:
+        if state != self.state:
+            self.state, self.state_since = state, time.time()
+            self._emit(StateChange(state, self.state_since, detail))
+
+    async def _watch(self, monitor: zmq.asyncio.Socket) -> None:
+        while True:
+            event = parse_monitor_message(await monitor.recv_multipart())
+            if event["event"] == zmq.EVENT_HANDSHAKE_FAILED_AUTH:
+                log.warning("handshake refused by %s (status %s)", self.broker, event["value"])
+                if self._auth_failed is not None and not self._auth_failed.done():
+                    self._auth_failed.set_result(event["value"])
+                elif self.state != "closed" and not self.plaintext:  # refused after we were in: revoked
+                    asyncio.ensure_future(self._refused_later())
+
+    async def _heartbeats(self) -> None:
+        """Ping every heartbeat: keeps presence alive, detects a lost broker and lost tails."""
+        unanswered = 0  # pings in a row with no answer
+        while True:
+            await asyncio.sleep(self.heartbeat if self.state == "connected" else min(1.0, self.heartbeat))
+            try:
+                pong = await self._request(lambda rid: p.Ping(rid=rid), timeout=max(1.0, self.heartbeat))
+            except ClientError as exc:  # no_session: _on_reply already says hello again
+                if exc.code != p.ErrorCode.NO_SESSION:
+                    self._set_state("reconnecting", exc.message)
+                continue
+            except asyncio.TimeoutError:
+                self._set_state("reconnecting", "broker not answering")
+                unanswered += 1
+                if unanswered % REDIAL_AFTER == 0:
+                    self._redial()
+                continue
+            unanswered = 0
+            assert isinstance(pong, p.Pong)
+            if pong.boot != self.boot or pong.epoch != self.epoch:
+                await self._rehello()
+                continue
+            if self.state != "connected":
+                self._set_state("connected")
+                self._resend_all()
+            self._saw_heads(pong.heads)
+            if self._rejoin and time.monotonic() >= self._rejoin_at and (self._rejoining is None or self._rejoining.done()):
+                # its own task: waits for rate limits must not hold up the heartbeat
+                self._rejoining = asyncio.ensure_future(self._rejoin_rooms(sorted(self._rejoin)))
+
+    def _saw_heads(self, heads: dict[str, int]) -> None:
+        """Heads from a Pong or a Heads event: fetch what is beyond what we delivered. A DM
+        conversation we do not track began during this run (its first line was lost on
+        the way): track it from its start, as that line would have."""
+        for room, head in heads.items():
+            tracker = self._trackers.get(room)
+            if tracker is None:
+                if self.looking or not p.is_dm_room(room) or p.dm_peers(room) is None:
+                    continue
+                tracker = self._tracker_for(room)
+            if head > tracker.last:
+                tracker.saw_head(head)
+                self._wake_filler(room)
+
+    async def _rehello(self) -> None:
+        """The broker restarted (or forgot us): new session, same rooms, resend what is unacked."""
+        boot = self.boot
+        async with self._rehello_lock:
+            if self.boot != boot:
+                return  # another task has just said hello to the new broker
+            try:
+                await self._hello_again()
+            except (ClientError, asyncio.TimeoutError) as exc:
+                log.info("hello again failed (%s); the next heartbeat retries", exc)
+
+    async def _hello_again(self) -> None:
+        welcome = await self._request(lambda rid: p.Hello(rid=rid, client=self.label))
+        assert isinstance(welcome, p.Welcome)
+        epoch_changed = welcome.epoch != self.epoch
+        old = self.welcome
+        self._take_welcome(welcome)
+        if old is not None and old.pub_port != welcome.pub_port:
+            self._move(self._sub, old.pub_port, welcome.pub_port)
+        if epoch_changed:  # the new broker knows none of our rooms: join and subscribe again
+            await self._rejoin_rooms([r for r in self._trackers if not p.is_dm_room(r)])
+        self._set_state("connected")
+        self._resend_all()
+
+    async def _rejoin_rooms(self, rooms: list[str]) -> None:
+        """Join each room again; one that fails does not stop the others. Transient
+        failures are retried from the heartbeat (every REJOIN_RETRY seconds), final
+        refusals drop the room with a Problem event."""
+        for room in rooms:
+            if room not in self._trackers:
+                self._rejoin.discard(room)
+                continue
+            try:
+                # no hello from here (we may hold the hello lock): no_session is retried later
+                joined = await self._request(lambda rid, r=room: p.Join(rid=rid, room=r), rehello=False)
+            except asyncio.TimeoutError:
+                self._rejoin.add(room)
+                continue
+            except ClientError as exc:
+                if exc.code in _TRANSIENT or exc.code == "closed":
+                    self._rejoin.add(room)
+                    continue
+                log.warning("could not rejoin %s: %s [%s]", room, exc.message, exc.code)
+                self._rejoin.discard(room)
+                self._trackers.pop(room, None)
+                self._unsubscribe(room)
+                self._emit(Problem(exc.code, f"could not rejoin #{room}: {exc.message}"))
+                continue
+            assert isinstance(joined, p.Joined)
+            self._rejoin.discard(room)
+            tracker = self._trackers.get(room)
+            if tracker is not None:
+                tracker.saw_head(joined.head)
+                self._wake_filler(room)
+            self._subscribe(room, again=True)
+        if self._rejoin:
+            self._rejoin_at = time.monotonic() + REJOIN_RETRY
+            log.info("will retry joining %s", ", ".join(sorted(self._rejoin)))
+
+    def _move(self, pump: _Pump, old: int, new: int) -> None:
+        """The restarted broker listens on other ports (it was bound to port 0)."""
+
+        def move(sock: zmq.Socket) -> None:
+            sock.disconnect(f"{self.base}:{old}")
+            sock.connect(f"{self.base}:{new}")
+
+        pump.submit(move)
+
+    def _resend_all(self) -> None:
+        self._forget_done()
+        for pending in self._pending.values():
+            pending.sent = time.monotonic()
+            self._queue(pending.data)
+
+    def _reset_epoch(self, epoch: str) -> None:
+        """The broker's history was replaced: report it and start each room afresh."""
+        self._catch_up.clear()
+        self._cursors = {room: c for room, c in self._cursors.items() if c[0] == epoch}
+        for room, tracker in self._trackers.items():
+            self._emit(Gap(room, 1, tracker.last, "the broker's history was reset"))
+            self._trackers[room] = Tracker(room, epoch, 0)
+            # A new epoch may still hold all the old history (a store renumbered after a
+            # crash keeps its messages): catch up as after being away, within recover_limit.
+            self._catch_up.add(room)

@@ -1,0 +1,235 @@
+"""Requests and their replies: join, part, history, who, rooms, status, keys and
+invites, ping; retried after rate_limited, at most MAX_IN_FLIGHT on the wire."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable
+
+import msgspec
+import zmq
+import zmq.asyncio
+
+from zchat import protocol as p
+from zchat.client.events import ClientError, Problem
+from zchat.recovery import Tracker
+from zchat.sockio import NOBLOCK
+
+log = logging.getLogger(__package__)  # one logger for the whole library: "zchat.client"
+
+#: A request refused with rate_limited is asked again after the broker's retry_after,
+#: at most this many times and for at most this long in all: a short wait is a delay
+#: for the caller, a long one an error it can show (with ``retry_after``).
+RATE_RETRIES = 5
+RATE_WAIT_MAX = 15.0
+#: Most pages ``who()`` and ``rooms()`` follow (each is up to ~1 MiB).
+MAX_LIST_PAGES = 200
+#: Requests a client has on the wire at once (the broker's ROUTER queues 16 replies a
+#: connection by default; acks and errors share that queue).
+MAX_IN_FLIGHT = 8
+
+
+class Requests:
+    """Requests to the broker (a mixin of Client)."""
+
+    # ------------------------------------------------------------ requests
+
+    async def _request(
+        self, make: Callable[[int], p.Request], timeout: float | None = 10.0, retry: bool = True, rehello: bool | None = None,
+    ) -> p.Reply:
+        """Ask and await the reply. With ``retry``: after no_session, hello and ask once
+        more (unless ``rehello`` is False); after rate_limited, wait the broker's
+        retry_after and ask again (at most RATE_RETRIES times, RATE_WAIT_MAX seconds in
+        all), so a short wait is a delay, not a failure."""
+        waited = 0.0
+        rehello = retry if rehello is None else rehello
+        for attempt in range(RATE_RETRIES + 2):
+            reply = await self._ask(make, timeout)
+            if not isinstance(reply, p.Error):
+                return reply
+            if reply.code == p.ErrorCode.NO_SESSION and rehello:  # the broker restarted: hello, then again
+                rehello = False
+                await self._rehello()
+                continue
+            wait = max(reply.retry_after, 0.01)
+            if reply.code == p.ErrorCode.RATE_LIMITED and retry and attempt < RATE_RETRIES and waited + wait <= RATE_WAIT_MAX:
+                log.info("request rate limited; asking again in %.2fs", wait)
+                waited += wait
+                await asyncio.sleep(wait)
+                continue
+            raise ClientError(reply.code, reply.message, reply.retry_after)
+        raise ClientError(reply.code, reply.message, reply.retry_after)
+
+    async def _ask(self, make: Callable[[int], p.Request], timeout: float | None) -> p.Reply:
+        """One request on the wire, at most MAX_IN_FLIGHT at once: the broker queues at most
+        a few replies for a connection (its send queue is sized in bytes, replies reach
+        1 MiB) and drops what does not fit, so a client never asks for more at once."""
+        async with asyncio.timeout(timeout):  # the wait for a slot counts too
+            async with self._slots:
+                self._rid += 1
+                rid = self._rid
+                fut = asyncio.get_running_loop().create_future()
+                self._waiting[rid] = fut
+                data = p.encode(make(rid))
+                self._dealer.submit(lambda s: s.send(data, NOBLOCK))
+                try:
+                    return await fut
+                finally:
+                    self._waiting.pop(rid, None)
+
+    async def join(self, room: str, history: int = 0) -> list[p.Member]:
+        """Join ``room`` and start receiving it: ``history`` earlier messages first, then live.
+
+        With a cursor from an earlier run, everything after it is delivered instead (up to
+        ``recover_limit``).
+        """
+        joined = await self._request(lambda rid: p.Join(rid=rid, room=room))
+        assert isinstance(joined, p.Joined)
+        tracker = self._trackers.get(room)
+        if tracker is None:
+            last = self._start_from(room, joined.epoch)
+            if last is None:
+                last = max(0, joined.head - history)
+            tracker = self._trackers[room] = Tracker(room, joined.epoch, last)
+        tracker.saw_head(joined.head)
+        self._subscribe(room)
+        self._wake_filler(room)
+        return joined.members
+
+    async def part(self, room: str) -> None:
+        """Leave ``room`` (or close a DM conversation: a later line of it is delivered
+        from where it was left, not from its start)."""
+        await self._request(lambda rid: p.Part(rid=rid, room=room))
+        tracker = self._trackers.pop(room, None)
+        if tracker is not None and p.is_dm_room(room):
+            self._cursors[room] = (tracker.epoch, tracker.last)
+        self._catch_up.discard(room)
+        self._rejoin.discard(room)
+        self._unsubscribe(room)
+
+    def _subscribe(self, room: str, again: bool = False) -> None:
+        """Subscribe to a room once: SUB counts subscriptions, so a second SUBSCRIBE would
+        need a second UNSUBSCRIBE. ``again`` re-sends it (unsubscribe, subscribe) for a
+        broker that refused it before the room was joined again."""
+        if p.is_dm_room(room):
+            return  # DM conversations come on the inbox topic
+        topic = p.room_topic(room)
+        if room in self._subscribed:
+            if again:
+                self._sub.submit(lambda s: (s.setsockopt(zmq.UNSUBSCRIBE, topic), s.setsockopt(zmq.SUBSCRIBE, topic)))
+            return
+        self._subscribed.add(room)
+        self._sub.submit(lambda s: s.setsockopt(zmq.SUBSCRIBE, topic))
+
+    def _unsubscribe(self, room: str) -> None:
+        if room in self._subscribed:
+            self._subscribed.discard(room)
+            topic = p.room_topic(room)
+            self._sub.submit(lambda s: s.setsockopt(zmq.UNSUBSCRIBE, topic))
+
+    async def history(self, room: str, limit: int = 100, before: int = 0, after: int = -1) -> list[p.Msg]:
+        """Stored messages, oldest first (see protocol.History for the bounds): all that
+        was asked, even when the broker cuts pages to its reply size (``more``)."""
+        out: list[p.Msg] = []
+        while True:
+            want = limit - len(out)
+            reply = await self._request(lambda rid: p.History(rid=rid, room=room, limit=want, before=before, after=after))
+            assert isinstance(reply, p.HistoryReply)
+            out += [msgspec.structs.replace(m, epoch=reply.epoch) for m in reply.messages]
+            if not reply.more or not reply.messages or len(out) >= limit:
+                return out
+            after = reply.messages[-1].seq  # the rest of the same selection, oldest first
+
+    async def who(self, room: str) -> list[p.Member]:
+        """A room's members by name, every page (up to MAX_LIST_PAGES)."""
+        members: list[p.Member] = []
+        after = ""
+        for _ in range(MAX_LIST_PAGES):
+            reply = await self._request(lambda rid: p.Who(rid=rid, room=room, after=after))
+            assert isinstance(reply, p.WhoReply)
+            members += reply.members
+            if not reply.more or not reply.members or reply.members[-1].name <= after:
+                return members
+            after = reply.members[-1].name
+        log.warning("who %s: stopped after %d pages (%d members)", room, MAX_LIST_PAGES, len(members))
+        return members
+
+    async def rooms(self) -> list[p.RoomInfo]:
+        """Public rooms by name, every page (up to MAX_LIST_PAGES)."""
+        rooms: list[p.RoomInfo] = []
+        after = ""
+        for _ in range(MAX_LIST_PAGES):
+            reply = await self._request(lambda rid: p.Rooms(rid=rid, after=after))
+            assert isinstance(reply, p.RoomsReply)
+            rooms += reply.rooms
+            if not reply.more or not reply.rooms or reply.rooms[-1].name <= after:
+                return rooms
+            after = reply.rooms[-1].name
+        log.warning("rooms: stopped after %d pages (%d rooms)", MAX_LIST_PAGES, len(rooms))
+        return rooms
+
+    async def status(self, timeout: float = 5.0) -> p.StatusReply:
+        """What the broker is doing (version, uptime, counts, rates, limits): for its
+        operator; a look-only session may ask. Raises ClientError as any request does."""
+        reply = await self._request(lambda rid: p.Status(rid=rid), timeout=timeout)
+        if not isinstance(reply, p.StatusReply):
+            raise ClientError(p.ErrorCode.INTERNAL, f"expected a status reply, got {type(reply).__name__}")
+        return reply
+
+    # ------------------------------------------------------------ keys and invites
+
+    async def make_invite(self, timeout: float = 5.0) -> str:
+        """A one-use invite code (broker admins only)."""
+        reply = await self._request(lambda rid: p.Invite(rid=rid), timeout=timeout)
+        return reply.code  # type: ignore[union-attr]
+
+    async def list_keys(self, timeout: float = 5.0) -> list[str]:
+        """The Z85 public keys that own this name at the broker (one per device)."""
+        reply = await self._request(lambda rid: p.KeyList(rid=rid), timeout=timeout)
+        return list(reply.keys)  # type: ignore[union-attr]
+
+    async def add_key(self, key: str, timeout: float = 5.0) -> None:
+        """Authorise another device's public key for this name."""
+        await self._request(lambda rid: p.KeyAdd(rid=rid, key=key), timeout=timeout)
+
+    async def revoke_key(self, key: str, timeout: float = 5.0) -> None:
+        """Take a key away from this name: refused from its next handshake on, and its
+        live connections are cut."""
+        await self._request(lambda rid: p.KeyRevoke(rid=rid, key=key), timeout=timeout)
+
+    async def _refused_later(self) -> None:
+        log.error("the broker at %s now refuses this key (revoked?): closing", self.broker)
+        await self.close()
+
+    async def ping(self, timeout: float = 5.0) -> float:
+        """Round-trip time in seconds."""
+        start = time.perf_counter()
+        await self._request(lambda rid: p.Ping(rid=rid), timeout=timeout)
+        return time.perf_counter() - start
+
+    def _on_reply(self, frames: list[bytes]) -> None:
+        reply = p.decode_reply(frames[-1])
+        if isinstance(reply, p.Ack):
+            for stored in reply.stored:
+                self._acked(stored.cid, stored)
+            return
+        if isinstance(reply, p.Error):
+            if reply.code == p.ErrorCode.NO_SESSION:
+                asyncio.ensure_future(self._rehello())
+                if reply.cid:
+                    return  # the send stays pending and goes again after hello
+            elif reply.code == p.ErrorCode.SHUTTING_DOWN:
+                self._set_state("reconnecting", "broker shutting down")
+            if reply.cid:
+                self._send_failed(reply)
+                return
+            if not reply.rid and reply.code not in (p.ErrorCode.NO_SESSION, p.ErrorCode.SHUTTING_DOWN):
+                # it names nothing we sent (those two are handled above): tell the user, do not drop it
+                log.warning("the broker reported %s: %s", reply.code, reply.message)
+                self._emit(Problem(reply.code, reply.message))
+                return
+        fut = self._waiting.get(getattr(reply, "rid", 0))
+        if fut is not None and not fut.done():
+            fut.set_result(reply)

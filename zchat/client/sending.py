@@ -1,0 +1,135 @@
+"""Sending chat lines: post and send, one cid per line, acks, and resends until the
+broker acks (it drops the duplicates)."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import msgspec
+import zmq
+import zmq.asyncio
+
+from zchat import protocol as p
+from zchat.client.events import ClientError
+from zchat.sockio import NOBLOCK
+
+#: Send refusals that keep the line pending, resent after ack_timeout (nothing was stored).
+_RESEND = frozenset({p.ErrorCode.INTERNAL, p.ErrorCode.STORAGE_UNAVAILABLE})
+
+
+class _Pending:
+    __slots__ = ("data", "future", "sent")
+
+    def __init__(self, data: bytes, future: asyncio.Future, sent: float) -> None:
+        self.data = data
+        self.future = future
+        self.sent = sent
+
+
+class Sending:
+    """Chat lines out (a mixin of Client): each pending until acked."""
+
+    # ------------------------------------------------------------ sending
+
+    async def send(self, room: str, text: str, *, me: bool = False, timeout: float | None = None) -> p.Stored:
+        """Send to a room; returns once the broker has stored it (resending until then)."""
+        return await self._wait(self.post(room, text, me=me), timeout)
+
+    async def send_dm(self, to: str, text: str, *, me: bool = False, timeout: float | None = None) -> p.Stored:
+        """Send a direct message that only ``to`` (and your other devices) receive."""
+        return await self._wait(self.post_dm(to, text, me=me), timeout)
+
+    def post(self, room: str, text: str, *, me: bool = False) -> asyncio.Future:
+        """Queue a send without awaiting it: a future of its Stored (for bulk senders;
+        no coroutine or task per message). Resent until acked, like ``send``. Lines
+        posted in one turn of the event loop travel to the broker in one frame."""
+        return self._submit(room, "", text, me)
+
+    def post_dm(self, to: str, text: str, *, me: bool = False) -> asyncio.Future:
+        return self._submit("", to, text, me)
+
+    def _submit(self, room: str, to: str, text: str, me: bool) -> asyncio.Future:
+        self._cid_count += 1
+        cid = f"{self._cid_base}{self._cid_count:x}"  # no random draw per line
+        data = p.encode(p.Send(sid=self.sid, cid=cid, text=text, room=room, to=to, me=me))
+        if len(data) > self.max_bytes:
+            raise ClientError(p.ErrorCode.TOO_LARGE, f"message is {len(data)} bytes encoded; the broker takes at most {self.max_bytes}")
+        fut = asyncio.get_running_loop().create_future()
+        self._pending[cid] = _Pending(data, fut, time.monotonic())
+        outbox = self._outbox
+        if not outbox and self._dealer.send_now(data):
+            return fut  # a lone line goes at once: a quiet chat pays no extra loop turn
+        outbox.append(data)
+        if len(outbox) == 1:  # the pump packs what else this turn posts into one frame
+            self._dealer.submit(self._flush)
+        return fut
+
+    def _queue(self, data: bytes) -> None:
+        outbox = self._outbox
+        outbox.append(data)
+        if len(outbox) == 1:  # the first of this turn: the pump packs them all when it runs
+            self._dealer.submit(self._flush)
+
+    def _flush(self, sock: zmq.Socket) -> None:
+        """Send the outbox: a lone line as a Send, several as Sends frames within max_bytes."""
+        outbox, self._outbox = self._outbox, []
+        if len(outbox) == 1:
+            sock.send(outbox[0], NOBLOCK)
+            return
+        room = self.max_bytes - 64  # the Sends envelope around the items
+        group: list[msgspec.Raw] = []
+        size = 0
+        for data in outbox:
+            if group and (size + len(data) > room or len(group) == p.MAX_SENDS_ITEMS):
+                self._send_group(sock, group)
+                group, size = [], 0
+            group.append(msgspec.Raw(data))
+            size += len(data)
+        self._send_group(sock, group)
+
+    @staticmethod
+    def _send_group(sock: zmq.Socket, group: list[msgspec.Raw]) -> None:
+        """A lone line goes as its own Send: wrapped in Sends, a line near the limit
+        would be over it (65,555 > 65,536 bytes) and refused."""
+        sock.send(p.encode(p.Sends(items=group)) if len(group) > 1 else bytes(group[0]), NOBLOCK)  # type: ignore[arg-type]
+
+    async def _wait(self, fut: asyncio.Future, timeout: float | None) -> p.Stored:
+        """Await a posted send. On timeout or cancellation it is no longer resent, but it
+        is unconfirmed rather than cancelled: a copy already queued may still be stored."""
+        try:
+            if timeout is None:
+                return await fut
+            return await asyncio.wait_for(fut, timeout)
+        except BaseException:
+            self._forget_done()
+            raise
+
+    def _forget_done(self) -> None:
+        """Stop resending posts whose future is settled (given up or cancelled)."""
+        for cid in [cid for cid, pending in self._pending.items() if pending.future.done()]:
+            del self._pending[cid]
+
+    def _acked(self, cid: str, stored: p.Stored) -> None:
+        pending = self._pending.pop(cid, None)
+        if pending is not None and not pending.future.done():
+            pending.future.set_result(stored)
+
+    def _send_failed(self, err: p.Error) -> None:
+        if err.code in _RESEND:
+            return  # stays pending: resent after ack_timeout
+        pending = self._pending.pop(err.cid, None)
+        if pending is not None and not pending.future.done():
+            pending.future.set_exception(ClientError(err.code, err.message, err.retry_after))
+
+    async def _resends(self) -> None:
+        while True:
+            await asyncio.sleep(min(1.0, self.ack_timeout / 2))
+            if self.state != "connected":
+                continue
+            self._forget_done()
+            now = time.monotonic()
+            for pending in self._pending.values():
+                if now - pending.sent >= self.ack_timeout:
+                    pending.sent = now
+                    self._queue(pending.data)

@@ -1,0 +1,39 @@
+"""What the core hands back to the shell: an ``Outcome`` to carry out and the history
+queries it authorised (plain values, so every part of the core can fill them)."""
+
+from __future__ import annotations
+
+import dataclasses
+
+from zchat import protocol as p
+
+
+@dataclasses.dataclass(frozen=True)
+class HistoryQuery:
+    """A history request the core has authorised; the shell runs it against storage."""
+
+    sid: str
+    request: p.History
+    head: int
+
+
+@dataclasses.dataclass
+class Outcome:
+    """What the shell must do, in this order: store, persist members, publish, reply.
+
+    If storing ``store`` fails, the shell calls ``Core.undo(outcome)`` and then carries
+    out what is left (undo rewrites it).
+    """
+
+    store: list[p.Msg] = dataclasses.field(default_factory=list)
+    members: list[tuple[str, str, bool]] = dataclasses.field(default_factory=list)
+    publish: list[tuple[bytes, p.Msg | p.Presence | p.Notice]] = dataclasses.field(default_factory=list)
+    replies: list[tuple[str, p.Reply]] = dataclasses.field(default_factory=list)
+    acks: dict[str, list[p.Stored]] = dataclasses.field(default_factory=dict)
+    queries: list[HistoryQuery] = dataclasses.field(default_factory=list)
+    # Indexes into ``replies`` of the replies to joins and parts that changed membership:
+    # undo turns them into errors.
+    changed: list[int] = dataclasses.field(default_factory=list)
+
+    def error(self, sid: str, code: str, message: str, *, rid: int = 0, cid: str = "", retry_after: float = 0.0) -> None:
+        self.replies.append((sid, p.Error(code=code, message=message, rid=rid, cid=cid, retry_after=retry_after)))

@@ -1,0 +1,220 @@
+"""Rooms and membership, sans I/O: join and part, member and room pages, the rooms
+cap, who may read or subscribe to what, and history requests."""
+
+from __future__ import annotations
+
+from bisect import bisect_left, bisect_right, insort
+
+from zchat import protocol as p
+from zchat.core.outcome import HistoryQuery, Outcome
+from zchat.protocol import ErrorCode as E
+
+_LOOKER = p.LOOKER
+
+# Upper bounds of the encoded size of one list item (a msgpack map: keys, headers and
+# the largest ints), plus the name's bytes: pages are cut to fit MAX_REPLY_BYTES.
+_MEMBER_BYTES = 24
+_ROOMINFO_BYTES = 48
+_REPLY_SLACK = 1024  # the reply's own fields (rid, room, more, tags)
+
+
+class Rooms:
+    """Core's rooms and members. Mixed into ``Core``; reads its ``members``,
+    ``rooms_of``, ``room_index``, ``online_in`` and ``heads``."""
+
+    # ------------------------------------------------------------ queries
+
+    def member_list(self, room: str) -> list[p.Member]:
+        """Every member of ``room``, by name (tests and small rooms; replies use member_page)."""
+        return [p.Member(name, self.online(name)) for name in sorted(self.members.get(room, ()))]
+
+    def member_page(self, room: str, after: str = "") -> tuple[list[p.Member], bool]:
+        """Members of ``room`` named after ``after``: at most a page and MAX_REPLY_BYTES;
+        and whether more follow. The room's sorted list is kept once made."""
+        index = self._member_index.get(room)
+        if index is None:
+            names = self.members.get(room)
+            if not names:
+                return [], False
+            index = self._member_index[room] = sorted(names)  # kept while the room has members
+        start = bisect_right(index, after) if after else 0
+        devices = self.devices
+        page: list[p.Member] = []
+        budget = p.MAX_REPLY_BYTES - _REPLY_SLACK
+        for name in index[start:start + self.limits.page_size]:
+            budget -= len(name) + _MEMBER_BYTES  # names are ASCII
+            if budget < 0:
+                break
+            page.append(p.Member(name, bool(devices.get(name))))
+        return page, start + len(page) < len(index)
+
+    def room_page(self, after: str = "") -> tuple[list[p.RoomInfo], bool]:
+        """Public rooms named after ``after``: at most a page and MAX_REPLY_BYTES; and
+        whether more follow. Paged from a sorted index with bisect: no sort per request."""
+        index = self.room_index
+        start = bisect_right(index, after) if after else 0
+        members, online_in = self.members, self.online_in
+        page: list[p.RoomInfo] = []
+        budget = p.MAX_REPLY_BYTES - _REPLY_SLACK
+        for room in index[start:start + self.limits.page_size]:
+            budget -= len(room) + _ROOMINFO_BYTES
+            if budget < 0:
+                break
+            page.append(p.RoomInfo(room, len(members[room]), online_in.get(room, 0)))
+        return page, start + len(page) < len(index)
+
+    def room_list(self) -> list[p.RoomInfo]:
+        """Every public room (tests; replies use room_page)."""
+        return [p.RoomInfo(room, len(self.members[room]), self.online_in.get(room, 0)) for room in self.room_index]
+
+    # ------------------------------------------------------------ subscriptions
+
+    def may_subscribe(self, name: str, topic: bytes) -> bool:
+        """Whether ``name`` may receive ``topic``: own inbox, rooms it is in, the system topic.
+
+        Only exact topics pass: a bare prefix such as ``@`` or ``#de`` would let ZeroMQ's
+        prefix match deliver other people's traffic.
+        """
+        parsed = p.parse_topic(topic)
+        if parsed is None:
+            return False
+        kind, target = parsed
+        if kind == "system":
+            return True
+        if kind == "inbox":
+            return target == name
+        return name in self.members.get(target, ())
+
+    def subscribed(self, name: str, topic: bytes) -> p.Heads | None:
+        """The Heads to publish on ``name``'s inbox once the shell has applied its
+        authorised subscription to ``topic``: what was published before it took effect
+        never reached the client, so it learns at once what to fetch from history.
+        A room: that room's head; the inbox: heads of the user's DM conversations;
+        the system topic (or anything else): None."""
+        parsed = p.parse_topic(topic)
+        if parsed is None:
+            return None
+        kind, target = parsed
+        if kind == "room":
+            return p.Heads(epoch=self.epoch, heads={target: self.heads.get(target, 0)})
+        if kind == "inbox" and target == name:
+            heads = self.heads
+            return p.Heads(
+                epoch=self.epoch,
+                heads={room: heads.get(room, 0) for room in sorted(self.rooms_of.get(name, ())) if p.is_dm_room(room)},
+            )
+        return None
+
+    # ------------------------------------------------------------ membership
+
+    def _room_cap(self, sid: str, name: str, out: Outcome, *, rid: int = 0, cid: str = "", whose: str = "") -> bool:
+        """Whether ``name`` may be in one more room or conversation (max_rooms)."""
+        cap = self.limits.max_rooms
+        if len(self.rooms_of.get(name, ())) < cap:
+            return True
+        self.count("room_cap")
+        if whose:
+            message = f"{whose!r} is in {cap} rooms and conversations, the most allowed"
+        else:
+            message = f"you are in {cap} rooms and conversations, the most allowed: part one first"
+        out.error(sid, E.LIMIT_REACHED, message, rid=rid, cid=cid)
+        return False
+
+    def _join(self, sid: str, name: str, req: p.Join, now: float, out: Outcome) -> None:
+        if not p.valid_room(req.room):
+            out.error(sid, E.BAD_ROOM, f"bad room name {req.room!r}: use a-z, 0-9, '_', '-', '.' (max {p.MAX_ROOM_LEN})", rid=req.rid)
+            return
+        changed = name not in self.members.get(req.room, ())
+        if changed:
+            if not self._room_cap(sid, name, out, rid=req.rid):
+                return
+            if not self._line_budget(sid, name, req.room, now, out, rid=req.rid):
+                return
+            self._set_member(req.room, name, True, out)
+            self._sequence(req.room, name, "", "join", "", "", now, out, p.room_topic(req.room))
+            out.changed.append(len(out.replies))
+        members, _ = self.member_page(req.room)  # the first page: `who` pages on from its last name
+        out.replies.append((sid, p.Joined(rid=req.rid, room=req.room, head=self.heads.get(req.room, 0), epoch=self.epoch, members=members)))
+
+    def _part(self, sid: str, name: str, req: p.Part, now: float, out: Outcome) -> None:
+        if name not in self.members.get(req.room, ()):
+            out.error(sid, E.NOT_MEMBER, f"you are not in {req.room!r}", rid=req.rid)
+            return
+        if not p.is_dm_room(req.room):
+            if not self._line_budget(sid, name, req.room, now, out, rid=req.rid):
+                return
+            self._sequence(req.room, name, "", "part", "", "", now, out, p.room_topic(req.room))
+        self._set_member(req.room, name, False, out)
+        out.changed.append(len(out.replies))
+        out.replies.append((sid, p.Ok(rid=req.rid)))
+
+    def _set_member(self, room: str, name: str, member: bool, out: Outcome) -> None:
+        self._apply_member(room, name, member)
+        out.members.append((room, name, member))
+
+    def _apply_member(self, room: str, name: str, member: bool) -> None:
+        """Change membership in memory with every index that follows it (a change, never
+        a no-op: callers check first, and undo reverts changes in reverse order)."""
+        online = name in self.devices
+        index = self._member_index.get(room)
+        if member:
+            names = self.members.get(room)
+            if names is None:
+                names = self.members[room] = set()
+                if not p.is_dm_room(room):
+                    insort(self.room_index, room)
+            names.add(name)
+            self.rooms_of.setdefault(name, set()).add(room)
+            if online:
+                self.online_in[room] = self.online_in.get(room, 0) + 1
+            if index is not None:
+                insort(index, name)
+        else:
+            names = self.members.get(room, set())
+            names.discard(name)
+            if not names:
+                self.members.pop(room, None)
+                self._member_index.pop(room, None)
+                index = None
+                if not p.is_dm_room(room):
+                    i = bisect_left(self.room_index, room)
+                    if i < len(self.room_index) and self.room_index[i] == room:
+                        del self.room_index[i]
+            rooms = self.rooms_of.get(name)
+            if rooms is not None:
+                rooms.discard(room)
+                if not rooms:
+                    del self.rooms_of[name]
+            if online:
+                count = self.online_in.get(room, 0) - 1
+                if count > 0:
+                    self.online_in[room] = count
+                else:
+                    self.online_in.pop(room, None)
+            if index is not None:
+                i = bisect_left(index, name)
+                if i < len(index) and index[i] == name:
+                    del index[i]
+
+    def _readable(self, sid: str, name: str, room: str, rid: int, out: Outcome) -> bool:
+        """Public rooms are readable by anyone; a DM conversation only by its two users."""
+        peers = p.dm_peers(room)
+        if peers is not None:
+            if name not in peers:
+                out.error(sid, E.NOT_MEMBER, "that conversation is not yours", rid=rid)
+                return False
+        elif not p.valid_room(room):
+            out.error(sid, E.BAD_ROOM, f"bad room name {room!r}", rid=rid)
+            return False
+        if room not in self.members and room not in self.heads:
+            out.error(sid, E.UNKNOWN_ROOM, f"no room {room!r}", rid=rid)
+            return False
+        return True
+
+    def _history(self, sid: str, name: str, req: p.History, out: Outcome) -> None:
+        if not self._readable(sid, name, req.room, req.rid, out):
+            return
+        if not 1 <= req.limit <= p.MAX_HISTORY:
+            out.error(sid, E.BAD_REQUEST, f"limit must be 1..{p.MAX_HISTORY}", rid=req.rid)
+            return
+        out.queries.append(HistoryQuery(sid, req, self.heads.get(req.room, 0)))
