@@ -470,41 +470,54 @@ class Refusals:
     """Refusals per party (a user name, a source address) in a fixed window; a party
     past ``limit`` cools off for ``cooloff`` seconds.
 
-    Sans I/O: the broker passes the time and carries out the cut. A legitimate heavy
-    user that bursts past its budget and then waits ``retry_after`` draws a handful of
-    refusals per burst; a peer that ignores ``retry_after`` draws thousands a second.
-    Both tables are bounded (MAX_REFUSAL_PARTIES); when full, the oldest entry goes.
+    A refusal that says ``retry_after`` counts only when it comes before the party's
+    previous ``retry_after`` ran out: the party ignored what it was told. So a heavy
+    user that waits as told is never counted however often it is refused, while a
+    peer that floods draws thousands a second. Refusals without one (bad input,
+    handshakes refused) always count. Sans I/O: the broker passes the time and carries
+    out the cut. The tables are bounded (MAX_REFUSAL_PARTIES); when full, the oldest go.
     """
+
+    GRACE = 0.005  # seconds early a retry may come (clock and timer granularity)
 
     def __init__(self, limit: int, window: float, cooloff: float) -> None:
         self.limit = limit
         self.window = window
         self.cooloff = cooloff
         self.counts: dict[str, list[float]] = {}  # party -> [window start, refusals in it]
+        self.told: dict[str, float] = {}  # party -> when its last retry_after runs out
         self.cooling: dict[str, float] = {}  # party -> monotonic time its cool-off ends
         self.cuts = 0  # parties cut so far
 
-    def refused(self, party: str, now: float, count: int = 1) -> bool:
-        """Count ``count`` refusals; True exactly when ``party`` crosses the limit (it
-        cools off from now: the caller cuts it and logs that once)."""
+    def refused(self, party: str, now: float, retry_after: float = 0.0) -> bool:
+        """Note one refusal; True exactly when ``party`` crosses the limit (it cools off
+        from now: the caller cuts it and logs that once)."""
         if self.limit <= 0:
             return False
+        if retry_after > 0:
+            told = self.told.get(party, 0.0)
+            if len(self.told) >= MAX_REFUSAL_PARTIES and party not in self.told:
+                self.told = {k: t for k, t in self.told.items() if t > now}
+                while len(self.told) >= MAX_REFUSAL_PARTIES:
+                    del self.told[next(iter(self.told))]
+            self.told[party] = now + retry_after
+            if now + self.GRACE >= told:
+                return False  # it waited as told (or this is its first refusal)
         entry = self.counts.get(party)
         if entry is None or now - entry[0] >= self.window:
             if entry is None and len(self.counts) >= MAX_REFUSAL_PARTIES:
                 self._prune(now)
             entry = self.counts[party] = [now, 0.0]
-        before = entry[1]
-        entry[1] = before + count
-        if before < self.limit <= entry[1]:
-            if len(self.cooling) >= MAX_REFUSAL_PARTIES:
-                self.cooling = {k: t for k, t in self.cooling.items() if t > now}
-                while len(self.cooling) >= MAX_REFUSAL_PARTIES:
-                    del self.cooling[next(iter(self.cooling))]
-            self.cooling[party] = now + self.cooloff
-            self.cuts += 1
-            return True
-        return False
+        entry[1] += 1
+        if entry[1] != self.limit:
+            return False
+        if len(self.cooling) >= MAX_REFUSAL_PARTIES:
+            self.cooling = {k: t for k, t in self.cooling.items() if t > now}
+            while len(self.cooling) >= MAX_REFUSAL_PARTIES:
+                del self.cooling[next(iter(self.cooling))]
+        self.cooling[party] = now + self.cooloff
+        self.cuts += 1
+        return True
 
     def left(self, party: str, now: float) -> float:
         """Seconds ``party`` still cools off (0.0: it does not)."""

@@ -61,6 +61,7 @@ class Startup:
                 for key in auth.owner_keys(stored):
                     self.key_names[key] = name
                     self.name_keys.setdefault(name, []).append(key)
+            self.revoked = await self.storage.revoked_keys()  # refused at ZAP, also after a restart
         self.guard = ConnectionGuard(self.ctx, g, connection_cap(g, soft))
         self.zap = self._socket(zmq.REP)
         self.zap.bind(ZAP_ENDPOINT)
