@@ -329,7 +329,8 @@ class ConnectionGuard:
                 self.cut[reason] += 1
                 del self.pending[key]
                 _cut(fd)
-                self._warn(now, f"cut a {label} connection from {address} (over the {reason} cap; {self.per_address[slot]} from it, {len(self.by_fd)} in all)")
+                why = "cooling off after too many refused handshakes" if reason == "cooling" else f"over the {reason} cap"
+                self._warn(now, f"cut a {label} connection from {address} ({why}; {self.per_address[slot]} from it, {len(self.by_fd)} in all)")
             elif len(self.pending) > self.pending_cap:
                 self._make_room(now)
             else:
