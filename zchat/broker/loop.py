@@ -77,6 +77,7 @@ class Broker(Startup, Zap, Edge, Inputs):
         # Z85 keys whose live connections are cut at their next frame (revoked: for this
         # run; cooling off: until the time given), and the PULL connection seen per fd.
         self.barred: dict[str, float] = {}
+        self.barred_sweep = 0.0  # when expired entries of barred are dropped next
         self.pull_fds: dict[int, str] = {}
         self.edge_queue: list[tuple[str, Any, str, bytes]] = []  # edge requests that store before answering
         g = self.guard_config

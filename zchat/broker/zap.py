@@ -30,6 +30,9 @@ class Zap:
             return
         if self.key_writes:
             await self._store_keys()
+        if self.barred and now >= self.barred_sweep:  # cool-offs over: frames need no look-up again
+            self.barred = {k: t for k, t in self.barred.items() if t > now}
+            self.barred_sweep = now + 10.0
         for name, digest in self.claims.due(now):
             if name in core.devices or name in core.rooms_of or name in core.dedup.by_user:
                 continue
