@@ -136,14 +136,16 @@ class Edge:
 
     # ------------------------------------------------ cutting a key's connections
 
-    def _cut_key(self, key: bytes, until: float) -> int:
-        """Cut the connections ``key`` said hello, subscribed or pushed on, now; any
-        other of its connections at its next frame (until ``until``). Returns how many
-        were cut now."""
-        if len(self.barred) >= auth.MAX_REVOKED:
-            now = time.monotonic()
-            self.barred = {k: t for k, t in self.barred.items() if t > now}
-        self.barred[z85.encode(key).decode()] = until
+    def _cut_key(self, key: bytes, until: float = 0.0) -> int:
+        """Cut the connections ``key`` said hello, subscribed or pushed on, now; with
+        ``until`` (a revoked key: math.inf, for this run; a cool-off's end) any other of
+        its connections too, at its next frame. Without it (a ban, which an unban lifts)
+        only those seen. Returns how many were cut now."""
+        if until > 0:
+            if len(self.barred) >= auth.MAX_REVOKED:
+                now = time.monotonic()
+                self.barred = {k: t for k, t in self.barred.items() if t > now}
+            self.barred[z85.encode(key).decode()] = until
         cut = 0
         for _label, fd, peer in self.key_conns.pop(key, ()):
             if peer is not None and peer_name(fd) == peer:

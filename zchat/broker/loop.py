@@ -18,6 +18,7 @@ from zchat import protocol as p
 from zchat.broker.constants import MAX_PUBLICATION_BYTES
 from zchat.broker.edge import COUNTED_REFUSALS, Edge
 from zchat.broker.inputs import Inputs
+from zchat.broker.moderation import Moderating
 from zchat.broker.outage import RateLimitedLog, StorageOutage
 from zchat.broker.startup import Startup
 from zchat.broker.zap import Zap
@@ -32,7 +33,7 @@ from zchat.storage import Storage, StorageUnavailable
 log = logging.getLogger(__package__)  # one logger for the whole broker: "zchat.broker"
 
 
-class Broker(Startup, Zap, Edge, Inputs):
+class Broker(Startup, Zap, Edge, Inputs, Moderating):
     """The broker process's state and loop; its parts (start-up, ZAP, edge requests,
     inputs) are mixins in their own files, all on this one instance."""
 
@@ -283,9 +284,13 @@ class Broker(Startup, Zap, Edge, Inputs):
         assert core is not None
         stats = self.stats
         now = time.monotonic()
-        if out.store or out.members:
+        if out.store or out.members or out.room_changes:
             began = time.perf_counter()
+            rooms_stored = False
             try:
+                if out.room_changes:  # first: a batch is never stored without its settings
+                    await self.storage.change_rooms(out.room_changes)
+                    rooms_stored = True
                 await self.storage.append(out.store, out.members)
                 stats.stored += len(out.store)
             except Exception as exc:
@@ -296,6 +301,8 @@ class Broker(Startup, Zap, Edge, Inputs):
                 else:
                     log.error("storing %d messages (%d membership changes) failed: %r", len(out.store), len(out.members), exc)
                     code = p.ErrorCode.INTERNAL
+                if rooms_stored:
+                    await self._unstore_rooms(out.room_changes)
                 # Nobody may see those seqs and every sender is told (protocol.md §10.2):
                 # the core takes the batch back and rewrites what is left to do.
                 core.undo(out, code)
@@ -303,6 +310,8 @@ class Broker(Startup, Zap, Edge, Inputs):
                 if self.outage.since:
                     self.outage.stored(time.monotonic())
             stats.append_seconds.observe(time.perf_counter() - began)
+        if out.tombstones or out.cut or out.released:
+            await self._moderated(out)
         self._publish(out.publish)
         encode = p.encode
         router = self.router
@@ -344,7 +353,7 @@ class Broker(Startup, Zap, Edge, Inputs):
             rid=req.rid, room=req.room, epoch=core.epoch, head=head, messages=msgs, more=getattr(msgs, "cut", False)
         )
 
-    def _publish(self, publish: list[tuple[bytes, p.Msg | p.Presence | p.Notice]]) -> None:
+    def _publish(self, publish: list[tuple[bytes, p.Msg | p.Presence | p.Notice | p.Retopic]]) -> None:
         """Send in order; consecutive Msgs of one topic go out as one Batch of at most
         about MAX_PUBLICATION_BYTES (so a subscriber's queue, counted in publications,
         is bounded in bytes too)."""
