@@ -165,3 +165,27 @@ async def test_a_revoked_keys_push_is_cut_and_its_lines_not_stored(tmp_path: Pat
         push.close()
         await laptop.close()
         await running.stop()
+
+
+async def test_a_released_squatters_key_stays_refused_after_a_restart(tmp_path: Path) -> None:
+    """fails without storing the release's revocation: after a restart the squatter's key
+    came back look-only (it handshook with 200 and `*`)."""
+    running = await start(tmp_path, admins=("root",))
+    address = running.broker.address  # type: ignore[union-attr]
+    root, squat = Client(address, "root", "secret-of-root-0123456789"), Client(address, "squat", "secret-of-squat-0123456789")
+    await root.connect()
+    await squat.connect()
+    await root.release("squat")
+    await squat.close()
+    await root.close()
+    running = await restart(running, tmp_path, admins=("root",))
+    broker = running.broker
+    assert broker is not None
+    try:
+        raw = Raw(broker.endpoint, "squat", "secret-of-squat-0123456789", server_key=broker.public_key)
+        try:
+            assert await raw.handshake() == zmq.EVENT_HANDSHAKE_FAILED_AUTH  # not even look-only
+        finally:
+            raw.close()
+    finally:
+        await running.stop()
