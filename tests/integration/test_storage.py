@@ -255,6 +255,94 @@ async def test_members_add_remove_list(storage: Storage) -> None:
     assert await storage.members() == {"dev": {"bob"}}
 
 
+# ------------------------------------------------- invites and revocations
+
+
+async def test_an_invite_is_taken_once_and_expires(storage: Storage) -> None:
+    now = 1_000_000.0
+    assert await storage.add_invite("code-a", now + 60, now, limit=10) is True
+    assert await storage.add_invite("code-b", now + 1, now, limit=10) is True
+    assert await storage.invites(now) == 2
+    assert await storage.use_invite("made-up", now) == 0.0
+    assert await storage.use_invite("code-a", now) == now + 60
+    assert await storage.use_invite("code-a", now) == 0.0  # used
+    assert await storage.use_invite("code-b", now + 2) == 0.0  # expired
+    assert await storage.invites(now + 2) == 0
+    assert await storage.add_invite("code-a", now + 60, now, limit=10) is True  # given back after a failed claim
+    assert await storage.use_invite("code-a", now) == now + 60
+
+
+async def test_invites_are_capped_counting_only_unexpired_codes(storage: Storage) -> None:
+    now = 1_000_000.0
+    assert await storage.add_invite("old", now + 5, now, limit=2) is True
+    assert await storage.add_invite("new", now + 50, now, limit=2) is True
+    assert await storage.add_invite("third", now + 50, now, limit=2) is False  # at the cap
+    assert await storage.add_invite("third", now + 50, now + 10, limit=2) is True  # "old" expired meanwhile
+    assert await storage.invites(now + 10) == 2
+
+
+async def test_two_claims_racing_for_one_code_one_wins(backend: Backend) -> None:
+    first, second = backend.new(), backend.new()
+    await first.open()
+    await second.open()
+    try:
+        now = 1_000_000.0
+        assert await first.add_invite("shared", now + 60, now, limit=10)
+        import asyncio
+
+        won = await asyncio.gather(*[s.use_invite("shared", now) for s in (first, second, first, second)])
+        assert sorted(won) == [0.0, 0.0, 0.0, now + 60]
+    finally:
+        await first.close()
+        await second.close()
+
+
+async def test_revoked_keys_are_kept_bounded_and_can_be_forgotten(storage: Storage) -> None:
+    keys = [bytes([i]) * 32 for i in range(5)]
+    assert await storage.revoked_keys() == set()
+    for i, key in enumerate(keys):
+        await storage.set_revoked(key, True, 100.0 + i, limit=3)
+    assert await storage.revoked_keys() == set(keys[2:])  # the newest 3
+    await storage.set_revoked(keys[3], False, 200.0, limit=3)  # authorised again
+    assert await storage.revoked_keys() == {keys[2], keys[4]}
+
+
+# ------------------------------------------------------------ room settings
+
+
+async def test_room_settings_change_in_order_and_empty_sets_go(storage: Storage) -> None:
+    assert await storage.rooms_state() == {}
+    await storage.change_rooms([
+        ("sec", "private", "1", True), ("sec", "op", "alice", True), ("sec", "op", "bob", True),
+        ("sec", "topic", "old", True), ("sec", "topic", "old", False), ("sec", "topic", "new: 1;2", True),
+        ("sec", "ban", "eve", True), ("$", "ban", "mallory", True), ("dev", "invite", "x", True), ("dev", "invite", "x", False),
+    ])
+    await storage.change_rooms([("sec", "op", "bob", False), ("sec", "op", "nobody", False), ("sec", "op", "alice", True)])
+    assert await storage.rooms_state() == {
+        "sec": {"private": {"1"}, "op": {"alice"}, "topic": {"new: 1;2"}, "ban": {"eve"}},
+        "$": {"ban": {"mallory"}},
+    }
+    await storage.change_rooms([])
+
+
+async def test_rooms_sharing_a_prefix_keep_their_settings_apart(storage: Storage) -> None:
+    await storage.change_rooms([("dev", "op", "a", True), ("devops", "op", "b", True), ("dev", "ban", "c", True)])
+    assert await storage.rooms_state() == {"dev": {"op": {"a"}, "ban": {"c"}}, "devops": {"op": {"b"}}}
+
+
+async def test_tombstone_replaces_a_text_line_only(storage: Storage) -> None:
+    await storage.append([msg("dev", 1, cid="c1"), msg("dev", 2, kind="me"), msg("dev", 3, kind="join", text="")])
+    assert await storage.tombstone("dev", 1)
+    assert await storage.tombstone("dev", 2)
+    assert not await storage.tombstone("dev", 3)  # a join line stays
+    assert not await storage.tombstone("dev", 1)  # a tombstone already
+    assert not await storage.tombstone("dev", 9) and not await storage.tombstone("nope", 1)
+    got = await storage.range("dev", after=0, limit=10)
+    assert [(m.seq, m.kind, m.text) for m in got] == [(1, "deleted", ""), (2, "deleted", ""), (3, "join", "m3")]
+    assert (got[0].id, got[0].sender, got[0].cid) == ("dev-1", "alice", "c1")  # all else kept
+    assert [(m.seq, m.kind, m.text, m.cid) for m in await storage.recent(10)] == [(1, "deleted", "", "c1")]
+
+
 # ------------------------------------------------------------ persistence
 
 
@@ -264,6 +352,9 @@ async def test_everything_survives_close_and_reopen(backend: Backend) -> None:
     await store.append([msg("dev", 1, cid="x"), msg("dev", 2)])
     await store.add_user("alice", b"digest")
     await store.set_member("dev", "alice", True)
+    await store.add_invite("code", 2e9, 1e9, limit=10)
+    await store.set_revoked(b"k" * 32, True, 1e9, limit=10)
+    await store.change_rooms([("dev", "op", "alice", True)])
     await store.close()
 
     store = backend.new()
@@ -273,7 +364,10 @@ async def test_everything_survives_close_and_reopen(backend: Backend) -> None:
         assert await store.heads() == {"dev": 2}
         assert await store.get_user("alice") == b"digest"
         assert await store.members() == {"dev": {"alice"}}
+        assert await store.rooms_state() == {"dev": {"op": {"alice"}}}
         assert [m.cid for m in await store.recent(10)] == ["x"]
+        assert await store.revoked_keys() == {b"k" * 32}
+        assert await store.use_invite("code", 1e9) == 2e9
     finally:
         await store.close()
 

@@ -16,14 +16,15 @@ import zmq
 from zchat import auth
 from zchat import protocol as p
 from zchat.broker.constants import MAX_PUBLICATION_BYTES
-from zchat.broker.edge import Edge
+from zchat.broker.edge import COUNTED_REFUSALS, Edge
 from zchat.broker.engines import Engine, LocalEngine
 from zchat.broker.inputs import Inputs
+from zchat.broker.moderation import Moderating
 from zchat.broker.outage import RateLimitedLog, StorageOutage
 from zchat.broker.startup import Startup
 from zchat.broker.zap import Zap
 from zchat.core import Core, HistoryQuery, Limits, Outcome
-from zchat.guard import Claims, ConnectionGuard, GuardConfig
+from zchat.guard import Claims, ConnectionGuard, GuardConfig, Refusals
 from zchat.metrics import Stats
 from zchat.metrics import status as fill_status
 from zchat.retention import Retention
@@ -33,7 +34,7 @@ from zchat.storage import Storage, StorageUnavailable
 log = logging.getLogger(__package__)  # one logger for the whole broker: "zchat.broker"
 
 
-class Broker(Startup, Zap, Edge, Inputs):
+class Broker(Startup, Zap, Edge, Inputs, Moderating):
     """The broker process's state and loop; its parts (start-up, ZAP, edge requests,
     inputs) are mixins in their own files, all on this one instance."""
 
@@ -41,12 +42,15 @@ class Broker(Startup, Zap, Edge, Inputs):
         self, bind: str, storage: Storage, limits: Limits = Limits(), tick: float | None = None,
         guard: GuardConfig | None = None, key_dir: os.PathLike | str | None = None,
         insecure_plaintext: bool = False, registration: str = "open", admins: tuple[str, ...] = (),
+        io_threads: int = 1,
     ) -> None:
         self.bind = bind
         self.storage = storage
         self.limits = limits
         self.tick_every = tick if tick is not None else min(1.0, limits.heartbeat / 2)
-        self.ctx = zmq.Context()  # plain sockets: the loop watches their FDs itself
+        # Plain sockets: the loop watches their FDs itself. libzmq's I/O threads do the
+        # TCP and CURVE work; one is the default (zchat bench --encryption measures two).
+        self.ctx = zmq.Context(io_threads=io_threads)
         self.core: Core | None = None
         self.endpoint = ""
         self.ports: tuple[int, int, int] = (0, 0, 0)
@@ -69,11 +73,19 @@ class Broker(Startup, Zap, Edge, Inputs):
         self.public_key = b""
         self.key_names: dict[bytes, str] = {}  # raw client key -> the name it owns
         self.name_keys: dict[str, list[bytes]] = {}  # name -> its keys (devices), in order
-        self.revoked: set[bytes] = set()  # keys taken away while this broker ran (refused)
+        self.revoked: set[bytes] = set()  # keys taken away (stored; loaded at start): refused at ZAP
         self.key_conns: dict[bytes, collections.deque] = {}  # key -> (label, fd, peer) of its live connections seen
         self.key_writes: set[str] = set()  # names whose keys changed and are yet to be stored
+        # Z85 keys whose live connections are cut at their next frame (revoked: for this
+        # run; cooling off: until the time given), and the PULL connection seen per fd.
+        self.barred: dict[str, float] = {}
+        self.barred_sweep = 0.0  # when expired entries of barred are dropped next
+        self.pull_fds: dict[int, str] = {}
+        self.edge_queue: list[tuple[str, Any, str, bytes]] = []  # edge requests that store before answering
+        g = self.guard_config
+        self.refusals = Refusals(g.max_refusals, g.refusal_window, g.cooloff)  # per user: ignored retry_after
+        self.zap_refusals = Refusals(max(1, g.max_refusals // 10) if g.max_refusals > 0 else 0, g.refusal_window, g.cooloff)  # per address
         self.intents = auth.Intents()
-        self.invites = auth.Invites()
         self.stats = Stats()  # plain counters for metrics and `zchat status` (zchat.metrics)
         self.retention: Retention | None = None  # set by serve() when retention is on
         # How a turn is stored and other brokers heard (zchat.broker.engines): made by
@@ -186,6 +198,11 @@ class Broker(Startup, Zap, Edge, Inputs):
                     except Exception:
                         read += 1
                         self._failed("chat", now)
+                if self.edge_queue:
+                    try:
+                        await self._serve_edge(now, out)
+                    except Exception:
+                        self._failed("edge requests", now)
                 if now >= next_tick:
                     try:
                         await self._expire_claims(now)
@@ -274,9 +291,14 @@ class Broker(Startup, Zap, Edge, Inputs):
         core = self.core
         assert core is not None
         stats = self.stats
-        if out.store or out.members:
+        now = time.monotonic()
+        if out.store or out.members or out.room_changes:
             began = time.perf_counter()
+            rooms_stored = False
             try:
+                if out.room_changes:  # first: a batch is never stored without its settings
+                    await self.storage.change_rooms(out.room_changes)
+                    rooms_stored = True
                 await self.engine.store(core, out)
                 stats.stored += len(out.store)
             except Exception as exc:
@@ -287,6 +309,8 @@ class Broker(Startup, Zap, Edge, Inputs):
                 else:
                     log.error("storing %d messages (%d membership changes) failed: %r", len(out.store), len(out.members), exc)
                     code = p.ErrorCode.INTERNAL
+                if rooms_stored:
+                    await self._unstore_rooms(out.room_changes)
                 # Nobody may see those seqs and every sender is told (protocol.md §10.2):
                 # the core takes the batch back and rewrites what is left to do.
                 core.undo(out, code)
@@ -296,6 +320,8 @@ class Broker(Startup, Zap, Edge, Inputs):
             stats.append_seconds.observe(time.perf_counter() - began)
         if out.went or out.members:
             await self.engine.after(core, out)
+        if out.tombstones or out.cut or out.released:
+            await self._moderated(out)
         self._publish(out.publish)
         encode = p.encode
         router = self.router
@@ -303,6 +329,8 @@ class Broker(Startup, Zap, Edge, Inputs):
             kind = type(body)
             if kind is p.Error:
                 stats.error(body.code, bool(body.cid))  # type: ignore[union-attr]
+                if body.code in COUNTED_REFUSALS:  # type: ignore[union-attr]
+                    self._refused(sid, body, now)  # type: ignore[arg-type]
             elif kind is p.StatusReply:
                 body = fill_status(self, body)  # type: ignore[arg-type]
             send_parts(router, [sid.encode("latin-1"), encode(body)])
@@ -335,7 +363,7 @@ class Broker(Startup, Zap, Edge, Inputs):
             rid=req.rid, room=req.room, epoch=core.epoch, head=head, messages=msgs, more=getattr(msgs, "cut", False)
         )
 
-    def _publish(self, publish: list[tuple[bytes, p.Msg | p.Presence | p.Notice]]) -> None:
+    def _publish(self, publish: list[tuple[bytes, p.Msg | p.Presence | p.Notice | p.Retopic]]) -> None:
         """Send in order; consecutive Msgs of one topic go out as one Batch of at most
         about MAX_PUBLICATION_BYTES (so a subscriber's queue, counted in publications,
         is bounded in bytes too)."""

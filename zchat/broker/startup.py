@@ -12,6 +12,7 @@ from typing import Any
 import zmq
 
 from zchat import __version__, auth, keys
+from zchat import protocol as p
 from zchat.broker.constants import (
     BATCH,
     MAX_PUBLICATION_BYTES,
@@ -42,6 +43,7 @@ class Startup:
         members = await self.storage.members()
         users = await self.storage.users()
         recent = await self.storage.recent(10_000)
+        rooms_state = await self.storage.rooms_state()
         soft, _hard = raise_fd_limit()
         g = self.guard_config
         if self.insecure_plaintext:
@@ -61,6 +63,7 @@ class Startup:
                 for key in auth.owner_keys(stored):
                     self.key_names[key] = name
                     self.name_keys.setdefault(name, []).append(key)
+            self.revoked = await self.storage.revoked_keys()  # refused at ZAP, also after a restart
         self.guard = ConnectionGuard(self.ctx, g, connection_cap(g, soft))
         self.zap = self._socket(zmq.REP)
         self.zap.bind(ZAP_ENDPOINT)
@@ -104,6 +107,13 @@ class Startup:
             g.max_per_address, self.guard.total_cap, rcvhwm, rcvhwm * maxmsgsize // 1024, g.router_sndhwm(),
             g.xpub_sndhwm(self.limits.pub_hwm, MAX_PUBLICATION_BYTES), g.claims_per_minute, ",".join(sorted(self.reserved)) or "none",
         )
+        if g.max_refusals > 0:
+            log.info(
+                "a user ignoring retry_after %d times in %.0fs (an address refused %d handshakes) is cut for %.0fs",
+                g.max_refusals, g.refusal_window, max(1, g.max_refusals // 10), g.cooloff,
+            )
+        else:
+            log.info("no cut for peers that ignore retry_after (max-refusals 0)")
         base, port = split_endpoint(self.bind)
         ports = []
         for offset, sock in enumerate((self.router, self.pull, self.xpub)):
@@ -127,6 +137,7 @@ class Startup:
         self.core = Core(
             epoch=epoch, boot=secrets.token_hex(6), limits=limits, heads=heads, members=members, users=users,
             recent=recent, id_prefix=secrets.token_hex(4) + "-", wall_offset=time.time() - time.monotonic(),
+            rooms_state=rooms_state, new_token=lambda: secrets.token_hex(8), admins=self._admin_names(),
         )
         from zchat.broker.engines import engine_for
 
@@ -142,6 +153,16 @@ class Startup:
             "zchat %s broker up: requests %s, chat in %s:%d, fan-out %s:%d, epoch %s, pid %d",
             __version__, self.endpoint, base, ports[1], base, ports[2], epoch, os.getpid(),
         )
+
+    def _admin_names(self) -> set[str]:
+        """The admins' names: as given, and the names of the keys given (auth.is_admin)."""
+        from zmq.utils import z85
+
+        names = {entry for entry in self.admins if p.valid_name(entry)}
+        for key, name in self.key_names.items():
+            if z85.encode(key).decode() in self.admins:
+                names.add(name)
+        return names
 
     def _serve_key(self, base: str, port: int) -> int:
         """Bind the plain key endpoint and hand its socket to a thread that answers

@@ -25,9 +25,16 @@ def bench(args: tuple[str, ...]) -> None:
       zchat bench --out results/today     # full run, under 15 minutes
       zchat bench --scenarios fanout latency --systems zchat zmq-proxy
       zchat bench --abuse --quick         # every attack, 3 s each
+      zchat bench --gateway --quick       # 100 web users beside 100 direct clients
+      zchat bench --rooms --members 1000  # a membership change in a private room
       zchat bench --brokers 3             # SQLite, 1 and 3 brokers on Redis
     """
     rest = list(args)
+    if "--rooms" in rest:  # a private room's membership change (zchat/bench/rooms.py)
+        from zchat.bench.rooms import main as rooms
+
+        rest.remove("--rooms")
+        sys.exit(rooms(rest))
     if any(a == "--brokers" or a.startswith("--brokers=") for a in rest):  # several brokers on Redis
         from zchat.bench.brokers import main as several
 
@@ -37,6 +44,11 @@ def bench(args: tuple[str, ...]) -> None:
 
         rest.remove("--abuse")
         sys.exit(abuse(rest))
+    if "--gateway" in rest:  # 500 WebSocket users through `zchat web` beside 500 direct clients
+        from zchat.bench.gateway import main as gateway
+
+        rest.remove("--gateway")
+        sys.exit(gateway(rest))
     from zchat.bench.runner import main
 
     sys.exit(main(rest))

@@ -9,6 +9,10 @@ tag, ``{room}:log``, ``{room}:head``, ``{room}:members``, ``{room}:cids``, ``{ro
 - ``epoch``    string, set once with SET NX (renewed after a lossy Redis restart)
 - ``run``      the Redis server's run id at the last open (to notice a restart)
 - ``users``    hash name -> digest, claimed with HSETNX (first owner wins)
+- ``invites``  sorted set, score = expiry (wall-clock), member = an unused invite code
+- ``revoked``  sorted set, score = when, member = a revoked raw public key
+- ``role:{role}:{room}`` set of a room setting's values; ``roles`` the set of
+  ``role NUL room`` that have any (see Storage.change_rooms)
 
 Two writes: ``append`` (the Storage interface: the caller's seqs, one script) and
 ``sequence`` (the several-broker engine: one script per room assigns the seqs from the
@@ -29,13 +33,7 @@ from typing import TYPE_CHECKING, Any
 import msgspec
 
 from zchat.protocol import Msg, encode
-from zchat.storage.base import (
-    MemberChange,
-    Page,
-    StorageError,
-    StorageUnavailable,
-    msg_bytes,
-)
+from zchat.storage.base import TOMBSTONED_KINDS, MemberChange, Page, RoomChange, StorageError, StorageUnavailable, msg_bytes
 from zchat.storage.redis_scripts import APPEND_LUA, RELEASE_LUA, SEQUENCE_LUA
 
 if TYPE_CHECKING:
@@ -71,6 +69,59 @@ def _stored_body(m: Msg) -> bytes:
 def decode_stored(body: bytes, seq: int) -> Msg:
     """A message from a room's log (or a PUBLISH payload) with its seq put back."""
     return msgspec.structs.replace(_msg_decoder.decode(body), seq=seq)
+
+
+# KEYS: invites. ARGV: code, expires, now, limit. 1 if kept, 0 at the cap (or a known code).
+_ADD_INVITE_LUA = """
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', ARGV[3])
+if redis.call('ZCARD', KEYS[1]) >= tonumber(ARGV[4]) then return 0 end
+return redis.call('ZADD', KEYS[1], 'NX', ARGV[2], ARGV[1])
+"""
+
+# KEYS: invites. ARGV: code, now. The code's expiry (a string) once, else 0: one step,
+# so of two brokers taking one code at once, one wins.
+_USE_INVITE_LUA = """
+local expires = redis.call('ZSCORE', KEYS[1], ARGV[1])
+if not expires then return 0 end
+redis.call('ZREM', KEYS[1], ARGV[1])
+if tonumber(expires) <= tonumber(ARGV[2]) then return 0 end
+return expires
+"""
+
+# KEYS: roles, then one role key per change. ARGV: (role NUL room, value, "1"/"0") per change.
+_ROLES_LUA = """
+for i = 1, #KEYS - 1 do
+    local key, index, value = KEYS[i + 1], ARGV[3 * i - 2], ARGV[3 * i - 1]
+    if ARGV[3 * i] == '1' then
+        redis.call('SADD', key, value)
+        redis.call('SADD', KEYS[1], index)
+    else
+        redis.call('SREM', key, value)
+        if redis.call('SCARD', key) == 0 then
+            redis.call('SREM', KEYS[1], index)
+        end
+    end
+end
+return 0
+"""
+
+# KEYS: {room}:log. ARGV: seq, the stored body, its tombstone. Replaces the body only
+# if it is still the one read (compare and set).
+_TOMBSTONE_LUA = """
+local found = redis.call('ZRANGEBYSCORE', KEYS[1], ARGV[1], ARGV[1])
+if #found ~= 1 or found[1] ~= ARGV[2] then return 0 end
+redis.call('ZREM', KEYS[1], ARGV[2])
+redis.call('ZADD', KEYS[1], ARGV[1], ARGV[3])
+return 1
+"""
+
+# KEYS: recent. ARGV: the line as the list holds it, its tombstone. A step of its own
+# (another key, maybe another cluster shard): the list is only the dedup warm-up.
+_TOMBSTONE_RECENT_LUA = """
+local at = redis.call('LPOS', KEYS[1], ARGV[1])
+if at then redis.call('LSET', KEYS[1], at, ARGV[2]) end
+return 0
+"""
 
 
 def _page(rows: list[tuple[bytes, float]], max_bytes: int) -> Page:
@@ -383,9 +434,91 @@ class RedisStorage:
         else:
             await r.srem(self.room_key(room, "members"), name)
 
+    # ---------------------------------------------------- room settings
+
+    async def change_rooms(self, changes: Sequence[RoomChange]) -> None:
+        if not changes:
+            return
+        keys = [self._key("roles")]
+        args: list[str] = []
+        for room, role, value, on in changes:
+            keys.append(self._key("role", role, room))
+            args += [f"{role}\0{room}", value, "1" if on else "0"]
+        try:
+            await self._redis.eval(_ROLES_LUA, len(keys), *keys, *args)
+        except self._aioredis.RedisError as exc:
+            raise StorageUnavailable(f"Redis room settings failed: {exc}") from exc
+
+    async def rooms_state(self) -> dict[str, dict[str, set[str]]]:
+        r = self._redis
+        pairs = [index.decode().split("\0", 1) for index in await r.smembers(self._key("roles"))]
+        async with r.pipeline(transaction=False) as pipe:
+            for role, room in pairs:
+                pipe.smembers(self._key("role", role, room))
+            sets = await pipe.execute()
+        state: dict[str, dict[str, set[str]]] = {}
+        for (role, room), values in zip(pairs, sets):
+            if values:
+                state.setdefault(room, {})[role] = {v.decode() for v in values}
+        return state
+
+    async def tombstone(self, room: str, seq: int) -> bool:
+        r = self._redis
+        key = self.room_key(room, "log")
+        try:
+            found = await r.zrangebyscore(key, seq, seq)
+            if len(found) != 1:
+                return False
+            msg = _msg_decoder.decode(found[0])  # as the log holds it: seq 0 (the score is the seq)
+            if msg.kind not in TOMBSTONED_KINDS:
+                return False
+            stone = msgspec.structs.replace(msg, kind="deleted", text="")
+            if not await r.eval(_TOMBSTONE_LUA, 1, key, seq, found[0], encode(stone)):
+                return False
+            if msg.cid:  # the recent list holds lines with their seq
+                listed = (encode(msgspec.structs.replace(m, seq=seq)) for m in (msg, stone))
+                await r.eval(_TOMBSTONE_RECENT_LUA, 1, self._key("recent"), *listed)
+            return True
+        except self._aioredis.RedisError as exc:
+            raise StorageUnavailable(f"Redis tombstone failed: {exc}") from exc
+
     async def release_user(self, name: str, digest: bytes | None = None) -> bool:
         r = self._redis
         if digest is None:
             return bool(await r.hdel(self._key("users"), name))
         # Compare and delete in one step: another broker may own the name by now.
         return bool(await r.eval(RELEASE_LUA, 1, self._key("users"), name, digest))
+
+    # ------------------------------------------------- invites and revocations
+
+    async def add_invite(self, code: str, expires: float, now: float, limit: int) -> bool:
+        try:
+            return bool(await self._redis.eval(_ADD_INVITE_LUA, 1, self._key("invites"), code, repr(expires), repr(now), limit))
+        except self._aioredis.RedisError as exc:
+            raise StorageUnavailable(f"Redis add_invite failed: {exc}") from exc
+
+    async def use_invite(self, code: str, now: float) -> float:
+        try:
+            expires = await self._redis.eval(_USE_INVITE_LUA, 1, self._key("invites"), code, repr(now))
+        except self._aioredis.RedisError as exc:
+            raise StorageUnavailable(f"Redis use_invite failed: {exc}") from exc
+        return float(expires) if expires else 0.0
+
+    async def invites(self, now: float) -> int:
+        return int(await self._redis.zcount(self._key("invites"), f"({now!r}", "+inf"))
+
+    async def set_revoked(self, key: bytes, revoked: bool, now: float, limit: int) -> None:
+        name = self._key("revoked")
+        try:
+            if not revoked:
+                await self._redis.zrem(name, key)
+                return
+            async with self._redis.pipeline(transaction=True) as pipe:
+                pipe.zadd(name, {key: now})
+                pipe.zremrangebyrank(name, 0, -(limit + 1))  # the oldest beyond the newest ``limit``
+                await pipe.execute()
+        except self._aioredis.RedisError as exc:
+            raise StorageUnavailable(f"Redis set_revoked failed: {exc}") from exc
+
+    async def revoked_keys(self) -> set[bytes]:
+        return set(await self._redis.zrange(self._key("revoked"), 0, -1))

@@ -36,7 +36,14 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from zchat.protocol import Msg
-from zchat.storage.base import MemberChange, Page, StorageError, StorageUnavailable
+from zchat.storage.base import (
+    TOMBSTONED_KINDS,
+    MemberChange,
+    Page,
+    RoomChange,
+    StorageError,
+    StorageUnavailable,
+)
 
 log = logging.getLogger(__name__)
 
@@ -71,6 +78,16 @@ CREATE TABLE IF NOT EXISTS members (
     room TEXT NOT NULL,
     name TEXT NOT NULL,
     PRIMARY KEY (room, name)
+) WITHOUT ROWID;
+-- Invite codes (one use, until expires) and revoked keys, kept across restarts.
+CREATE TABLE IF NOT EXISTS invites (code TEXT PRIMARY KEY, expires REAL NOT NULL) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS revoked (key BLOB PRIMARY KEY, ts REAL NOT NULL) WITHOUT ROWID;
+-- Room settings: private, op, ban, invite, topic (room '$' holds broker-wide bans).
+CREATE TABLE IF NOT EXISTS room_roles (
+    room TEXT NOT NULL,
+    role TEXT NOT NULL,
+    value TEXT NOT NULL,
+    PRIMARY KEY (room, role, value)
 ) WITHOUT ROWID;
 -- Earlier versions kept a partial index on ts for recent(), at a cost to every insert.
 DROP INDEX IF EXISTS messages_recent;
@@ -571,6 +588,43 @@ class SqliteStorage:
         self._db.execute(_JOIN_SQL if member else _LEAVE_SQL, (room, name))
         self._wrote(1)
 
+    # ---------------------------------------------------- room settings
+
+    async def change_rooms(self, changes: Sequence[RoomChange]) -> None:
+        if not changes:
+            return
+        db = self._db
+        try:
+            db.execute("BEGIN IMMEDIATE")
+            for room, role, value, on in changes:
+                if on:
+                    db.execute("INSERT INTO room_roles (room, role, value) VALUES (?, ?, ?) ON CONFLICT DO NOTHING", (room, role, value))
+                else:
+                    db.execute("DELETE FROM room_roles WHERE room = ? AND role = ? AND value = ?", (room, role, value))
+            db.execute("COMMIT")
+        except sqlite3.Error as exc:
+            self._rollback(db)
+            raise StorageUnavailable(f"SQLite room settings failed: {exc}") from exc
+        self._wrote(len(changes))
+
+    async def rooms_state(self) -> dict[str, dict[str, set[str]]]:
+        state: dict[str, dict[str, set[str]]] = {}
+        for room, role, value in self._db.execute("SELECT room, role, value FROM room_roles"):
+            state.setdefault(room, {}).setdefault(role, set()).add(value)
+        return state
+
+    async def tombstone(self, room: str, seq: int) -> bool:
+        db = self._db
+        try:
+            cur = db.execute(
+                f"UPDATE messages SET kind = 'deleted', text = '' WHERE room = ? AND seq = ? AND kind IN {TOMBSTONED_KINDS!r}",
+                (room, seq),
+            )
+        except sqlite3.Error as exc:
+            raise StorageUnavailable(f"SQLite tombstone failed: {exc}") from exc
+        self._wrote(1)
+        return cur.rowcount == 1
+
     async def release_user(self, name: str, digest: bytes | None = None) -> bool:
         if digest is None:
             cur = self._db.execute("DELETE FROM users WHERE name = ?", (name,))
@@ -578,3 +632,51 @@ class SqliteStorage:
             cur = self._db.execute("DELETE FROM users WHERE name = ? AND digest = ?", (name, digest))
         self._wrote(1)
         return cur.rowcount == 1
+
+    # ------------------------------------------------- invites and revocations
+
+    def _transaction(self, work: Any) -> Any:
+        """Run ``work(db)`` in one IMMEDIATE transaction; StorageUnavailable if it fails."""
+        db = self._db
+        try:
+            db.execute("BEGIN IMMEDIATE")
+            result = work(db)
+            db.execute("COMMIT")
+        except sqlite3.Error as exc:
+            self._rollback(db)
+            raise StorageUnavailable(f"SQLite write failed: {exc}") from exc
+        self._wrote(1)
+        return result
+
+    async def add_invite(self, code: str, expires: float, now: float, limit: int) -> bool:
+        def work(db: sqlite3.Connection) -> bool:
+            db.execute("DELETE FROM invites WHERE expires <= ?", (now,))
+            if db.execute("SELECT COUNT(*) FROM invites").fetchone()[0] >= limit:
+                return False
+            cur = db.execute("INSERT INTO invites (code, expires) VALUES (?, ?) ON CONFLICT DO NOTHING", (code, expires))
+            return cur.rowcount == 1
+
+        return bool(self._transaction(work))
+
+    async def use_invite(self, code: str, now: float) -> float:
+        def work(db: sqlite3.Connection) -> float:
+            rows = db.execute("DELETE FROM invites WHERE code = ? AND expires > ? RETURNING expires", (code, now)).fetchall()
+            return float(rows[0][0]) if rows else 0.0
+
+        return float(self._transaction(work))
+
+    async def invites(self, now: float) -> int:
+        return int(self._db.execute("SELECT COUNT(*) FROM invites WHERE expires > ?", (now,)).fetchone()[0])
+
+    async def set_revoked(self, key: bytes, revoked: bool, now: float, limit: int) -> None:
+        def work(db: sqlite3.Connection) -> None:
+            if not revoked:
+                db.execute("DELETE FROM revoked WHERE key = ?", (key,))
+                return
+            db.execute("INSERT OR REPLACE INTO revoked (key, ts) VALUES (?, ?)", (key, now))
+            db.execute("DELETE FROM revoked WHERE key IN (SELECT key FROM revoked ORDER BY ts DESC LIMIT -1 OFFSET ?)", (limit,))
+
+        self._transaction(work)
+
+    async def revoked_keys(self) -> set[bytes]:
+        return {bytes(key) for (key,) in self._db.execute("SELECT key FROM revoked")}
