@@ -17,4 +17,5 @@ export ZCHAT_SMOKE_SERVICES="redis broker-a broker-b alice bob carol dave"
 export ZCHAT_SMOKE_SIDES="alice=broker-a bob=broker-a carol=broker-b dave=broker-b"
 export ZCHAT_SMOKE_EXTRAS="[redis]"
 export ZCHAT_SMOKE_REDIS=1
+export ZCHAT_SMOKE_WEB=0  # the cluster file has no web service
 exec "$ROOT/scripts/compose-smoke.sh"

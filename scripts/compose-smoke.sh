@@ -20,7 +20,7 @@
 #   ZCHAT_SMOKE_BOTS      its bots; ZCHAT_SMOKE_SERVICES what to start (broker + bots);
 #   ZCHAT_SMOKE_SIDES     "bot=side ..." : a reply must cross sides (bots on different brokers);
 #   ZCHAT_SMOKE_EXTRAS    pip extras of the image ("[redis]"); ZCHAT_SMOKE_REDIS=1 builds
-#                         Dockerfile.redis as $ZCHAT_REDIS_IMAGE too
+#                         Dockerfile.redis as $ZCHAT_REDIS_IMAGE too; ZCHAT_SMOKE_WEB=0: no web service
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)

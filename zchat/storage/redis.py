@@ -445,7 +445,15 @@ class RedisStorage:
             keys.append(self._key("role", role, room))
             args += [f"{role}\0{room}", value, "1" if on else "0"]
         try:
-            await self._redis.eval(_ROLES_LUA, len(keys), *keys, *args)
+            if self.cluster:  # the keys are on several shards: one command each (rooms_state skips empty sets)
+                async with self._redis.pipeline(transaction=False) as pipe:
+                    for (room, role, value, on), key in zip(changes, keys[1:]):
+                        (pipe.sadd if on else pipe.srem)(key, value)
+                        if on:
+                            pipe.sadd(keys[0], f"{role}\0{room}")
+                    await pipe.execute()
+            else:
+                await self._redis.eval(_ROLES_LUA, len(keys), *keys, *args)
         except self._aioredis.RedisError as exc:
             raise StorageUnavailable(f"Redis room settings failed: {exc}") from exc
 
