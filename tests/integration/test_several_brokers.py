@@ -19,7 +19,7 @@ import pytest
 
 from tests.conftest import HEARTBEAT, RunningBroker, free_port_base, wait_for
 from zchat import protocol as p
-from zchat.client import Client
+from zchat.client import Client, ClientError
 from zchat.core import Limits
 from zchat.storage.redis import RedisStorage
 
@@ -313,3 +313,36 @@ async def test_rooms_on_different_shards_of_a_redis_cluster(redis_cluster: str, 
     finally:
         for b in trio:
             await b.stop()
+
+
+async def test_a_private_room_across_brokers(brokers, clients) -> None:
+    """Room settings made on A hold on B: a private room created on A admits on B only
+    whom its operator invited; its lines reach members on B on B's own private topic,
+    and a member kicked on A stops hearing it on B too."""
+    a, b = await brokers(2)
+    alice, bob, carol = await clients(a, "alice"), await clients(b, "bob"), await clients(b, "carol")
+    await wait_for(lambda: {"bob", "carol"} <= a.core.users, 10, "A to know bob and carol")
+    await alice.join("secret", private=True)
+    await alice.invite("secret", "bob")
+    await wait_for(lambda: "bob" in b.core.role_of("secret", "invite") or "bob" in b.core.members.get("secret", ()), 10, "B to learn the invite")
+    await bob.join("secret")
+    with pytest.raises(ClientError):
+        await carol.join("secret")
+    for c in (alice, bob):
+        await c.join("lobby")
+    events: list = []
+    bob.listen(events.extend)
+    await alice.send("lobby", "settle")  # every earlier line delivered before we count fills
+    await wait_for(lambda: any(isinstance(e, p.Msg) and e.text == "settle" for e in events), 10, "the lobby line")
+    filled = bob.recovered
+    await alice.send("secret", "for bob")
+    await wait_for(lambda: any(isinstance(e, p.Msg) and e.text == "for bob" for e in events), 10, "the private line on B")
+    assert bob.recovered == filled  # live, on B's own topic for the room, not fetched from history
+    token = b.core.tokens["secret"]
+    await alice.kick("secret", "bob")
+    await wait_for(lambda: "bob" not in b.core.members.get("secret", ()), 10, "B to drop bob")
+    assert b.core.tokens["secret"] != token  # B moved the room to a new topic too: bob's old one hears nothing
+    await alice.send("secret", "not for bob")
+    await alice.send("lobby", "marker")
+    await wait_for(lambda: any(isinstance(e, p.Msg) and e.text == "marker" for e in events), 10, "the marker")
+    assert not any(isinstance(e, p.Msg) and e.text == "not for bob" for e in events)

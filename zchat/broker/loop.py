@@ -318,7 +318,7 @@ class Broker(Startup, Zap, Edge, Inputs, Moderating):
                 if self.outage.since:
                     self.outage.stored(time.monotonic())
             stats.append_seconds.observe(time.perf_counter() - began)
-        if out.went or out.members:
+        if out.went or out.members or out.room_changes:
             await self.engine.after(core, out)
         if out.tombstones or out.cut or out.released:
             await self._moderated(out)

@@ -178,6 +178,14 @@ class RedisEngine:
                     await pipe.execute()
             except Exception as exc:
                 log.warning("could not share presence on Redis: %r", exc)
+        if out.room_changes:
+            try:
+                async with self.storage._redis.pipeline(transaction=False) as pipe:
+                    for room, role, value, on in out.room_changes:
+                        pipe.publish(self.storage.events_channel, f"r {self.id} {room} {role} {'1' if on else '0'} {value}")
+                    await pipe.execute()
+            except Exception as exc:  # stored already: the others read it at their next start
+                log.warning("could not share room settings on Redis: %r", exc)
         if out.went or out.members:
             self._want(core)
 
@@ -205,6 +213,8 @@ class RedisEngine:
             kind = item[0]
             if kind == "lines":
                 _, topic, msgs = item
+                if topic is None:  # a room's: its topic here (a private room's carries our token)
+                    topic = core._topic(msgs[0].room)
                 for msg in msgs:
                     core.saw(msg.room, msg.seq)
                     out.publish.append((topic, msg))
@@ -214,7 +224,7 @@ class RedisEngine:
                     core.saw(room, head)
                     heads = p.Heads(epoch=core.epoch, heads={room: head})
                     peers = p.dm_peers(room)
-                    for topic in [p.room_topic(room)] if peers is None else [p.inbox_topic(n) for n in dict.fromkeys(peers)]:
+                    for topic in [core._topic(room)] if peers is None else [p.inbox_topic(n) for n in dict.fromkeys(peers)]:
                         out.publish.append((topic, heads))  # type: ignore[arg-type]
             elif kind == "event":
                 self._event(core, item[1], now, out)
@@ -229,9 +239,15 @@ class RedisEngine:
             return
         if kind == "m" and len(parts) == 5:
             _, _, room, name, flag = parts
-            if core.member_elsewhere(room, name, flag == "1") and name in core.devices:
+            changed = core.member_elsewhere(room, name, flag == "1")
+            if changed and flag == "0" and room in core.private:
+                core._rotate(room, out)  # as the broker that removed them did: they lose the topic here too
+            if changed and name in core.devices:
                 self._want(core)
                 self._check.add(room)  # its lines may have come before our subscription
+        elif kind == "r":  # a room setting (private, operators, invites, bans...): r ORIGIN ROOM ROLE FLAG VALUE
+            _, _, room, role, flag, value = text.split(" ", 5)
+            core._apply_role(room, role, value, flag == "1")
         elif kind == "p" and len(parts) == 4:
             _, _, name, flag = parts
             names = self.remote.setdefault(origin, set())
@@ -303,7 +319,7 @@ class RedisEngine:
             if message is None:
                 continue
             kind, channel = message["type"], message["channel"].decode()
-            if kind == "subscribe":
+            if kind == "subscribe":  # (the room's topic is the core's: see drain)
                 try:
                     await self._caught_up(channel, channel == events)
                 except Exception as exc:
@@ -368,10 +384,7 @@ class RedisEngine:
         msgs = [decode_stored(body, seq) for seq, body in items]
         msgs = [m if m.epoch == epoch else _with_epoch(m, epoch) for m in msgs]
         inbox = self.storage.prefix + "inbox:"
-        if channel.startswith(inbox):
-            topic = p.inbox_topic(channel[len(inbox):])
-        else:
-            topic = p.room_topic(msgs[0].room)
+        topic = p.inbox_topic(channel[len(inbox):]) if channel.startswith(inbox) else None
         self._put(("lines", topic, msgs))
 
     async def _beat(self) -> None:
