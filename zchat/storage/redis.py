@@ -33,7 +33,15 @@ from typing import TYPE_CHECKING, Any
 import msgspec
 
 from zchat.protocol import Msg, encode
-from zchat.storage.base import TOMBSTONED_KINDS, MemberChange, Page, RoomChange, StorageError, StorageUnavailable, msg_bytes
+from zchat.storage.base import (
+    TOMBSTONED_KINDS,
+    MemberChange,
+    Page,
+    RoomChange,
+    StorageError,
+    StorageUnavailable,
+    msg_bytes,
+)
 from zchat.storage.redis_scripts import APPEND_LUA, RELEASE_LUA, SEQUENCE_LUA
 
 if TYPE_CHECKING:
