@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from pathlib import Path
 from typing import Any, Awaitable
 
 from textual.app import App, ComposeResult
@@ -26,6 +27,7 @@ from zchat import render
 from zchat.client import AuthError, Client, ClientError, ConnectError, Problem, Recovered, StateChange, split_broker
 from zchat.recovery import Gap
 from zchat.tui import commands as c
+from zchat.tui.cursors import CursorFile
 from zchat.tui.widgets import Buffer, ChatInput, MemberList, MessageLog, RoomList, StatusBar
 
 log = logging.getLogger(__name__)
@@ -35,6 +37,7 @@ PASTE_ASK_LINES = 5  # a paste of more lines than this asks before sending
 MAX_HELD = 1000  # lines typed while a paste prompt waits (bounded like every queue)
 MAX_QUEUED = 1000  # lines waiting to be sent (typed while the broker is away, pasted)
 RATE_RETRIES = 50  # a line refused as too fast is tried again this often, slower each time
+SAVE_EVERY = 30.0  # seconds between saves of the read positions (and one on leaving)
 
 
 class _ToLog(logging.Handler):
@@ -99,7 +102,11 @@ class ChatApp(App[None]):
         secret: str | None = None,
         history: int = 50,
         connect_timeout: float = 3.0,
+        data_dir: Path | None = None,
+        recover_limit: int = 1000,
     ) -> None:
+        """``data_dir``: keep read positions there (cursors.py) and show what was said
+        while away, up to ``recover_limit`` lines a window; None remembers nothing."""
         super().__init__()
         split_broker(broker)  # ValueError for a bad address, before the screen opens
         if not p.valid_name(name):
@@ -109,6 +116,10 @@ class ChatApp(App[None]):
         self.secret = secret
         self.history = history
         self.connect_timeout = connect_timeout
+        self.recover_limit = recover_limit
+        self.cursor_file = CursorFile(data_dir, name, broker) if data_dir is not None else None
+        self.left_at = self.cursor_file.load() if self.cursor_file is not None else {}
+        self._away: dict[str, tuple[str, int, int]] = {}  # window -> (epoch, last seq shown, head on return)
         self.start_rooms = list(dict.fromkeys(rooms or ["general"]))
         self.client: Client | None = None
         self.buffers: dict[str, Buffer] = {}
@@ -163,6 +174,8 @@ class ChatApp(App[None]):
         self.input.focus()
         self._redraw()
         self.set_interval(1.0, self._refresh_status)
+        if self.cursor_file is not None:
+            self.set_interval(SAVE_EVERY, self.save_cursors)
         self.run_worker(self._run_client(), name="client", group="client")
         self.run_worker(self._sender(), name="sender", group="client")
 
@@ -179,8 +192,29 @@ class ChatApp(App[None]):
         buf = self.buffers.get(key)
         if buf is None:
             buf = self.buffers[key] = Buffer(key, self.me)
+            buf.since = self._away.get(key)
             self._order()
         return buf
+
+    def _note_away(self, heads: dict[str, int]) -> None:
+        """From the broker's heads on return: the windows with lines said while away,
+        so each can put its "new since you left" line above the first of them."""
+        for key, (epoch, last) in self.left_at.items():
+            head = heads.get(key, 0)
+            if head > last:
+                self._away[key] = (epoch, last, head)
+                if key in self.buffers:
+                    self.buffers[key].since = self._away[key]
+
+    def save_cursors(self) -> None:
+        """Write the read positions (atomically: cursors.py), if there is anything to write."""
+        client = self.client
+        if self.cursor_file is None or client is None:
+            return
+        try:
+            self.cursor_file.save(client.cursors())
+        except OSError as exc:
+            log.warning("could not save read positions to %s: %s", self.cursor_file.path, exc)
 
     def _order(self) -> None:
         """Rooms first (in the order joined), then conversations."""
@@ -275,7 +309,9 @@ class ChatApp(App[None]):
     async def _run_client(self) -> None:
         delay = 0.5
         while True:
-            client = Client(self.broker, self.me, self.secret, label="zchat-talk")
+            client = Client(
+                self.broker, self.me, self.secret, label="zchat-talk", cursors=self.left_at, recover_limit=self.recover_limit,
+            )
             try:
                 await client.connect(timeout=self.connect_timeout)
                 break
@@ -293,6 +329,7 @@ class ChatApp(App[None]):
         try:
             welcome = client.welcome
             known = dict(welcome.rooms) if welcome is not None else {}
+            self._note_away(known)
             rooms = self.start_rooms + sorted(r for r in known if not p.is_dm_room(r) and r not in self.start_rooms)
             for room in rooms:
                 try:
@@ -316,6 +353,7 @@ class ChatApp(App[None]):
             reader.cancel()
 
     async def _close_client(self) -> None:
+        self.save_cursors()
         client, self.client = self.client, None
         self._online.clear()
         if client is not None:
@@ -361,7 +399,10 @@ class ChatApp(App[None]):
             log.debug("gap in %s, a room no longer shown: %s", gap.room, gap)
             return
         buf = self._buffer(gap.room)
-        index = buf.gap(gap.first, gap.last, gap.reason)
+        reason = gap.reason
+        if reason == "beyond the recovery limit":
+            reason = f"more than {self.recover_limit} since you left; PageUp at the top loads them"
+        index = buf.gap(gap.first, gap.last, reason)
         if buf is not self.buffer:
             self._refresh_side()
         elif self._screen_up():
@@ -378,10 +419,13 @@ class ChatApp(App[None]):
             return  # a room we just left
         buf = self._buffer(msg.room)
         buf.live(msg)  # even if a history page showed it already: members follow live order
-        epoch = buf.epoch
+        epoch, marked = buf.epoch, buf.marked
         index = buf.add(msg)
         if epoch and buf.epoch != epoch and buf is self.buffer:
             self._redraw()  # the broker's history was reset: the window starts afresh
+            return
+        if buf.marked != marked and buf is self.buffer and self._screen_up():
+            self.log_view.show(buf, keep_bottom=False)  # the "new since you left" line went in above
             return
         if index is None:
             if buf is self.buffer and msg.kind in ("join", "part"):

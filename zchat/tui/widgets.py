@@ -35,6 +35,9 @@ PALETTE = (
     "#7ec699", "#ff9e64", "#9ece6a", "#7aa2f7", "#bb9af7", "#8abeb7", "#b294bb", "#e0af68",
 )
 NICK_WIDTH = 12
+#: The "new since you left" line sorts after every entry of its seq, before the next seq.
+_AFTER_SEQ = 2**62
+NEW_SINCE = "── new since you left ──"
 
 
 def nick_colour(name: str) -> str:
@@ -85,6 +88,10 @@ class Buffer:
         self.cleared_below = 0  # /clear: the newest seq when the window was cleared
         self.epoch = ""  # the broker history's epoch the seqs belong to
         self.topic = ""  # the room's topic, as its operators set it
+        #: Where talk left off in an earlier run: (epoch, last seq shown, head at start).
+        #: Lines seq with last < seq <= head were said while away: the marker goes above them.
+        self.since: tuple[str, int, int] | None = None
+        self.marked = False  # the "new since you left" line is in entries
         self._notes = 0
 
     @property
@@ -126,7 +133,19 @@ class Buffer:
         entry = Entry((msg.seq, 0), msg)
         index = bisect.bisect(self.entries, entry)
         self.entries.insert(index, entry)
-        return index
+        return index + self._mark_new(msg)
+
+    def _mark_new(self, msg: p.Msg) -> bool:
+        """Put the "new since you left" line above the first line said while away
+        (it sorts before ``msg``); whether it was put there now."""
+        if self.since is None or self.marked:
+            return False
+        epoch, last, head = self.since
+        if not last < msg.seq <= head or (msg.epoch and epoch and msg.epoch != epoch):
+            return False
+        self.marked = True
+        bisect.insort(self.entries, Entry((last, _AFTER_SEQ), Note(NEW_SINCE, msg.ts, "new")))
+        return True
 
     def hide(self, seq: int) -> None:
         """A broker admin deleted line ``seq``: it goes from the window (and stays out)."""
@@ -206,7 +225,7 @@ def render_entry(entry: Entry, me: str) -> RenderableType:
     grid.add_column(ratio=1, overflow="fold")
     if isinstance(item, Note):
         styles = {"error": ("!!", "bold red", "red"), "state": ("--", "bold yellow", "yellow"), "info": ("--", "dim", ""),
-                  "gap": ("!!", "bold yellow", "bold yellow")}
+                  "gap": ("!!", "bold yellow", "bold yellow"), "new": ("", "", "bold cyan")}
         mark, mark_style, text_style = styles.get(item.style, styles["info"])
         grid.add_row(_clock(item.ts), _nick_cell(mark, mark_style), Text(item.text, style=text_style))
         return grid

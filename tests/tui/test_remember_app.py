@@ -1,0 +1,68 @@
+"""talk remembers: read positions across a restart, and notifications on a mention or a
+DM. Pilot drives the real app against a real broker; the data directory is a real one."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from tests.conftest import RunningBroker
+from tests.tui.test_app import SIZE, connected, lines, shown, soon, typed, until
+from zchat.tui.app import ChatApp
+from zchat.tui.cursors import CursorFile
+from zchat.tui.widgets import NEW_SINCE
+
+
+def talk(broker: RunningBroker, data: Path, name: str = "alice", **kwargs) -> ChatApp:  # type: ignore[no-untyped-def]
+    kwargs.setdefault("history", 0)  # what shows after a restart comes from the cursor, not from a history page
+    return ChatApp(broker.endpoint, name, ["general"], secret=f"secret-of-{name}-0123456789", data_dir=data, **kwargs)
+
+
+async def test_a_restarted_talk_shows_what_was_said_while_away(broker: RunningBroker, connect, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    bob = await connect("bob")
+    await soon(bob.join("general"))
+    await soon(bob.send("general", "before alice came"))
+    data = tmp_path / "data"
+    first = talk(broker, data)
+    async with first.run_test(size=SIZE) as pilot:
+        await connected(pilot)
+        await soon(bob.send("general", "seen by alice"))
+        await until(pilot, lambda: shown(first, "seen by alice") == 1, "the live line")
+        await typed(pilot, "/quit")
+        await until(pilot, lambda: first.client is None, "talk closed")
+    saved = CursorFile(data, "alice", broker.endpoint).load()
+    assert saved["general"][1] >= 3  # bob's join, two lines: the position was written on leaving
+
+    for n in range(3):
+        await soon(bob.send("general", f"while away {n}"))
+    second = talk(broker, data)
+    async with second.run_test(size=SIZE) as pilot:
+        await connected(pilot)
+        await until(pilot, lambda: all(shown(second, f"while away {n}") == 1 for n in range(3)), "the lines said while away")
+        shown_lines = lines(second)
+        marker = [i for i, line in enumerate(shown_lines) if NEW_SINCE in line]
+        first_new = next(i for i, line in enumerate(shown_lines) if "while away 0" in line)
+        assert marker and marker[0] < first_new, shown_lines
+        assert shown(second, "seen by alice") == 0  # history 0: only what came after the cursor
+        await soon(bob.send("general", "live again"))
+        await until(pilot, lambda: shown(second, "live again") == 1, "a live line")
+        assert shown(second, NEW_SINCE) == 1  # one marker, above the lines said while away only
+        second.save_cursors()  # the periodic save
+        assert CursorFile(data, "alice", broker.endpoint).load()["general"][1] == saved["general"][1] + 4
+
+
+async def test_more_than_the_bound_missed_is_said_in_the_window(broker: RunningBroker, connect, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    bob = await connect("bob")
+    await soon(bob.join("general"))
+    data = tmp_path / "data"
+    first = talk(broker, data)
+    async with first.run_test(size=SIZE) as pilot:
+        await connected(pilot)
+        await until(pilot, lambda: first.client is not None and "general" in first.client.cursors(), "a position")
+    for n in range(5):
+        await soon(bob.send("general", f"missed {n}"))
+    second = talk(broker, data, recover_limit=2)
+    async with second.run_test(size=SIZE) as pilot:
+        await connected(pilot)
+        await until(pilot, lambda: shown(second, "missed 4") == 1 and shown(second, "missing") == 1, "the newest and a gap line")
+        assert shown(second, "missed 3") == 1 and shown(second, "missed 2") == 0
+        assert shown(second, "3 messages missing", "more than 2 since you left") == 1
