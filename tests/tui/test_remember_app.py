@@ -9,6 +9,7 @@ from tests.conftest import RunningBroker
 from tests.tui.test_app import SIZE, connected, lines, shown, soon, typed, until
 from zchat.tui.app import ChatApp
 from zchat.tui.cursors import CursorFile
+from zchat.tui.notify import Notifier, NotifySettings
 from zchat.tui.widgets import NEW_SINCE
 
 
@@ -66,3 +67,63 @@ async def test_more_than_the_bound_missed_is_said_in_the_window(broker: RunningB
         await until(pilot, lambda: shown(second, "missed 4") == 1 and shown(second, "missing") == 1, "the newest and a gap line")
         assert shown(second, "missed 3") == 1 and shown(second, "missed 2") == 0
         assert shown(second, "3 messages missing", "more than 2 since you left") == 1
+
+
+class Terminal:
+    """Stands in for the terminal and notify-send: what the notifier wrote and ran."""
+
+    def __init__(self) -> None:
+        self.out: list[str] = []
+        self.runs: list[list[str]] = []
+
+
+def listening(app: ChatApp, **settings: object) -> Terminal:
+    term = Terminal()
+    settings.setdefault("min_gap", 0.0)
+    app.notifier = Notifier(app.me, NotifySettings(**settings), term.out.append, term.runs.append, which=lambda _: None)  # type: ignore[arg-type]
+    return term
+
+
+async def test_a_mention_or_a_dm_rings_and_nothing_else_does(broker: RunningBroker, connect, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    bob = await connect("bob")
+    await soon(bob.join("general"))
+    app = talk(broker, tmp_path / "data", history=50)
+    term = listening(app)
+    async with app.run_test(size=SIZE) as pilot:
+        await connected(pilot)
+        await soon(bob.send("general", "hello everyone"))
+        await typed(pilot, "alice here, mentioning myself")
+        await until(pilot, lambda: shown(app, "hello everyone") == 1 and shown(app, "mentioning myself") == 1, "two lines")
+        assert term.out == [] and app.notifier.sent == 0  # neither a mention nor a DM; our own line never rings
+
+        await soon(bob.send("general", "lunch, @alice?"))
+        await until(pilot, lambda: app.notifier.sent == 1, "a notification for the mention")
+        assert term.out == ["\a", "\x1b]777;notify;zchat: bob in #general;lunch, @alice?\x1b\\"]
+
+        await soon(bob.send_dm("alice", "psst"))
+        await until(pilot, lambda: app.notifier.sent == 2, "a notification for the DM")
+        assert term.out[-1] == "\x1b]777;notify;zchat: DM from bob;psst\x1b\\"
+        await soon(bob.send("general", "malice is not a mention"))
+        await soon(bob.send("general", "marker"))
+        await until(pilot, lambda: shown(app, "marker") == 1, "the marker line")
+        assert app.notifier.sent == 2
+
+
+async def test_lines_said_while_away_do_not_ring_and_switches_hold(broker: RunningBroker, connect, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    bob = await connect("bob")
+    await soon(bob.join("general"))
+    data = tmp_path / "data"
+    first = talk(broker, data)
+    async with first.run_test(size=SIZE) as pilot:
+        await connected(pilot)
+        await until(pilot, lambda: first.client is not None and "general" in first.client.cursors(), "a position")
+    await soon(bob.send("general", "alice, while you were away"))
+    second = talk(broker, data)
+    term = listening(second, bell=False)
+    async with second.run_test(size=SIZE) as pilot:
+        await connected(pilot)
+        await until(pilot, lambda: shown(second, "while you were away") == 1, "the line said while away")
+        assert second.notifier.sent == 0  # a catch-up from history is shown, not rung for
+        await soon(bob.send("general", "alice: now live"))
+        await until(pilot, lambda: second.notifier.sent == 1, "the live mention")
+        assert term.out == ["\x1b]777;notify;zchat: bob in #general;alice: now live\x1b\\"]  # no bell: switched off

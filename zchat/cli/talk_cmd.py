@@ -116,12 +116,13 @@ def _line_mode(broker: str, name: str, rooms: list[str], history: int) -> None:
 
 
 def _full_screen(s: Settings, name: str, rooms: list[str], history: int) -> None:
-    from zchat.tui.app import ChatApp
-
     from zchat.client import ClientError
+    from zchat.tui.app import ChatApp
+    from zchat.tui.notify import NotifySettings
 
+    notify = NotifySettings(bell=s.talk_bell, desktop=s.talk_desktop, method=s.talk_notify)
     try:
-        app = ChatApp(s.broker, name, rooms, history=history, data_dir=data_dir() if s.talk_remember else None)
+        app = ChatApp(s.broker, name, rooms, history=history, data_dir=data_dir() if s.talk_remember else None, notify=notify)
     except (ValueError, ClientError) as exc:  # a bad broker address or name
         raise click.UsageError(str(exc)) from None
     app.run()

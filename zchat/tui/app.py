@@ -28,6 +28,7 @@ from zchat.client import AuthError, Client, ClientError, ConnectError, Problem, 
 from zchat.recovery import Gap
 from zchat.tui import commands as c
 from zchat.tui.cursors import CursorFile
+from zchat.tui.notify import Notifier, NotifySettings
 from zchat.tui.widgets import Buffer, ChatInput, MemberList, MessageLog, RoomList, StatusBar
 
 log = logging.getLogger(__name__)
@@ -104,9 +105,11 @@ class ChatApp(App[None]):
         connect_timeout: float = 3.0,
         data_dir: Path | None = None,
         recover_limit: int = 1000,
+        notify: NotifySettings | None = None,
     ) -> None:
         """``data_dir``: keep read positions there (cursors.py) and show what was said
-        while away, up to ``recover_limit`` lines a window; None remembers nothing."""
+        while away, up to ``recover_limit`` lines a window; None remembers nothing.
+        ``notify``: bell and desktop notification on a mention or a DM (notify.py)."""
         super().__init__()
         split_broker(broker)  # ValueError for a bad address, before the screen opens
         if not p.valid_name(name):
@@ -120,6 +123,7 @@ class ChatApp(App[None]):
         self.cursor_file = CursorFile(data_dir, name, broker) if data_dir is not None else None
         self.left_at = self.cursor_file.load() if self.cursor_file is not None else {}
         self._away: dict[str, tuple[str, int, int]] = {}  # window -> (epoch, last seq shown, head on return)
+        self.notifier = Notifier(name, notify or NotifySettings(), self._to_terminal, self._run_detached)
         self.start_rooms = list(dict.fromkeys(rooms or ["general"]))
         self.client: Client | None = None
         self.buffers: dict[str, Buffer] = {}
@@ -205,6 +209,32 @@ class ChatApp(App[None]):
                 self._away[key] = (epoch, last, head)
                 if key in self.buffers:
                     self.buffers[key].since = self._away[key]
+
+    def _to_terminal(self, text: str) -> None:
+        """Bytes for the terminal itself (the bell, an OSC notification), past the screen."""
+        if not self.is_headless and self._driver is not None:
+            self._driver.write(text)
+            self._driver.flush()
+
+    def _run_detached(self, argv: list[str]) -> None:
+        """Start ``argv`` (notify-send) without waiting on it; it is reaped, and killed
+        if it hangs, in a worker."""
+
+        async def run() -> None:
+            try:
+                proc = await asyncio.create_subprocess_exec(
+                    *argv, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL,
+                )
+            except OSError as exc:
+                log.debug("could not run %s: %s", argv[0], exc)
+                return
+            try:
+                await asyncio.wait_for(proc.wait(), 10.0)
+            except asyncio.TimeoutError:
+                proc.kill()
+                await proc.wait()
+
+        self.run_worker(run(), group="notify")
 
     def save_cursors(self) -> None:
         """Write the read positions (atomically: cursors.py), if there is anything to write."""
@@ -364,16 +394,20 @@ class ChatApp(App[None]):
                 log.debug("closing the client failed: %r", closing.exception())
 
     async def _read_events(self, client: Client) -> None:
-        async for event in client.events():
-            try:
-                self._on_event(event)
-            except Exception as exc:  # a bug must not kill the reader
-                log.debug("event handling failed", exc_info=True)
-                self.error(f"could not show an event: {exc!r}")
+        async for chunk in client.batches():
+            # lines filled from history (a catch-up after being away, a gap) come with a
+            # Recovered: shown, but not rung for
+            replay = any(isinstance(event, Recovered) for event in chunk)
+            for event in chunk:
+                try:
+                    self._on_event(event, replay)
+                except Exception as exc:  # a bug must not kill the reader
+                    log.debug("event handling failed", exc_info=True)
+                    self.error(f"could not show an event: {exc!r}")
 
-    def _on_event(self, event: Any) -> None:
+    def _on_event(self, event: Any, replay: bool = False) -> None:
         if isinstance(event, p.Msg):
-            self._on_msg(event)
+            self._on_msg(event, replay)
         elif isinstance(event, p.Presence):
             buf = self.buffers.get(event.room)
             if buf is not None and event.name != self.me:  # this client is the truth about me
@@ -411,7 +445,7 @@ class ChatApp(App[None]):
             else:
                 self.log_view.show(buf, keep_bottom=False)
 
-    def _on_msg(self, msg: p.Msg) -> None:
+    def _on_msg(self, msg: p.Msg, replay: bool = False) -> None:
         if msg.kind == "invite" and msg.to == self.me and msg.room not in self.buffers:
             self.note(f"{msg.sender} invited you to #{msg.room}: /join {msg.room}", "state")
             return
@@ -421,6 +455,8 @@ class ChatApp(App[None]):
         buf.live(msg)  # even if a history page showed it already: members follow live order
         epoch, marked = buf.epoch, buf.marked
         index = buf.add(msg)
+        if index is not None and not replay:
+            self.notifier.on_msg(msg)
         if epoch and buf.epoch != epoch and buf is self.buffer:
             self._redraw()  # the broker's history was reset: the window starts afresh
             return
