@@ -221,6 +221,23 @@ class Requests:
                 return out
             after = reply.messages[-1].seq  # the rest of the same selection, oldest first
 
+    async def search(self, text: str, room: str = "", limit: int = 50, before: int = 0) -> tuple[list[p.Msg], int]:
+        """Text and /me lines holding every word of ``text`` (``word*``: a prefix), in
+        ``room`` or every room this user may read, newest first: up to ``limit`` of them
+        (pages the broker cut are asked for again, up to MAX_LIST_PAGES), and the
+        ``before`` of the next page (0: nothing more matches). A Redis broker raises
+        ClientError ``not_supported``."""
+        out: list[p.Msg] = []
+        for _ in range(MAX_LIST_PAGES):
+            want = min(limit - len(out), p.MAX_SEARCH)
+            reply = await self._request(lambda rid: p.Search(rid=rid, text=text, room=room, limit=want, before=before))
+            assert isinstance(reply, p.SearchReply)
+            out += [msgspec.structs.replace(m, epoch=reply.epoch) for m in reply.messages]
+            before = reply.next
+            if not before or len(out) >= limit:
+                break
+        return out, before
+
     async def who(self, room: str) -> list[p.Member]:
         """A room's members by name, every page (up to MAX_LIST_PAGES)."""
         members: list[p.Member] = []

@@ -23,6 +23,16 @@ class HistoryQuery:
     head: int
 
 
+@dataclasses.dataclass(frozen=True)
+class SearchQuery:
+    """A search the core has authorised for user ``name``; the shell runs it against
+    storage and keeps the lines of the rooms ``Core.may_read(name, room)`` allows."""
+
+    sid: str
+    request: p.Search
+    name: str
+
+
 @dataclasses.dataclass
 class Outcome:
     """What the shell must do, in this order: store, persist members, publish, reply.
@@ -36,7 +46,7 @@ class Outcome:
     publish: list[tuple[bytes, p.Msg | p.Presence | p.Notice | p.Retopic]] = dataclasses.field(default_factory=list)
     replies: list[tuple[str, p.Reply]] = dataclasses.field(default_factory=list)
     acks: dict[str, list[p.Stored]] = dataclasses.field(default_factory=dict)
-    queries: list[HistoryQuery] = dataclasses.field(default_factory=list)
+    queries: list[HistoryQuery | SearchQuery] = dataclasses.field(default_factory=list)
     # Indexes into ``replies`` of the replies to joins and parts that changed membership:
     # undo turns them into errors.
     changed: list[int] = dataclasses.field(default_factory=list)

@@ -11,7 +11,7 @@ from collections.abc import Iterable
 import msgspec
 
 from zchat import protocol as p
-from zchat.core.outcome import Outcome
+from zchat.core.outcome import HistoryQuery, Outcome
 from zchat.protocol import ErrorCode as E
 
 log = logging.getLogger(__package__)  # the core's one logger: "zchat.core"
@@ -314,7 +314,8 @@ class Sequencing:
             elif type(body) is p.Joined and body.room in undone:
                 out.replies[i] = (sid, msgspec.structs.replace(body, head=min(body.head, heads.get(body.room, 0))))
         out.queries = [
-            dataclasses.replace(q, head=min(q.head, heads.get(q.request.room, 0))) if q.request.room in undone else q
+            dataclasses.replace(q, head=min(q.head, heads.get(q.request.room, 0)))
+            if isinstance(q, HistoryQuery) and q.request.room in undone else q
             for q in out.queries
         ]
 

@@ -22,12 +22,23 @@ from __future__ import annotations
 
 import logging
 import secrets
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Sequence
 
 import msgspec
 
 from zchat.protocol import Msg, encode
-from zchat.storage.base import TOMBSTONED_KINDS, MemberChange, Page, RoomChange, StorageError, StorageUnavailable, msg_bytes
+from zchat.storage.base import (
+    TOMBSTONED_KINDS,
+    Found,
+    MemberChange,
+    Page,
+    RoomChange,
+    SearchUnsupported,
+    StorageError,
+    StorageUnavailable,
+    msg_bytes,
+)
 
 if TYPE_CHECKING:
     from redis.asyncio import Redis
@@ -395,6 +406,14 @@ class RedisStorage:
             return bool(await r.eval(_TOMBSTONE_LUA, 2, key, self._key("recent"), seq, found[0], stone))
         except self._aioredis.RedisError as exc:
             raise StorageUnavailable(f"Redis tombstone failed: {exc}") from exc
+
+    async def search(
+        self, text: str, limit: int, before: int = 0, room: str = "", readable: Callable[[str], bool] | None = None,
+        max_bytes: int = 0,
+    ) -> Found:
+        """Not here: plain Redis has no full-text index (RediSearch is a module, not
+        assumed). The broker answers ``not_supported``; SQLite brokers search."""
+        raise SearchUnsupported("this broker keeps history in Redis, which has no full-text search")
 
     async def release_user(self, name: str, digest: bytes | None = None) -> bool:
         r = self._redis
