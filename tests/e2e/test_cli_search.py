@@ -6,8 +6,8 @@ from __future__ import annotations
 import json
 
 from tests.conftest import BrokerProcess
-from tests.e2e.test_cli_rooms import admin_broker, ok  # noqa: F401  (fixture)
 from tests.e2e.test_cli import zchat
+from tests.e2e.test_cli_rooms import admin_broker, ok  # noqa: F401  (fixture)
 
 
 def test_search_end_to_end(admin_broker: BrokerProcess, cli_env: dict[str, str]) -> None:  # noqa: F811

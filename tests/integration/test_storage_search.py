@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.integration.test_storage import Backend, backend, msg, storage  # noqa: F401  (fixtures)
-from zchat.storage import SearchUnsupported, Storage
+from tests.integration.test_storage import Backend, backend, msg, storage  # noqa: F401, F811  (fixtures)
+from zchat.storage import SearchUnsupported, Storage, StorageError
 from zchat.storage.redis import RedisStorage
 from zchat.storage.sqlite import SqliteStorage
 
@@ -100,7 +100,7 @@ async def test_an_older_file_gets_its_index_once_at_open(tmp_path: Path) -> None
 async def test_a_failed_append_indexes_nothing(storage: Storage) -> None:
     await searchable(storage)
     await storage.append([msg("dev", 1, "first")])
-    with pytest.raises(Exception):
+    with pytest.raises(StorageError):
         await storage.append([msg("dev", 2, "orphan words"), msg("dev", 1, "dup")])
     assert await storage.search("orphan", 10) == []
     await storage.append([msg("dev", 2, "orphan words")])

@@ -10,6 +10,7 @@ from tests.tui.test_app import SIZE, connected, lines, shown, soon, typed, until
 from zchat.tui.app import ChatApp
 from zchat.tui.cursors import CursorFile
 from zchat.tui.notify import Notifier, NotifySettings
+from zchat.tui.search import SearchResults
 from zchat.tui.widgets import NEW_SINCE
 
 
@@ -127,3 +128,46 @@ async def test_lines_said_while_away_do_not_ring_and_switches_hold(broker: Runni
         await soon(bob.send("general", "alice: now live"))
         await until(pilot, lambda: second.notifier.sent == 1, "the live mention")
         assert term.out == ["\x1b]777;notify;zchat: bob in #general;alice: now live\x1b\\"]  # no bell: switched off
+
+
+async def test_search_lists_results_and_enter_jumps_to_the_line(broker: RunningBroker, connect, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    bob = await connect("bob")
+    await soon(bob.join("general"))
+    await soon(bob.send("general", "the needle is here"))
+    for n in range(60):
+        await soon(bob.send("general", f"hay {n}"))
+    app = talk(broker, tmp_path / "data", history=10)
+    async with app.run_test(size=SIZE) as pilot:
+        await connected(pilot)
+        await soon(bob.send_dm("alice", "a needle for you"))
+        await until(pilot, lambda: "@alice:bob" in app.buffers and app.buffers["@alice:bob"].seqs, "the DM")
+        buf = app.buffers["general"]
+        await until(pilot, lambda: shown(app, "hay 59") == 1, "the recent lines")
+        assert shown(app, "the needle is here") == 0  # far above what was loaded
+
+        await typed(pilot, "/search needle")
+        await until(pilot, lambda: isinstance(app.screen, SearchResults), "the result list")
+        results = app.screen
+        assert isinstance(results, SearchResults)
+        assert [(h.room, h.text) for h in results.hits] == [("@alice:bob", "a needle for you"), ("general", "the needle is here")]
+        await pilot.press("down", "enter")
+        await until(pilot, lambda: not isinstance(app.screen, SearchResults) and app.current == "general" and buf.focus > 0, "the jump")
+        await until(pilot, lambda: shown(app, "the needle is here") == 1, "the line in its window")
+        log = app.log_view
+        row = next(i for i, line in enumerate(lines(app)) if "the needle is here" in line)
+        assert log.scroll_y <= row < log.scroll_y + log.scrollable_content_region.height  # in view
+        assert shown(app, "hay 20") == 1  # the lines after it, loaded with it, up to what was shown
+        assert shown(app, "missing") == 0  # no hole: the window is whole
+
+        await typed(pilot, "/search needle")
+        await until(pilot, lambda: isinstance(app.screen, SearchResults), "the result list again")
+        await pilot.press("enter")  # the newest: the DM
+        await until(pilot, lambda: app.current == "@alice:bob" and shown(app, "a needle for you") == 1, "the DM window")
+
+        await typed(pilot, "/search nothing-like-it")
+        await until(pilot, lambda: shown(app, "nothing found for 'nothing-like-it'") == 1, "a one-line answer")
+        await typed(pilot, "/search needle")
+        await until(pilot, lambda: isinstance(app.screen, SearchResults), "the result list, once more")
+        await pilot.press("escape")
+        await until(pilot, lambda: not isinstance(app.screen, SearchResults), "closed")
+        assert app.current == "@alice:bob"

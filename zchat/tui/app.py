@@ -29,6 +29,7 @@ from zchat.recovery import Gap
 from zchat.tui import commands as c
 from zchat.tui.cursors import CursorFile
 from zchat.tui.notify import Notifier, NotifySettings
+from zchat.tui.search import SearchResults
 from zchat.tui.widgets import Buffer, ChatInput, MemberList, MessageLog, RoomList, StatusBar
 
 log = logging.getLogger(__name__)
@@ -39,6 +40,8 @@ MAX_HELD = 1000  # lines typed while a paste prompt waits (bounded like every qu
 MAX_QUEUED = 1000  # lines waiting to be sent (typed while the broker is away, pasted)
 RATE_RETRIES = 50  # a line refused as too fast is tried again this often, slower each time
 SAVE_EVERY = 30.0  # seconds between saves of the read positions (and one on leaving)
+SEARCH_LIMIT = 100  # results /search lists
+AROUND = 20  # lines before and after a search result loaded with it
 
 
 class _ToLog(logging.Handler):
@@ -683,6 +686,8 @@ class ChatApp(App[None]):
             self._spawn(self._who(action.room))
         elif isinstance(action, c.Rooms):
             self._spawn(self._rooms())
+        elif isinstance(action, c.Search):
+            self._spawn(self._search(action.text))
         elif isinstance(action, c.History):
             if self.buffer is not None:
                 self._spawn(self._older(self.buffer, action.count, announce=True))
@@ -890,6 +895,51 @@ class ChatApp(App[None]):
                 self.log_view.scroll_home(animate=False)
         if announce:
             self.note(f"loaded {added} earlier message{'s' if added != 1 else ''}" + (" (the beginning)" if buf.complete else ""), key=buf.key)
+
+    async def _search(self, text: str) -> None:
+        """``/search``: the results in a list; the one picked is shown in its window."""
+        hits, more = await self._client().search(text, limit=SEARCH_LIMIT)
+        if not hits:
+            self.note(f"nothing found for {text!r}")
+            return
+
+        def picked(hit: p.Msg | None) -> None:
+            self.input.focus()
+            if hit is not None:
+                self._spawn(self.jump_to(hit), hit.room)
+
+        self.push_screen(SearchResults(text, hits, bool(more), self.me), picked)
+
+    async def jump_to(self, hit: p.Msg) -> None:
+        """Show line ``hit`` in its window (joining its room if need be), with the lines
+        around it loaded from history, highlighted in the middle of the view."""
+        key = hit.room
+        if key not in self.buffers and not p.is_dm_room(key):
+            await self._join(key)
+        buf = self._buffer(key)
+        await self._load_recent(buf)
+        if hit.seq not in buf.seqs:
+            await self._around(buf, hit.seq)
+        buf.focus = hit.seq
+        self.current = key
+        self._redraw()
+        if self._screen_up():
+            self.log_view.scroll_to_seq(hit.seq)
+
+    async def _around(self, buf: Buffer, seq: int) -> None:
+        """Load the lines around ``seq``: up to the oldest shown if that is near enough
+        (so the window stays whole), else AROUND either side and a line for the rest."""
+        client = self._client()
+        oldest = buf.oldest
+        after = max(0, seq - AROUND - 1)
+        if seq < oldest and oldest - after - 1 <= p.MAX_HISTORY:
+            msgs = await client.history(buf.key, limit=oldest - after - 1, after=after, before=oldest)
+        else:
+            msgs = await client.history(buf.key, limit=2 * AROUND + 1, after=after)
+        for msg in msgs:
+            buf.add(msg)
+        if msgs and oldest > msgs[-1].seq + 1:
+            buf.gap(msgs[-1].seq + 1, oldest - 1, "not loaded: the search jumped past them")
 
     async def _part(self, room: str | None) -> None:
         key = room or self.current

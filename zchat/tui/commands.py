@@ -81,6 +81,13 @@ class History:
 
 
 @dataclasses.dataclass(frozen=True)
+class Search:
+    """Find lines holding every word of ``text`` in the rooms you may read."""
+
+    text: str
+
+
+@dataclasses.dataclass(frozen=True)
 class Clear:
     pass
 
@@ -95,7 +102,7 @@ class Quit:
     pass
 
 
-Action = Say | Join | Part | Msg | Who | Rooms | Switch | History | Clear | Help | Quit | Moderate
+Action = Say | Join | Part | Msg | Who | Rooms | Switch | History | Clear | Help | Quit | Moderate | Search
 
 
 @dataclasses.dataclass(frozen=True)
@@ -118,6 +125,7 @@ SPECS: dict[str, Spec] = {
         Spec("rooms", "/rooms", "list the broker's rooms"),
         Spec("switch", "/switch ROOM|@NAME|N", "show another room or conversation (also Ctrl-N / Ctrl-P)", "target"),
         Spec("history", "/history N", f"load N earlier messages of this conversation (1-{p.MAX_HISTORY})"),
+        Spec("search", "/search TEXT", "find lines with every word of TEXT (WORD* a prefix) in the rooms you may read; Enter goes there"),
         Spec("clear", "/clear", "clear this conversation's window"),
         Spec("invite", "/invite NAME", "invite NAME to this room (operators; a private room admits them at once)", "nick"),
         Spec("kick", "/kick NAME [REASON]", "remove NAME from this room (operators)", "nick"),
@@ -259,6 +267,12 @@ def _build(name: str, rest: str, args: list[str]) -> Action:
         if len(args) != 1 or not args[0].isdigit() or not 1 <= int(args[0]) <= p.MAX_HISTORY:
             raise CommandError(f"/history needs a number from 1 to {p.MAX_HISTORY}")
         return History(int(args[0]))
+    if name == "search":
+        if not rest:
+            raise CommandError("/search needs some words")
+        if len(rest) > p.MAX_SEARCH_TEXT:
+            raise CommandError(f"a search has at most {p.MAX_SEARCH_TEXT} characters")
+        return Search(rest)
     if name == "help":
         if len(args) > 1:
             raise CommandError("/help takes at most one command")

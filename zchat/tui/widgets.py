@@ -92,6 +92,7 @@ class Buffer:
         #: Lines seq with last < seq <= head were said while away: the marker goes above them.
         self.since: tuple[str, int, int] | None = None
         self.marked = False  # the "new since you left" line is in entries
+        self.focus = 0  # the seq a search jumped to: drawn highlighted
         self._notes = 0
 
     @property
@@ -216,10 +217,13 @@ def _nick_cell(text: str, style: str) -> Text:
     return Text(text, style=style, justify="right")
 
 
-def render_entry(entry: Entry, me: str) -> RenderableType:
-    """One line of the log: time, nick column, text (wrapped under the text column)."""
+def render_entry(entry: Entry, me: str, focus: int = 0) -> RenderableType:
+    """One line of the log: time, nick column, text (wrapped under the text column);
+    the line of seq ``focus`` (a search result gone to) highlighted."""
     item = entry.item
     grid = Table.grid(padding=(0, 1), expand=True)
+    if focus and isinstance(item, p.Msg) and item.seq == focus:
+        grid.style = "on #264f78"
     grid.add_column(width=5, style="dim")
     grid.add_column(width=NICK_WIDTH, no_wrap=True)
     grid.add_column(ratio=1, overflow="fold")
@@ -269,6 +273,7 @@ class MessageLog(RichLog):
         super().__init__(wrap=True, min_width=20, auto_scroll=False, **kwargs)
         self.buffer: Buffer | None = None
         self._last_day = ""
+        self.line_of: dict[int, int] = {}  # seq -> its first line in the log (to scroll to it)
 
     def show(self, buffer: Buffer | None, keep_bottom: bool = True) -> None:
         """Draw ``buffer`` from scratch (a switch, a resize, older lines above)."""
@@ -276,6 +281,7 @@ class MessageLog(RichLog):
         old_lines, old_y, at_end = len(self.lines), self.scroll_y, self.is_vertical_scroll_end
         self.clear()
         self._last_day = ""
+        self.line_of = {}
         if buffer is None or not self._size_known:
             return
         for entry in buffer.entries:
@@ -296,8 +302,18 @@ class MessageLog(RichLog):
         if self._last_day and day != self._last_day:
             self.write(Text(f"─── {day} ───", style="dim", justify="center"), width=self._width(), scroll_end=False)
         self._last_day = day
-        me = self.buffer.me if self.buffer else ""
-        self.write(render_entry(entry, me), width=self._width(), scroll_end=False)
+        me, focus = (self.buffer.me, self.buffer.focus) if self.buffer else ("", 0)
+        if isinstance(entry.item, p.Msg):
+            self.line_of[entry.item.seq] = len(self.lines)
+        self.write(render_entry(entry, me, focus), width=self._width(), scroll_end=False)
+
+    def scroll_to_seq(self, seq: int) -> bool:
+        """Bring line ``seq`` to the middle of the view; False if it is not drawn."""
+        y = self.line_of.get(seq)
+        if y is None:
+            return False
+        self.scroll_to(y=max(0, y - self.scrollable_content_region.height // 2), animate=False, immediate=True)
+        return True
 
     def _width(self) -> int:
         return max(20, self.scrollable_content_region.width)
