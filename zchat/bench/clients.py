@@ -31,7 +31,7 @@ import time
 from typing import Any, Callable
 
 from zchat.bench import procs
-from zchat.bench.common import FLUSH, PROBE, RECORD, ROOM, SECRET, now, record, stamp, text
+from zchat.bench.common import FLUSH, PROBE, RECORD, ROOM, SECRET, base, now, record, stamp, text
 
 HWM = 100_000
 CHANNEL = b"bench"  # Redis channel
@@ -195,7 +195,7 @@ def sub_group(system: str, ep: dict, n: int, gid: int, mode: str, ctl: Ctl, expe
     tally = Tally(n, mode)
     driver = Driver(tally, gid, ctl, expected, quiet)
     try:
-        if system == "zchat":
+        if base(system) == "zchat":
             import asyncio
 
             asyncio.run(_zchat_subs(ep, n, gid, tally, driver))
@@ -441,7 +441,7 @@ class PubPlan:
 def publisher(system: str, ep: dict, idx: int, plan: PubPlan, ctl: Ctl, conn: Any) -> None:
     procs.raise_nofile()
     try:
-        if system == "zchat":
+        if base(system) == "zchat":
             import asyncio
 
             asyncio.run(_zchat_pub(ep, idx, plan, ctl, conn))

@@ -46,13 +46,24 @@ def stamp(line: str | bytes) -> float:
 
 
 SYSTEMS = ("zchat", "zmq-proxy", "py-forwarder", "redis", "threaded")
+#: The zchat broker in other settings, measured beside "zchat" (CURVE, one I/O thread)
+#: with --encryption: the test-only plaintext mode (what CURVE costs), and CURVE with two
+#: libzmq I/O threads (whether the I/O thread is the limit on a 2-core machine).
+VARIANTS = ("zchat-plain", "zchat-io2")
 LABELS = {
     "zchat": "zchat",
+    "zchat-plain": "zchat plaintext",
+    "zchat-io2": "zchat IO_THREADS=2",
     "zmq-proxy": "libzmq proxy",
     "py-forwarder": "Python forwarder",
     "redis": "Redis pub/sub",
     "threaded": "threaded chat",
 }
+
+
+def base(system: str) -> str:
+    """The system a variant is of ("zchat-plain" -> "zchat"): clients and scenarios treat them alike."""
+    return "zchat" if system.startswith("zchat") else system
 
 
 @dataclasses.dataclass
