@@ -60,9 +60,11 @@ PUB_OFFSET: Final = 2
 #: Kinds of a sequenced line. Moderation lines (docs/protocol.md "Private rooms and
 #: moderation"): ``to`` names the user acted on, ``text`` the reason or the new topic;
 #: a ``delete`` line's text is the deleted line's seq (decimal), and the deleted line
-#: itself is replaced in history by a ``deleted`` tombstone (no text).
+#: itself is replaced in history by a ``deleted`` tombstone (no text). An ``edit`` line
+#: (a sender changing their own line: docs/protocol.md "Edit and delete") carries the
+#: new text, and ``ref`` the seq of the line it changes; so does a ``delete`` line.
 MsgKind = Literal[
-    "text", "me", "join", "part", "invite", "kick", "ban", "unban", "topic", "op", "deop", "delete", "deleted",
+    "text", "me", "join", "part", "invite", "kick", "ban", "unban", "topic", "op", "deop", "delete", "deleted", "edit",
 ]
 #: Room operators' actions (Moderate.action) and broker admins' (Admin.action).
 ModAction = Literal["invite", "kick", "ban", "unban", "topic", "op", "deop"]
@@ -178,6 +180,29 @@ class History(_Body, tag="history"):
     after: Annotated[int, Meta(ge=-1, le=MAX_INT)] = -1  # -1: no lower bound (newest first selection)
 
 
+class Edit(_Body, tag="edit"):
+    """Change your own text or /me line ``seq`` of ``room`` (a room you are in, or one of
+    your DM conversations) to ``text`` (reply ``ok``): a sequenced ``edit`` line (ref =
+    seq, the new text) is stored and published, and history gives the line itself with
+    the new text and ``edited`` = that edit line's seq. Someone else's line: ``forbidden``;
+    no such text or /me line (or a deleted one): ``bad_request``."""
+
+    rid: Rid
+    room: str
+    seq: Seq
+    text: str
+
+
+class Delete(_Body, tag="delete"):
+    """Delete your own text or /me line ``seq`` of ``room`` (reply ``ok``): a sequenced
+    ``delete`` line (ref = seq; text = seq in decimal, as a broker admin's) is stored and
+    published, and the line becomes a ``deleted`` tombstone in history. Errors as Edit."""
+
+    rid: Rid
+    room: str
+    seq: Seq
+
+
 class Search(_Body, tag="search"):
     """Text and /me lines containing every word of ``text`` (a word ending in ``*``
     matches as a prefix), in ``room`` or else in every room the user may read (public
@@ -285,7 +310,7 @@ class Admin(_Body, tag="admin"):
 
 Request = Union[
     Hello, Join, Part, History, Who, Rooms, Ping, Bye, Status, Claim, Invite, KeyAdd, KeyRevoke, KeyList, Moderate, Admin,
-    Search,
+    Search, Edit, Delete,
 ]
 
 # ------------------------------------------------------ client -> broker (PUSH/PULL)
@@ -477,6 +502,8 @@ class Msg(_Body, tag="msg"):
     to: str = ""
     cid: str = ""
     epoch: str = ""
+    ref: int = 0  # an edit or delete line: the seq of the line it changes (0: none)
+    edited: int = 0  # a line changed by its sender: the seq of its latest edit line (0: never)
 
 
 class Presence(_Body, tag="presence"):

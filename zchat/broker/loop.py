@@ -23,7 +23,7 @@ from zchat.broker.outage import RateLimitedLog, StorageOutage
 from zchat.broker.search import Searching
 from zchat.broker.startup import Startup
 from zchat.broker.zap import Zap
-from zchat.core import Core, HistoryQuery, Limits, Outcome, SearchQuery
+from zchat.core import Core, EditQuery, HistoryQuery, Limits, Outcome, SearchQuery
 from zchat.guard import Claims, ConnectionGuard, GuardConfig, Refusals
 from zchat.metrics import Stats
 from zchat.metrics import status as fill_status
@@ -311,7 +311,7 @@ class Broker(Startup, Zap, Edge, Inputs, Moderating, Searching):
                 if self.outage.since:
                     self.outage.stored(time.monotonic())
             stats.append_seconds.observe(time.perf_counter() - began)
-        if out.tombstones or out.cut or out.released:
+        if out.tombstones or out.cut or out.released or out.edits:
             await self._moderated(out)
         self._publish(out.publish)
         encode = p.encode
@@ -333,6 +333,9 @@ class Broker(Startup, Zap, Edge, Inputs, Moderating, Searching):
         for query in out.queries:
             if type(query) is SearchQuery:
                 send_parts(router, [query.sid.encode("latin-1"), encode(await self._answer_search(query))])
+                continue
+            if type(query) is EditQuery:
+                await self._edit_line(query)
                 continue
             stats.history["range" if query.request.after >= 0 else "last"] += 1
             try:

@@ -204,6 +204,19 @@ class Requests:
         """(Broker admins) replace line ``seq`` of ``room`` by a tombstone; clients hide it."""
         await self._admin("delete", room=room, seq=seq)
 
+    async def edit(self, room: str, seq: int, text: str) -> None:
+        """Change your own text or /me line ``seq`` of ``room`` (a DM conversation too:
+        its ``@a:b`` room) to ``text``; every client sees an ``edit`` line (ref = seq), and
+        history gives the line with the new text, ``edited`` set. Someone else's line:
+        ClientError ``forbidden``."""
+        await self._request(lambda rid: p.Edit(rid=rid, room=room, seq=seq, text=text))
+
+    async def delete_own(self, room: str, seq: int) -> None:
+        """Delete your own text or /me line ``seq`` of ``room``: a ``delete`` line (ref =
+        seq) and a tombstone in history, as a broker admin's delete. Someone else's
+        line: ClientError ``forbidden``."""
+        await self._request(lambda rid: p.Delete(rid=rid, room=room, seq=seq))
+
     async def release(self, name: str) -> None:
         """(Broker admins) free the name ``name``: out of every room, its keys forgotten."""
         await self._admin("release", name)

@@ -33,6 +33,16 @@ class SearchQuery:
     name: str
 
 
+@dataclasses.dataclass(frozen=True)
+class EditQuery:
+    """An edit or delete the core let through so far: the shell reads the line and hands
+    it to ``Core.edit_found``, which checks its sender."""
+
+    sid: str
+    request: p.Edit | p.Delete
+    name: str
+
+
 @dataclasses.dataclass
 class Outcome:
     """What the shell must do, in this order: store, persist members, publish, reply.
@@ -46,7 +56,7 @@ class Outcome:
     publish: list[tuple[bytes, p.Msg | p.Presence | p.Notice | p.Retopic]] = dataclasses.field(default_factory=list)
     replies: list[tuple[str, p.Reply]] = dataclasses.field(default_factory=list)
     acks: dict[str, list[p.Stored]] = dataclasses.field(default_factory=dict)
-    queries: list[HistoryQuery | SearchQuery] = dataclasses.field(default_factory=list)
+    queries: list[HistoryQuery | SearchQuery | EditQuery] = dataclasses.field(default_factory=list)
     # Indexes into ``replies`` of the replies to joins and parts that changed membership:
     # undo turns them into errors.
     changed: list[int] = dataclasses.field(default_factory=list)
@@ -55,6 +65,9 @@ class Outcome:
     # (banned or released) and names to release in storage.
     room_changes: list[RoomChange] = dataclasses.field(default_factory=list)
     tombstones: list[tuple[str, int]] = dataclasses.field(default_factory=list)
+    # Edits (zchat.core.edits): (room, seq, new text, seq of the edit line), applied to
+    # the stored line after the batch (with its edit line) is stored.
+    edits: list[tuple[str, int, str, int]] = dataclasses.field(default_factory=list)
     cut: list[str] = dataclasses.field(default_factory=list)
     released: list[str] = dataclasses.field(default_factory=list)
 

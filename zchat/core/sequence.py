@@ -219,7 +219,8 @@ class Sequencing:
         self._id_base = ""
 
     def _sequence(
-        self, room: str, sender: str, text: str, kind: p.MsgKind, to: str, cid: str, now: float, out: Outcome, *topics: bytes
+        self, room: str, sender: str, text: str, kind: p.MsgKind, to: str, cid: str, now: float, out: Outcome, *topics: bytes,
+        ref: int = 0,
     ) -> p.Stored:
         seq = self.heads.get(room, 0) + 1
         self.heads[room] = seq
@@ -227,7 +228,7 @@ class Sequencing:
         ts = now + self.wall_offset
         msg = p.Msg(
             room=room, seq=seq, id=self._id(self.counter), ts=ts, sender=sender,
-            text=text, kind=kind, to=to, cid=cid, epoch=self.epoch,
+            text=text, kind=kind, to=to, cid=cid, epoch=self.epoch, ref=ref,
         )
         out.store.append(msg)
         for topic in topics:
@@ -278,7 +279,7 @@ class Sequencing:
         out.store = []
         out.members = []
         self.users.update(out.released)  # a release undone: the name is still claimed
-        out.room_changes, out.tombstones, out.cut, out.released = [], [], [], []
+        out.room_changes, out.tombstones, out.cut, out.released, out.edits = [], [], [], [], []
         out.publish = [(t, m) for t, m in out.publish if not (type(m) is p.Msg and m.id in ids)]
         if lowest:
             self._lower_heads(out, lowest)

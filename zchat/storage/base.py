@@ -157,6 +157,11 @@ class Storage(Protocol):
         """Replace line ``seq`` of ``room`` by its tombstone: kind ``deleted``, no text,
         everything else kept. Only a text or /me line; False if there is none to replace."""
 
+    async def edit(self, room: str, seq: int, text: str, by: int) -> bool:
+        """Give text or /me line ``seq`` of ``room`` the text of its edit line ``by``
+        (marking it ``edited`` = by); False if there is no such line, or a later edit
+        is there already (an edit applied twice, or late, changes nothing)."""
+
     async def search(
         self, text: str, limit: int, before: int = 0, room: str = "", readable: Callable[[str], bool] | None = None,
         max_bytes: int = 0,

@@ -426,6 +426,22 @@ class RedisStorage:
         except self._aioredis.RedisError as exc:
             raise StorageUnavailable(f"Redis tombstone failed: {exc}") from exc
 
+    async def edit(self, room: str, seq: int, text: str, by: int) -> bool:
+        r = self._redis
+        key = self._key("room", room)
+        try:
+            found = await r.zrangebyscore(key, seq, seq)
+            if len(found) != 1:
+                return False
+            msg = _msg_decoder.decode(found[0])
+            if msg.kind not in TOMBSTONED_KINDS or msg.edited >= by:
+                return False
+            edited = encode(msgspec.structs.replace(msg, text=text, edited=by))
+            # the tombstone's compare-and-replace: a line changed meanwhile is left alone
+            return bool(await r.eval(_TOMBSTONE_LUA, 2, key, self._key("recent"), seq, found[0], edited))
+        except self._aioredis.RedisError as exc:
+            raise StorageUnavailable(f"Redis edit failed: {exc}") from exc
+
     async def search(
         self, text: str, limit: int, before: int = 0, room: str = "", readable: Callable[[str], bool] | None = None,
         max_bytes: int = 0,

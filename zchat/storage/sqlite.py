@@ -53,7 +53,7 @@ from zchat.storage.base import (
 log = logging.getLogger(__name__)
 
 _SQLITE_HEADER = b"SQLite format 3\x00"
-_COLUMNS = "room, seq, id, ts, sender, kind, text, to_name, cid"
+_COLUMNS = "room, seq, id, ts, sender, kind, text, to_name, cid, ref, edited"
 
 #: Seconds between background checkpoints while there are writes.
 CHECKPOINT_EVERY = 0.05
@@ -76,6 +76,8 @@ CREATE TABLE IF NOT EXISTS messages (
     text TEXT NOT NULL,
     to_name TEXT NOT NULL,
     cid TEXT NOT NULL,
+    ref INTEGER NOT NULL DEFAULT 0,
+    edited INTEGER NOT NULL DEFAULT 0,
     PRIMARY KEY (room, seq)
 ) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS users (name TEXT PRIMARY KEY, digest BLOB NOT NULL);
@@ -115,7 +117,7 @@ _SEARCH_BUILD = (
     "INSERT INTO search_text (rowid, text) SELECT s.id, m.text FROM search_rows s JOIN messages m ON m.room = s.room AND m.seq = s.seq",
 )
 _SEARCH_SQL = """
-SELECT s.id, m.room, m.seq, m.id, m.ts, m.sender, m.kind, m.text, m.to_name, m.cid
+SELECT s.id, m.room, m.seq, m.id, m.ts, m.sender, m.kind, m.text, m.to_name, m.cid, m.ref, m.edited
 FROM search_text JOIN search_rows s ON s.id = search_text.rowid JOIN messages m ON m.room = s.room AND m.seq = s.seq
 WHERE search_text MATCH ? AND search_text.rowid < ? {room} ORDER BY search_text.rowid DESC
 """
@@ -129,7 +131,7 @@ def fts_query(text: str) -> str:
     return " ".join('"' + word.replace('"', '""') + '"' + ("*" if prefix else "") for word, prefix in search_terms(text))
 
 
-_INSERT_SQL = f"INSERT INTO messages ({_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)"
+_INSERT_SQL = f"INSERT INTO messages ({_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
 _JOIN_SQL = "INSERT INTO members (room, name) VALUES (?, ?) ON CONFLICT DO NOTHING"
 _LEAVE_SQL = "DELETE FROM members WHERE room = ? AND name = ?"
 
@@ -170,8 +172,8 @@ def boot_id() -> str:
 
 
 def _row_to_msg(row: _Row) -> Msg:
-    room, seq, id_, ts, sender, kind, text, to_name, cid = row
-    return Msg(room=room, seq=seq, id=id_, ts=ts, sender=sender, kind=kind, text=text, to=to_name, cid=cid)
+    room, seq, id_, ts, sender, kind, text, to_name, cid, ref, edited = row
+    return Msg(room=room, seq=seq, id=id_, ts=ts, sender=sender, kind=kind, text=text, to=to_name, cid=cid, ref=ref, edited=edited)
 
 
 def _page(rows: Any, max_bytes: int) -> Page:
@@ -336,6 +338,10 @@ class SqliteStorage:
             for statement in _SCHEMA.split(";"):
                 if statement.strip():
                     conn.execute(statement)
+            have = {row[1] for row in conn.execute("PRAGMA table_info(messages)")}
+            for column in ("ref", "edited"):  # a file from before edits
+                if column not in have:
+                    conn.execute(f"ALTER TABLE messages ADD COLUMN {column} INTEGER NOT NULL DEFAULT 0")
             self._open_search(conn)
             conn.execute(
                 "INSERT INTO meta (key, value) VALUES ('epoch', ?) ON CONFLICT(key) DO NOTHING",
@@ -480,7 +486,7 @@ class SqliteStorage:
         (room, seq) inserts none."""
         if not messages and not members:
             return
-        rows = [(m.room, m.seq, m.id, m.ts, m.sender, m.kind, m.text, m.to, m.cid) for m in messages]
+        rows = [(m.room, m.seq, m.id, m.ts, m.sender, m.kind, m.text, m.to, m.cid, m.ref, m.edited) for m in messages]
         found = [m for m in messages if m.kind in TOMBSTONED_KINDS] if self.searchable else []
         first = self._search_next
         db = self._db
@@ -700,6 +706,23 @@ class SqliteStorage:
         except sqlite3.Error as exc:
             self._rollback(db)
             raise StorageUnavailable(f"SQLite tombstone failed: {exc}") from exc
+        self._wrote(1)
+        return cur.rowcount == 1
+
+    async def edit(self, room: str, seq: int, text: str, by: int) -> bool:
+        db = self._db
+        try:
+            db.execute("BEGIN IMMEDIATE")
+            cur = db.execute(
+                f"UPDATE messages SET text = ?, edited = ? WHERE room = ? AND seq = ? AND kind IN {TOMBSTONED_KINDS!r} AND edited < ?",
+                (text, by, room, seq, by),
+            )
+            if cur.rowcount and self.searchable:
+                db.execute("UPDATE search_text SET text = ? WHERE rowid = (SELECT id FROM search_rows WHERE room = ? AND seq = ?)", (text, room, seq))
+            db.execute("COMMIT")
+        except sqlite3.Error as exc:
+            self._rollback(db)
+            raise StorageUnavailable(f"SQLite edit failed: {exc}") from exc
         self._wrote(1)
         return cur.rowcount == 1
 
