@@ -247,3 +247,17 @@ def test_search_command() -> None:
             assert "/search TEXT" in str(exc)
         else:
             raise AssertionError(bad)
+
+
+def test_edit_and_delete_commands() -> None:
+    from zchat.tui import commands as c
+
+    assert c.parse("/edit the right words") == c.Edit("the right words")
+    assert c.parse("/delete") == c.Edit(None)
+    for bad in ("/edit", "/delete 5"):
+        try:
+            c.parse(bad)
+        except c.CommandError:
+            pass
+        else:
+            raise AssertionError(bad)

@@ -171,3 +171,47 @@ async def test_search_lists_results_and_enter_jumps_to_the_line(broker: RunningB
         await pilot.press("escape")
         await until(pilot, lambda: not isinstance(app.screen, SearchResults), "closed")
         assert app.current == "@alice:bob"
+
+
+async def test_edit_and_delete_are_seen_by_a_second_client(broker: RunningBroker, tmp_path: Path) -> None:
+    alice, bob = talk(broker, tmp_path / "a", "alice", history=50), talk(broker, tmp_path / "b", "bob", history=50)
+    async with alice.run_test(size=SIZE) as pa, bob.run_test(size=SIZE) as pb:
+        await connected(pa)
+        await connected(pb)
+        await typed(pa, "/edit nothing yet")
+        await until(pa, lambda: shown(alice, "nothing of yours to edit") == 1, "a one-line refusal")
+
+        await typed(pa, "helo bob")
+        await until(pb, lambda: shown(bob, "helo bob") == 1, "the line in bob's view")
+        await until(pa, lambda: alice.buffers["general"].last_own() is not None, "alice's line stored and shown")
+        await pa.press("up")  # on an empty input: edit the last line, as Slack does
+        assert alice.input.value == "/edit helo bob"
+        alice.input.value = "/edit hello bob"
+        await pa.press("enter")
+        await until(pb, lambda: shown(bob, "hello bob (edited)") == 1 and shown(bob, "helo bob") == 0, "the edit in bob's view")
+        await until(pa, lambda: shown(alice, "hello bob (edited)") == 1, "the edit in alice's view")
+        assert shown(bob, "edited #") == 0  # the edit line changes its line; it is not shown itself
+
+        await typed(pb, "/edit not yours")  # bob has no line of his own here
+        await until(pb, lambda: shown(bob, "nothing of yours to edit") == 1, "bob's refusal")
+        await pa.press("up")
+        assert alice.input.value == "/edit hello bob"
+        await pa.press("up")  # Up again: on to the earlier lines typed
+        assert alice.input.value == "/edit hello bob"  # the last line typed was that edit
+        alice.input.value = ""
+
+        await typed(pa, "/delete")
+        await until(pb, lambda: shown(bob, "hello bob") == 0 and shown(bob, "deleted a message") == 1, "the line gone in bob's view")
+        await until(pa, lambda: shown(alice, "hello bob") == 0, "gone in alice's view")
+        await typed(pa, "one more")
+        await until(pa, lambda: shown(alice, "one more") == 1 and alice.buffers["general"].last_own() is not None, "shown")
+        await typed(pa, "/edit one more, fixed")
+        await until(pb, lambda: shown(bob, "one more, fixed (edited)") == 1, "the second edit in bob's view")
+
+    again = talk(broker, tmp_path / "c", "carol", history=50)  # a later client: history has the latest state
+    async with again.run_test(size=SIZE) as pc:
+        await connected(pc)
+        await until(pc, lambda: shown(again, "deleted a message") == 1, "history")
+        assert shown(again, "helo") == 0 and shown(again, "hello bob") == 0
+        await until(pc, lambda: shown(again, "one more, fixed (edited)") == 1, "the latest text, marked edited")
+        assert shown(again, "edited #") == 0

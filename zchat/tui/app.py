@@ -178,6 +178,7 @@ class ChatApp(App[None]):
         self.input.on_line = self.take_line
         self.input.on_paste_lines = self.take_paste
         self.input.on_leave = self._leave
+        self.input.last_own = self._last_own_text
         self.input.focus()
         self._redraw()
         self.set_interval(1.0, self._refresh_status)
@@ -469,6 +470,8 @@ class ChatApp(App[None]):
         if index is None:
             if buf is self.buffer and msg.kind in ("join", "part"):
                 self._refresh_side()
+            elif buf is self.buffer and msg.kind == "edit" and self._screen_up():
+                self.log_view.show(buf, keep_bottom=False)  # a line above took its new text
             return
         if msg.kind in ("kick", "ban") and msg.to == self.me:
             self.note(f"{render.action(msg)}: you are out of #{msg.room}", "error", key=msg.room)
@@ -688,6 +691,8 @@ class ChatApp(App[None]):
             self._spawn(self._rooms())
         elif isinstance(action, c.Search):
             self._spawn(self._search(action.text))
+        elif isinstance(action, c.Edit):
+            self._edit_last(action.text)
         elif isinstance(action, c.History):
             if self.buffer is not None:
                 self._spawn(self._older(self.buffer, action.count, announce=True))
@@ -895,6 +900,28 @@ class ChatApp(App[None]):
                 self.log_view.scroll_home(animate=False)
         if announce:
             self.note(f"loaded {added} earlier message{'s' if added != 1 else ''}" + (" (the beginning)" if buf.complete else ""), key=buf.key)
+
+    def _last_own_text(self) -> str | None:
+        buf = self.buffer
+        line = buf.last_own() if buf is not None else None
+        return line.text if line is not None else None
+
+    def _edit_last(self, text: str | None) -> None:
+        """``/edit TEXT`` (or Up on an empty input, then Enter) and ``/delete``: our last
+        line in this window; every client shows the change when the broker sends it."""
+        buf = self.buffer
+        line = buf.last_own() if buf is not None else None
+        if buf is None or line is None:
+            self.error(f"nothing of yours to {'edit' if text is not None else 'delete'} in this window")
+            return
+        client = self.client
+        if client is None:
+            self.error(f"not connected to {self.broker} yet; try again when the status line says connected")
+            return
+        if text is None:
+            self._spawn(client.delete_own(buf.key, line.seq), buf.key)
+        elif text != line.text:
+            self._spawn(client.edit(buf.key, line.seq, text), buf.key)
 
     async def _search(self, text: str) -> None:
         """``/search``: the results in a list; the one picked is shown in its window."""
