@@ -66,3 +66,20 @@ async def test_edits_in_a_dm_reach_both(broker: RunningBroker, connect) -> None:
         await carol.edit(line.room, line.seq, "not mine")
     assert info.value.code == p.ErrorCode.NOT_MEMBER
     assert [(m.text, m.edited) for m in await bob.history(line.room) if m.kind == "text"] == [("hi bob", got[1].seq)]
+
+
+async def test_a_line_that_cannot_be_read_is_an_internal_error_and_changes_nothing(broker: RunningBroker, connect, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    alice = await connect("alice")
+    await alice.join("general")
+    line = await alice.send("general", "keep me")
+    storage = broker.broker.storage  # type: ignore[union-attr]
+
+    async def broken(*args: object, **kwargs: object) -> list:  # type: ignore[type-arg]
+        raise OSError("disk on fire")
+
+    monkeypatch.setattr(storage, "range", broken)
+    with pytest.raises(ClientError) as info:
+        await alice.edit("general", line.seq, "changed")
+    assert info.value.code == p.ErrorCode.INTERNAL
+    monkeypatch.undo()
+    assert [m.text for m in await alice.history("general") if m.kind in ("text", "edit")] == ["keep me"]

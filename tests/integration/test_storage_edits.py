@@ -1,18 +1,19 @@
 """Edits in the shared storage suite: the line takes the new text and is marked edited;
 a late or repeated edit changes nothing; search follows the text (SQLite)."""
 
+
 from __future__ import annotations
 
-from pathlib import Path
 import sqlite3
+from pathlib import Path
 
-from tests.integration.test_storage import Backend, backend, msg, storage  # noqa: F401, F811  (fixtures)
+from tests.integration.test_storage import Backend, backend, msg, storage
 from zchat.storage import Storage
 from zchat.storage.redis import RedisStorage
 from zchat.storage.sqlite import SqliteStorage
 
 
-async def test_edit_replaces_the_text_of_a_text_line_only(storage: Storage) -> None:  # noqa: F811
+async def test_edit_replaces_the_text_of_a_text_line_only(storage: Storage) -> None:
     await storage.append([msg("dev", 1, "tpyo", cid="c1"), msg("dev", 2, "waves", kind="me"), msg("dev", 3, "", kind="join")])
     await storage.append([msg("dev", 4, "typo", kind="edit", ref=1), msg("dev", 5, "waves back", kind="edit", ref=2)])
     assert await storage.edit("dev", 1, "typo", 4)

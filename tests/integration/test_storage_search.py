@@ -2,6 +2,7 @@
 Redis says clearly that it cannot (SearchUnsupported, which the broker turns into
 ``not_supported``)."""
 
+# ruff: noqa: F811  (the shared suite's fixtures, imported, are the tests' arguments)
 from __future__ import annotations
 
 import sqlite3
@@ -9,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.integration.test_storage import Backend, backend, msg, storage  # noqa: F401, F811  (fixtures)
+from tests.integration.test_storage import Backend, backend, msg, storage  # noqa: F401  (fixtures)
 from zchat.storage import SearchUnsupported, Storage, StorageError
 from zchat.storage.redis import RedisStorage
 from zchat.storage.sqlite import SqliteStorage

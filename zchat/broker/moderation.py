@@ -8,7 +8,8 @@ import logging
 import time
 
 from zchat import auth
-from zchat.core import Outcome, RoomChange
+from zchat import protocol as p
+from zchat.core import EditQuery, Outcome, RoomChange
 from zchat.storage import StorageError
 
 log = logging.getLogger(__package__)  # one logger for the whole broker: "zchat.broker"

@@ -22,11 +22,18 @@ from collections import deque
 from collections.abc import Callable, Iterable
 
 from zchat import protocol as p
+from zchat.core.edits import Edits
 from zchat.core.limits import Budgets, Limits, TokenBucket
 from zchat.core.lines import Lines
 from zchat.core.moderation import Moderation
-from zchat.core.edits import Edits
-from zchat.core.outcome import BROKER_SCOPE, EditQuery, HistoryQuery, Outcome, RoomChange, SearchQuery
+from zchat.core.outcome import (
+    BROKER_SCOPE,
+    EditQuery,
+    HistoryQuery,
+    Outcome,
+    RoomChange,
+    SearchQuery,
+)
 from zchat.core.rooms import Rooms
 from zchat.core.search import Searching
 from zchat.core.sequence import Dedup, RecentCids, Sequencing

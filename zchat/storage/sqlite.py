@@ -32,8 +32,8 @@ import os
 import secrets
 import sqlite3
 import threading
-from pathlib import Path
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any, Sequence
 
 from zchat.protocol import Msg
