@@ -106,3 +106,32 @@ async def test_a_failed_append_indexes_nothing(storage: Storage) -> None:
     assert await storage.search("orphan", 10) == []
     await storage.append([msg("dev", 2, "orphan words")])
     assert [m.seq for m in await storage.search("orphan", 10)] == [2]
+
+
+async def test_what_an_older_broker_did_to_the_file(tmp_path: Path) -> None:
+    """A broker from before search, run on the file: what it deleted is never found; what
+    it stored is found once the index is built again (meta 'search' deleted)."""
+    path = tmp_path / "history.db"
+    store = SqliteStorage(path)
+    await store.open()
+    await store.append([msg("dev", 1, "indexed words"), msg("dev", 2, "doomed words"), msg("dev", 3, "pruned words")])
+    await store.close()
+    db = sqlite3.connect(path)  # what a broker from before search does to the file
+    db.execute("INSERT INTO messages (room, seq, id, ts, sender, kind, text, to_name, cid) "
+               "VALUES ('dev', 4, 'x', 1700000004.0, 'bob', 'text', 'unindexed words', '', '')")
+    db.execute("UPDATE messages SET kind = 'deleted', text = '' WHERE seq = 2")
+    db.execute("DELETE FROM messages WHERE seq = 3")
+    db.commit()
+    db.close()
+    store = SqliteStorage(path)
+    await store.open()
+    assert [m.seq for m in await store.search("words", 10)] == [1]
+    await store.close()
+    db = sqlite3.connect(path)
+    db.execute("DELETE FROM meta WHERE key = 'search'")  # docs/operations.md, Upgrading
+    db.commit()
+    db.close()
+    store = SqliteStorage(path)
+    await store.open()
+    assert [m.seq for m in await store.search("words", 10)] == [4, 1]
+    await store.close()

@@ -103,8 +103,11 @@ DROP INDEX IF EXISTS messages_recent;
 # Full-text search (FTS5): search_rows numbers the text and /me lines in the order they
 # were stored (its id is the FTS row's rowid and the search position on the wire);
 # search_text holds their words. Both are written in the transaction that stores the
-# line, and changed with the line (tombstones, retention). Built once for a file made
-# before search existed (meta 'search'), in the transaction that opens it.
+# line, and changed with the line (tombstones, edits, retention). Built once for a file
+# made before search existed (meta 'search'), in the transaction that opens it. A broker
+# from before search, run on the file, stores lines without them: delete meta 'search'
+# to build the index again (docs/operations.md, Upgrading). What it deletes or prunes
+# only leaves rows the search query's join and kind filter skip.
 _SEARCH_SCHEMA = (
     "CREATE TABLE IF NOT EXISTS search_rows (id INTEGER PRIMARY KEY, room TEXT NOT NULL, seq INTEGER NOT NULL)",
     "CREATE UNIQUE INDEX IF NOT EXISTS search_rows_line ON search_rows (room, seq)",
@@ -119,7 +122,7 @@ _SEARCH_BUILD = (
 _SEARCH_SQL = """
 SELECT s.id, m.room, m.seq, m.id, m.ts, m.sender, m.kind, m.text, m.to_name, m.cid, m.ref, m.edited
 FROM search_text JOIN search_rows s ON s.id = search_text.rowid JOIN messages m ON m.room = s.room AND m.seq = s.seq
-WHERE search_text MATCH ? AND search_text.rowid < ? {room} ORDER BY search_text.rowid DESC
+WHERE search_text MATCH ? AND search_text.rowid < ? AND m.kind IN ('text', 'me') {room} ORDER BY search_text.rowid DESC
 """
 _UNSEARCH_SQL = "DELETE FROM search_text WHERE rowid IN (SELECT id FROM search_rows WHERE room = ? AND seq {op} ?)"
 _UNSEARCH_ROWS_SQL = "DELETE FROM search_rows WHERE room = ? AND seq {op} ?"
@@ -385,7 +388,8 @@ class SqliteStorage:
             conn.execute("SAVEPOINT search")
             for statement in _SEARCH_SCHEMA:
                 conn.execute(statement)
-            if conn.execute("SELECT 1 FROM meta WHERE key = 'search'").fetchone() is None:
+            built = conn.execute("SELECT 1 FROM meta WHERE key = 'search'").fetchone() is not None
+            if not built:
                 for statement in _SEARCH_BUILD:
                     conn.execute(statement)
                 built = conn.execute("SELECT COUNT(*) FROM search_rows").fetchone()[0]
