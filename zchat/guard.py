@@ -24,6 +24,7 @@ Three pieces, each bounded:
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import errno
 import logging
@@ -34,6 +35,7 @@ import struct
 import threading
 import time
 from collections import deque
+from collections.abc import Iterator
 
 import zmq
 from zmq.utils.monitor import parse_monitor_message
@@ -148,27 +150,37 @@ def connection_cap(config: GuardConfig, fd_soft: int) -> int:
     return config.max_connections
 
 
-def _peer_of(fd: int) -> str | None:
-    """The peer address of libzmq's descriptor ``fd``, looked at through a duplicate."""
+@contextlib.contextmanager
+def _looking_at(fd: int) -> Iterator[socket.socket]:
+    """A socket object over libzmq's descriptor ``fd`` that never closes it: a duplicate
+    when one can be made, else ``fd`` itself, borrowed and detached. Near the descriptor
+    limit (exactly when the guard matters) ``dup`` fails with EMFILE: without the borrow
+    every peer looked like address "?" and shared one per-address cap."""
     try:
         dup = os.dup(fd)
-    except OSError:
-        return None
-    try:
-        with socket.socket(fileno=dup) as sock:  # closes the duplicate only
-            return str(sock.getpeername()[0])
-    except OSError:
-        return None
+    except OSError as exc:
+        if exc.errno not in (errno.EMFILE, errno.ENFILE):
+            raise
+        sock = socket.socket(fileno=fd)
+        try:
+            yield sock
+        finally:
+            sock.detach()  # never close libzmq's descriptor
+        return
+    with socket.socket(fileno=dup) as sock:  # closes the duplicate only
+        yield sock
+
+
+def _peer_of(fd: int) -> str | None:
+    """The peer address of libzmq's descriptor ``fd`` (None if gone)."""
+    peer = peer_name(fd)
+    return peer[0] if peer is not None else None
 
 
 def peer_name(fd: int) -> tuple[str, int] | None:
     """(address, port) of the peer on libzmq's descriptor ``fd`` (None if gone)."""
     try:
-        dup = os.dup(fd)
-    except OSError:
-        return None
-    try:
-        with socket.socket(fileno=dup) as sock:
+        with _looking_at(fd) as sock:
             peer = sock.getpeername()
             return str(peer[0]), int(peer[1])
     except OSError:
@@ -200,20 +212,7 @@ def _handshake_done(fd: int) -> bool:
 def _cut(fd: int) -> None:
     """End the TCP connection under libzmq's ``fd`` without closing that descriptor."""
     try:
-        dup = os.dup(fd)
-    except OSError as exc:
-        if exc.errno not in (errno.EMFILE, errno.ENFILE):
-            return
-        sock = socket.socket(fileno=fd)  # no descriptor left for a duplicate: borrow it
-        try:
-            sock.shutdown(socket.SHUT_RDWR)
-        except OSError:
-            pass
-        finally:
-            sock.detach()  # never close libzmq's descriptor
-        return
-    try:
-        with socket.socket(fileno=dup) as sock:
+        with _looking_at(fd) as sock:
             sock.shutdown(socket.SHUT_RDWR)
     except OSError:
         pass
@@ -352,6 +351,8 @@ class ConnectionGuard:
         elif kind == zmq.EVENT_ACCEPT_FAILED:
             self.accept_failed += 1
             self._warn(now, f"{label}: accept failed ({os.strerror(fd) if fd > 0 else fd}); {len(self.by_fd)} connections")
+            if fd in (errno.EMFILE, errno.ENFILE) and self.pending:  # out of descriptors: free one for whoever waits
+                self._make_room(now)
 
     def bar(self, address: str, until: float) -> None:
         """Cut ``address``'s new connections at accept until ``until`` (monotonic); called
