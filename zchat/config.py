@@ -105,6 +105,11 @@ class Settings:
     # Retention (zchat.retention): 0 keeps everything, the default.
     retain_days: float = 0.0  # delete messages older than this many days
     retain_messages: int = 0  # keep at most this many (the newest) messages a room
+    # zchat talk
+    talk_remember: bool = True  # keep read positions in DATA_DIR/cursors; show what came while away
+    talk_bell: bool = True  # ring the terminal bell on a mention or a DM
+    talk_desktop: bool = True  # a desktop notification on a mention or a DM
+    talk_notify: str = "auto"  # how: auto, osc777, osc9, notify-send or none
 
     def reserved(self) -> tuple[str, ...]:
         return tuple(n for n in (part.strip() for part in self.reserved_names.split(",")) if n)
@@ -148,6 +153,10 @@ HELP = {
     "send_budget": f"bytes each connection's send queue at the broker may hold (at least {MIN_SEND_BUDGET})",
     "retain_days": "days of history the broker keeps; older messages are pruned in the background (0: all)",
     "retain_messages": "messages the broker keeps a room, the newest; older ones are pruned in the background (0: all)",
+    "talk_remember": "zchat talk keeps where you left off (DATA_DIR/cursors) and shows what was said since",
+    "talk_bell": "zchat talk rings the terminal bell on a mention of your name or a direct message",
+    "talk_desktop": "zchat talk shows a desktop notification on a mention of your name or a direct message",
+    "talk_notify": "how talk's desktop notifications go: auto (notify-send if installed, else OSC 777), osc777, osc9, notify-send or none",
 }
 
 
@@ -167,6 +176,15 @@ def _to_type(name: str, value: Any, source: str, from_text: bool) -> Any:
     """Turn ``value`` into the field's type. Text (env, flags) is parsed; TOML values
     must already have the right type (an integer is fine where a float is wanted)."""
     kind = type(FIELDS[name].default)
+    if kind is bool:
+        if isinstance(value, bool):
+            return value
+        word = value.strip().lower() if from_text and isinstance(value, str) else None
+        if word in ("1", "true", "yes", "on"):
+            return True
+        if word in ("0", "false", "no", "off"):
+            return False
+        raise _fail(name, source, value, "true or false")
     if kind is str:
         if isinstance(value, str):
             return value.strip() if from_text else value
@@ -297,6 +315,12 @@ def _validate(name: str, value: Any, source: str) -> Any:
     if name == "max_bytes":
         if not 1 <= value <= MAX_MESSAGE_BYTES:
             raise _fail(name, source, value, f"an integer from 1 to {MAX_MESSAGE_BYTES}")
+        return value
+    if name == "talk_notify":
+        from zchat.tui.notify import METHODS
+
+        if value not in METHODS:
+            raise _fail(name, source, value, "one of " + ", ".join(METHODS))
         return value
     if name in ("retain_days", "retain_messages"):
         if value < 0:

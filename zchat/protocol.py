@@ -27,6 +27,9 @@ MAX_SENDS_ITEMS: Final = 256
 #: Largest reply body the broker builds (history pages, member and room lists are cut
 #: to fit and say ``more``): bounds what one unread reply costs the broker.
 MAX_REPLY_BYTES: Final = 1024 * 1024
+#: Most results one ``search`` page holds, and the longest search text (characters).
+MAX_SEARCH: Final = 200
+MAX_SEARCH_TEXT: Final = 200
 #: Largest integer on the wire: seqs and rids are SQLite/Redis int64s.
 MAX_INT: Final = 2**63 - 1
 
@@ -57,9 +60,11 @@ PUB_OFFSET: Final = 2
 #: Kinds of a sequenced line. Moderation lines (docs/protocol.md "Private rooms and
 #: moderation"): ``to`` names the user acted on, ``text`` the reason or the new topic;
 #: a ``delete`` line's text is the deleted line's seq (decimal), and the deleted line
-#: itself is replaced in history by a ``deleted`` tombstone (no text).
+#: itself is replaced in history by a ``deleted`` tombstone (no text). An ``edit`` line
+#: (a sender changing their own line: docs/protocol.md "Edit and delete") carries the
+#: new text, and ``ref`` the seq of the line it changes; so does a ``delete`` line.
 MsgKind = Literal[
-    "text", "me", "join", "part", "invite", "kick", "ban", "unban", "topic", "op", "deop", "delete", "deleted",
+    "text", "me", "join", "part", "invite", "kick", "ban", "unban", "topic", "op", "deop", "delete", "deleted", "edit",
 ]
 #: Room operators' actions (Moderate.action) and broker admins' (Admin.action).
 ModAction = Literal["invite", "kick", "ban", "unban", "topic", "op", "deop"]
@@ -92,13 +97,14 @@ class ErrorCode:
     FORBIDDEN = "forbidden"  # not for this identity (a look-only session may not join or send)
     LIMIT_REACHED = "limit_reached"  # a per-user cap (rooms per user, ...) is full
     STORAGE_UNAVAILABLE = "storage_unavailable"  # history cannot be written now (disk full...): resend later
+    NOT_SUPPORTED = "not_supported"  # this broker's storage cannot do that (search on Redis)
 
     ALL: Final = frozenset(
         {
             BAD_FRAME, BAD_ENCODING, BAD_VERSION, BAD_REQUEST, TOO_LARGE, BAD_NAME,
             BAD_ROOM, UNKNOWN_ROOM, UNKNOWN_USER, NOT_MEMBER, RATE_LIMITED,
             NO_SESSION, NAME_TAKEN, SHUTTING_DOWN, INTERNAL, FORBIDDEN, LIMIT_REACHED,
-            STORAGE_UNAVAILABLE,
+            STORAGE_UNAVAILABLE, NOT_SUPPORTED,
         }
     )
 
@@ -172,6 +178,42 @@ class History(_Body, tag="history"):
     limit: Annotated[int, Meta(ge=1, le=MAX_HISTORY)] = 100
     before: Seq = 0  # 0: no upper bound
     after: Annotated[int, Meta(ge=-1, le=MAX_INT)] = -1  # -1: no lower bound (newest first selection)
+
+
+class Edit(_Body, tag="edit"):
+    """Change your own text or /me line ``seq`` of ``room`` (a room you are in, or one of
+    your DM conversations) to ``text`` (reply ``ok``): a sequenced ``edit`` line (ref =
+    seq, the new text) is stored and published, and history gives the line itself with
+    the new text and ``edited`` = that edit line's seq. Someone else's line: ``forbidden``;
+    no such text or /me line (or a deleted one): ``bad_request``."""
+
+    rid: Rid
+    room: str
+    seq: Seq
+    text: str
+
+
+class Delete(_Body, tag="delete"):
+    """Delete your own text or /me line ``seq`` of ``room`` (reply ``ok``): a sequenced
+    ``delete`` line (ref = seq; text = seq in decimal, as a broker admin's) is stored and
+    published, and the line becomes a ``deleted`` tombstone in history. Errors as Edit."""
+
+    rid: Rid
+    room: str
+    seq: Seq
+
+
+class Search(_Body, tag="search"):
+    """Text and /me lines containing every word of ``text`` (a word ending in ``*``
+    matches as a prefix), in ``room`` or else in every room the user may read (public
+    rooms, private rooms they are a member of, their own DM conversations); newest first,
+    at most ``limit``. ``before``: 0 for the newest, else the ``next`` of the page before."""
+
+    rid: Rid
+    text: Annotated[str, Meta(max_length=MAX_SEARCH_TEXT)]
+    room: str = ""
+    limit: Annotated[int, Meta(ge=1, le=MAX_SEARCH)] = 50
+    before: Seq = 0
 
 
 class Who(_Body, tag="who"):
@@ -268,6 +310,7 @@ class Admin(_Body, tag="admin"):
 
 Request = Union[
     Hello, Join, Part, History, Who, Rooms, Ping, Bye, Status, Claim, Invite, KeyAdd, KeyRevoke, KeyList, Moderate, Admin,
+    Search, Edit, Delete,
 ]
 
 # ------------------------------------------------------ client -> broker (PUSH/PULL)
@@ -350,6 +393,17 @@ class HistoryReply(_Body, tag="hist"):
     more: bool = False  # cut short by MAX_REPLY_BYTES: ask again from the last seq given
 
 
+class SearchReply(_Body, tag="found"):
+    """The answer to Search: matching lines, newest first (each with its room, seq, ts
+    and sender). ``next`` > 0: more may match; ask again with before = next (a page can
+    also end early, cut by MAX_REPLY_BYTES or by how far one search may look)."""
+
+    rid: int
+    epoch: str
+    messages: list["Msg"] = []
+    next: int = 0
+
+
 class WhoReply(_Body, tag="members"):
     rid: int
     room: str
@@ -428,7 +482,9 @@ class KeysReply(_Body, tag="keys"):
     keys: list[str] = []
 
 
-Reply = Union[Welcome, Joined, Ok, HistoryReply, WhoReply, RoomsReply, Pong, Ack, Error, StatusReply, Invited, KeysReply]
+Reply = Union[
+    Welcome, Joined, Ok, HistoryReply, WhoReply, RoomsReply, Pong, Ack, Error, StatusReply, Invited, KeysReply, SearchReply,
+]
 
 # ------------------------------------------------------- broker -> client (PUB/SUB)
 
@@ -446,6 +502,8 @@ class Msg(_Body, tag="msg"):
     to: str = ""
     cid: str = ""
     epoch: str = ""
+    ref: int = 0  # an edit or delete line: the seq of the line it changes (0: none)
+    edited: int = 0  # a line changed by its sender: the seq of its latest edit line (0: never)
 
 
 class Presence(_Body, tag="presence"):

@@ -56,24 +56,29 @@ def action(msg: p.Msg) -> str:
 
 def deleted_seq(msg: p.Msg) -> int:
     """The seq a ``delete`` line hides (0 for any other line)."""
-    if msg.kind == "delete" and msg.text.isdigit():
-        return int(msg.text)
-    return 0
+    if msg.kind != "delete":
+        return 0
+    if msg.ref:
+        return msg.ref
+    return int(msg.text) if msg.text.isdigit() else 0
 
 
 def line(event: Event, me: str = "") -> str | None:
     """A human line for ``event``, or None for events not worth a line."""
     if isinstance(event, p.Msg):
         head = f"{clock(event.ts)} {where(event, me)}"
+        edited = " (edited)" if event.edited else ""
         if event.kind == "me":
-            return f"{head} * {event.sender} {event.text}"
+            return f"{head} * {event.sender} {event.text}{edited}"
         if event.kind == "join":
             return f"{head} --> {event.sender} joined"
         if event.kind == "part":
             return f"{head} <-- {event.sender} left"
         if event.kind in ACTIONS:
             return f"{head} -!- {action(event)}"
-        return f"{head} <{event.sender}> {event.text}"
+        if event.kind == "edit":
+            return f"{head} -!- {event.sender} edited #{event.ref}: {event.text}"
+        return f"{head} <{event.sender}> {event.text}{edited}"
     if isinstance(event, p.Presence):
         return f"{clock(event.ts)} #{event.room} --- {event.name} is {'online' if event.online else 'offline'}"
     if isinstance(event, StateChange):
@@ -97,5 +102,5 @@ def as_json(msg: p.Msg) -> dict[str, Any]:
     """The stable JSON shape of a message for scripts (``tail --json``)."""
     return {
         "room": msg.room, "seq": msg.seq, "id": msg.id, "ts": msg.ts, "sender": msg.sender,
-        "kind": msg.kind, "text": msg.text, "to": msg.to, "epoch": msg.epoch,
+        "kind": msg.kind, "text": msg.text, "to": msg.to, "epoch": msg.epoch, "ref": msg.ref, "edited": msg.edited,
     }

@@ -233,3 +233,31 @@ def test_clear_empties_the_window() -> None:
 def test_nick_colours_are_stable_and_spread() -> None:
     assert nick_colour("alice") == nick_colour("alice")
     assert len({nick_colour(n) for n in ("alice", "bob", "carol", "dave")}) == 4
+
+
+def test_search_command() -> None:
+    from zchat import protocol as p
+    from zchat.tui import commands as c
+
+    assert c.parse("/search deploy failed") == c.Search("deploy failed")
+    for bad in ("/search", "/search   ", "/search " + "x" * (p.MAX_SEARCH_TEXT + 1)):
+        try:
+            c.parse(bad)
+        except c.CommandError as exc:
+            assert "/search TEXT" in str(exc)
+        else:
+            raise AssertionError(bad)
+
+
+def test_edit_and_delete_commands() -> None:
+    from zchat.tui import commands as c
+
+    assert c.parse("/edit the right words") == c.Edit("the right words")
+    assert c.parse("/delete") == c.Edit(None)
+    for bad in ("/edit", "/delete 5"):
+        try:
+            c.parse(bad)
+        except c.CommandError:
+            pass
+        else:
+            raise AssertionError(bad)

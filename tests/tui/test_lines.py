@@ -71,8 +71,10 @@ async def test_keys_typed_right_after_enter_start_a_new_line(broker, connect) ->
         got = await stored_until(pilot, bob, ("text", "marker"))
         assert got == [("text", "yes, 1.4 is out"), ("me", "celebrates"), ("text", "and a third"), ("text", "marker")], lines(app)
         assert app.input.value == ""
-        # and Up recalls them in order, each once
-        for want in ("marker", "and a third", "/me celebrates", "yes, 1.4 is out"):
+        # and Up recalls them in order, each once (the first Up on the empty line offers
+        # to edit the last one, as Slack does)
+        await until(pilot, lambda: app.buffers["general"].last_own() is not None, "our last line shown")
+        for want in ("/edit marker", "marker", "and a third", "/me celebrates", "yes, 1.4 is out"):
             await pilot.press("up")
             assert app.input.value == want
 

@@ -442,7 +442,7 @@ def test_replies_and_events_have_no_size_limit() -> None:
 
 def test_error_codes_are_distinct_strings() -> None:
     codes = [v for k, v in vars(E).items() if k.isupper() and k != "ALL"]
-    assert len(codes) == len(set(codes)) == len(E.ALL) == 18
+    assert len(codes) == len(set(codes)) == len(E.ALL) == 19
     assert set(codes) == E.ALL
 
 

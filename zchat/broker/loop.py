@@ -21,9 +21,10 @@ from zchat.broker.engines import Engine, LocalEngine
 from zchat.broker.inputs import Inputs
 from zchat.broker.moderation import Moderating
 from zchat.broker.outage import RateLimitedLog, StorageOutage
+from zchat.broker.search import Searching
 from zchat.broker.startup import Startup
 from zchat.broker.zap import Zap
-from zchat.core import Core, HistoryQuery, Limits, Outcome
+from zchat.core import Core, EditQuery, HistoryQuery, Limits, Outcome, SearchQuery
 from zchat.guard import Claims, ConnectionGuard, GuardConfig, Refusals
 from zchat.metrics import Stats
 from zchat.metrics import status as fill_status
@@ -34,7 +35,7 @@ from zchat.storage import Storage, StorageUnavailable
 log = logging.getLogger(__package__)  # one logger for the whole broker: "zchat.broker"
 
 
-class Broker(Startup, Zap, Edge, Inputs, Moderating):
+class Broker(Startup, Zap, Edge, Inputs, Moderating, Searching):
     """The broker process's state and loop; its parts (start-up, ZAP, edge requests,
     inputs) are mixins in their own files, all on this one instance."""
 
@@ -320,7 +321,7 @@ class Broker(Startup, Zap, Edge, Inputs, Moderating):
             stats.append_seconds.observe(time.perf_counter() - began)
         if out.went or out.members or out.room_changes:
             await self.engine.after(core, out)
-        if out.tombstones or out.cut or out.released:
+        if out.tombstones or out.cut or out.released or out.edits:
             await self._moderated(out)
         self._publish(out.publish)
         encode = p.encode
@@ -340,6 +341,12 @@ class Broker(Startup, Zap, Edge, Inputs, Moderating):
                 send_parts(router, [sid.encode("latin-1"), encode(p.Ack(stored=items))])
         stats.acks += len(out.acks)
         for query in out.queries:
+            if type(query) is SearchQuery:
+                send_parts(router, [query.sid.encode("latin-1"), encode(await self._answer_search(query))])
+                continue
+            if type(query) is EditQuery:
+                await self._edit_line(query)
+                continue
             stats.history["range" if query.request.after >= 0 else "last"] += 1
             try:
                 body = await self._history(query)

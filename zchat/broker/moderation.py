@@ -1,6 +1,6 @@
 """What moderation asks of the shell (a mixin of Broker): storing room settings with a
-batch, tombstones, cutting the connections of a banned or released name, and releasing
-a name's keys and storage row."""
+batch, tombstones and edits, cutting the connections of a banned or released name, and
+releasing a name's keys and storage row; and reading the line a sender edits."""
 
 from __future__ import annotations
 
@@ -8,7 +8,8 @@ import logging
 import time
 
 from zchat import auth
-from zchat.core import Outcome, RoomChange
+from zchat import protocol as p
+from zchat.core import EditQuery, Outcome, RoomChange
 from zchat.storage import StorageError
 
 log = logging.getLogger(__package__)  # one logger for the whole broker: "zchat.broker"
@@ -28,6 +29,12 @@ class Moderating:
         """After the batch is stored: tombstones (before the delete lines are published, so
         a client that fetches history on seeing one gets the tombstone), then bans and
         releases of names."""
+        for room, seq, text, by in out.edits:  # before the edit lines are published, as tombstones
+            try:
+                if not await self.storage.edit(room, seq, text, by):
+                    log.info("line %d of %r was not edited (gone, deleted, or edited later)", seq, room)
+            except StorageError as exc:
+                log.error("could not edit line %d of %r: %r", seq, room, exc)
         for room, seq in out.tombstones:
             try:
                 if not await self.storage.tombstone(room, seq):
@@ -54,6 +61,21 @@ class Moderating:
                 log.info("name %r released by an admin (%d live connection(s) cut)", name, cut)
             else:
                 log.info("%r banned from the broker (%d live connection(s) cut)", name, cut)
+
+    async def _edit_line(self, query: EditQuery) -> None:
+        """Read the line an edit or delete names, let the core check its sender, and
+        carry out what it decided (the edit line, the change, the reply)."""
+        req = query.request
+        try:
+            page = await self.storage.range(req.room, req.seq - 1, 1)
+        except Exception as exc:
+            log.error("reading line %d of %r for an edit failed: %r", req.seq, req.room, exc)
+            out = Outcome()
+            out.error(query.sid, p.ErrorCode.INTERNAL, "could not read that line; try again", rid=req.rid)
+        else:
+            out = Outcome()
+            self.core.edit_found(query, page[0] if page and page[0].seq == req.seq else None, time.monotonic(), out)
+        await self._apply(out)
 
     def _cut_name(self, name: str) -> int:
         """Cut the live connections of every key of ``name``; how many."""

@@ -1,4 +1,4 @@
-"""Scriptable client commands: send, tail, who, rooms, ping. Each is a few lines over
+"""Scriptable client commands: send, tail, search, who, rooms, ping. Each is a few lines over
 ``zchat.client``; exit codes: 0 done, 1 refused by the broker, 2 bad usage, 3 no broker."""
 
 from __future__ import annotations
@@ -107,6 +107,49 @@ def tail(s: Settings, room: str, history: int, as_json: bool, count: int | None,
     run_client(s.broker, name, body)
 
 
+@click.command("search", epilog=EXIT_CODES)
+@client_options
+@click.option("--room", "-r", help="Search this room only (@NAME: your conversation with NAME). [default: every room you may read]")
+@click.option("--limit", type=click.IntRange(1, 1000), default=20, show_default=True, help="Most lines to print.")
+@click.option("--before", type=click.IntRange(min=0), default=0, help="Go on from an earlier search: the 'before' its --json 'more' record gave.")
+@click.option("--json", "as_json", is_flag=True,
+              help="One JSON object per line, newest first (the shape of tail --json); then "
+                   '{"kind": "more", "before": N} when more may match.')
+@click.argument("text", nargs=-1, required=True)
+@with_settings
+def search(s: Settings, room: str | None, limit: int, before: int, as_json: bool, text: tuple[str, ...]) -> None:
+    """Find lines holding every word of TEXT (WORD* matches a prefix), newest first,
+    in the rooms you may read: public rooms, private rooms you are in, your direct
+    conversations. Without --name, public rooms only (a look-only session).
+
+    \b
+    Examples:
+      zchat search --name carol deploy failed
+      zchat search -n carol --room ops "dep*" --json | jq -r .text
+    """
+    words = " ".join(text)
+    where = _room(room) or ""
+    if where.startswith("@"):
+        where = p.dm_room(require_name(s), where[1:])
+
+    async def body(client: Client) -> tuple[list[p.Msg], int]:
+        return await client.search(words, room=where, limit=limit, before=before)
+
+    hits, more = run_client(s.broker, s.name or None, body)
+    for msg in hits:
+        if as_json:
+            click.echo(json.dumps(render.as_json(msg), ensure_ascii=False))
+        else:
+            click.echo(f"{time.strftime('%Y-%m-%d', time.localtime(msg.ts))} {render.line(msg, s.name)}")
+    if more:
+        if as_json:
+            click.echo(json.dumps({"kind": "more", "before": more}))
+        else:
+            click.echo(f"(more may match: add --before {more})", err=True)
+    elif not hits and not as_json:
+        click.echo("nothing found", err=True)
+
+
 @click.command("who", epilog=EXIT_CODES)
 @client_options
 @click.option("--room", "-r", required=True, help="Room to list.")
@@ -161,4 +204,4 @@ def ping(s: Settings, timeout: float) -> None:
     click.echo(f"broker {s.broker} answered in {rtt * 1000:.1f} ms")
 
 
-COMMANDS = [send, tail, who, rooms, ping]
+COMMANDS = [send, tail, search, who, rooms, ping]

@@ -10,6 +10,7 @@ import click
 
 from zchat import protocol as p
 from zchat.cli.options import EXIT_REFUSED, EXIT_UNREACHABLE, client_options, fail, require_name, run_client, settings
+from zchat.config import Settings, data_dir
 
 EXIT_CODES = (
     "Exit status: 0 done, 1 refused by the broker (name taken, a line refused in line mode), "
@@ -75,7 +76,7 @@ def talk(
     if line_mode:
         _line_mode(s.broker, me, rooms, history or 0)
     else:
-        _full_screen(s.broker, me, rooms, DEFAULT_HISTORY if history is None else history)
+        _full_screen(s, me, rooms, DEFAULT_HISTORY if history is None else history)
 
 
 def _ask_once_about_a_new_broker(broker: str) -> None:
@@ -117,13 +118,14 @@ def _line_mode(broker: str, name: str, rooms: list[str], history: int) -> None:
     sys.exit(run_client(broker, name, body))
 
 
-def _full_screen(broker: str, name: str, rooms: list[str], history: int) -> None:
-    from zchat.tui.app import ChatApp
-
+def _full_screen(s: Settings, name: str, rooms: list[str], history: int) -> None:
     from zchat.client import ClientError
+    from zchat.tui.app import ChatApp
+    from zchat.tui.notify import NotifySettings
 
+    notify = NotifySettings(bell=s.talk_bell, desktop=s.talk_desktop, method=s.talk_notify)
     try:
-        app = ChatApp(broker, name, rooms, history=history)
+        app = ChatApp(s.broker, name, rooms, history=history, data_dir=data_dir() if s.talk_remember else None, notify=notify)
     except (ValueError, ClientError) as exc:  # a bad broker address or name
         raise click.UsageError(str(exc)) from None
     app.run()

@@ -204,6 +204,19 @@ class Requests:
         """(Broker admins) replace line ``seq`` of ``room`` by a tombstone; clients hide it."""
         await self._admin("delete", room=room, seq=seq)
 
+    async def edit(self, room: str, seq: int, text: str) -> None:
+        """Change your own text or /me line ``seq`` of ``room`` (a DM conversation too:
+        its ``@a:b`` room) to ``text``; every client sees an ``edit`` line (ref = seq), and
+        history gives the line with the new text, ``edited`` set. Someone else's line:
+        ClientError ``forbidden``."""
+        await self._request(lambda rid: p.Edit(rid=rid, room=room, seq=seq, text=text))
+
+    async def delete_own(self, room: str, seq: int) -> None:
+        """Delete your own text or /me line ``seq`` of ``room``: a ``delete`` line (ref =
+        seq) and a tombstone in history, as a broker admin's delete. Someone else's
+        line: ClientError ``forbidden``."""
+        await self._request(lambda rid: p.Delete(rid=rid, room=room, seq=seq))
+
     async def release(self, name: str) -> None:
         """(Broker admins) free the name ``name``: out of every room, its keys forgotten."""
         await self._admin("release", name)
@@ -220,6 +233,23 @@ class Requests:
             if not reply.more or not reply.messages or len(out) >= limit:
                 return out
             after = reply.messages[-1].seq  # the rest of the same selection, oldest first
+
+    async def search(self, text: str, room: str = "", limit: int = 50, before: int = 0) -> tuple[list[p.Msg], int]:
+        """Text and /me lines holding every word of ``text`` (``word*``: a prefix), in
+        ``room`` or every room this user may read, newest first: up to ``limit`` of them
+        (pages the broker cut are asked for again, up to MAX_LIST_PAGES), and the
+        ``before`` of the next page (0: nothing more matches). A Redis broker raises
+        ClientError ``not_supported``."""
+        out: list[p.Msg] = []
+        for _ in range(MAX_LIST_PAGES):
+            want = min(limit - len(out), p.MAX_SEARCH)
+            reply = await self._request(lambda rid: p.Search(rid=rid, text=text, room=room, limit=want, before=before))
+            assert isinstance(reply, p.SearchReply)
+            out += [msgspec.structs.replace(m, epoch=reply.epoch) for m in reply.messages]
+            before = reply.next
+            if not before or len(out) >= limit:
+                break
+        return out, before
 
     async def who(self, room: str) -> list[p.Member]:
         """A room's members by name, every page (up to MAX_LIST_PAGES)."""

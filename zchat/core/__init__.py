@@ -8,8 +8,9 @@ or storage, so tests drive it with plain values.
 
 ``Core`` is one class made of one part per concern, each in its own file:
 rooms (membership, pages, caps), sessions (presence, expiry, eviction), lines (the
-chat-line hot path), sequence (seqs, ids, dedup, undo), limits (buckets, budgets) and
-moderation (private rooms, operators, admins, wire-topic tokens).
+chat-line hot path), sequence (seqs, ids, dedup, undo), limits (buckets, budgets),
+moderation (private rooms, operators, admins, wire-topic tokens), search (who may
+find what) and edits (senders changing their own lines).
 This file holds its state and routes each request to the part that owns it.
 """
 
@@ -21,18 +22,27 @@ from collections import deque
 from collections.abc import Callable, Iterable
 
 from zchat import protocol as p
+from zchat.core.edits import Edits
 from zchat.core.limits import Budgets, Limits, TokenBucket
 from zchat.core.lines import Lines
 from zchat.core.moderation import Moderation
-from zchat.core.outcome import BROKER_SCOPE, HistoryQuery, Outcome, RoomChange
+from zchat.core.outcome import (
+    BROKER_SCOPE,
+    EditQuery,
+    HistoryQuery,
+    Outcome,
+    RoomChange,
+    SearchQuery,
+)
 from zchat.core.rooms import Rooms
+from zchat.core.search import Searching
 from zchat.core.sequence import Dedup, RecentCids, Sequencing
 from zchat.core.sessions import Session, Sessions, valid_sid
 from zchat.protocol import ErrorCode as E
 
 __all__ = [
-    "BROKER_SCOPE", "Core", "Dedup", "HistoryQuery", "Limits", "Outcome", "RecentCids", "RoomChange", "Session",
-    "TokenBucket", "valid_sid",
+    "BROKER_SCOPE", "Core", "Dedup", "EditQuery", "HistoryQuery", "Limits", "Outcome", "RecentCids", "RoomChange", "SearchQuery",
+    "Session", "TokenBucket", "valid_sid",
 ]
 
 _LOOKER = p.LOOKER
@@ -45,7 +55,7 @@ def _counting_tokens() -> Callable[[], str]:
     return lambda: f"{next(counter):x}"
 
 
-class Core(Rooms, Sessions, Lines, Sequencing, Budgets, Moderation):
+class Core(Rooms, Sessions, Lines, Sequencing, Budgets, Moderation, Searching, Edits):
     """The broker's state. Every ``now`` it is given is MONOTONIC seconds (rate buckets,
     presence, dedup windows); timestamps on the wire are ``now + wall_offset``, which the
     shell keeps at ``time.time() - time.monotonic()`` (0.0 in tests: ts == now).
@@ -88,6 +98,7 @@ class Core(Rooms, Sessions, Lines, Sequencing, Budgets, Moderation):
         self.buckets: dict[str, TokenBucket] = {}  # name -> chat line bucket
         self.request_buckets: dict[str, TokenBucket] = {}  # name -> request bucket
         self.moderation_buckets: dict[str, TokenBucket] = {}  # name -> moderation bucket
+        self.search_buckets: dict[str, TokenBucket] = {}  # name -> search bucket
         self.room_buckets: dict[str, TokenBucket] = {}  # public room -> line bucket
         # Sorted names of the public rooms with members: `rooms` pages with bisect.
         self.room_index: list[str] = sorted(room for room in self.members if not p.is_dm_room(room))
@@ -160,6 +171,10 @@ class Core(Rooms, Sessions, Lines, Sequencing, Budgets, Moderation):
                 self._part(sid, name, req, now, out)
         elif isinstance(req, p.History):
             self._history(sid, name, req, out)
+        elif isinstance(req, p.Search):
+            self._search(sid, name, req, now, out)
+        elif isinstance(req, (p.Edit, p.Delete)):
+            self.edit_request(sid, name, req, now, out)
         elif isinstance(req, p.Who):
             if self._readable(sid, name, req.room, req.rid, out):
                 members, more = self.member_page(req.room, req.after)

@@ -45,13 +45,17 @@ class Limits:
     max_bans: int = 1_000
     max_invites: int = 1_000
     max_broker_bans: int = 100_000
+    # Searches per second per user, on top of the request budget (a search reads far
+    # more than a history page); 0 disables (so does rate=0).
+    search_rate: float = 1.0
+    search_burst: float = 20.0
 
     def effective(self) -> Limits:
         """These limits as the core applies them: ``rate`` 0 turns every rate limit off
         (requests and rooms too: a trusted deployment, a benchmark)."""
         if self.rate > 0:
             return self
-        return dataclasses.replace(self, request_rate=0.0, room_rate=0.0, moderation_rate=0.0)
+        return dataclasses.replace(self, request_rate=0.0, room_rate=0.0, moderation_rate=0.0, search_rate=0.0)
 
     @property
     def presence_timeout(self) -> float:

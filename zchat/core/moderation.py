@@ -297,7 +297,7 @@ class Moderation:
             topics = tuple(dict.fromkeys(p.inbox_topic(peer) for peer in peers))
         else:
             topics = (self._topic(room),)
-        self._sequence(room, name, str(seq), "delete", "", "", now, out, *topics)
+        self._sequence(room, name, str(seq), "delete", "", "", now, out, *topics, ref=seq)
         out.tombstones.append((room, seq))
         out.changed.append(len(out.replies))
         out.replies.append((sid, p.Ok(rid=req.rid)))

@@ -23,6 +23,26 @@ class HistoryQuery:
     head: int
 
 
+@dataclasses.dataclass(frozen=True)
+class SearchQuery:
+    """A search the core has authorised for user ``name``; the shell runs it against
+    storage and keeps the lines of the rooms ``Core.may_read(name, room)`` allows."""
+
+    sid: str
+    request: p.Search
+    name: str
+
+
+@dataclasses.dataclass(frozen=True)
+class EditQuery:
+    """An edit or delete the core let through so far: the shell reads the line and hands
+    it to ``Core.edit_found``, which checks its sender."""
+
+    sid: str
+    request: p.Edit | p.Delete
+    name: str
+
+
 @dataclasses.dataclass
 class Outcome:
     """What the shell must do, in this order: store, persist members, publish, reply.
@@ -36,7 +56,7 @@ class Outcome:
     publish: list[tuple[bytes, p.Msg | p.Presence | p.Notice | p.Retopic]] = dataclasses.field(default_factory=list)
     replies: list[tuple[str, p.Reply]] = dataclasses.field(default_factory=list)
     acks: dict[str, list[p.Stored]] = dataclasses.field(default_factory=dict)
-    queries: list[HistoryQuery] = dataclasses.field(default_factory=list)
+    queries: list[HistoryQuery | SearchQuery | EditQuery] = dataclasses.field(default_factory=list)
     # Indexes into ``replies`` of the replies to joins and parts that changed membership:
     # undo turns them into errors.
     changed: list[int] = dataclasses.field(default_factory=list)
@@ -48,6 +68,9 @@ class Outcome:
     # (banned or released) and names to release in storage.
     room_changes: list[RoomChange] = dataclasses.field(default_factory=list)
     tombstones: list[tuple[str, int]] = dataclasses.field(default_factory=list)
+    # Edits (zchat.core.edits): (room, seq, new text, seq of the edit line), applied to
+    # the stored line after the batch (with its edit line) is stored.
+    edits: list[tuple[str, int, str, int]] = dataclasses.field(default_factory=list)
     cut: list[str] = dataclasses.field(default_factory=list)
     released: list[str] = dataclasses.field(default_factory=list)
 

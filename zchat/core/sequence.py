@@ -11,7 +11,7 @@ from collections.abc import Iterable
 import msgspec
 
 from zchat import protocol as p
-from zchat.core.outcome import Outcome
+from zchat.core.outcome import HistoryQuery, Outcome
 from zchat.protocol import ErrorCode as E
 
 log = logging.getLogger(__package__)  # the core's one logger: "zchat.core"
@@ -219,7 +219,8 @@ class Sequencing:
         self._id_base = ""
 
     def _sequence(
-        self, room: str, sender: str, text: str, kind: p.MsgKind, to: str, cid: str, now: float, out: Outcome, *topics: bytes
+        self, room: str, sender: str, text: str, kind: p.MsgKind, to: str, cid: str, now: float, out: Outcome, *topics: bytes,
+        ref: int = 0,
     ) -> p.Stored:
         seq = self.heads.get(room, 0) + 1
         self.heads[room] = seq
@@ -227,7 +228,7 @@ class Sequencing:
         ts = now + self.wall_offset
         msg = p.Msg(
             room=room, seq=seq, id=self._id(self.counter), ts=ts, sender=sender,
-            text=text, kind=kind, to=to, cid=cid, epoch=self.epoch,
+            text=text, kind=kind, to=to, cid=cid, epoch=self.epoch, ref=ref,
         )
         out.store.append(msg)
         for topic in topics:
@@ -278,7 +279,7 @@ class Sequencing:
         out.store = []
         out.members = []
         self.users.update(out.released)  # a release undone: the name is still claimed
-        out.room_changes, out.tombstones, out.cut, out.released = [], [], [], []
+        out.room_changes, out.tombstones, out.cut, out.released, out.edits = [], [], [], [], []
         out.publish = [(t, m) for t, m in out.publish if not (type(m) is p.Msg and m.id in ids)]
         if lowest:
             self._lower_heads(out, lowest)
@@ -378,7 +379,8 @@ class Sequencing:
             elif type(body) is p.Joined and body.room in undone:
                 out.replies[i] = (sid, msgspec.structs.replace(body, head=pick(body.head, heads.get(body.room, 0))))
         out.queries = [
-            dataclasses.replace(q, head=pick(q.head, heads.get(q.request.room, 0))) if q.request.room in undone else q
+            dataclasses.replace(q, head=pick(q.head, heads.get(q.request.room, 0)))
+            if isinstance(q, HistoryQuery) and q.request.room in undone else q
             for q in out.queries
         ]
 

@@ -202,6 +202,10 @@ class Sessions:
             return False
         if lines is not None and not lines.full(lim.rate, lim.burst, now):
             return False
+        search = self.search_buckets.get(name)
+        if search is not None and not search.full(lim.search_rate, lim.search_burst, now):
+            return False
+        self.search_buckets.pop(name, None)
         self.request_buckets.pop(name, None)
         self.moderation_buckets.pop(name, None)
         self.buckets.pop(name, None)

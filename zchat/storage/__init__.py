@@ -4,10 +4,21 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from zchat.storage.base import MemberChange, Page, RoomChange, Storage, StorageError, StorageUnavailable, msg_bytes
+from zchat.storage.base import (
+    Found,
+    MemberChange,
+    Page,
+    RoomChange,
+    SearchUnsupported,
+    Storage,
+    StorageError,
+    StorageUnavailable,
+    msg_bytes,
+)
 
 __all__ = [
-    "MemberChange", "Page", "RoomChange", "Storage", "StorageError", "StorageUnavailable", "msg_bytes", "open_storage",
+    "Found", "MemberChange", "Page", "RoomChange", "SearchUnsupported", "Storage", "StorageError", "StorageUnavailable",
+    "msg_bytes", "open_storage",
 ]
 
 _REDIS_SCHEMES = ("redis://", "rediss://", "unix://")

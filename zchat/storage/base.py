@@ -8,6 +8,7 @@ and Redis (several brokers) implement it and pass one shared test suite
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Protocol, Sequence
 
 from zchat.protocol import Msg
@@ -28,6 +29,33 @@ class StorageUnavailable(StorageError):
     """The store cannot take writes now (disk full, file read-only, I/O error, server
     gone): not the request's fault, and likely to pass. The broker refuses sends with
     ``storage_unavailable`` while it lasts and keeps serving reads."""
+
+
+class SearchUnsupported(StorageError):
+    """This store cannot search (Redis): the broker answers ``not_supported``."""
+
+
+#: Matching lines one search looks at, readable by the user or not: a search of a word
+#: that is everywhere in rooms the user may not read still ends soon (with ``next``).
+MAX_SEARCH_SCAN = 5000
+
+
+class Found(list[Msg]):
+    """Lines a search returned, newest first; ``next`` > 0: more may match below it
+    (give it as ``before``), 0: that was all."""
+
+    next: int = 0
+
+
+def search_terms(text: str) -> list[tuple[str, bool]]:
+    """The words of a search: (word, prefix?) for each; ``word*`` is a prefix."""
+    terms = []
+    for word in text.split():
+        prefix = word.endswith("*")
+        word = word.rstrip("*")
+        if word:
+            terms.append((word, prefix))
+    return terms
 
 
 class Page(list[Msg]):
@@ -128,6 +156,21 @@ class Storage(Protocol):
     async def tombstone(self, room: str, seq: int) -> bool:
         """Replace line ``seq`` of ``room`` by its tombstone: kind ``deleted``, no text,
         everything else kept. Only a text or /me line; False if there is none to replace."""
+
+    async def edit(self, room: str, seq: int, text: str, by: int) -> bool:
+        """Give text or /me line ``seq`` of ``room`` the text of its edit line ``by``
+        (marking it ``edited`` = by); False if there is no such line, or a later edit
+        is there already (an edit applied twice, or late, changes nothing)."""
+
+    async def search(
+        self, text: str, limit: int, before: int = 0, room: str = "", readable: Callable[[str], bool] | None = None,
+        max_bytes: int = 0,
+    ) -> Found:
+        """Text and /me lines holding every word of ``text`` (search_terms), newest first:
+        at most ``limit``, only of ``room`` if given, only of rooms ``readable`` accepts,
+        below position ``before`` (0: from the newest), within ``max_bytes`` by msg_bytes
+        (at least one), looking at most at MAX_SEARCH_SCAN matches. Raises
+        SearchUnsupported if this store cannot search."""
 
     async def prune(self, room: str, keep: int = 0, before_ts: float = 0.0, batch: int = 500) -> int:
         """Delete up to ``batch`` of room's oldest messages that retention lets go: those

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import logging
 import secrets
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -35,9 +35,11 @@ import msgspec
 from zchat.protocol import Msg, encode
 from zchat.storage.base import (
     TOMBSTONED_KINDS,
+    Found,
     MemberChange,
     Page,
     RoomChange,
+    SearchUnsupported,
     StorageError,
     StorageUnavailable,
     msg_bytes,
@@ -479,6 +481,12 @@ class RedisStorage:
         return state
 
     async def tombstone(self, room: str, seq: int) -> bool:
+        return await self._replace(room, seq, "tombstone", lambda msg: msgspec.structs.replace(msg, kind="deleted", text=""))
+
+    async def _replace(self, room: str, seq: int, what: str, change: Callable[[Msg], Msg | None]) -> bool:
+        """Swap a text or /me line of ``room`` for ``change(line)`` (None: leave it), by
+        compare-and-set: a line changed meanwhile is left alone. The recent list (lines
+        with their seq, for dedup warm-up) follows."""
         r = self._redis
         key = self.room_key(room, "log")
         try:
@@ -488,15 +496,26 @@ class RedisStorage:
             msg = _msg_decoder.decode(found[0])  # as the log holds it: seq 0 (the score is the seq)
             if msg.kind not in TOMBSTONED_KINDS:
                 return False
-            stone = msgspec.structs.replace(msg, kind="deleted", text="")
-            if not await r.eval(_TOMBSTONE_LUA, 1, key, seq, found[0], encode(stone)):
+            new = change(msg)
+            if new is None or not await r.eval(_TOMBSTONE_LUA, 1, key, seq, found[0], encode(new)):
                 return False
-            if msg.cid:  # the recent list holds lines with their seq
-                listed = (encode(msgspec.structs.replace(m, seq=seq)) for m in (msg, stone))
+            if msg.cid:
+                listed = (encode(msgspec.structs.replace(m, seq=seq)) for m in (msg, new))
                 await r.eval(_TOMBSTONE_RECENT_LUA, 1, self._key("recent"), *listed)
             return True
         except self._aioredis.RedisError as exc:
-            raise StorageUnavailable(f"Redis tombstone failed: {exc}") from exc
+            raise StorageUnavailable(f"Redis {what} failed: {exc}") from exc
+
+    async def edit(self, room: str, seq: int, text: str, by: int) -> bool:
+        return await self._replace(room, seq, "edit", lambda msg: None if msg.edited >= by else msgspec.structs.replace(msg, text=text, edited=by))
+
+    async def search(
+        self, text: str, limit: int, before: int = 0, room: str = "", readable: Callable[[str], bool] | None = None,
+        max_bytes: int = 0,
+    ) -> Found:
+        """Not here: plain Redis has no full-text index (RediSearch is a module, not
+        assumed). The broker answers ``not_supported``; SQLite brokers search."""
+        raise SearchUnsupported("this broker keeps history in Redis, which has no full-text search")
 
     async def release_user(self, name: str, digest: bytes | None = None) -> bool:
         r = self._redis

@@ -32,23 +32,28 @@ import os
 import secrets
 import sqlite3
 import threading
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Sequence
 
 from zchat.protocol import Msg
 from zchat.storage.base import (
+    MAX_SEARCH_SCAN,
     TOMBSTONED_KINDS,
+    Found,
     MemberChange,
     Page,
     RoomChange,
+    SearchUnsupported,
     StorageError,
     StorageUnavailable,
+    search_terms,
 )
 
 log = logging.getLogger(__name__)
 
 _SQLITE_HEADER = b"SQLite format 3\x00"
-_COLUMNS = "room, seq, id, ts, sender, kind, text, to_name, cid"
+_COLUMNS = "room, seq, id, ts, sender, kind, text, to_name, cid, ref, edited"
 
 #: Seconds between background checkpoints while there are writes.
 CHECKPOINT_EVERY = 0.05
@@ -71,6 +76,8 @@ CREATE TABLE IF NOT EXISTS messages (
     text TEXT NOT NULL,
     to_name TEXT NOT NULL,
     cid TEXT NOT NULL,
+    ref INTEGER NOT NULL DEFAULT 0,
+    edited INTEGER NOT NULL DEFAULT 0,
     PRIMARY KEY (room, seq)
 ) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS users (name TEXT PRIMARY KEY, digest BLOB NOT NULL);
@@ -93,7 +100,41 @@ CREATE TABLE IF NOT EXISTS room_roles (
 DROP INDEX IF EXISTS messages_recent;
 """
 
-_INSERT_SQL = f"INSERT INTO messages ({_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)"
+# Full-text search (FTS5): search_rows numbers the text and /me lines in the order they
+# were stored (its id is the FTS row's rowid and the search position on the wire);
+# search_text holds their words. Both are written in the transaction that stores the
+# line, and changed with the line (tombstones, edits, retention). Built once for a file
+# made before search existed (meta 'search'), in the transaction that opens it. A broker
+# from before search, run on the file, stores lines without them: delete meta 'search'
+# to build the index again (docs/operations.md, Upgrading). What it deletes or prunes
+# only leaves rows the search query's join and kind filter skip.
+_SEARCH_SCHEMA = (
+    "CREATE TABLE IF NOT EXISTS search_rows (id INTEGER PRIMARY KEY, room TEXT NOT NULL, seq INTEGER NOT NULL)",
+    "CREATE UNIQUE INDEX IF NOT EXISTS search_rows_line ON search_rows (room, seq)",
+    "CREATE VIRTUAL TABLE IF NOT EXISTS search_text USING fts5(text, tokenize = 'unicode61 remove_diacritics 2')",
+)
+_SEARCH_BUILD = (
+    "DELETE FROM search_text",
+    "DELETE FROM search_rows",
+    f"INSERT INTO search_rows (room, seq) SELECT room, seq FROM messages WHERE kind IN {TOMBSTONED_KINDS!r} ORDER BY ts, room, seq",
+    "INSERT INTO search_text (rowid, text) SELECT s.id, m.text FROM search_rows s JOIN messages m ON m.room = s.room AND m.seq = s.seq",
+)
+_SEARCH_SQL = """
+SELECT s.id, m.room, m.seq, m.id, m.ts, m.sender, m.kind, m.text, m.to_name, m.cid, m.ref, m.edited
+FROM search_text JOIN search_rows s ON s.id = search_text.rowid JOIN messages m ON m.room = s.room AND m.seq = s.seq
+WHERE search_text MATCH ? AND search_text.rowid < ? AND m.kind IN ('text', 'me') {room} ORDER BY search_text.rowid DESC
+"""
+_UNSEARCH_SQL = "DELETE FROM search_text WHERE rowid IN (SELECT id FROM search_rows WHERE room = ? AND seq {op} ?)"
+_UNSEARCH_ROWS_SQL = "DELETE FROM search_rows WHERE room = ? AND seq {op} ?"
+
+
+def fts_query(text: str) -> str:
+    """``text`` as an FTS5 query: every word quoted (no FTS syntax gets through), all
+    of them required, ``word*`` a prefix."""
+    return " ".join('"' + word.replace('"', '""') + '"' + ("*" if prefix else "") for word, prefix in search_terms(text))
+
+
+_INSERT_SQL = f"INSERT INTO messages ({_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
 _JOIN_SQL = "INSERT INTO members (room, name) VALUES (?, ?) ON CONFLICT DO NOTHING"
 _LEAVE_SQL = "DELETE FROM members WHERE room = ? AND name = ?"
 
@@ -134,8 +175,8 @@ def boot_id() -> str:
 
 
 def _row_to_msg(row: _Row) -> Msg:
-    room, seq, id_, ts, sender, kind, text, to_name, cid = row
-    return Msg(room=room, seq=seq, id=id_, ts=ts, sender=sender, kind=kind, text=text, to=to_name, cid=cid)
+    room, seq, id_, ts, sender, kind, text, to_name, cid, ref, edited = row
+    return Msg(room=room, seq=seq, id=id_, ts=ts, sender=sender, kind=kind, text=text, to=to_name, cid=cid, ref=ref, edited=edited)
 
 
 def _page(rows: Any, max_bytes: int) -> Page:
@@ -271,6 +312,8 @@ class SqliteStorage:
         self._checkpointer: _Checkpointer | None = None
         self._sync_fd: int | None = None
         self.epoch = ""
+        self.searchable = False  # FTS5 is there (the sqlite3 build may lack it)
+        self._search_next = 1  # the next search_rows id
 
     # ------------------------------------------------------------ lifecycle
 
@@ -298,6 +341,11 @@ class SqliteStorage:
             for statement in _SCHEMA.split(";"):
                 if statement.strip():
                     conn.execute(statement)
+            have = {row[1] for row in conn.execute("PRAGMA table_info(messages)")}
+            for column in ("ref", "edited"):  # a file from before edits
+                if column not in have:
+                    conn.execute(f"ALTER TABLE messages ADD COLUMN {column} INTEGER NOT NULL DEFAULT 0")
+            self._open_search(conn)
             conn.execute(
                 "INSERT INTO meta (key, value) VALUES ('epoch', ?) ON CONFLICT(key) DO NOTHING",
                 (secrets.token_hex(8),),
@@ -332,6 +380,30 @@ class SqliteStorage:
             self._checkpointer.start()
         log.info("opened SQLite history %s (epoch %s)", self.path, self.epoch)
         return self.epoch
+
+    def _open_search(self, conn: sqlite3.Connection) -> None:
+        """Create the search tables (and fill them, once, for an older file); without
+        FTS5 the broker still runs, and answers searches ``not_supported``."""
+        try:
+            conn.execute("SAVEPOINT search")
+            for statement in _SEARCH_SCHEMA:
+                conn.execute(statement)
+            built = conn.execute("SELECT 1 FROM meta WHERE key = 'search'").fetchone() is not None
+            if not built:
+                for statement in _SEARCH_BUILD:
+                    conn.execute(statement)
+                built = conn.execute("SELECT COUNT(*) FROM search_rows").fetchone()[0]
+                conn.execute("INSERT INTO meta (key, value) VALUES ('search', '1')")
+                if built:
+                    log.info("SQLite %s: search index built for %d existing lines", self.path, built)
+            conn.execute("RELEASE search")
+        except sqlite3.OperationalError as exc:
+            conn.execute("ROLLBACK TO search")
+            conn.execute("RELEASE search")
+            log.warning("SQLite %s: no full-text search (%s): searches are answered not_supported", self.path, exc)
+            return
+        self.searchable = True
+        self._search_next = conn.execute("SELECT COALESCE(MAX(id), 0) + 1 FROM search_rows").fetchone()[0]
 
     def _check_header(self) -> None:
         """Refuse a non-SQLite file before sqlite3 gets a chance to write to it."""
@@ -418,11 +490,17 @@ class SqliteStorage:
         (room, seq) inserts none."""
         if not messages and not members:
             return
-        rows = [(m.room, m.seq, m.id, m.ts, m.sender, m.kind, m.text, m.to, m.cid) for m in messages]
+        rows = [(m.room, m.seq, m.id, m.ts, m.sender, m.kind, m.text, m.to, m.cid, m.ref, m.edited) for m in messages]
+        found = [m for m in messages if m.kind in TOMBSTONED_KINDS] if self.searchable else []
+        first = self._search_next
         db = self._db
         try:
             db.execute("BEGIN IMMEDIATE")
             db.executemany(_INSERT_SQL, rows)
+            if found:
+                db.executemany("INSERT INTO search_rows (id, room, seq) VALUES (?, ?, ?)",
+                               [(first + i, m.room, m.seq) for i, m in enumerate(found)])
+                db.executemany("INSERT INTO search_text (rowid, text) VALUES (?, ?)", [(first + i, m.text) for i, m in enumerate(found)])
             for room, name, member in members:
                 db.execute(_JOIN_SQL if member else _LEAVE_SQL, (room, name))
             db.execute("COMMIT")
@@ -432,6 +510,7 @@ class SqliteStorage:
                 raise StorageError(f"refused {len(rows)} messages: (room, seq) already stored: {exc}") from exc
             # Disk full, read-only file, I/O error, locked: the store, not the batch.
             raise StorageUnavailable(f"SQLite append failed: {exc}") from exc
+        self._search_next = first + len(found)
         self._wrote(len(rows) + len(members))
 
     def _rollback(self, db: sqlite3.Connection) -> None:
@@ -474,6 +553,9 @@ class SqliteStorage:
         try:
             db.execute("BEGIN IMMEDIATE")
             deleted = db.execute("DELETE FROM messages WHERE room = ? AND seq <= ?", (room, cut)).rowcount
+            if self.searchable:
+                db.execute(_UNSEARCH_SQL.format(op="<="), (room, cut))
+                db.execute(_UNSEARCH_ROWS_SQL.format(op="<="), (room, cut))
             db.execute("COMMIT")
         except sqlite3.Error as exc:
             self._rollback(db)
@@ -616,14 +698,71 @@ class SqliteStorage:
     async def tombstone(self, room: str, seq: int) -> bool:
         db = self._db
         try:
+            db.execute("BEGIN IMMEDIATE")
             cur = db.execute(
                 f"UPDATE messages SET kind = 'deleted', text = '' WHERE room = ? AND seq = ? AND kind IN {TOMBSTONED_KINDS!r}",
                 (room, seq),
             )
+            if cur.rowcount and self.searchable:
+                db.execute(_UNSEARCH_SQL.format(op="="), (room, seq))
+                db.execute(_UNSEARCH_ROWS_SQL.format(op="="), (room, seq))
+            db.execute("COMMIT")
         except sqlite3.Error as exc:
+            self._rollback(db)
             raise StorageUnavailable(f"SQLite tombstone failed: {exc}") from exc
         self._wrote(1)
         return cur.rowcount == 1
+
+    async def edit(self, room: str, seq: int, text: str, by: int) -> bool:
+        db = self._db
+        try:
+            db.execute("BEGIN IMMEDIATE")
+            cur = db.execute(
+                f"UPDATE messages SET text = ?, edited = ? WHERE room = ? AND seq = ? AND kind IN {TOMBSTONED_KINDS!r} AND edited < ?",
+                (text, by, room, seq, by),
+            )
+            if cur.rowcount and self.searchable:
+                db.execute("UPDATE search_text SET text = ? WHERE rowid = (SELECT id FROM search_rows WHERE room = ? AND seq = ?)", (text, room, seq))
+            db.execute("COMMIT")
+        except sqlite3.Error as exc:
+            self._rollback(db)
+            raise StorageUnavailable(f"SQLite edit failed: {exc}") from exc
+        self._wrote(1)
+        return cur.rowcount == 1
+
+    async def search(
+        self, text: str, limit: int, before: int = 0, room: str = "", readable: Callable[[str], bool] | None = None,
+        max_bytes: int = 0,
+    ) -> Found:
+        """Newest first along search_rows' ids (the order lines were stored), one row at a
+        time, skipping rooms ``readable`` refuses (see Storage.search)."""
+        if not self.searchable:
+            raise SearchUnsupported("this broker's SQLite has no full-text search (FTS5)")
+        found = Found()
+        query = fts_query(text)
+        if not query or limit <= 0:
+            return found
+        params: tuple[Any, ...] = (query, before if before > 0 else _MAX_SEQ) + ((room,) if room else ())
+        try:
+            rows = self._db.execute(_SEARCH_SQL.format(room="AND s.room = ?" if room else ""), params)
+            size = scanned = 0
+            for row in rows:
+                scanned += 1
+                if readable is None or readable(row[1]):
+                    size += len(row[7].encode()) + 128  # storage.base.msg_bytes, on the row
+                    if max_bytes and size > max_bytes and found:
+                        found.next = row[0] + 1  # this one starts the next page
+                        break
+                    found.append(_row_to_msg(row[1:]))
+                    if len(found) >= limit:
+                        found.next = row[0]
+                        break
+                if scanned >= MAX_SEARCH_SCAN:
+                    found.next = row[0]
+                    break
+        except sqlite3.Error as exc:
+            raise StorageError(f"SQLite search failed: {exc}") from exc
+        return found
 
     async def release_user(self, name: str, digest: bytes | None = None) -> bool:
         if digest is None:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from pathlib import Path
 from typing import Any, Awaitable
 
 from textual.app import App, ComposeResult
@@ -26,6 +27,9 @@ from zchat import render
 from zchat.client import AuthError, Client, ClientError, ConnectError, Problem, Recovered, StateChange, split_addresses
 from zchat.recovery import Gap
 from zchat.tui import commands as c
+from zchat.tui.cursors import CursorFile
+from zchat.tui.notify import Notifier, NotifySettings
+from zchat.tui.search import SearchResults
 from zchat.tui.widgets import Buffer, ChatInput, MemberList, MessageLog, RoomList, StatusBar
 
 log = logging.getLogger(__name__)
@@ -35,6 +39,9 @@ PASTE_ASK_LINES = 5  # a paste of more lines than this asks before sending
 MAX_HELD = 1000  # lines typed while a paste prompt waits (bounded like every queue)
 MAX_QUEUED = 1000  # lines waiting to be sent (typed while the broker is away, pasted)
 RATE_RETRIES = 50  # a line refused as too fast is tried again this often, slower each time
+SAVE_EVERY = 30.0  # seconds between saves of the read positions (and one on leaving)
+SEARCH_LIMIT = 100  # results /search lists
+AROUND = 20  # lines before and after a search result loaded with it
 
 
 class _ToLog(logging.Handler):
@@ -99,7 +106,13 @@ class ChatApp(App[None]):
         secret: str | None = None,
         history: int = 50,
         connect_timeout: float = 3.0,
+        data_dir: Path | None = None,
+        recover_limit: int = 1000,
+        notify: NotifySettings | None = None,
     ) -> None:
+        """``data_dir``: keep read positions there (cursors.py) and show what was said
+        while away, up to ``recover_limit`` lines a window; None remembers nothing.
+        ``notify``: bell and desktop notification on a mention or a DM (notify.py)."""
         super().__init__()
         split_addresses(broker)  # ValueError for a bad address, before the screen opens
         if not p.valid_name(name):
@@ -109,6 +122,11 @@ class ChatApp(App[None]):
         self.secret = secret
         self.history = history
         self.connect_timeout = connect_timeout
+        self.recover_limit = recover_limit
+        self.cursor_file = CursorFile(data_dir, name, broker) if data_dir is not None else None
+        self.left_at = self.cursor_file.load() if self.cursor_file is not None else {}
+        self._away: dict[str, tuple[str, int, int]] = {}  # window -> (epoch, last seq shown, head on return)
+        self.notifier = Notifier(name, notify or NotifySettings(), self._to_terminal, self._run_detached)
         self.start_rooms = list(dict.fromkeys(rooms or ["general"]))
         self.client: Client | None = None
         self.buffers: dict[str, Buffer] = {}
@@ -160,9 +178,12 @@ class ChatApp(App[None]):
         self.input.on_line = self.take_line
         self.input.on_paste_lines = self.take_paste
         self.input.on_leave = self._leave
+        self.input.last_own = self._last_own_text
         self.input.focus()
         self._redraw()
         self.set_interval(1.0, self._refresh_status)
+        if self.cursor_file is not None:
+            self.set_interval(SAVE_EVERY, self.save_cursors)
         self.run_worker(self._run_client(), name="client", group="client")
         self.run_worker(self._sender(), name="sender", group="client")
 
@@ -179,8 +200,55 @@ class ChatApp(App[None]):
         buf = self.buffers.get(key)
         if buf is None:
             buf = self.buffers[key] = Buffer(key, self.me)
+            buf.since = self._away.get(key)
             self._order()
         return buf
+
+    def _note_away(self, heads: dict[str, int]) -> None:
+        """From the broker's heads on return: the windows with lines said while away,
+        so each can put its "new since you left" line above the first of them."""
+        for key, (epoch, last) in self.left_at.items():
+            head = heads.get(key, 0)
+            if head > last:
+                self._away[key] = (epoch, last, head)
+                if key in self.buffers:
+                    self.buffers[key].since = self._away[key]
+
+    def _to_terminal(self, text: str) -> None:
+        """Bytes for the terminal itself (the bell, an OSC notification), past the screen."""
+        if not self.is_headless and self._driver is not None:
+            self._driver.write(text)
+            self._driver.flush()
+
+    def _run_detached(self, argv: list[str]) -> None:
+        """Start ``argv`` (notify-send) without waiting on it; it is reaped, and killed
+        if it hangs, in a worker."""
+
+        async def run() -> None:
+            try:
+                proc = await asyncio.create_subprocess_exec(
+                    *argv, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL,
+                )
+            except OSError as exc:
+                log.debug("could not run %s: %s", argv[0], exc)
+                return
+            try:
+                await asyncio.wait_for(proc.wait(), 10.0)
+            except asyncio.TimeoutError:
+                proc.kill()
+                await proc.wait()
+
+        self.run_worker(run(), group="notify")
+
+    def save_cursors(self) -> None:
+        """Write the read positions (atomically: cursors.py), if there is anything to write."""
+        client = self.client
+        if self.cursor_file is None or client is None:
+            return
+        try:
+            self.cursor_file.save(client.cursors())
+        except OSError as exc:
+            log.warning("could not save read positions to %s: %s", self.cursor_file.path, exc)
 
     def _order(self) -> None:
         """Rooms first (in the order joined), then conversations."""
@@ -275,7 +343,9 @@ class ChatApp(App[None]):
     async def _run_client(self) -> None:
         delay = 0.5
         while True:
-            client = Client(self.broker, self.me, self.secret, label="zchat-talk")
+            client = Client(
+                self.broker, self.me, self.secret, label="zchat-talk", cursors=self.left_at, recover_limit=self.recover_limit,
+            )
             try:
                 await client.connect(timeout=self.connect_timeout)
                 break
@@ -293,6 +363,7 @@ class ChatApp(App[None]):
         try:
             welcome = client.welcome
             known = dict(welcome.rooms) if welcome is not None else {}
+            self._note_away(known)
             rooms = self.start_rooms + sorted(r for r in known if not p.is_dm_room(r) and r not in self.start_rooms)
             for room in rooms:
                 try:
@@ -316,6 +387,7 @@ class ChatApp(App[None]):
             reader.cancel()
 
     async def _close_client(self) -> None:
+        self.save_cursors()
         client, self.client = self.client, None
         self._online.clear()
         if client is not None:
@@ -326,16 +398,20 @@ class ChatApp(App[None]):
                 log.debug("closing the client failed: %r", closing.exception())
 
     async def _read_events(self, client: Client) -> None:
-        async for event in client.events():
-            try:
-                self._on_event(event)
-            except Exception as exc:  # a bug must not kill the reader
-                log.debug("event handling failed", exc_info=True)
-                self.error(f"could not show an event: {exc!r}")
+        async for chunk in client.batches():
+            # lines filled from history (a catch-up after being away, a gap) come with a
+            # Recovered: shown, but not rung for
+            replay = any(isinstance(event, Recovered) for event in chunk)
+            for event in chunk:
+                try:
+                    self._on_event(event, replay)
+                except Exception as exc:  # a bug must not kill the reader
+                    log.debug("event handling failed", exc_info=True)
+                    self.error(f"could not show an event: {exc!r}")
 
-    def _on_event(self, event: Any) -> None:
+    def _on_event(self, event: Any, replay: bool = False) -> None:
         if isinstance(event, p.Msg):
-            self._on_msg(event)
+            self._on_msg(event, replay)
         elif isinstance(event, p.Presence):
             buf = self.buffers.get(event.room)
             if buf is not None and event.name != self.me:  # this client is the truth about me
@@ -361,7 +437,10 @@ class ChatApp(App[None]):
             log.debug("gap in %s, a room no longer shown: %s", gap.room, gap)
             return
         buf = self._buffer(gap.room)
-        index = buf.gap(gap.first, gap.last, gap.reason)
+        reason = gap.reason
+        if reason == "beyond the recovery limit":
+            reason = f"more than {self.recover_limit} since you left; PageUp at the top loads them"
+        index = buf.gap(gap.first, gap.last, reason)
         if buf is not self.buffer:
             self._refresh_side()
         elif self._screen_up():
@@ -370,7 +449,7 @@ class ChatApp(App[None]):
             else:
                 self.log_view.show(buf, keep_bottom=False)
 
-    def _on_msg(self, msg: p.Msg) -> None:
+    def _on_msg(self, msg: p.Msg, replay: bool = False) -> None:
         if msg.kind == "invite" and msg.to == self.me and msg.room not in self.buffers:
             self.note(f"{msg.sender} invited you to #{msg.room}: /join {msg.room}", "state")
             return
@@ -378,14 +457,21 @@ class ChatApp(App[None]):
             return  # a room we just left
         buf = self._buffer(msg.room)
         buf.live(msg)  # even if a history page showed it already: members follow live order
-        epoch = buf.epoch
+        epoch, marked = buf.epoch, buf.marked
         index = buf.add(msg)
+        if index is not None and not replay:
+            self.notifier.on_msg(msg)
         if epoch and buf.epoch != epoch and buf is self.buffer:
             self._redraw()  # the broker's history was reset: the window starts afresh
+            return
+        if buf.marked != marked and buf is self.buffer and self._screen_up():
+            self.log_view.show(buf, keep_bottom=False)  # the "new since you left" line went in above
             return
         if index is None:
             if buf is self.buffer and msg.kind in ("join", "part"):
                 self._refresh_side()
+            elif buf is self.buffer and msg.kind == "edit" and self._screen_up():
+                self.log_view.show(buf, keep_bottom=False)  # a line above took its new text
             return
         if msg.kind in ("kick", "ban") and msg.to == self.me:
             self.note(f"{render.action(msg)}: you are out of #{msg.room}", "error", key=msg.room)
@@ -603,6 +689,10 @@ class ChatApp(App[None]):
             self._spawn(self._who(action.room))
         elif isinstance(action, c.Rooms):
             self._spawn(self._rooms())
+        elif isinstance(action, c.Search):
+            self._spawn(self._search(action.text))
+        elif isinstance(action, c.Edit):
+            self._edit_last(action.text)
         elif isinstance(action, c.History):
             if self.buffer is not None:
                 self._spawn(self._older(self.buffer, action.count, announce=True))
@@ -810,6 +900,73 @@ class ChatApp(App[None]):
                 self.log_view.scroll_home(animate=False)
         if announce:
             self.note(f"loaded {added} earlier message{'s' if added != 1 else ''}" + (" (the beginning)" if buf.complete else ""), key=buf.key)
+
+    def _last_own_text(self) -> str | None:
+        buf = self.buffer
+        line = buf.last_own() if buf is not None else None
+        return line.text if line is not None else None
+
+    def _edit_last(self, text: str | None) -> None:
+        """``/edit TEXT`` (or Up on an empty input, then Enter) and ``/delete``: our last
+        line in this window; every client shows the change when the broker sends it."""
+        buf = self.buffer
+        line = buf.last_own() if buf is not None else None
+        if buf is None or line is None:
+            self.error(f"nothing of yours to {'edit' if text is not None else 'delete'} in this window")
+            return
+        client = self.client
+        if client is None:
+            self.error(f"not connected to {self.broker} yet; try again when the status line says connected")
+            return
+        if text is None:
+            self._spawn(client.delete_own(buf.key, line.seq), buf.key)
+        elif text != line.text:
+            self._spawn(client.edit(buf.key, line.seq, text), buf.key)
+
+    async def _search(self, text: str) -> None:
+        """``/search``: the results in a list; the one picked is shown in its window."""
+        hits, more = await self._client().search(text, limit=SEARCH_LIMIT)
+        if not hits:
+            self.note(f"nothing found for {text!r}")
+            return
+
+        def picked(hit: p.Msg | None) -> None:
+            self.input.focus()
+            if hit is not None:
+                self._spawn(self.jump_to(hit), hit.room)
+
+        self.push_screen(SearchResults(text, hits, bool(more), self.me), picked)
+
+    async def jump_to(self, hit: p.Msg) -> None:
+        """Show line ``hit`` in its window (joining its room if need be), with the lines
+        around it loaded from history, highlighted in the middle of the view."""
+        key = hit.room
+        if key not in self.buffers and not p.is_dm_room(key):
+            await self._join(key)
+        buf = self._buffer(key)
+        await self._load_recent(buf)
+        if hit.seq not in buf.seqs:
+            await self._around(buf, hit.seq)
+        buf.focus = hit.seq
+        self.current = key
+        self._redraw()
+        if self._screen_up():
+            self.log_view.scroll_to_seq(hit.seq)
+
+    async def _around(self, buf: Buffer, seq: int) -> None:
+        """Load the lines around ``seq``: up to the oldest shown if that is near enough
+        (so the window stays whole), else AROUND either side and a line for the rest."""
+        client = self._client()
+        oldest = buf.oldest
+        after = max(0, seq - AROUND - 1)
+        if seq < oldest and oldest - after - 1 <= p.MAX_HISTORY:
+            msgs = await client.history(buf.key, limit=oldest - after - 1, after=after, before=oldest)
+        else:
+            msgs = await client.history(buf.key, limit=2 * AROUND + 1, after=after)
+        for msg in msgs:
+            buf.add(msg)
+        if msgs and oldest > msgs[-1].seq + 1:
+            buf.gap(msgs[-1].seq + 1, oldest - 1, "not loaded: the search jumped past them")
 
     async def _part(self, room: str | None) -> None:
         key = room or self.current

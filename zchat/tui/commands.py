@@ -81,6 +81,20 @@ class History:
 
 
 @dataclasses.dataclass(frozen=True)
+class Search:
+    """Find lines holding every word of ``text`` in the rooms you may read."""
+
+    text: str
+
+
+@dataclasses.dataclass(frozen=True)
+class Edit:
+    """Change our last line in this window to ``text``; None: delete it (``/delete``)."""
+
+    text: str | None
+
+
+@dataclasses.dataclass(frozen=True)
 class Clear:
     pass
 
@@ -95,7 +109,7 @@ class Quit:
     pass
 
 
-Action = Say | Join | Part | Msg | Who | Rooms | Switch | History | Clear | Help | Quit | Moderate
+Action = Say | Join | Part | Msg | Who | Rooms | Switch | History | Clear | Help | Quit | Moderate | Search | Edit
 
 
 @dataclasses.dataclass(frozen=True)
@@ -118,6 +132,9 @@ SPECS: dict[str, Spec] = {
         Spec("rooms", "/rooms", "list the broker's rooms"),
         Spec("switch", "/switch ROOM|@NAME|N", "show another room or conversation (also Ctrl-N / Ctrl-P)", "target"),
         Spec("history", "/history N", f"load N earlier messages of this conversation (1-{p.MAX_HISTORY})"),
+        Spec("search", "/search TEXT", "find lines with every word of TEXT (WORD* a prefix) in the rooms you may read; Enter goes there"),
+        Spec("edit", "/edit TEXT", "change your last line in this window to TEXT (Up on an empty input starts it)"),
+        Spec("delete", "/delete", "delete your last line in this window"),
         Spec("clear", "/clear", "clear this conversation's window"),
         Spec("invite", "/invite NAME", "invite NAME to this room (operators; a private room admits them at once)", "nick"),
         Spec("kick", "/kick NAME [REASON]", "remove NAME from this room (operators)", "nick"),
@@ -259,6 +276,20 @@ def _build(name: str, rest: str, args: list[str]) -> Action:
         if len(args) != 1 or not args[0].isdigit() or not 1 <= int(args[0]) <= p.MAX_HISTORY:
             raise CommandError(f"/history needs a number from 1 to {p.MAX_HISTORY}")
         return History(int(args[0]))
+    if name == "edit":
+        if not rest:
+            raise CommandError("/edit needs the new text (/delete removes the line)")
+        return Edit(rest)
+    if name == "delete":
+        if args:
+            raise CommandError("/delete takes no arguments: it deletes your last line here")
+        return Edit(None)
+    if name == "search":
+        if not rest:
+            raise CommandError("/search needs some words")
+        if len(rest) > p.MAX_SEARCH_TEXT:
+            raise CommandError(f"a search has at most {p.MAX_SEARCH_TEXT} characters")
+        return Search(rest)
     if name == "help":
         if len(args) > 1:
             raise CommandError("/help takes at most one command")
@@ -278,7 +309,7 @@ def help_lines(command: str | None = None) -> list[str]:
         return [f"{spec.usage}  {spec.summary}" + (f" (also {', '.join(aliases)})" if aliases else "")]
     width = max(len(s.usage) for s in SPECS.values())
     lines = [f"{s.usage:<{width}}  {s.summary}" for s in SPECS.values()]
-    lines.append("Keys: Tab completes names and commands, Up/Down recall lines, PageUp/PageDown scroll "
+    lines.append("Keys: Tab completes names and commands, Up/Down recall lines (Up on an empty line edits your last one), PageUp/PageDown scroll "
                  "(older history loads at the top), Ctrl-N/Ctrl-P switch windows, Ctrl-Q quits.")
     lines.append("Start a line with // to send a line that begins with /.")
     return lines
@@ -395,6 +426,11 @@ class InputHistory:
             return None
         self._pos -= 1
         return self.lines[self._pos]
+
+    @property
+    def browsing(self) -> bool:
+        """Up has been pressed and no line taken since."""
+        return self._pos is not None
 
     def next(self, current: str) -> str | None:
         """The line after (Down); the draft past the newest; None when not browsing."""

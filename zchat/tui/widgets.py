@@ -11,11 +11,13 @@ from __future__ import annotations
 
 import bisect
 import dataclasses
+from collections import OrderedDict
 import re
 import time
 import zlib
 from typing import Callable, Iterable
 
+import msgspec
 from rich.console import RenderableType
 from rich.table import Table
 from rich.text import Text
@@ -35,6 +37,12 @@ PALETTE = (
     "#7ec699", "#ff9e64", "#9ece6a", "#7aa2f7", "#bb9af7", "#8abeb7", "#b294bb", "#e0af68",
 )
 NICK_WIDTH = 12
+#: The "new since you left" line sorts after every entry of its seq, before the next seq.
+_AFTER_SEQ = 2**62
+NEW_SINCE = "── new since you left ──"
+#: Edits kept for lines not in a window yet (a history page may bring them later).
+MAX_PENDING_EDITS = 1000
+EDITABLE = ("text", "me")
 
 
 def nick_colour(name: str) -> str:
@@ -85,6 +93,12 @@ class Buffer:
         self.cleared_below = 0  # /clear: the newest seq when the window was cleared
         self.epoch = ""  # the broker history's epoch the seqs belong to
         self.topic = ""  # the room's topic, as its operators set it
+        #: Where talk left off in an earlier run: (epoch, last seq shown, head at start).
+        #: Lines seq with last < seq <= head were said while away: the marker goes above them.
+        self.since: tuple[str, int, int] | None = None
+        self.marked = False  # the "new since you left" line is in entries
+        self.focus = 0  # the seq a search jumped to: drawn highlighted
+        self._edits: OrderedDict[int, p.Msg] = OrderedDict()  # seq -> its latest edit line, line not shown yet
         self._notes = 0
 
     @property
@@ -118,6 +132,12 @@ class Buffer:
         self.seqs.add(msg.seq)
         if msg.kind == "deleted":
             return None  # a tombstone: the line is hidden
+        if msg.kind == "edit":
+            self._edit(msg)
+            return None  # the edit line changes its line; it is not one of its own
+        edit = self._edits.pop(msg.seq, None)
+        if edit is not None and msg.kind in EDITABLE and edit.seq > msg.edited:
+            msg = msgspec.structs.replace(msg, text=edit.text, edited=edit.seq)
         hidden = render.deleted_seq(msg)
         if hidden:
             self.hide(hidden)
@@ -126,7 +146,44 @@ class Buffer:
         entry = Entry((msg.seq, 0), msg)
         index = bisect.bisect(self.entries, entry)
         self.entries.insert(index, entry)
-        return index
+        return index + self._mark_new(msg)
+
+    def _mark_new(self, msg: p.Msg) -> bool:
+        """Put the "new since you left" line above the first line said while away
+        (it sorts before ``msg``); whether it was put there now."""
+        if self.since is None or self.marked:
+            return False
+        epoch, last, head = self.since
+        if not last < msg.seq <= head or (msg.epoch and epoch and msg.epoch != epoch):
+            return False
+        self.marked = True
+        bisect.insort(self.entries, Entry((last, _AFTER_SEQ), Note(NEW_SINCE, msg.ts, "new")))
+        return True
+
+    def _edit(self, edit: p.Msg) -> None:
+        """An edit line: its line takes the new text (if this edit is newer than the text
+        shown), now or when the line arrives."""
+        for entry in reversed(self.entries):
+            item = entry.item
+            if isinstance(item, p.Msg) and item.seq == edit.ref:
+                if item.kind in EDITABLE and edit.seq > item.edited:
+                    entry.item = msgspec.structs.replace(item, text=edit.text, edited=edit.seq)
+                return
+        if edit.ref in self.seqs:
+            return  # deleted, or cleared from the window
+        held = self._edits.get(edit.ref)
+        if held is None or held.seq < edit.seq:
+            self._edits[edit.ref] = edit
+            if len(self._edits) > MAX_PENDING_EDITS:
+                self._edits.popitem(last=False)
+
+    def last_own(self) -> p.Msg | None:
+        """Our newest text or /me line in this window (what /edit and /delete change)."""
+        for entry in reversed(self.entries):
+            item = entry.item
+            if isinstance(item, p.Msg) and item.sender == self.me and item.kind in EDITABLE:
+                return item
+        return None
 
     def hide(self, seq: int) -> None:
         """A broker admin deleted line ``seq``: it goes from the window (and stays out)."""
@@ -197,23 +254,27 @@ def _nick_cell(text: str, style: str) -> Text:
     return Text(text, style=style, justify="right")
 
 
-def render_entry(entry: Entry, me: str) -> RenderableType:
-    """One line of the log: time, nick column, text (wrapped under the text column)."""
+def render_entry(entry: Entry, me: str, focus: int = 0) -> RenderableType:
+    """One line of the log: time, nick column, text (wrapped under the text column);
+    the line of seq ``focus`` (a search result gone to) highlighted."""
     item = entry.item
     grid = Table.grid(padding=(0, 1), expand=True)
+    if focus and isinstance(item, p.Msg) and item.seq == focus:
+        grid.style = "on #264f78"
     grid.add_column(width=5, style="dim")
     grid.add_column(width=NICK_WIDTH, no_wrap=True)
     grid.add_column(ratio=1, overflow="fold")
     if isinstance(item, Note):
         styles = {"error": ("!!", "bold red", "red"), "state": ("--", "bold yellow", "yellow"), "info": ("--", "dim", ""),
-                  "gap": ("!!", "bold yellow", "bold yellow")}
+                  "gap": ("!!", "bold yellow", "bold yellow"), "new": ("", "", "bold cyan")}
         mark, mark_style, text_style = styles.get(item.style, styles["info"])
         grid.add_row(_clock(item.ts), _nick_cell(mark, mark_style), Text(item.text, style=text_style))
         return grid
     colour = nick_colour(item.sender)
     where = "" if p.is_dm_room(item.room) else f" #{item.room}"
+    edited = (" (edited)", "dim") if item.edited else ""
     if item.kind == "me":
-        body = Text.assemble((item.sender, f"bold {colour}"), " ", (item.text, "italic"))
+        body = Text.assemble((item.sender, f"bold {colour}"), " ", (item.text, "italic"), edited)
         grid.add_row(_clock(item.ts), _nick_cell("*", f"bold {colour}"), body)
     elif item.kind == "join":
         body = Text.assemble((item.sender, colour), (f" joined{where}", "green"))
@@ -227,6 +288,8 @@ def render_entry(entry: Entry, me: str) -> RenderableType:
         text = Text(item.text)
         if item.sender != me and mentions(me, item.text):
             text.stylize("bold reverse")
+        if edited:
+            text.append(*edited)
         grid.add_row(_clock(item.ts), _nick_cell(item.sender, f"bold {colour}"), text)
     return grid
 
@@ -250,6 +313,7 @@ class MessageLog(RichLog):
         super().__init__(wrap=True, min_width=20, auto_scroll=False, **kwargs)
         self.buffer: Buffer | None = None
         self._last_day = ""
+        self.line_of: dict[int, int] = {}  # seq -> its first line in the log (to scroll to it)
 
     def show(self, buffer: Buffer | None, keep_bottom: bool = True) -> None:
         """Draw ``buffer`` from scratch (a switch, a resize, older lines above)."""
@@ -257,6 +321,7 @@ class MessageLog(RichLog):
         old_lines, old_y, at_end = len(self.lines), self.scroll_y, self.is_vertical_scroll_end
         self.clear()
         self._last_day = ""
+        self.line_of = {}
         if buffer is None or not self._size_known:
             return
         for entry in buffer.entries:
@@ -277,8 +342,18 @@ class MessageLog(RichLog):
         if self._last_day and day != self._last_day:
             self.write(Text(f"─── {day} ───", style="dim", justify="center"), width=self._width(), scroll_end=False)
         self._last_day = day
-        me = self.buffer.me if self.buffer else ""
-        self.write(render_entry(entry, me), width=self._width(), scroll_end=False)
+        me, focus = (self.buffer.me, self.buffer.focus) if self.buffer else ("", 0)
+        if isinstance(entry.item, p.Msg):
+            self.line_of[entry.item.seq] = len(self.lines)
+        self.write(render_entry(entry, me, focus), width=self._width(), scroll_end=False)
+
+    def scroll_to_seq(self, seq: int) -> bool:
+        """Bring line ``seq`` to the middle of the view; False if it is not drawn."""
+        y = self.line_of.get(seq)
+        if y is None:
+            return False
+        self.scroll_to(y=max(0, y - self.scrollable_content_region.height // 2), animate=False, immediate=True)
+        return True
 
     def _width(self) -> int:
         return max(20, self.scrollable_content_region.width)
@@ -432,6 +507,9 @@ class ChatInput(Input):
         #: Called with the lines of a multi-line paste and the input's text before it.
         self.on_paste_lines: Callable[[list[str], str], None] | None = None
         self.on_leave: Callable[[], None] | None = None
+        #: The text of our last line in the window, for Up on an empty input (as Slack).
+        self.last_own: Callable[[], str | None] | None = None
+        self._offered = ""  # the "/edit ..." line Up put in the empty input
 
     async def _on_key(self, event: events.Key) -> None:
         """Run this widget's own bindings for ``event`` now, not after it bubbled up."""
@@ -485,6 +563,21 @@ class ChatInput(Input):
             self.cursor_position = done.cursor
 
     def action_recall(self, step: int) -> None:
+        """Up/Down through earlier lines. Up on an empty input first offers to edit our
+        last line in this window (``/edit TEXT``, as Slack does); Up again goes on to
+        the earlier lines, Down takes the offer back."""
+        if self._offered and self.value == self._offered:
+            self._offered = ""
+            self.value = ""
+            if step > 0:
+                return
+        elif step < 0 and not self.value and not self.recall.browsing and self.last_own is not None:
+            text = self.last_own()
+            if text is not None:
+                self.value = self._offered = f"/edit {text}"
+                self.cursor_position = len(self.value)
+                return
+        self._offered = ""
         line = self.recall.previous(self.value) if step < 0 else self.recall.next(self.value)
         if line is not None:
             self.value = line

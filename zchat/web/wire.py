@@ -109,6 +109,8 @@ def msg(m: p.Msg) -> dict:
     """A stored message as the page sees it (the broker's fields, minus the sender's cid);
     a moderation line also carries its sentence (``action``), worded as every face words it."""
     out = {"room": m.room, "seq": m.seq, "id": m.id, "ts": m.ts, "sender": m.sender, "text": m.text, "kind": m.kind, "to": m.to}
+    if m.ref or m.edited:  # an edit or delete line names its line; an edited line says so
+        out["ref"], out["edited"] = m.ref, m.edited
     if m.kind in render.ACTIONS:
         out["action"] = render.action(m)
     return out

@@ -67,7 +67,8 @@ function mentions(text) {
 function addMsg(m, live) {
   const r = roomOf(m.room);
   if (r.msgs.has(m.seq)) return false;
-  if (m.kind === "delete") hide(r, Number(m.text));
+  if (m.kind === "edit") { edit(r, m); return false; } // it changes its line; not a line of its own
+  if (m.kind === "delete") hide(r, m.ref || Number(m.text));
   r.msgs.set(m.seq, m);
   let i = r.seqs.length;
   while (i > 0 && r.seqs[i - 1] > m.seq) i--;
@@ -82,7 +83,17 @@ function addMsg(m, live) {
   return true;
 }
 
-// A moderator deleted line SEQ: show it as the tombstone history now holds.
+// A sender edited line m.ref: it shows the new text, marked edited. Seen twice (live and
+// in a page) or late, an edit changes nothing: the newest edit (highest seq) wins.
+function edit(r, m) {
+  const old = r.msgs.get(m.ref);
+  if (!old || (old.kind !== "text" && old.kind !== "me") || (old.edited || 0) >= m.seq) return;
+  r.msgs.set(m.ref, { ...old, text: m.text, edited: m.seq });
+  const node = r.room === S.current && $("log").querySelector(`li.msg[data-seq="${m.ref}"]`);
+  if (node) node.replaceWith(msgNode(r.msgs.get(m.ref)));
+}
+
+// A moderator (or the sender) deleted line SEQ: show it as the tombstone history now holds.
 function hide(r, seq) {
   const old = r.msgs.get(seq);
   if (!old) return;
@@ -110,6 +121,7 @@ function msgNode(m) {
   } else {
     li.append(el("span", "sender", m.sender), el("span", "sep", ": "), el("span", "text", m.text));
   }
+  if (m.edited) li.append(el("span", "edited", " (edited)"));
   if (m.sender !== S.name && (m.kind === "text" || m.kind === "me") && mentions(m.text)) li.classList.add("mention");
   return li;
 }
