@@ -73,6 +73,7 @@ class Traffic:
     rest: float = 0.0  # scale: seconds of idle measurement before go
     singles: int = 0  # scale: lines sent one at a time after go (via flush)
     on_go: Callable[[int], Callable[[], None]] | None = None  # e.g. start a profiler; returns its stopper
+    pub_target: Callable[..., None] = publisher  # a publisher process's body (chat: talkers)
     _early: set = dataclasses.field(default_factory=set)
 
     def run(self) -> dict[str, Any]:
@@ -89,7 +90,7 @@ class Traffic:
             for idx in range(self.pubs):
                 mine, theirs = m.Pipe()
                 pipes.append(mine)
-                pub_procs.append(procs.spawn(publisher, system, ep, idx, self.plan, ctl, theirs, name=f"pub{idx}"))
+                pub_procs.append(procs.spawn(self.pub_target, system, ep, idx, self.plan, ctl, theirs, name=f"pub{idx}"))
             connected = {("connected", g) for g in range(len(self.groups))}
             self._wait_ready(ctl, connected, group_procs + pub_procs)
             ctl.join_go.set()  # zchat: join only once everyone is connected (no N*N/2 presence notices)
@@ -252,11 +253,13 @@ def summarize(res: dict[str, Any], groups: dict[int, dict | None]) -> dict[str, 
 
     stuck: list = []
     silent = 0
+    sub_cpu = 0.0
     for g in groups.values():
         if g is None:
             incomplete = True
             silent += 1
             continue
+        sub_cpu += g.get("cpu_s", 0.0)
         stuck += g.get("stuck", [])
         dead = set(g.get("dead", ()))
         could_not_join += len(dead)
@@ -287,6 +290,11 @@ def summarize(res: dict[str, Any], groups: dict[int, dict | None]) -> dict[str, 
         "server_cpu_s": res["cpu_s"],
         "cpu_us_per_msg": 1e6 * res["cpu_s"] / max(1, sent),
         "cpu_us_per_delivery": 1e6 * res["cpu_s"] / max(1, delivered),
+        # Each role's CPU (every thread of its processes, go to done), so a reader sees the limit.
+        "pub_cpu_s": sum(p.get("cpu_s", 0.0) for p in pubs),
+        "pub_cpu_us_per_msg": 1e6 * sum(p.get("cpu_s", 0.0) for p in pubs) / max(1, sent),
+        "sub_cpu_s": sub_cpu,
+        "sub_cpu_us_per_delivery": 1e6 * sub_cpu / max(1, delivered),
         "server_rss_mb": res["rss"] / 2**20,
         "server_rss_peak_mb": res["rss_peak"] / 2**20,
         "missing_total": sum(missing),
