@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import sys
 import time
 from pathlib import Path
@@ -43,7 +44,22 @@ def _group(address: str, names: list[str], ready: Any, stop: Any) -> None:
     asyncio.run(run())
 
 
-def measure(clients: int, heartbeat: float | None, seconds: float, workdir: Path) -> dict[str, Any]:
+def thread_cpu(pid: int) -> dict[str, float]:
+    """CPU seconds per thread of ``pid``, keyed "name/tid" (libzmq's I/O thread is ZMQbg/IO/0)."""
+    out: dict[str, float] = {}
+    tick = os.sysconf("SC_CLK_TCK")
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            stat = (task / "stat").read_bytes()
+        except OSError:
+            continue
+        name = stat[stat.index(b"(") + 1 : stat.rindex(b")")].decode(errors="replace")
+        fields = stat.rsplit(b")", 1)[1].split()
+        out[f"{name}/{task.name}"] = (int(fields[11]) + int(fields[12])) / tick
+    return out
+
+
+def measure(clients: int, heartbeat: float | None, seconds: float, workdir: Path, profile: Path | None = None) -> dict[str, Any]:
     """Broker CPU (% of a core) and RSS with ``clients`` idle clients connected."""
     from zchat.bench.scenarios import member_seed, split_groups
     from zchat.core import Limits
@@ -67,12 +83,23 @@ def measure(clients: int, heartbeat: float | None, seconds: float, workdir: Path
         # then measure over whole heartbeats so every client pinged as often.
         time.sleep(min(hb, 60.0))
         window = max(seconds, hb * math.ceil(seconds / hb)) if hb <= seconds else seconds
+        stop_profile = None
+        if profile is not None:  # py-spy on the broker over the window (threads included)
+            from zchat.bench import profile as prof
+
+            stop_profile = prof.recorder(profile, f"idle{clients}", rate=200)(server.pid)
+        t0s = thread_cpu(server.pid)
         c0, w0 = procs.cpu_seconds(server.pid), time.monotonic()
         time.sleep(window)
         c1, w1 = procs.cpu_seconds(server.pid), time.monotonic()
+        t1s = thread_cpu(server.pid)
+        threads = {k: round(100.0 * (v - t0s.get(k, 0.0)) / (w1 - w0), 3) for k, v in t1s.items() if v - t0s.get(k, 0.0) > 0}
+        if stop_profile is not None:
+            stop_profile()
         return {
             "clients": connected, "heartbeat_s": hb, "window_s": w1 - w0, "setup_s": setup,
             "broker_cpu_pct": 100.0 * (c1 - c0) / (w1 - w0), "broker_rss_mb": procs.rss_bytes(server.pid) / 2**20,
+            "threads_cpu_pct": threads,
         }
     finally:
         stop.set()
@@ -88,6 +115,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--heartbeat", type=float, help="broker heartbeat in seconds [the default Limits]")
     parser.add_argument("--seconds", type=float, default=60.0, help="measurement window [60]")
     parser.add_argument("--json", action="store_true")
+    parser.add_argument("--profile", metavar="DIR", help="sample the broker with py-spy over the window into DIR")
     args = parser.parse_args(argv)
     import shutil
     import tempfile
@@ -95,7 +123,7 @@ def main(argv: list[str] | None = None) -> int:
     procs.raise_nofile()
     workdir = Path(tempfile.mkdtemp(prefix="zchat-idle-"))
     try:
-        out = measure(args.clients, args.heartbeat, args.seconds, workdir)
+        out = measure(args.clients, args.heartbeat, args.seconds, workdir, Path(args.profile) if args.profile else None)
     finally:
         procs.stop_all()
         shutil.rmtree(workdir, ignore_errors=True)
@@ -105,6 +133,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     if args.json:
         print(json.dumps(out))
+    if args.profile:
+        from zchat.bench import profile as prof
+
+        for raw in sorted(Path(args.profile).glob("profile-*.txt")):
+            summary = prof.summarize(raw)
+            print(f"{raw.name}: {summary['samples']} samples; self: " + ", ".join(f"{f} {s}%" for f, s in summary["self"][:12]))
     return 0
 
 

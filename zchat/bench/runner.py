@@ -173,7 +173,7 @@ def main(argv: list[str] | None = None) -> int:
         original = bench._traffic
 
         def traffic(system: str, label: str, **kw: Any) -> dict:
-            if system == "zchat" and label in ("ingest4", "ingest1", "fanout100", "fanout10"):
+            if system == "zchat" and label in ("ingest4", "ingest1", "fanout100", "fanout10", "latency10", "latency1"):
                 kw["on_go"] = prof.recorder(profile_dir, label)
             return original(system, label, **kw)
 

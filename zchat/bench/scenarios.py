@@ -444,8 +444,10 @@ class Bench:
         if system == "zchat":
             names = [f"s{g}-{i}" for g, size in enumerate(groups) for i in range(size)] + ["p0"]
             seed = member_seed(names)
-        # Scale uses zchat's default heartbeat (10 s), as a user's broker would.
-        server = servers.start(system, self._tmp(f"scale{n}-{system}"), 10.0, seed=seed)
+        # Scale uses zchat's default heartbeat, as a user's broker would.
+        from zchat.core import Limits
+
+        server = servers.start(system, self._tmp(f"scale{n}-{system}"), Limits().heartbeat, seed=seed)
         try:
             # Every probe reaches all n clients: keep that a small load (a zchat delivery
             # costs its client process about 150 µs here, a SUB socket's a few µs).
@@ -485,7 +487,7 @@ class Bench:
             "expected": res["expected"] * n,
             "incomplete": incomplete,
             "setup_s": now() - started,
-            "heartbeat_s": 10.0 if system == "zchat" else None,
+            "heartbeat_s": Limits().heartbeat if system == "zchat" else None,
             "groups": per_group,
             "could_not_join": sum(g["could_not_join"] for g in per_group if g),
         }

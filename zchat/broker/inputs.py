@@ -105,6 +105,7 @@ class Inputs:
                 log.debug("session %s is %s", sid, user)
             elif kind is p.Bye:
                 log.info("%s said goodbye", user)
+            self._seen_on(sid, frames[1])  # its session ends with this connection
             try:
                 core.request(sid, user, req, now, out)  # type: ignore[arg-type]
             except Exception:  # a bug met by one request costs that request only

@@ -18,6 +18,7 @@ from zchat import protocol as p
 from zchat.broker.constants import MAX_PUBLICATION_BYTES
 from zchat.broker.edge import Edge
 from zchat.broker.inputs import Inputs
+from zchat.broker.liveness import Liveness
 from zchat.broker.outage import RateLimitedLog, StorageOutage
 from zchat.broker.startup import Startup
 from zchat.broker.zap import Zap
@@ -32,7 +33,7 @@ from zchat.storage import Storage, StorageUnavailable
 log = logging.getLogger(__package__)  # one logger for the whole broker: "zchat.broker"
 
 
-class Broker(Startup, Zap, Edge, Inputs):
+class Broker(Startup, Zap, Edge, Inputs, Liveness):
     """The broker process's state and loop; its parts (start-up, ZAP, edge requests,
     inputs) are mixins in their own files, all on this one instance."""
 
@@ -75,6 +76,7 @@ class Broker(Startup, Zap, Edge, Inputs):
         self.invites = auth.Invites()
         self.stats = Stats()  # plain counters for metrics and `zchat status` (zchat.metrics)
         self.retention: Retention | None = None  # set by serve() when retention is on
+        self._liveness_init()
 
     # ------------------------------------------------------------ set-up
 
@@ -146,6 +148,16 @@ class Broker(Startup, Zap, Edge, Inputs):
             ticker = loop.call_later(self.tick_every, tick)
 
         ticker = loop.call_later(self.tick_every, tick)
+        guard = self.guard
+        if guard is not None:  # a request connection ended: its session goes offline now
+
+            def on_gone() -> None:  # the guard's thread
+                try:
+                    loop.call_soon_threadsafe(self._poke)
+                except RuntimeError:  # the loop is closed: the broker is stopping
+                    pass
+
+            guard.on_gone = on_gone
         try:
             while not self.stopping.is_set():
                 # The core runs on the monotonic clock (rate buckets, presence); it stamps
@@ -170,6 +182,13 @@ class Broker(Startup, Zap, Edge, Inputs):
                         self._subscriptions(now)
                     except Exception:
                         self._failed("subscriptions", now)
+                # Ended connections first: a client whose connection came back on the
+                # same descriptor number must not be closed by its old one's end.
+                if guard is not None and (guard.gone or self.dying_due):
+                    try:
+                        self._connections_gone(now, out)
+                    except Exception:
+                        self._failed("ended connections", now)
                 if ready(ROUTER):
                     try:
                         read += self._requests(now, out)
@@ -213,6 +232,8 @@ class Broker(Startup, Zap, Edge, Inputs):
             await self._farewell()
         finally:
             ticker.cancel()
+            if guard is not None:
+                guard.on_gone = None
             for fd in fds:
                 loop.remove_reader(fd)
             self._close()
