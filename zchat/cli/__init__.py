@@ -5,7 +5,19 @@ from __future__ import annotations
 import click
 
 from zchat import __version__
-from zchat.cli import admin_cmd, backup_cmd, bench_cmd, bot_cmd, broker_cmd, chat_cmds, config_cmd, keys_cmd, status_cmd, talk_cmd
+from zchat.cli import (
+    admin_cmd,
+    backup_cmd,
+    bench_cmd,
+    bot_cmd,
+    broker_cmd,
+    chat_cmds,
+    config_cmd,
+    irc_cmd,
+    keys_cmd,
+    status_cmd,
+    talk_cmd,
+)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -22,6 +34,6 @@ def main() -> None:
     """
 
 
-for module in (broker_cmd, chat_cmds, status_cmd, config_cmd, bot_cmd, talk_cmd, bench_cmd, backup_cmd, keys_cmd, admin_cmd):
+for module in (broker_cmd, chat_cmds, status_cmd, config_cmd, bot_cmd, talk_cmd, bench_cmd, backup_cmd, keys_cmd, admin_cmd, irc_cmd):
     for command in module.COMMANDS:
         main.add_command(command)

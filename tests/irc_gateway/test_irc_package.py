@@ -1,0 +1,130 @@
+"""``zchat irc`` (a subprocess, on a CURVE broker subprocess) driven by the ``irc``
+package, a Python IRC client library: registration, SASL PLAIN and PASS against the
+accounts, JOIN with history, PRIVMSG both ways, NAMES, QUIT."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import BrokerProcess, collect, wait_for
+from tests.irc_gateway.conftest import IrcProcess
+from zchat.client import Client
+
+irc_client = pytest.importorskip("irc.client", reason="the irc package is not installed (pip install irc)")
+
+
+
+class Bot:
+    """One irc.client connection, its reactor in a thread; records what arrives."""
+
+    def __init__(self, port: int, nick: str, password: str | None = None, sasl: bool = False) -> None:
+        self.reactor = irc_client.Reactor()
+        self.events: list = []
+        self.lock = threading.Lock()
+        self.reactor.add_global_handler("all_events", self._record, -10)
+        self.conn = self.reactor.server()
+        self.conn.connect("127.0.0.1", port, nick, password=password, sasl_login=nick if sasl else None)
+        self.running = True
+        self.thread = threading.Thread(target=self._loop, daemon=True)
+        self.thread.start()
+
+    def _loop(self) -> None:
+        while self.running:
+            self.reactor.process_once(0.05)
+
+    def _record(self, conn, event) -> None:  # type: ignore[no-untyped-def]
+        with self.lock:
+            self.events.append(event)
+
+    def of(self, kind: str) -> list:
+        with self.lock:
+            return [e for e in self.events if e.type == kind]
+
+    def do(self, method: str, *args: object) -> None:
+        self.reactor.scheduler.execute_after(0, lambda: getattr(self.conn, method)(*args))
+
+    def stop(self) -> None:
+        self.running = False
+        self.thread.join(5)
+        self.conn.close()
+
+
+@pytest.fixture
+def bots() -> Iterator[list[Bot]]:
+    made: list[Bot] = []
+    yield made
+    for bot in made:
+        bot.stop()
+
+
+async def test_pass_signin_join_history_and_privmsg_both_ways(irc_proc: IrcProcess, broker_proc: BrokerProcess, bots) -> None:  # type: ignore[no-untyped-def]
+    bob = Client(broker_proc.endpoint, "bob")
+    await bob.connect()
+    try:
+        await bob.join("general")
+        await bob.send("general", "said before alice came")
+        bot = Bot(irc_proc.port, "alice", password="alice-password-1")
+        bots.append(bot)
+        await wait_for(lambda: bot.of("welcome"), what="001 for a first sign-in with PASS")
+        bot.do("join", "#general")
+        await wait_for(lambda: bot.of("namreply"), what="NAMES after JOIN")
+        assert set(bot.of("namreply")[0].arguments[-1].split()) == {"alice", "bob"}
+        await wait_for(lambda: bot.of("pubmsg"), what="history on JOIN")
+        first = bot.of("pubmsg")[0]
+        # the irc package negotiates no server-time: the line from the past says when it was said
+        assert first.source.nick == "bob" and first.arguments[0].endswith("] said before alice came")
+        bot.do("privmsg", "#general", "hello from the irc package")
+        got = await collect(bob, 1, where=lambda m: m.sender == "alice" and m.kind == "text")
+        assert got[0].text == "hello from the irc package"
+        await bob.send("general", "live from zchat")
+        await wait_for(lambda: len(bot.of("pubmsg")) >= 2, what="a live line")
+        assert bot.of("pubmsg")[1].arguments == ["live from zchat"]
+        bot.do("quit", "bye")
+        await wait_for(lambda: bot.of("disconnect"), what="the gateway to close after QUIT")
+    finally:
+        await bob.close()
+
+
+async def test_sasl_plain_and_its_failures(irc_proc: IrcProcess, bots) -> None:  # type: ignore[no-untyped-def]
+    first = Bot(irc_proc.port, "carol", password="carol-password-1", sasl=True)
+    bots.append(first)
+    await wait_for(lambda: first.of("welcome"), what="001 after SASL PLAIN (the account is made)")
+    assert first.of("loggedin") and first.of("saslsuccess") and not first.of("saslfail")
+    wrong = Bot(irc_proc.port, "carol", password="not-carols-password", sasl=True)
+    bots.append(wrong)
+    await wait_for(lambda: wrong.of("saslfail"), what="904 for a wrong password")
+    assert not wrong.of("welcome")
+
+
+async def test_a_name_taken_on_the_broker_is_433(irc_proc: IrcProcess, broker_proc: BrokerProcess, bots, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    dave = Client(broker_proc.endpoint, "dave")  # dave's name belongs to this key now
+    await dave.connect()
+    await dave.close()
+    bot = Bot(irc_proc.port, "dave", password="someone-else-pw")
+    bots.append(bot)
+    await wait_for(lambda: bot.of("nicknameinuse"), what="433 for a taken name")
+    assert not bot.of("welcome")
+
+
+def test_sigterm_tells_every_client_and_exits_cleanly(irc_proc: IrcProcess) -> None:
+    import socket
+
+    with socket.create_connection(("127.0.0.1", irc_proc.port), timeout=20) as sock:
+        sock.sendall(b"PASS erin-password-1\r\nNICK erin\r\nUSER erin 0 * :Erin\r\n")
+        got = b""
+        while b" 376 " not in got:
+            chunk = sock.recv(4096)
+            assert chunk, got
+            got += chunk
+        irc_proc.proc.terminate()
+        while True:
+            chunk = sock.recv(4096)
+            if not chunk:
+                break
+            got += chunk
+    assert b"ERROR :The gateway is shutting down\r\n" in got
+    assert irc_proc.proc.wait(15) == 0
