@@ -77,6 +77,7 @@ class Broker(Startup, Zap, Edge, Inputs, Liveness):
         self.stats = Stats()  # plain counters for metrics and `zchat status` (zchat.metrics)
         self.retention: Retention | None = None  # set by serve() when retention is on
         self._liveness_init()
+        self.more_input = False  # an input stopped at its BATCH this turn (set by zchat.broker.inputs)
 
     # ------------------------------------------------------------ set-up
 
@@ -119,12 +120,13 @@ class Broker(Startup, Zap, Edge, Inputs, Liveness):
         socks = (self.zap, self.xpub, self.router, self.pull)
         ZAP, XPUB, ROUTER, PULL = range(4)
         stale = [True] * 4
+        known = [False] * 4  # readable, as fired() just asked: ready() need not ask again
 
         def fired(i: int) -> None:
             # Most wake-ups are libzmq's own commands (pipe activations, handshakes), not
             # messages: asking here, for 2 us, spares a whole turn of the loop for them.
             if readable(socks[i]):
-                stale[i] = True
+                stale[i] = known[i] = True
                 self._poke()
             else:
                 stale[i] = False
@@ -132,6 +134,9 @@ class Broker(Startup, Zap, Edge, Inputs, Liveness):
         def ready(i: int) -> bool:
             if not stale[i]:
                 return False
+            if known[i]:  # nothing read it since fired() saw it readable
+                known[i] = False
+                return True
             if readable(socks[i]):
                 return True  # stays stale: we are about to read it
             stale[i] = False
@@ -172,6 +177,7 @@ class Broker(Startup, Zap, Edge, Inputs, Liveness):
                 # what was taken before it is still carried out below.
                 if ready(ZAP):
                     read += 1
+                    self.more_input = True  # one handshake a turn: others may wait
                     try:
                         await self._zap()
                     except Exception:
@@ -220,11 +226,15 @@ class Broker(Startup, Zap, Edge, Inputs, Liveness):
                     await self._apply(out)
                 except Exception:  # never let one bad turn take the broker down
                     log.exception("failed to carry out a batch (%d to store)", len(out.store))
-                if read:  # more is likely queued: let other tasks run, then look again
+                if read:
                     self.stats.turn_seconds.observe(time.perf_counter() - turn)
                     self.stats.turn_items = read
-                    await asyncio.sleep(0)
-                    continue
+                    if self.more_input:  # more is queued: let other tasks run, then look again
+                        self.more_input = False
+                        await asyncio.sleep(0)
+                        continue
+                    # Every input we read was drained: the quiet path skips a pass of the
+                    # event loop and only asks the sockets we used (below) before waiting.
                 if any(stale):
                     continue  # ask the sockets we just used
                 self._wake = loop.create_future()
