@@ -54,7 +54,21 @@ SYSTEM_TOPIC: Final = b"$\x00"
 PULL_OFFSET: Final = 1
 PUB_OFFSET: Final = 2
 
-MsgKind = Literal["text", "me", "join", "part"]
+#: Kinds of a sequenced line. Moderation lines (docs/protocol.md "Private rooms and
+#: moderation"): ``to`` names the user acted on, ``text`` the reason or the new topic;
+#: a ``delete`` line's text is the deleted line's seq (decimal), and the deleted line
+#: itself is replaced in history by a ``deleted`` tombstone (no text).
+MsgKind = Literal[
+    "text", "me", "join", "part", "invite", "kick", "ban", "unban", "topic", "op", "deop", "delete", "deleted",
+]
+#: Room operators' actions (Moderate.action) and broker admins' (Admin.action).
+ModAction = Literal["invite", "kick", "ban", "unban", "topic", "op", "deop"]
+AdminAction = Literal["ban", "unban", "delete", "release"]
+#: A private room's wire topic: ``#room`` US ``token`` NUL; the token (lowercase hex)
+#: changes whenever the room's membership shrinks, so an old subscription hears nothing.
+TOKEN_SEP: Final = b"\x1f"
+TOKEN_RE: Final = re.compile(r"[0-9a-f]{1,32}\Z")
+MAX_TOPIC_LEN: Final = 400  # characters of a room's topic (and of a kick/ban reason)
 
 
 class ErrorCode:
@@ -113,12 +127,14 @@ class _Body(msgspec.Struct, tag_field="k", frozen=True, kw_only=True):
 class Member(msgspec.Struct, frozen=True):
     name: str
     online: bool
+    op: bool = False  # an operator of the room
 
 
 class RoomInfo(msgspec.Struct, frozen=True):
     name: str
     members: int
     online: int
+    private: bool = False  # listed to its members only
 
 
 # ------------------------------------------------- client -> broker (DEALER/ROUTER)
@@ -130,8 +146,13 @@ class Hello(_Body, tag="hello"):
 
 
 class Join(_Body, tag="join"):
+    """Join ``room``; with ``private`` create it as a private room (refused if it exists)
+    with the joiner as its first operator. A private room admits its members and whom
+    its operators invited; nobody else."""
+
     rid: Rid
     room: str
+    private: bool = False
 
 
 class Part(_Body, tag="part"):
@@ -222,7 +243,32 @@ class KeyList(_Body, tag="key_list"):
     rid: Rid
 
 
-Request = Union[Hello, Join, Part, History, Who, Rooms, Ping, Bye, Status, Claim, Invite, KeyAdd, KeyRevoke, KeyList]
+class Moderate(_Body, tag="mod"):
+    """A room operator's action on ``room`` (reply ``ok``; stored as a sequenced line of
+    that kind): invite/kick/ban/unban/op/deop ``name``, or set the topic to ``text``
+    (kick and ban take a reason in ``text``). A non-operator gets ``forbidden``."""
+
+    rid: Rid
+    room: str
+    action: ModAction
+    name: str = ""
+    text: str = ""
+
+
+class Admin(_Body, tag="admin"):
+    """A broker admin's action (reply ``ok``): ban/unban ``name`` from the broker,
+    release the name ``name``, or delete line ``seq`` of ``room``. Others: ``forbidden``."""
+
+    rid: Rid
+    action: AdminAction
+    name: str = ""
+    room: str = ""
+    seq: Seq = 0
+
+
+Request = Union[
+    Hello, Join, Part, History, Who, Rooms, Ping, Bye, Status, Claim, Invite, KeyAdd, KeyRevoke, KeyList, Moderate, Admin,
+]
 
 # ------------------------------------------------------ client -> broker (PUSH/PULL)
 
@@ -277,6 +323,7 @@ class Welcome(_Body, tag="welcome"):
     rate: float
     burst: float
     rooms: dict[str, int] = {}  # the user's rooms and DM conversations -> head seq
+    tokens: dict[str, str] = {}  # the user's rooms whose wire topic carries a token -> it
 
 
 class Joined(_Body, tag="joined"):
@@ -285,6 +332,9 @@ class Joined(_Body, tag="joined"):
     head: int
     epoch: str
     members: list[Member] = []
+    token: str = ""  # subscribe to room_topic(room, token)
+    private: bool = False
+    topic: str = ""  # the room's topic, as its operators set it
 
 
 class Ok(_Body, tag="ok"):
@@ -318,6 +368,7 @@ class Pong(_Body, tag="pong"):
     boot: str
     epoch: str
     heads: dict[str, int] = {}
+    tokens: dict[str, str] = {}  # as in Welcome: a missed Retopic is caught here
 
 
 class Stored(msgspec.Struct, frozen=True):
@@ -358,7 +409,7 @@ class StatusReply(_Body, tag="brokerstatus"):
     sessions: int
     users_online: int
     users: int  # claimed names
-    rooms: int  # public rooms with members
+    rooms: int  # rooms with members (public and private)
     conversations: int  # DM conversations
     messages: int  # sequenced lines over all rooms (the sum of the heads)
     rates: dict[str, float] = {}
@@ -426,6 +477,15 @@ class Heads(_Body, tag="heads"):
     heads: dict[str, int]
 
 
+class Retopic(_Body, tag="retopic"):
+    """On a member's inbox: ``room``'s wire topic is now room_topic(room, token) (its
+    membership shrank). Subscribe to the new topic (and drop the old one); a Heads
+    follows once it takes effect, so what came in between is fetched from history."""
+
+    room: str
+    token: str
+
+
 class Batch(_Body, tag="batch"):
     """Several consecutive Msgs of one topic in one publication.
 
@@ -437,7 +497,7 @@ class Batch(_Body, tag="batch"):
     items: list[Msg]
 
 
-Event = Union[Msg, Presence, Notice, Batch, Heads]
+Event = Union[Msg, Presence, Notice, Batch, Heads, Retopic]
 
 # ------------------------------------------------------------------- codecs
 
@@ -445,7 +505,7 @@ _encoder = msgspec.msgpack.Encoder()
 _request_decoder = msgspec.msgpack.Decoder(Request)
 _send_decoder = msgspec.msgpack.Decoder(Union[Send, Sends])
 _single_send_decoder = msgspec.msgpack.Decoder(Send)
-_router_decoder = msgspec.msgpack.Decoder(Union[Hello, Join, Part, History, Who, Rooms, Ping, Bye, Status, Claim, Invite, KeyAdd, KeyRevoke, KeyList, Send, Sends])
+_router_decoder = msgspec.msgpack.Decoder(Union[Request, Send, Sends])
 _raw_sends_decoder = msgspec.msgpack.Decoder(_RawSends)
 _sends_head_decoder = msgspec.msgpack.Decoder(_SendsHead)
 _reply_decoder = msgspec.msgpack.Decoder(Reply)
@@ -607,8 +667,17 @@ def decode_event(data: bytes) -> Event:
 # ------------------------------------------------------------------- topics
 
 
-def room_topic(room: str) -> bytes:
+def room_topic(room: str, token: str = "") -> bytes:
+    """``#room\\0``, or ``#room\\x1ftoken\\0`` for a room whose topic carries a token."""
+    if token:
+        return ROOM_PREFIX + room.encode() + TOKEN_SEP + token.encode() + b"\x00"
     return ROOM_PREFIX + room.encode() + b"\x00"
+
+
+def topic_token(topic: bytes) -> str:
+    """The token of a room topic ('' for none); call on a topic parse_topic accepted."""
+    _, sep, token = topic[1:-1].partition(TOKEN_SEP)
+    return token.decode("ascii") if sep else ""
 
 
 def inbox_topic(name: str) -> bytes:
@@ -626,8 +695,11 @@ def parse_topic(topic: bytes) -> tuple[str, str] | None:
     except UnicodeDecodeError:
         return None
     head = topic[:1]
-    if head == ROOM_PREFIX and ROOM_RE.match(name):
-        return ("room", name)
+    if head == ROOM_PREFIX:
+        name, sep, token = name.partition("\x1f")
+        if ROOM_RE.match(name) and (not sep or TOKEN_RE.match(token)):
+            return ("room", name)
+        return None
     if head == INBOX_PREFIX and NAME_RE.match(name):
         return ("inbox", name)
     return None

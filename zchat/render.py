@@ -34,6 +34,33 @@ def label(room: str, me: str = "") -> str:
     return f"@{other}"
 
 
+#: Moderation lines: who did what, as one sentence (the faces show them as action lines).
+ACTIONS = frozenset({"invite", "kick", "ban", "unban", "topic", "op", "deop", "delete", "deleted"})
+
+
+def action(msg: p.Msg) -> str:
+    """``alice kicked bob (spam)``: a moderation line as a sentence."""
+    why = f" ({msg.text})" if msg.text and msg.kind in ("kick", "ban") else ""
+    verbs = {
+        "invite": "invited", "kick": "kicked", "ban": "banned", "unban": "unbanned",
+        "op": "made an operator:", "deop": "took operator status from",
+    }
+    if msg.kind == "topic":
+        return f"{msg.sender} set the topic: {msg.text}" if msg.text else f"{msg.sender} cleared the topic"
+    if msg.kind == "delete":
+        return f"{msg.sender} deleted a message (#{msg.text})"
+    if msg.kind == "deleted":
+        return "(message deleted)"
+    return f"{msg.sender} {verbs[msg.kind]} {msg.to}{why}"
+
+
+def deleted_seq(msg: p.Msg) -> int:
+    """The seq a ``delete`` line hides (0 for any other line)."""
+    if msg.kind == "delete" and msg.text.isdigit():
+        return int(msg.text)
+    return 0
+
+
 def line(event: Event, me: str = "") -> str | None:
     """A human line for ``event``, or None for events not worth a line."""
     if isinstance(event, p.Msg):
@@ -44,6 +71,8 @@ def line(event: Event, me: str = "") -> str | None:
             return f"{head} --> {event.sender} joined"
         if event.kind == "part":
             return f"{head} <-- {event.sender} left"
+        if event.kind in ACTIONS:
+            return f"{head} -!- {action(event)}"
         return f"{head} <{event.sender}> {event.text}"
     if isinstance(event, p.Presence):
         return f"{clock(event.ts)} #{event.room} --- {event.name} is {'online' if event.online else 'offline'}"

@@ -255,6 +255,42 @@ async def test_members_add_remove_list(storage: Storage) -> None:
     assert await storage.members() == {"dev": {"bob"}}
 
 
+# ------------------------------------------------------------ room settings
+
+
+async def test_room_settings_change_in_order_and_empty_sets_go(storage: Storage) -> None:
+    assert await storage.rooms_state() == {}
+    await storage.change_rooms([
+        ("sec", "private", "1", True), ("sec", "op", "alice", True), ("sec", "op", "bob", True),
+        ("sec", "topic", "old", True), ("sec", "topic", "old", False), ("sec", "topic", "new: 1;2", True),
+        ("sec", "ban", "eve", True), ("$", "ban", "mallory", True), ("dev", "invite", "x", True), ("dev", "invite", "x", False),
+    ])
+    await storage.change_rooms([("sec", "op", "bob", False), ("sec", "op", "nobody", False), ("sec", "op", "alice", True)])
+    assert await storage.rooms_state() == {
+        "sec": {"private": {"1"}, "op": {"alice"}, "topic": {"new: 1;2"}, "ban": {"eve"}},
+        "$": {"ban": {"mallory"}},
+    }
+    await storage.change_rooms([])
+
+
+async def test_rooms_sharing_a_prefix_keep_their_settings_apart(storage: Storage) -> None:
+    await storage.change_rooms([("dev", "op", "a", True), ("devops", "op", "b", True), ("dev", "ban", "c", True)])
+    assert await storage.rooms_state() == {"dev": {"op": {"a"}, "ban": {"c"}}, "devops": {"op": {"b"}}}
+
+
+async def test_tombstone_replaces_a_text_line_only(storage: Storage) -> None:
+    await storage.append([msg("dev", 1, cid="c1"), msg("dev", 2, kind="me"), msg("dev", 3, kind="join", text="")])
+    assert await storage.tombstone("dev", 1)
+    assert await storage.tombstone("dev", 2)
+    assert not await storage.tombstone("dev", 3)  # a join line stays
+    assert not await storage.tombstone("dev", 1)  # a tombstone already
+    assert not await storage.tombstone("dev", 9) and not await storage.tombstone("nope", 1)
+    got = await storage.range("dev", after=0, limit=10)
+    assert [(m.seq, m.kind, m.text) for m in got] == [(1, "deleted", ""), (2, "deleted", ""), (3, "join", "m3")]
+    assert (got[0].id, got[0].sender, got[0].cid) == ("dev-1", "alice", "c1")  # all else kept
+    assert [(m.seq, m.kind, m.text, m.cid) for m in await storage.recent(10)] == [(1, "deleted", "", "c1")]
+
+
 # ------------------------------------------------------------ persistence
 
 
@@ -264,6 +300,7 @@ async def test_everything_survives_close_and_reopen(backend: Backend) -> None:
     await store.append([msg("dev", 1, cid="x"), msg("dev", 2)])
     await store.add_user("alice", b"digest")
     await store.set_member("dev", "alice", True)
+    await store.change_rooms([("dev", "op", "alice", True)])
     await store.close()
 
     store = backend.new()
@@ -273,6 +310,7 @@ async def test_everything_survives_close_and_reopen(backend: Backend) -> None:
         assert await store.heads() == {"dev": 2}
         assert await store.get_user("alice") == b"digest"
         assert await store.members() == {"dev": {"alice"}}
+        assert await store.rooms_state() == {"dev": {"op": {"alice"}}}
         assert [m.cid for m in await store.recent(10)] == ["x"]
     finally:
         await store.close()

@@ -33,7 +33,7 @@ async def measure(clients: int, lines: int) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         os.environ["ZCHAT_CONFIG_DIR"] = str(Path(tmp) / "config")
         broker = await RunningBroker(Path(tmp) / "h.db", Limits(heartbeat=HEARTBEAT * 20, rate=0, request_rate=0, room_rate=0)).start()
-        gateway = Gateway(broker.endpoint, Gatekeeper(None), history=0)
+        gateway = Gateway(broker.endpoint, Gatekeeper(None), history=0, max_per_address=100_000)
         port = await gateway.start("127.0.0.1", 0)
         bob = Client(broker.endpoint, "bob", "secret-of-bob-0123456789")
         await bob.connect()

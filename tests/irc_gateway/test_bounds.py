@@ -64,3 +64,28 @@ async def test_registration_must_end_in_time(gateway, monkeypatch: pytest.Monkey
     assert err.params == ("Registration timeout",)
     await wait_for(lambda: peer.closed, what="the connection to close")
     await peer.close()
+
+
+async def test_connections_per_address_are_bounded(broker) -> None:  # type: ignore[no-untyped-def]
+    from tests.irc_gateway.conftest import open_peer, register
+    from zchat.irc.server import Gateway
+    from zchat.irc.signin import Gatekeeper
+
+    gw = Gateway(broker.endpoint, Gatekeeper(None), max_per_address=2)
+    port = await gw.start("127.0.0.1", 0)
+    try:
+        one, two = await open_peer(port), await open_peer(port)
+        await register(one, "alice")
+        await register(two, "bob")
+        three = await open_peer(port)
+        err = await three.cmd("ERROR")
+        assert "from your address" in err.params[0]
+        await wait_for(lambda: three.closed, what="the third connection to be closed")
+        one.send("QUIT")
+        await wait_for(lambda: len(gw.connections) == 1, what="the first connection to go")
+        four = await open_peer(port)  # room again
+        await register(four, "carol")
+        for peer in (one, two, three, four):
+            await peer.close()
+    finally:
+        await gw.stop()

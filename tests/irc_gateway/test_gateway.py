@@ -51,7 +51,10 @@ async def test_join_plays_history_with_server_time_in_a_batch(irc, connect) -> N
     assert end.params == ("-" + tag,)
 
 
-async def test_history_without_caps_is_plain_lines(irc, connect) -> None:  # type: ignore[no-untyped-def]
+async def test_history_without_caps_is_plain_lines(irc, connect, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    from zchat.irc import gateway as gw_module
+
+    monkeypatch.setattr(gw_module, "DATED_AFTER", 0.0)  # the line counts as old at once
     bob = await connect("bob")
     await bob.join("general")
     await bob.send("general", "old line")
@@ -239,29 +242,49 @@ async def test_ping_pong(irc) -> None:  # type: ignore[no-untyped-def]
 
 @pytest.mark.parametrize("burst", [3])
 async def test_flood_gets_a_notice_not_a_disconnect(tmp_path, burst) -> None:  # type: ignore[no-untyped-def]
+    import time
+
     from tests.conftest import RunningBroker
     from tests.irc_gateway.conftest import register
+    from zchat.client import Client
     from zchat.core import Limits
+    from zchat.irc import gateway as gw_module
     from zchat.irc.server import Gateway
     from zchat.irc.signin import Gatekeeper
 
     broker = await RunningBroker(tmp_path / "h.db", Limits(heartbeat=0.5, rate=0.5, burst=burst)).start()
     gw = Gateway(broker.endpoint, Gatekeeper(None))
     port = await gw.start("127.0.0.1", 0)
+    carol = Client(broker.endpoint, "carol", "secret-of-carol-0123456789")
+    await carol.connect()
+    await carol.join("general")
+    heard: list[str] = []
+    carol.listen(lambda events: heard.extend(e.text for e in events if isinstance(e, p.Msg) and e.sender == "alice" and e.kind == "text"))
     try:
         peer = await open_peer(port)
         await register(peer, "alice")
         peer.send("JOIN #general")
         await peer.cmd("366")
+        start = time.monotonic()
         peer.send(*(f"PRIVMSG #general :flood {i}" for i in range(40)))
-        note = await peer.expect(lambda x: x.command == "NOTICE" and "too fast" in x.params[-1])
-        assert note.params[0] == "#general"
+
+        def refused() -> int:  # the lines the NOTICEs say were not sent
+            notes = [x.params[-1] for x in peer.lines if x.command == "NOTICE" and "too fast" in x.params[-1]]
+            return sum(int(re.search(r"(\d+) line", text).group(1)) for text in notes)  # type: ignore[union-attr]
+
+        # every line is either stored (carol hears it) or counted in a NOTICE, exactly once
+        await wait_for(lambda: refused() + len(heard) == 40, 60, "every line stored or told as refused")
+        took = time.monotonic() - start
+        assert burst <= len(heard) < 40
         await peer.marker()
         assert not peer.closed
         notices = [x for x in peer.lines if x.command == "NOTICE" and "too fast" in x.params[-1]]
-        assert len(notices) <= 3  # told about it, not once a line
+        assert notices[0].params[0] == "#general"
+        assert len(notices) <= took / gw_module.NOTICE_EVERY + 2  # at most one a second, not one a line
+        assert refused() + len(heard) == 40
         await peer.close()
     finally:
+        await carol.close()
         await gw.stop()
         await broker.stop()
 
@@ -344,7 +367,7 @@ async def test_chathistory_of_a_dm(irc, connect) -> None:  # type: ignore[no-unt
     bob = await connect("bob")
     peer = await irc("alice", caps="batch draft/chathistory")
     await bob.send_dm("alice", "dm one")
-    await peer.expect(lambda x: x.command == "PRIVMSG" and x.params[-1] == "dm one")
+    await peer.expect(lambda x: x.command == "PRIVMSG" and x.params[-1].endswith("dm one"))
     peer.send("PRIVMSG bob :dm two")
     await chat(bob, 1)
     peer.send("CHATHISTORY LATEST bob * 10")

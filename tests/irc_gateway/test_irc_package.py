@@ -75,8 +75,7 @@ async def test_pass_signin_join_history_and_privmsg_both_ways(irc_proc: IrcProce
         assert set(bot.of("namreply")[0].arguments[-1].split()) == {"alice", "bob"}
         await wait_for(lambda: bot.of("pubmsg"), what="history on JOIN")
         first = bot.of("pubmsg")[0]
-        # the irc package negotiates no server-time: the line from the past says when it was said
-        assert first.source.nick == "bob" and first.arguments[0].endswith("] said before alice came")
+        assert first.source.nick == "bob" and first.arguments == ["said before alice came"]  # a minute old or less: not dated
         bot.do("privmsg", "#general", "hello from the irc package")
         got = await collect(bob, 1, where=lambda m: m.sender == "alice" and m.kind == "text")
         assert got[0].text == "hello from the irc package"
@@ -128,3 +127,51 @@ def test_sigterm_tells_every_client_and_exits_cleanly(irc_proc: IrcProcess) -> N
             got += chunk
     assert b"ERROR :The gateway is shutting down\r\n" in got
     assert irc_proc.proc.wait(15) == 0
+
+
+async def test_server_time_who_list_topic_and_bad_input(irc_proc: IrcProcess, broker_proc: BrokerProcess, bots) -> None:  # type: ignore[no-untyped-def]
+    bob = Client(broker_proc.endpoint, "bob")
+    await bob.connect()
+    try:
+        await bob.join("general")
+        await bob.send("general", "stamped")
+        bot = Bot(irc_proc.port, "frank", password="frank-password-1")
+        bots.append(bot)
+        await wait_for(lambda: bot.of("welcome"), what="001")
+        bot.do("send_raw", "CAP REQ :server-time")  # after registration too
+        await wait_for(lambda: bot.of("cap"), what="CAP ACK")
+        bot.do("join", "#general")
+        await wait_for(lambda: bot.of("pubmsg"), what="history on JOIN")
+        tags = {t["key"]: t["value"] for t in bot.of("pubmsg")[0].tags or []}
+        assert tags["time"].endswith("Z") and bot.of("pubmsg")[0].arguments == ["stamped"]
+        bot.do("who", "#general")
+        await wait_for(lambda: bot.of("endofwho"), what="WHO")
+        assert sorted(e.arguments[4] for e in bot.of("whoreply")) == ["bob", "frank"]
+        bot.do("list")
+        await wait_for(lambda: bot.of("listend"), what="LIST")
+        assert [(e.arguments[0], e.arguments[1]) for e in bot.of("list")] == [("#general", "2")]
+        bot.do("topic", "#general")
+        await wait_for(lambda: bot.of("notopic"), what="TOPIC")
+        bot.do("join", "#bad!name")
+        await wait_for(lambda: bot.of("479"), what="479 for a channel zchat cannot name")
+        bot.do("join", "&local")
+        await wait_for(lambda: bot.of("nosuchchannel"), what="403 for another channel prefix")
+        bot.do("privmsg", "[nobody]", "hi")
+        await wait_for(lambda: bot.of("nosuchnick"), what="401 for a nick zchat cannot name")
+        bot.do("nick", "other")
+        await wait_for(lambda: bot.of("447"), what="447: the nick is the zchat name")
+        bot.reactor.scheduler.execute_after(0, lambda: bot.conn.socket.send(b"PRIVMSG #general :" + b"x" * 600 + b"\r\n"))
+        await wait_for(lambda: bot.of("417"), what="417 for a line over 512 bytes")
+        bot.do("privmsg", "#general", "still here")
+        got = await collect(bob, 1, where=lambda m: m.sender == "frank" and m.kind == "text")
+        assert got[0].text == "still here"
+    finally:
+        await bob.close()
+
+
+async def test_a_bad_nick_at_registration_is_432(irc_proc: IrcProcess, bots) -> None:  # type: ignore[no-untyped-def]
+    bot = Bot(irc_proc.port, "-bad-", password="some-password-1")
+    bots.append(bot)
+    await wait_for(lambda: bot.of("erroneusnickname"), what="432 for a nick zchat cannot name")
+    bot.do("nick", "goodnick")
+    await wait_for(lambda: bot.of("welcome"), what="001 once a good nick is given")

@@ -102,6 +102,10 @@ def test_irssi_joins_reads_sends_and_gets_a_dm(irssi: Tmux, broker_proc: BrokerP
     screen = irssi.wait("hello from zchat send")
     line = next(x for x in screen.splitlines() if "hello from zchat send" in x)
     assert "bob" in line, line  # "< bob> hello from zchat send"
+    zchat(cli_env, "send", "--broker", broker_proc.endpoint, "--name", "bob", "--room", "general", "--me", "nods at irssi")
+    screen = irssi.wait("nods at irssi")
+    line = next(x for x in screen.splitlines() if "nods at irssi" in x)
+    assert "* bob nods at irssi" in line, line  # irssi shows a CTCP ACTION
     tail = Tail(broker_proc, cli_env, "reader", "general")
     try:
         wait_until(lambda: any(m["text"] == "hello from zchat send" for m in tail.messages), 30, "the tail to start")
@@ -109,6 +113,9 @@ def test_irssi_joins_reads_sends_and_gets_a_dm(irssi: Tmux, broker_proc: BrokerP
         wait_until(lambda: any(m["text"] == "hello from irssi" for m in tail.messages), 20, "zchat tail to print irssi's line")
         mine = next(m for m in tail.messages if m["text"] == "hello from irssi")
         assert mine["sender"] == "alice" and mine["room"] == "general"
+        irssi.type("/me waves from irssi")  # CTCP ACTION -> a zchat action
+        wait_until(lambda: any(m["text"] == "waves from irssi" for m in tail.messages), 20, "zchat tail to print irssi's /me")
+        assert next(m for m in tail.messages if m["text"] == "waves from irssi")["kind"] == "me"
     finally:
         tail.stop()
     talk = subprocess.Popen(  # a zchat talk user (its line mode: the same commands as the screen)

@@ -178,7 +178,7 @@ def test_join_creates_the_room_with_a_sequenced_join_message() -> None:
     assert msg == p.Msg(room="dev", seq=1, id=msg.id, ts=3.0, sender="alice", text="", kind="join", epoch="E1")
     assert out.publish == [(DEV, msg)]
     assert out.members == [("dev", "alice", True)]
-    assert out.replies == [("a1", p.Joined(rid=2, room="dev", head=1, epoch="E1", members=[p.Member("alice", True)]))]
+    assert out.replies == [("a1", p.Joined(rid=2, room="dev", head=1, epoch="E1", members=[p.Member("alice", True, True)]))]
     assert core.heads["dev"] == 1
     assert core.members["dev"] == {"alice"}
 
@@ -189,7 +189,7 @@ def test_join_is_idempotent() -> None:
     request(core, "a1", "alice", p.Join(rid=2, room="dev"))
     out = request(core, "a1", "alice", p.Join(rid=3, room="dev"))
     assert (out.store, out.publish, out.members) == ([], [], [])
-    assert out.replies == [("a1", p.Joined(rid=3, room="dev", head=1, epoch="E1", members=[p.Member("alice", True)]))]
+    assert out.replies == [("a1", p.Joined(rid=3, room="dev", head=1, epoch="E1", members=[p.Member("alice", True, True)]))]
     assert core.heads["dev"] == 1
 
 
@@ -202,7 +202,7 @@ def test_second_joiner_gets_next_seq_and_member_list() -> None:
     assert stored_seqs(out) == [("dev", 2)]
     assert out.store[0].sender == "bob"
     joined = only_reply(out, "b1")
-    assert joined == p.Joined(rid=2, room="dev", head=2, epoch="E1", members=[p.Member("alice", True), p.Member("bob", True)])
+    assert joined == p.Joined(rid=2, room="dev", head=2, epoch="E1", members=[p.Member("alice", True, True), p.Member("bob", True)])
 
 
 @pytest.mark.parametrize("room", ["Dev", "", "@alice:bob", "dev ops", "r" * 65, ".dev"])

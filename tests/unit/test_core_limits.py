@@ -443,7 +443,7 @@ def test_room_and_member_indexes_agree_with_a_plain_recount(ops: list[tuple[str,
         assert core.room_list() == want
         for r in core.members:
             names = sorted(core.members[r])
-            assert core.member_page(r)[0] == [p.Member(n, core.online(n)) for n in names][:2]
+            assert core.member_page(r)[0] == [p.Member(n, core.online(n), core.is_op(r, n)) for n in names][:2]
         assert core.rooms_of == {n: rs for n, rs in _rooms_of(core).items()}
 
 

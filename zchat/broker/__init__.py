@@ -13,7 +13,8 @@ Sockets (all CURVE-encrypted and authenticated through the ZAP handler, zchat.br
 
 The package, one file per concern: loop (the Broker, its turns, applying an Outcome),
 startup, zap (authentication, claims), edge (claim/invite/key requests), inputs
-(subscriptions, requests, chat lines), outage (rate-limited logging) and constants.
+(subscriptions, requests, chat lines), moderation (tombstones, cutting banned names),
+outage (rate-limited logging) and constants.
 """
 
 from __future__ import annotations

@@ -39,6 +39,15 @@ class Edge:
         if entry not in conns:
             conns.append(entry)
 
+    def _cut_key(self, key: bytes) -> int:
+        """Cut the live connections seen for ``key`` (revoked, or its name banned); how many."""
+        cut = 0
+        for _label, fd, peer in self.key_conns.pop(key, ()):
+            if peer is not None and peer_name(fd) == peer:
+                cut_connection(fd)
+                cut += 1
+        return cut
+
     def _edge_request(self, sid: str, frame: zmq.Frame, req: Any, now: float, out: Outcome) -> None:
         """Claim, Invite, KeyAdd, KeyRevoke, KeyList: keys and names, answered at once
         from memory (a change of keys is stored at the next tick, see _store_keys)."""
@@ -95,11 +104,7 @@ class Edge:
             del self.key_names[other]
             if len(self.revoked) < auth.MAX_REVOKED:
                 self.revoked.add(other)
-            cut = 0
-            for _label, fd, peer in self.key_conns.pop(other, ()):
-                if peer is not None and peer_name(fd) == peer:
-                    cut_connection(fd)
-                    cut += 1
+            cut = self._cut_key(other)
             log.info("%s revoked key %s (%d live connection(s) cut)", user, keys.fingerprint(req.key), cut)
         self.key_writes.add(user)
         out.replies.append((sid, p.Ok(rid=req.rid)))

@@ -19,6 +19,7 @@ from zchat.broker.constants import MAX_PUBLICATION_BYTES
 from zchat.broker.edge import Edge
 from zchat.broker.inputs import Inputs
 from zchat.broker.liveness import Liveness
+from zchat.broker.moderation import Moderating
 from zchat.broker.outage import RateLimitedLog, StorageOutage
 from zchat.broker.startup import Startup
 from zchat.broker.zap import Zap
@@ -33,7 +34,7 @@ from zchat.storage import Storage, StorageUnavailable
 log = logging.getLogger(__package__)  # one logger for the whole broker: "zchat.broker"
 
 
-class Broker(Startup, Zap, Edge, Inputs, Liveness):
+class Broker(Startup, Zap, Edge, Inputs, Moderating, Liveness):
     """The broker process's state and loop; its parts (start-up, ZAP, edge requests,
     inputs) are mixins in their own files, all on this one instance."""
 
@@ -297,9 +298,13 @@ class Broker(Startup, Zap, Edge, Inputs, Liveness):
         core = self.core
         assert core is not None
         stats = self.stats
-        if out.store or out.members:
+        if out.store or out.members or out.room_changes:
             began = time.perf_counter()
+            rooms_stored = False
             try:
+                if out.room_changes:  # first: a batch is never stored without its settings
+                    await self.storage.change_rooms(out.room_changes)
+                    rooms_stored = True
                 await self.storage.append(out.store, out.members)
                 stats.stored += len(out.store)
             except Exception as exc:
@@ -310,6 +315,8 @@ class Broker(Startup, Zap, Edge, Inputs, Liveness):
                 else:
                     log.error("storing %d messages (%d membership changes) failed: %r", len(out.store), len(out.members), exc)
                     code = p.ErrorCode.INTERNAL
+                if rooms_stored:
+                    await self._unstore_rooms(out.room_changes)
                 # Nobody may see those seqs and every sender is told (protocol.md §10.2):
                 # the core takes the batch back and rewrites what is left to do.
                 core.undo(out, code)
@@ -317,6 +324,8 @@ class Broker(Startup, Zap, Edge, Inputs, Liveness):
                 if self.outage.since:
                     self.outage.stored(time.monotonic())
             stats.append_seconds.observe(time.perf_counter() - began)
+        if out.tombstones or out.cut or out.released:
+            await self._moderated(out)
         self._publish(out.publish)
         encode = p.encode
         router = self.router
@@ -356,7 +365,7 @@ class Broker(Startup, Zap, Edge, Inputs, Liveness):
             rid=req.rid, room=req.room, epoch=core.epoch, head=head, messages=msgs, more=getattr(msgs, "cut", False)
         )
 
-    def _publish(self, publish: list[tuple[bytes, p.Msg | p.Presence | p.Notice]]) -> None:
+    def _publish(self, publish: list[tuple[bytes, p.Msg | p.Presence | p.Notice | p.Retopic]]) -> None:
         """Send in order; consecutive Msgs of one topic go out as one Batch of at most
         about MAX_PUBLICATION_BYTES (so a subscriber's queue, counted in publications,
         is bounded in bytes too)."""

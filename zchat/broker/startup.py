@@ -12,6 +12,7 @@ from typing import Any
 import zmq
 
 from zchat import __version__, auth, keys
+from zchat import protocol as p
 from zchat.broker.constants import (
     BATCH,
     MAX_PUBLICATION_BYTES,
@@ -42,6 +43,7 @@ class Startup:
         members = await self.storage.members()
         users = await self.storage.users()
         recent = await self.storage.recent(10_000)
+        rooms_state = await self.storage.rooms_state()
         soft, _hard = raise_fd_limit()
         g = self.guard_config
         if self.insecure_plaintext:
@@ -127,6 +129,7 @@ class Startup:
         self.core = Core(
             epoch=epoch, boot=secrets.token_hex(6), limits=limits, heads=heads, members=members, users=users,
             recent=recent, id_prefix=secrets.token_hex(4) + "-", wall_offset=time.time() - time.monotonic(),
+            rooms_state=rooms_state, new_token=lambda: secrets.token_hex(8), admins=self._admin_names(),
         )
         lim = self.core.limits
         log.info(
@@ -138,6 +141,16 @@ class Startup:
             "zchat %s broker up: requests %s, chat in %s:%d, fan-out %s:%d, epoch %s, pid %d",
             __version__, self.endpoint, base, ports[1], base, ports[2], epoch, os.getpid(),
         )
+
+    def _admin_names(self) -> set[str]:
+        """The admins' names: as given, and the names of the keys given (auth.is_admin)."""
+        from zmq.utils import z85
+
+        names = {entry for entry in self.admins if p.valid_name(entry)}
+        for key, name in self.key_names.items():
+            if z85.encode(key).decode() in self.admins:
+                names.add(name)
+        return names
 
     def _serve_key(self, base: str, port: int) -> int:
         """Bind the plain key endpoint and hand its socket to a thread that answers

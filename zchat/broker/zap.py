@@ -85,6 +85,8 @@ class Zap:
             else:  # another broker claimed it first; decide again against that owner
                 stored = await self.storage.get_user(name)
                 verdict = auth.check_plain(creds[0], creds[1], stored, self.reserved)
+        if verdict.status == b"200" and name in self.core.banned:  # type: ignore[union-attr]
+            verdict = auth.Verdict(b"400", f"{name!r} is banned from this broker")
         if verdict.status == b"200":
             self.digests[name] = verdict.claim or stored or b""
         else:
@@ -99,6 +101,8 @@ class Zap:
         key = creds[0]
         name = self.key_names.get(key)
         if name is not None:
+            if name in self.core.banned:  # type: ignore[union-attr]
+                return auth.Verdict(b"400", f"{name!r} is banned from this broker")
             return auth.owned(name, key)
         if key in self.revoked:
             return auth.Verdict(b"400", "this key was revoked")
@@ -141,4 +145,6 @@ class Zap:
             return auth.Verdict(b"400", f"name {name!r} is taken (a PLAIN-era name moves to a key only with its secret)")
         self.key_names[key] = name
         self.name_keys[name] = [key]
+        if admin:
+            self.core.admins.add(name)  # type: ignore[union-attr]
         return auth.owned(name, key)

@@ -15,6 +15,7 @@ from zchat.cli import (
     config_cmd,
     irc_cmd,
     keys_cmd,
+    room_cmd,
     status_cmd,
     talk_cmd,
 )
@@ -34,6 +35,6 @@ def main() -> None:
     """
 
 
-for module in (broker_cmd, chat_cmds, status_cmd, config_cmd, bot_cmd, talk_cmd, bench_cmd, backup_cmd, keys_cmd, admin_cmd, irc_cmd):
+for module in (broker_cmd, chat_cmds, status_cmd, config_cmd, bot_cmd, talk_cmd, bench_cmd, backup_cmd, keys_cmd, admin_cmd, irc_cmd, room_cmd):
     for command in module.COMMANDS:
         main.add_command(command)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
+
 import click
 
 from zchat.cli.options import client_options, require_name, run_client, with_settings
@@ -34,6 +36,49 @@ def invite(s: Settings, count: int) -> None:
 
     for code in run_client(s.broker, name, body):
         click.echo(code)
+
+
+def _admin(s: Settings, call: Callable[[Client], Awaitable[None]], done: str) -> None:
+    run_client(s.broker, require_name(s), call)
+    click.echo(done, err=True)
+
+
+@admin_group.command("ban", epilog=EXIT_CODES)
+@client_options
+@click.argument("user")
+@with_settings
+def ban(s: Settings, user: str) -> None:
+    """Ban USER from the broker: refused at every handshake, live sessions cut."""
+    _admin(s, lambda c: c.admin_ban(user.lower()), f"{user} banned")
+
+
+@admin_group.command("unban", epilog=EXIT_CODES)
+@client_options
+@click.argument("user")
+@with_settings
+def unban(s: Settings, user: str) -> None:
+    """Lift USER's broker ban."""
+    _admin(s, lambda c: c.admin_unban(user.lower()), f"{user} unbanned")
+
+
+@admin_group.command("delete", epilog=EXIT_CODES)
+@client_options
+@click.argument("room")
+@click.argument("seq", type=click.IntRange(1))
+@with_settings
+def delete(s: Settings, room: str, seq: int) -> None:
+    """Delete line SEQ of ROOM (seqs: `zchat tail --json`): a tombstone replaces it in
+    history and every client hides it."""
+    _admin(s, lambda c: c.delete(room.lstrip("#").lower(), seq), f"line {seq} of {room} deleted")
+
+
+@admin_group.command("release", epilog=EXIT_CODES)
+@client_options
+@click.argument("user")
+@with_settings
+def release(s: Settings, user: str) -> None:
+    """Release the (squatted) name USER: out of every room, its keys refused, free to claim."""
+    _admin(s, lambda c: c.release(user.lower()), f"{user} released")
 
 
 COMMANDS = [admin_group]

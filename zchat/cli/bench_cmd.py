@@ -25,8 +25,14 @@ def bench(args: tuple[str, ...]) -> None:
       zchat bench --out results/today     # full run, under 15 minutes
       zchat bench --scenarios fanout latency --systems zchat zmq-proxy
       zchat bench --abuse --quick         # every attack, 3 s each
+      zchat bench --rooms --members 1000  # a membership change in a private room
     """
     rest = list(args)
+    if "--rooms" in rest:  # a private room's membership change (zchat/bench/rooms.py)
+        from zchat.bench.rooms import main as rooms
+
+        rest.remove("--rooms")
+        sys.exit(rooms(rest))
     if "--abuse" in rest:
         from zchat.bench.abuse import main as abuse
 

@@ -34,12 +34,14 @@ def _listen(value: str) -> tuple[str, int]:
               help="The accounts of `zchat web` (accounts.json). [env ZCHAT_WEB_DATA_DIR; default: web/ in the user data directory]")
 @click.option("--no-accounts", is_flag=True, default=False,
               help="A personal gateway: the nick alone signs in, with this machine's own secrets (as `zchat talk`). Listen on loopback only.")
+@click.option("--max-connections", type=click.IntRange(min=1), default=1000, show_default=True, help="IRC connections taken in all.")
+@click.option("--max-per-address", type=click.IntRange(min=1), default=64, show_default=True, help="IRC connections taken from one address.")
 @click.option("--server-name", default="zchat", show_default=True, help="The server name IRC clients see.")
 @click.option("--log-level", help="DEBUG, INFO, WARNING or ERROR. [INFO]")
 @click.option("--config", "config_path", type=click.Path(dir_okay=False), help="TOML settings file.")
 def irc(
     listen: str, broker: str | None, history: int, tls_cert: str | None, tls_key: str | None, accounts_dir: str | None,
-    no_accounts: bool, server_name: str, log_level: str | None, config_path: str | None,
+    no_accounts: bool, max_connections: int, max_per_address: int, server_name: str, log_level: str | None, config_path: str | None,
 ) -> None:
     """Let IRC clients (irssi, weechat, HexChat, bots) into zchat rooms.
 
@@ -75,7 +77,9 @@ def irc(
         except AccountError as exc:
             raise click.ClickException(str(exc)) from None
     tls = tls_context(tls_cert, tls_key) if tls_cert and tls_key else None
-    gateway = Gateway(s.broker, keeper, history=history, server_name=server_name)
+    gateway = Gateway(
+        s.broker, keeper, history=history, server_name=server_name, max_connections=max_connections, max_per_address=max_per_address,
+    )
 
     async def main() -> None:
         try:

@@ -106,7 +106,7 @@ class Client(Connection, Requests, Sending, Receiving):
         # ZCHAT_TRUST_NEW_BROKER=1 is --trust-new-broker for processes without the flag
         # (the compose demo's bots, on the compose network).
         self.trust_new_broker = trust_new_broker or os.environ.get("ZCHAT_TRUST_NEW_BROKER") == "1"
-        self.invite = invite
+        self.invite_code = invite  # for claiming a name on an invite-only broker
         # CURVE unless a broker in this very process was started in its test-only plaintext mode.
         self.plaintext = keys.is_insecure(endpoint)
         self.server_key: str | None = None
@@ -130,7 +130,10 @@ class Client(Connection, Requests, Sending, Receiving):
         self._given = set(self._cursors)  # rooms whose cursor is from an earlier run (unused yet)
         self._catch_up: set[str] = set()  # rooms whose first catch-up after being away is due
         self._trackers: dict[str, Tracker] = {}
-        self._subscribed: set[str] = set()  # room topics the SUB socket holds (once each)
+        self._subscribed: dict[str, bytes] = {}  # room -> the topic the SUB socket holds for it (once each)
+        self._tokens: dict[str, str] = {}  # room -> its wire-topic token (private rooms, rotated ones)
+        self._left: dict[str, int] = {}  # room -> seq of the kick/ban line that took us out (bounded)
+        self.joined_info: dict[str, p.Joined] = {}  # room -> its Joined reply (private? topic, token)
         self._rejoin: set[str] = set()  # rooms a restarted broker has not taken back yet
         self._rejoin_at = 0.0
         self._rejoining: asyncio.Future | None = None

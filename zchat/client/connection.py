@@ -121,7 +121,7 @@ class Connection:
 
         proof = auth.digest(self.secret.encode()).hex() if self.plaintext is False and self.secret else ""
         try:
-            await self._request(lambda rid: p.Claim(rid=rid, name=self.name, secret=proof, invite=self.invite), timeout=timeout)
+            await self._request(lambda rid: p.Claim(rid=rid, name=self.name, secret=proof, invite=self.invite_code), timeout=timeout)
         except (ClientError, asyncio.TimeoutError):
             await self.close()
             raise
@@ -193,6 +193,7 @@ class Connection:
         if self.epoch and welcome.epoch != self.epoch:
             self._reset_epoch(welcome.epoch)
         self.epoch = welcome.epoch
+        self._saw_tokens(welcome.tokens)
         for room, head in welcome.rooms.items():
             if p.is_dm_room(room):
                 tracker = self._tracker_for(room, 0 if again else head)
@@ -261,6 +262,7 @@ class Connection:
                 self._set_state("connected")
                 self._resend_all()
             self._saw_heads(pong.heads)
+            self._saw_tokens(pong.tokens)
             if self._rejoin and time.monotonic() >= self._rejoin_at and (self._rejoining is None or self._rejoining.done()):
                 # its own task: waits for rate limits must not hold up the heartbeat
                 self._rejoining = asyncio.ensure_future(self._rejoin_rooms(sorted(self._rejoin)))
@@ -329,6 +331,7 @@ class Connection:
                 continue
             assert isinstance(joined, p.Joined)
             self._rejoin.discard(room)
+            self._set_token(room, joined.token)
             tracker = self._trackers.get(room)
             if tracker is not None:
                 tracker.saw_head(joined.head)

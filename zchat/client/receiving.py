@@ -15,6 +15,9 @@ from zchat.recovery import Tracker
 
 log = logging.getLogger(__package__)  # one logger for the whole library: "zchat.client"
 
+#: Lines whose ``to`` names us: an invite to a room, or our removal from it.
+_ABOUT_ME = frozenset({"invite", "kick", "ban"})
+
 
 class Receiving:
     """Events in (a mixin of Client): ordered per room, gaps filled from history."""
@@ -143,6 +146,10 @@ class Receiving:
                 self._emit(event)  # type: ignore[arg-type]
         elif kind is p.Heads:
             self._on_heads(event)  # type: ignore[arg-type]
+        elif kind is p.Retopic:
+            if event.room in self._subscribed:  # type: ignore[union-attr]
+                self._set_token(event.room, event.token)  # type: ignore[union-attr]
+                self._subscribe(event.room)  # type: ignore[union-attr]
         elif kind is p.Notice:
             if event.event == "shutdown" and event.boot == self.boot:  # type: ignore[union-attr]
                 self._set_state("reconnecting", "broker shut down")
@@ -162,6 +169,13 @@ class Receiving:
         if event.epoch != self.epoch:
             return  # the heartbeat will notice the new epoch and reset
         tracker = self._trackers.get(event.room)
+        if event.to == self.name and event.kind in _ABOUT_ME:
+            if event.kind != "invite":
+                self._taken_out(event, tracker, out)
+                return
+            if tracker is None:  # an invite to a room we are not in: on our inbox
+                out.append(event)
+                return
         if tracker is None:
             if not p.is_dm_room(event.room):
                 return
@@ -169,6 +183,23 @@ class Receiving:
         out += tracker.offer(event)
         if tracker.early:
             self._wake_filler(event.room)
+
+    def _taken_out(self, event: p.Msg, tracker: Tracker | None, out: list[Event]) -> None:
+        """A kick or ban of ours (on the room's topic and again on our inbox): deliver
+        it once, then stop tracking the room (its history is no longer ours to read)."""
+        if tracker is None:
+            if self._left.get(event.room, 0) < event.seq:
+                out.append(event)  # the room's copy never came (or we were not following it)
+        else:
+            out += tracker.offer(event)
+            if tracker.last < event.seq:
+                out.append(event)  # lines before it are lost to us: show it anyway
+            self._trackers.pop(event.room, None)
+            self._unsubscribe(event.room)
+            self.joined_info.pop(event.room, None)
+        if len(self._left) >= 1024:
+            self._left.clear()
+        self._left[event.room] = max(event.seq, self._left.get(event.room, 0))
 
     def _wake_filler(self, *rooms: str) -> None:
         self._want_fill.update(rooms)

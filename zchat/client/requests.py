@@ -79,14 +79,19 @@ class Requests:
                 finally:
                     self._waiting.pop(rid, None)
 
-    async def join(self, room: str, history: int = 0) -> list[p.Member]:
+    async def join(self, room: str, history: int = 0, private: bool = False) -> list[p.Member]:
         """Join ``room`` and start receiving it: ``history`` earlier messages first, then live.
+        With ``private``, create it as a private room (you become its operator; refused
+        if it exists).
 
         With a cursor from an earlier run, everything after it is delivered instead (up to
         ``recover_limit``).
         """
-        joined = await self._request(lambda rid: p.Join(rid=rid, room=room))
+        joined = await self._request(lambda rid: p.Join(rid=rid, room=room, private=private))
         assert isinstance(joined, p.Joined)
+        self.joined_info[room] = joined
+        self._left.pop(room, None)
+        self._set_token(room, joined.token)
         tracker = self._trackers.get(room)
         if tracker is None:
             last = self._start_from(room, joined.epoch)
@@ -103,6 +108,7 @@ class Requests:
         from where it was left, not from its start)."""
         await self._request(lambda rid: p.Part(rid=rid, room=room))
         tracker = self._trackers.pop(room, None)
+        self.joined_info.pop(room, None)
         if tracker is not None and p.is_dm_room(room):
             self._cursors[room] = (tracker.epoch, tracker.last)
         self._catch_up.discard(room)
@@ -112,22 +118,95 @@ class Requests:
     def _subscribe(self, room: str, again: bool = False) -> None:
         """Subscribe to a room once: SUB counts subscriptions, so a second SUBSCRIBE would
         need a second UNSUBSCRIBE. ``again`` re-sends it (unsubscribe, subscribe) for a
-        broker that refused it before the room was joined again."""
+        broker that refused it before the room was joined again. A room whose wire topic
+        changed (its token) moves to the new topic; the broker's Heads then tells what to
+        fetch of what was published in between."""
         if p.is_dm_room(room):
             return  # DM conversations come on the inbox topic
-        topic = p.room_topic(room)
-        if room in self._subscribed:
-            if again:
+        topic = p.room_topic(room, self._tokens.get(room, ""))
+        held = self._subscribed.get(room)
+        if held is not None:
+            if held != topic:
+                self._subscribed[room] = topic
+                self._sub.submit(lambda s: (s.setsockopt(zmq.UNSUBSCRIBE, held), s.setsockopt(zmq.SUBSCRIBE, topic)))
+            elif again:
                 self._sub.submit(lambda s: (s.setsockopt(zmq.UNSUBSCRIBE, topic), s.setsockopt(zmq.SUBSCRIBE, topic)))
             return
-        self._subscribed.add(room)
+        self._subscribed[room] = topic
         self._sub.submit(lambda s: s.setsockopt(zmq.SUBSCRIBE, topic))
 
     def _unsubscribe(self, room: str) -> None:
-        if room in self._subscribed:
-            self._subscribed.discard(room)
-            topic = p.room_topic(room)
+        topic = self._subscribed.pop(room, None)
+        self._tokens.pop(room, None)
+        if topic is not None:
             self._sub.submit(lambda s: s.setsockopt(zmq.UNSUBSCRIBE, topic))
+
+    def _set_token(self, room: str, token: str) -> None:
+        if token:
+            self._tokens[room] = token
+        else:
+            self._tokens.pop(room, None)
+
+    def _saw_tokens(self, tokens: dict[str, str]) -> None:
+        """Tokens from a Welcome or a Pong (a Retopic lost on the way is caught here)."""
+        for room, token in tokens.items():
+            if room in self._subscribed and self._tokens.get(room, "") != token:
+                self._set_token(room, token)
+                self._subscribe(room)
+
+    # ------------------------------------------------------------ moderation
+
+    async def _moderate(self, room: str, action: str, name: str = "", text: str = "") -> None:
+        """One operator action (protocol.Moderate); a non-operator's is ClientError forbidden."""
+        await self._request(lambda rid: p.Moderate(rid=rid, room=room, action=action, name=name, text=text))  # type: ignore[arg-type]
+
+    async def invite(self, room: str, name: str) -> None:
+        """Invite ``name`` to ``room`` (an operator's action): a private room admits them at once."""
+        await self._moderate(room, "invite", name)
+
+    async def kick(self, room: str, name: str, reason: str = "") -> None:
+        """Remove ``name`` from ``room``; they may join again (not a private room, uninvited)."""
+        await self._moderate(room, "kick", name, reason)
+
+    async def ban(self, room: str, name: str, reason: str = "") -> None:
+        """Remove ``name`` from ``room`` and refuse their joins until unbanned."""
+        await self._moderate(room, "ban", name, reason)
+
+    async def unban(self, room: str, name: str) -> None:
+        """Lift ``name``'s ban from ``room`` (a private room still wants an invite)."""
+        await self._moderate(room, "unban", name)
+
+    async def set_topic(self, room: str, text: str) -> None:
+        """Set ``room``'s topic ('' clears it)."""
+        await self._moderate(room, "topic", text=text)
+
+    async def op(self, room: str, name: str) -> None:
+        """Make member ``name`` an operator of ``room``."""
+        await self._moderate(room, "op", name)
+
+    async def deop(self, room: str, name: str) -> None:
+        """Take operator status from ``name`` in ``room``."""
+        await self._moderate(room, "deop", name)
+
+    async def _admin(self, action: str, name: str = "", room: str = "", seq: int = 0) -> None:
+        """One broker admin action (protocol.Admin); a non-admin's is ClientError forbidden."""
+        await self._request(lambda rid: p.Admin(rid=rid, action=action, name=name, room=room, seq=seq))  # type: ignore[arg-type]
+
+    async def admin_ban(self, name: str) -> None:
+        """(Broker admins) refuse ``name`` at every handshake from now on; its live sessions end."""
+        await self._admin("ban", name)
+
+    async def admin_unban(self, name: str) -> None:
+        """(Broker admins) lift a broker ban: ``name`` may connect again."""
+        await self._admin("unban", name)
+
+    async def delete(self, room: str, seq: int) -> None:
+        """(Broker admins) replace line ``seq`` of ``room`` by a tombstone; clients hide it."""
+        await self._admin("delete", room=room, seq=seq)
+
+    async def release(self, name: str) -> None:
+        """(Broker admins) free the name ``name``: out of every room, its keys forgotten."""
+        await self._admin("release", name)
 
     async def history(self, room: str, limit: int = 100, before: int = 0, after: int = -1) -> list[p.Msg]:
         """Stored messages, oldest first (see protocol.History for the bounds): all that

@@ -8,37 +8,51 @@ or storage, so tests drive it with plain values.
 
 ``Core`` is one class made of one part per concern, each in its own file:
 rooms (membership, pages, caps), sessions (presence, expiry, eviction), lines (the
-chat-line hot path), sequence (seqs, ids, dedup, undo) and limits (buckets, budgets).
+chat-line hot path), sequence (seqs, ids, dedup, undo), limits (buckets, budgets) and
+moderation (private rooms, operators, admins, wire-topic tokens).
 This file holds its state and routes each request to the part that owns it.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import itertools
 from collections import deque
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 from zchat import protocol as p
 from zchat.core.limits import Budgets, Limits, TokenBucket
 from zchat.core.lines import Lines
-from zchat.core.outcome import HistoryQuery, Outcome
+from zchat.core.moderation import Moderation
+from zchat.core.outcome import BROKER_SCOPE, HistoryQuery, Outcome, RoomChange
 from zchat.core.rooms import Rooms
 from zchat.core.sequence import Dedup, RecentCids, Sequencing
 from zchat.core.sessions import Session, Sessions, valid_sid
 from zchat.protocol import ErrorCode as E
 
 __all__ = [
-    "Core", "Dedup", "HistoryQuery", "Limits", "Outcome", "RecentCids", "Session", "TokenBucket", "valid_sid",
+    "BROKER_SCOPE", "Core", "Dedup", "HistoryQuery", "Limits", "Outcome", "RecentCids", "RoomChange", "Session",
+    "TokenBucket", "valid_sid",
 ]
 
 _LOOKER = p.LOOKER
 _LIMITS = Limits()  # the default (frozen: one is enough)
 
 
-class Core(Rooms, Sessions, Lines, Sequencing, Budgets):
+def _counting_tokens() -> Callable[[], str]:
+    """Tokens for tests (the broker gives random ones): 1, 2, 3... in hex."""
+    counter = itertools.count(1)
+    return lambda: f"{next(counter):x}"
+
+
+class Core(Rooms, Sessions, Lines, Sequencing, Budgets, Moderation):
     """The broker's state. Every ``now`` it is given is MONOTONIC seconds (rate buckets,
     presence, dedup windows); timestamps on the wire are ``now + wall_offset``, which the
-    shell keeps at ``time.time() - time.monotonic()`` (0.0 in tests: ts == now)."""
+    shell keeps at ``time.time() - time.monotonic()`` (0.0 in tests: ts == now).
+
+    ``rooms_state`` is what Storage.rooms_state gave (room settings: private, operators,
+    bans, invites, topics); ``new_token`` makes the wire-topic tokens (random, from the
+    shell); ``admins`` names the broker's admins."""
 
     def __init__(
         self,
@@ -52,6 +66,9 @@ class Core(Rooms, Sessions, Lines, Sequencing, Budgets):
         recent: Iterable[p.Msg] = (),
         id_prefix: str = "",
         wall_offset: float = 0.0,
+        rooms_state: dict[str, dict[str, set[str]]] | None = None,
+        new_token: Callable[[], str] | None = None,
+        admins: Iterable[str] = (),
     ) -> None:
         self.epoch = epoch
         self.boot = boot
@@ -69,6 +86,7 @@ class Core(Rooms, Sessions, Lines, Sequencing, Budgets):
         self.devices: dict[str, set[str]] = {}  # name -> live session ids
         self.buckets: dict[str, TokenBucket] = {}  # name -> chat line bucket
         self.request_buckets: dict[str, TokenBucket] = {}  # name -> request bucket
+        self.moderation_buckets: dict[str, TokenBucket] = {}  # name -> moderation bucket
         self.room_buckets: dict[str, TokenBucket] = {}  # public room -> line bucket
         # Sorted names of the public rooms with members: `rooms` pages with bisect.
         self.room_index: list[str] = sorted(room for room in self.members if not p.is_dm_room(room))
@@ -84,7 +102,15 @@ class Core(Rooms, Sessions, Lines, Sequencing, Budgets):
             self._track(msg.sender)
         self.id_prefix = id_prefix  # message ids are id_prefix + counter in hex
         self.counter = 0
-        self.topics: dict[str, bytes] = {}  # room -> topic frame, made once
+        self.topics: dict[str, bytes] = {}  # room -> topic frame, made once (and again when its token changes)
+        # Room settings (zchat.core.moderation): room -> role -> values, the private rooms,
+        # and the wire-topic tokens (private rooms from the start, others once rotated).
+        self.new_token = new_token or _counting_tokens()
+        self.admins: set[str] = set(admins)
+        self.roles: dict[str, dict[str, set[str]]] = {}
+        self.private: set[str] = set()
+        self.tokens: dict[str, str] = {}
+        self._load_roles(rooms_state or {})
         # sender -> to -> (DM room, inbox topics), made on the first good line between them
         self.dms: dict[str, dict[str, tuple[str, tuple[bytes, ...]]]] = {}
         self.counters: dict[str, int] = {}
@@ -120,7 +146,9 @@ class Core(Rooms, Sessions, Lines, Sequencing, Budgets):
         if self._session(sid, name, req.rid, now, out) is None:
             return
         if isinstance(req, p.Ping):
-            out.replies.append((sid, p.Pong(rid=req.rid, boot=self.boot, epoch=self.epoch, heads=self.heads_of(name))))
+            out.replies.append(
+                (sid, p.Pong(rid=req.rid, boot=self.boot, epoch=self.epoch, heads=self.heads_of(name), tokens=self.tokens_of(name)))
+            )
         elif isinstance(req, (p.Join, p.Part)):
             if name == _LOOKER:
                 verb = "join" if isinstance(req, p.Join) else "part"
@@ -135,8 +163,12 @@ class Core(Rooms, Sessions, Lines, Sequencing, Budgets):
             if self._readable(sid, name, req.room, req.rid, out):
                 members, more = self.member_page(req.room, req.after)
                 out.replies.append((sid, p.WhoReply(rid=req.rid, room=req.room, members=members, more=more)))
+        elif isinstance(req, p.Moderate):
+            self.moderate(sid, name, req, now, out)
+        elif isinstance(req, p.Admin):
+            self.admin(sid, name, req, now, out)
         elif isinstance(req, p.Rooms):
-            rooms, more = self.room_page(req.after)
+            rooms, more = self.room_page(req.after, name)
             out.replies.append((sid, p.RoomsReply(rid=req.rid, rooms=rooms, more=more)))
         elif isinstance(req, p.Bye):
             self._close_session(sid, now, out)
@@ -152,10 +184,11 @@ class Core(Rooms, Sessions, Lines, Sequencing, Budgets):
             f.name: getattr(lim, f.name) for f in dataclasses.fields(lim) if f.name not in ("pull_port", "pub_port")
         }
         public = len(self.room_index)
+        private = sum(1 for room in self.private if room in self.members)
         return p.StatusReply(
             rid=rid, version="", boot=self.boot, epoch=self.epoch, uptime=0.0, storage="", storage_bytes=-1,
             sessions=len(self.sessions), users_online=len(self.devices), users=len(self.users),
-            rooms=public, conversations=len(self.members) - public, messages=sum(self.heads.values()),
+            rooms=public + private, conversations=len(self.members) - public - private, messages=sum(self.heads.values()),
             limits=limits, counters=dict(self.counters),
         )
 

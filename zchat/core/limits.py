@@ -42,13 +42,21 @@ class Limits:
     dedup_total: int = 100_000  # cids remembered over all users
     dedup_window: float = 900.0  # seconds a cid is surely remembered for (if the caps allow)
     sweep: int = 1_000  # most idle users/rooms/cids looked at per tick
+    # Moderation (operators' and admins' actions) per second per user, on top of the
+    # request budget; 0 disables (so does rate=0). Caps per room, and broker-wide bans.
+    moderation_rate: float = 2.0
+    moderation_burst: float = 30.0
+    max_ops: int = 100
+    max_bans: int = 1_000
+    max_invites: int = 1_000
+    max_broker_bans: int = 100_000
 
     def effective(self) -> Limits:
         """These limits as the core applies them: ``rate`` 0 turns every rate limit off
         (requests and rooms too: a trusted deployment, a benchmark)."""
         if self.rate > 0:
             return self
-        return dataclasses.replace(self, request_rate=0.0, room_rate=0.0)
+        return dataclasses.replace(self, request_rate=0.0, room_rate=0.0, moderation_rate=0.0)
 
     @property
     def presence_timeout(self) -> float:
@@ -110,6 +118,22 @@ class Budgets:
                     user_bucket.tokens += 1.0
                 self._room_limited(sid, room, cid, wait, out, rid=rid)
                 return False
+        return True
+
+    def _moderation_budget(self, sid: str, name: str, now: float, out: Outcome, rid: int) -> bool:
+        """Take a token from ``name``'s moderation bucket (operators' and admins' actions)."""
+        lim = self.limits
+        if lim.moderation_rate <= 0:
+            return True
+        bucket = self.moderation_buckets.get(name)
+        if bucket is None:
+            bucket = self.moderation_buckets[name] = TokenBucket(lim.moderation_burst, now)
+            self._track(name)
+        wait = bucket.take(lim.moderation_rate, lim.moderation_burst, now)
+        if wait:
+            self.count("moderation_limited")
+            out.error(sid, E.RATE_LIMITED, f"too many moderation actions: try again in {wait:.2f}s", rid=rid, retry_after=wait)
+            return False
         return True
 
     def _room_bucket(self, room: str, now: float) -> TokenBucket:

@@ -74,7 +74,7 @@ class Lines:
                     else:
                         out.error(sid, E.UNKNOWN_ROOM, f"no room {room!r}: join it first", cid=cid)
                     return
-                topic = self.topics[room] = p.room_topic(room)
+                topic = self._topic(room)
             if name not in members:
                 out.error(sid, E.NOT_MEMBER, f"join {room!r} before sending to it", cid=cid)
                 return

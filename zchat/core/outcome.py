@@ -7,6 +7,12 @@ import dataclasses
 
 from zchat import protocol as p
 
+#: A change of a room's settings: (room, role, value, on). Roles: "private" (value "1"),
+#: "op", "ban", "invite" (a name each), "topic" (the text); room BROKER_SCOPE holds the
+#: broker-wide bans. Stored with Storage.change_rooms, loaded with rooms_state.
+RoomChange = tuple[str, str, str, bool]
+BROKER_SCOPE = "$"
+
 
 @dataclasses.dataclass(frozen=True)
 class HistoryQuery:
@@ -27,13 +33,20 @@ class Outcome:
 
     store: list[p.Msg] = dataclasses.field(default_factory=list)
     members: list[tuple[str, str, bool]] = dataclasses.field(default_factory=list)
-    publish: list[tuple[bytes, p.Msg | p.Presence | p.Notice]] = dataclasses.field(default_factory=list)
+    publish: list[tuple[bytes, p.Msg | p.Presence | p.Notice | p.Retopic]] = dataclasses.field(default_factory=list)
     replies: list[tuple[str, p.Reply]] = dataclasses.field(default_factory=list)
     acks: dict[str, list[p.Stored]] = dataclasses.field(default_factory=dict)
     queries: list[HistoryQuery] = dataclasses.field(default_factory=list)
     # Indexes into ``replies`` of the replies to joins and parts that changed membership:
     # undo turns them into errors.
     changed: list[int] = dataclasses.field(default_factory=list)
+    # Moderation (zchat.core.moderation): room settings to store before the batch, lines
+    # (room, seq) to replace by a tombstone after it, names whose connections to cut
+    # (banned or released) and names to release in storage.
+    room_changes: list[RoomChange] = dataclasses.field(default_factory=list)
+    tombstones: list[tuple[str, int]] = dataclasses.field(default_factory=list)
+    cut: list[str] = dataclasses.field(default_factory=list)
+    released: list[str] = dataclasses.field(default_factory=list)
 
     def error(self, sid: str, code: str, message: str, *, rid: int = 0, cid: str = "", retry_after: float = 0.0) -> None:
         self.replies.append((sid, p.Error(code=code, message=message, rid=rid, cid=cid, retry_after=retry_after)))

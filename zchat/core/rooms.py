@@ -3,6 +3,7 @@ cap, who may read or subscribe to what, and history requests."""
 
 from __future__ import annotations
 
+import heapq
 from bisect import bisect_left, bisect_right, insort
 
 from zchat import protocol as p
@@ -13,8 +14,8 @@ _LOOKER = p.LOOKER
 
 # Upper bounds of the encoded size of one list item (a msgpack map: keys, headers and
 # the largest ints), plus the name's bytes: pages are cut to fit MAX_REPLY_BYTES.
-_MEMBER_BYTES = 24
-_ROOMINFO_BYTES = 48
+_MEMBER_BYTES = 32
+_ROOMINFO_BYTES = 60
 _REPLY_SLACK = 1024  # the reply's own fields (rid, room, more, tags)
 
 
@@ -26,7 +27,8 @@ class Rooms:
 
     def member_list(self, room: str) -> list[p.Member]:
         """Every member of ``room``, by name (tests and small rooms; replies use member_page)."""
-        return [p.Member(name, self.online(name)) for name in sorted(self.members.get(room, ()))]
+        ops = self.role_of(room, "op")
+        return [p.Member(name, self.online(name), name in ops) for name in sorted(self.members.get(room, ()))]
 
     def member_page(self, room: str, after: str = "") -> tuple[list[p.Member], bool]:
         """Members of ``room`` named after ``after``: at most a page and MAX_REPLY_BYTES;
@@ -39,29 +41,34 @@ class Rooms:
             index = self._member_index[room] = sorted(names)  # kept while the room has members
         start = bisect_right(index, after) if after else 0
         devices = self.devices
+        ops = self.role_of(room, "op")
         page: list[p.Member] = []
         budget = p.MAX_REPLY_BYTES - _REPLY_SLACK
         for name in index[start:start + self.limits.page_size]:
             budget -= len(name) + _MEMBER_BYTES  # names are ASCII
             if budget < 0:
                 break
-            page.append(p.Member(name, bool(devices.get(name))))
+            page.append(p.Member(name, bool(devices.get(name)), name in ops))
         return page, start + len(page) < len(index)
 
-    def room_page(self, after: str = "") -> tuple[list[p.RoomInfo], bool]:
-        """Public rooms named after ``after``: at most a page and MAX_REPLY_BYTES; and
-        whether more follow. Paged from a sorted index with bisect: no sort per request."""
+    def room_page(self, after: str = "", name: str = "") -> tuple[list[p.RoomInfo], bool]:
+        """Public rooms, and the private rooms ``name`` is in, named after ``after``: at
+        most a page and MAX_REPLY_BYTES; and whether more follow. Public rooms page from a
+        sorted index with bisect (no sort per request); the asker's private rooms (at most
+        max_rooms) are merged in."""
         index = self.room_index
         start = bisect_right(index, after) if after else 0
-        members, online_in = self.members, self.online_in
+        size = self.limits.page_size
+        mine = sorted(r for r in self.rooms_of.get(name, ()) if r in self.private and r > after) if self.private else []
+        members, online_in, private = self.members, self.online_in, self.private
         page: list[p.RoomInfo] = []
         budget = p.MAX_REPLY_BYTES - _REPLY_SLACK
-        for room in index[start:start + self.limits.page_size]:
+        for room in heapq.merge(index[start:start + size], mine[:size]):
             budget -= len(room) + _ROOMINFO_BYTES
-            if budget < 0:
+            if budget < 0 or len(page) >= size:
                 break
-            page.append(p.RoomInfo(room, len(members[room]), online_in.get(room, 0)))
-        return page, start + len(page) < len(index)
+            page.append(p.RoomInfo(room, len(members[room]), online_in.get(room, 0), room in private))
+        return page, len(page) < len(index) - start + len(mine)
 
     def room_list(self) -> list[p.RoomInfo]:
         """Every public room (tests; replies use room_page)."""
@@ -83,7 +90,8 @@ class Rooms:
             return True
         if kind == "inbox":
             return target == name
-        return name in self.members.get(target, ())
+        # A room: its members, on its current topic only (an old token is refused).
+        return name in self.members.get(target, ()) and p.topic_token(topic) == self.tokens.get(target, "")
 
     def subscribed(self, name: str, topic: bytes) -> p.Heads | None:
         """The Heads to publish on ``name``'s inbox once the shell has applied its
@@ -121,30 +129,54 @@ class Rooms:
         return False
 
     def _join(self, sid: str, name: str, req: p.Join, now: float, out: Outcome) -> None:
-        if not p.valid_room(req.room):
-            out.error(sid, E.BAD_ROOM, f"bad room name {req.room!r}: use a-z, 0-9, '_', '-', '.' (max {p.MAX_ROOM_LEN})", rid=req.rid)
+        room = req.room
+        if not p.valid_room(room):
+            out.error(sid, E.BAD_ROOM, f"bad room name {room!r}: use a-z, 0-9, '_', '-', '.' (max {p.MAX_ROOM_LEN})", rid=req.rid)
             return
-        changed = name not in self.members.get(req.room, ())
+        changed = name not in self.members.get(room, ())
+        creating = not self._exists(room)
+        if req.private and not creating and (changed or room not in self.private):
+            out.error(sid, E.FORBIDDEN, f"#{room} exists already: a private room is made new", rid=req.rid)
+            return
         if changed:
+            refusal = self._refusal(room, name)
+            if refusal:
+                out.error(sid, E.FORBIDDEN, refusal, rid=req.rid)
+                return
             if not self._room_cap(sid, name, out, rid=req.rid):
                 return
-            if not self._line_budget(sid, name, req.room, now, out, rid=req.rid):
+            if not self._line_budget(sid, name, room, now, out, rid=req.rid):
                 return
-            self._set_member(req.room, name, True, out)
-            self._sequence(req.room, name, "", "join", "", "", now, out, p.room_topic(req.room))
+            if creating and req.private:
+                self._role(room, "private", "1", True, out)
+            if name in self.role_of(room, "invite"):
+                self._role(room, "invite", name, False, out)
+            if not self.members.get(room) and not self.role_of(room, "op"):
+                self._role(room, "op", name, True, out)  # whoever opens an empty room runs it
+            self._set_member(room, name, True, out)
+            self._sequence(room, name, "", "join", "", "", now, out, self._topic(room))
             out.changed.append(len(out.replies))
-        members, _ = self.member_page(req.room)  # the first page: `who` pages on from its last name
-        out.replies.append((sid, p.Joined(rid=req.rid, room=req.room, head=self.heads.get(req.room, 0), epoch=self.epoch, members=members)))
+        members, _ = self.member_page(room)  # the first page: `who` pages on from its last name
+        out.replies.append(
+            (sid, p.Joined(
+                rid=req.rid, room=room, head=self.heads.get(room, 0), epoch=self.epoch, members=members,
+                token=self.tokens.get(room, ""), private=room in self.private, topic=self.topic_of(room),
+            ))
+        )
 
     def _part(self, sid: str, name: str, req: p.Part, now: float, out: Outcome) -> None:
         if name not in self.members.get(req.room, ()):
             out.error(sid, E.NOT_MEMBER, f"you are not in {req.room!r}", rid=req.rid)
             return
-        if not p.is_dm_room(req.room):
+        if p.is_dm_room(req.room):
+            self._set_member(req.room, name, False, out)
+        else:
             if not self._line_budget(sid, name, req.room, now, out, rid=req.rid):
                 return
-            self._sequence(req.room, name, "", "part", "", "", now, out, p.room_topic(req.room))
-        self._set_member(req.room, name, False, out)
+            self._sequence(req.room, name, "", "part", "", "", now, out, self._topic(req.room))
+            self._remove(req.room, name, out)
+            if req.room in self.private:  # a public room is anyone's to read: no new topic
+                self._rotate(req.room, out)
         out.changed.append(len(out.replies))
         out.replies.append((sid, p.Ok(rid=req.rid)))
 
@@ -161,7 +193,7 @@ class Rooms:
             names = self.members.get(room)
             if names is None:
                 names = self.members[room] = set()
-                if not p.is_dm_room(room):
+                if not p.is_dm_room(room) and room not in self.private:
                     insort(self.room_index, room)
             names.add(name)
             self.rooms_of.setdefault(name, set()).add(room)
@@ -197,7 +229,8 @@ class Rooms:
                     del index[i]
 
     def _readable(self, sid: str, name: str, room: str, rid: int, out: Outcome) -> bool:
-        """Public rooms are readable by anyone; a DM conversation only by its two users."""
+        """Public rooms are readable by anyone; a private room by its members; a DM
+        conversation by its two users."""
         peers = p.dm_peers(room)
         if peers is not None:
             if name not in peers:
@@ -205,6 +238,9 @@ class Rooms:
                 return False
         elif not p.valid_room(room):
             out.error(sid, E.BAD_ROOM, f"bad room name {room!r}", rid=rid)
+            return False
+        elif room in self.private and name not in self.members.get(room, ()):
+            out.error(sid, E.FORBIDDEN, f"#{room} is private: only its members may read it", rid=rid)
             return False
         if room not in self.members and room not in self.heads:
             out.error(sid, E.UNKNOWN_ROOM, f"no room {room!r}", rid=rid)

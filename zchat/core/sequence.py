@@ -269,12 +269,16 @@ class Sequencing:
                 self.heads.pop(room, None)
         for room, name, member in reversed(out.members):
             self._apply_member(room, name, not member)
+        for room, role, value, on in reversed(out.room_changes):
+            self._apply_role(room, role, value, not on)
         if failed or out.members:
             self.count("undone_batches")
             log.debug("undid %d message(s) and %d membership change(s)", len(failed), len(out.members))
         ids = {msg.id for msg in failed}
         out.store = []
         out.members = []
+        self.users.update(out.released)  # a release undone: the name is still claimed
+        out.room_changes, out.tombstones, out.cut, out.released = [], [], [], []
         out.publish = [(t, m) for t, m in out.publish if not (type(m) is p.Msg and m.id in ids)]
         if lowest:
             self._lower_heads(out, lowest)

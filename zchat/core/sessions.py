@@ -56,6 +56,13 @@ class Sessions:
     def heads_of(self, name: str) -> dict[str, int]:
         return {room: self.heads.get(room, 0) for room in self.rooms_of.get(name, ())}
 
+    def tokens_of(self, name: str) -> dict[str, str]:
+        """The user's rooms whose wire topic carries a token, with it (Welcome, Pong)."""
+        tokens = self.tokens
+        if not tokens:
+            return {}
+        return {room: tokens[room] for room in self.rooms_of.get(name, ()) if room in tokens}
+
     # ------------------------------------------------------------ auth
 
     def add_user(self, name: str) -> None:
@@ -97,6 +104,7 @@ class Sessions:
                     pull_port=lim.pull_port, pub_port=lim.pub_port, heartbeat=lim.heartbeat,
                     max_bytes=lim.max_bytes, rate=lim.rate, burst=lim.burst,
                     rooms={} if looker else self.heads_of(name),
+                    tokens={} if looker else self.tokens_of(name),
                 ),
             )
         )
@@ -131,7 +139,7 @@ class Sessions:
             else:
                 online_in.pop(room, None)
             if not p.is_dm_room(room):
-                out.publish.append((p.room_topic(room), p.Presence(room=room, name=name, online=online, ts=ts)))
+                out.publish.append((self._topic(room), p.Presence(room=room, name=name, online=online, ts=ts)))
 
     def disconnected(self, sid: str, now: float, out: Outcome) -> bool:
         """The shell saw the connection ``sid`` spoke on end (its process died, its
@@ -193,9 +201,13 @@ class Sessions:
         requests, lines = self.request_buckets.get(name), self.buckets.get(name)
         if requests is not None and not requests.full(lim.request_rate, lim.request_burst, now):
             return False
+        moderation = self.moderation_buckets.get(name)
+        if moderation is not None and not moderation.full(lim.moderation_rate, lim.moderation_burst, now):
+            return False
         if lines is not None and not lines.full(lim.rate, lim.burst, now):
             return False
         self.request_buckets.pop(name, None)
+        self.moderation_buckets.pop(name, None)
         self.buckets.pop(name, None)
         self.dms.pop(name, None)
         window = self.dedup.by_user.get(name)

@@ -65,6 +65,8 @@ MAX_VISIBLE = 10_000
 #: Seconds between rate-limit NOTICEs on one connection (the rest are counted in the next).
 NOTICE_EVERY = 1.0
 READ_CHUNK = 4096
+#: Seconds after which a line from history carries its time in its text (no server-time).
+DATED_AFTER = 60.0
 #: Rows a LIST answers at most (a NOTICE says how many were left out): within MAX_SENDQ.
 MAX_LIST = 5000
 
@@ -112,6 +114,9 @@ class Connection:
         self.away: set[str] = set()  # nicks shown as AWAY (away-notify), at most MAX_VISIBLE
         self._limited = 0  # rate-limited lines not yet told about
         self._limited_told = 0.0
+        self._limited_due = False  # a NOTICE for them is scheduled
+        self._limited_wait = 0.0
+        self._limited_where = ""
 
     # ------------------------------------------------------------ output
 
@@ -323,11 +328,14 @@ class Connection:
         code = getattr(exc, "code", "")
         if code == p.ErrorCode.RATE_LIMITED:
             self._limited += 1
-            now = time.monotonic()
-            if now - self._limited_told >= NOTICE_EVERY:
-                count, self._limited, self._limited_told = self._limited, 0, now
-                wait = getattr(exc, "retry_after", 0.0)
-                self.notice(f"you are sending too fast: {count} line(s) not sent; wait {wait:.1f}s", action.target if action.room else "")
+            self._limited_wait = getattr(exc, "retry_after", 0.0)
+            self._limited_where = action.target if action.room else ""
+            wait = NOTICE_EVERY - (time.monotonic() - self._limited_told)
+            if wait <= 0:
+                self._tell_limited()
+            elif not self._limited_due:  # the rest of this second's count comes then
+                self._limited_due = True
+                asyncio.get_running_loop().call_later(wait, self._tell_limited)
             return
         numeric = _SAY_ERRORS.get(code)
         message = getattr(exc, "message", str(exc))
@@ -335,6 +343,14 @@ class Connection:
             self.send(self.session.reply(numeric, action.target, message))
         else:
             self.notice(f"not sent to {action.target}: {message}")
+
+    def _tell_limited(self) -> None:
+        """One NOTICE for the lines refused as too fast since the last one."""
+        self._limited_due = False
+        if not self._limited or self.closing:
+            return
+        count, self._limited, self._limited_told = self._limited, 0, time.monotonic()
+        self.notice(f"you are sending too fast: {count} line(s) not sent; wait {self._limited_wait:.1f}s", self._limited_where)
 
     async def _on_names(self, action: s.Names) -> None:
         assert self.client is not None
@@ -392,11 +408,11 @@ class Connection:
 
     def _chat(self, msg: p.Msg, batch: str, channel: str, dated: bool) -> None:
         """A text or /me line to ``channel`` (or, for "", the DM's other side). A line
-        from the past (``dated``) carries its time in its text for a client without
-        server-time, which would show it as said now."""
+        from the past (``dated``: history, catch-up) older than DATED_AFTER carries its
+        time in its text for a client without server-time, which shows it as said now."""
         tags = tags_for(self.caps, msg.ts, msgid(msg.seq, msg.id), batch)
         text = msg.text
-        if dated and "server-time" not in self.caps:
+        if dated and "server-time" not in self.caps and time.time() - msg.ts > DATED_AFTER:
             text = f"[{server_time(msg.ts)[:16].replace('T', ' ')}] {text}"
         if channel:
             target, source = channel, msg.sender

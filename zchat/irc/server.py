@@ -15,6 +15,8 @@ log = logging.getLogger(__name__)
 
 #: IRC connections the gateway takes at once (each holds a zchat Client: two sockets).
 MAX_CONNECTIONS = 1000
+#: IRC connections the gateway takes from one address at once.
+MAX_PER_ADDRESS = 64
 #: Users whose read positions are kept after they disconnect (the oldest go first).
 MAX_REMEMBERED = 10_000
 #: History lines played back on JOIN by default.
@@ -37,7 +39,7 @@ class Gateway:
 
     def __init__(
         self, broker: str, gatekeeper: Gatekeeper, *, history: int = DEFAULT_HISTORY, server_name: str = "zchat",
-        network: str = "zchat", max_connections: int = MAX_CONNECTIONS,
+        network: str = "zchat", max_connections: int = MAX_CONNECTIONS, max_per_address: int = MAX_PER_ADDRESS,
     ) -> None:
         self.broker = broker
         self.gatekeeper = gatekeeper
@@ -45,6 +47,8 @@ class Gateway:
         self.server_name = server_name
         self.network = network
         self.max_connections = max_connections
+        self.max_per_address = max_per_address
+        self._per_address: collections.Counter[str] = collections.Counter()
         self.connections: set[Connection] = set()
         self._cursors: collections.OrderedDict[str, dict[str, tuple[str, int]]] = collections.OrderedDict()
         self._server: asyncio.base_events.Server | None = None
@@ -72,6 +76,12 @@ class Gateway:
             writer.close()
             return
         conn = Connection(self, reader, writer)
+        if self._per_address[conn.address] >= self.max_per_address:
+            log.info("refused a connection from %s: %d open from there", conn.address, self.max_per_address)
+            writer.write(b"ERROR :Too many connections from your address\r\n")
+            writer.close()
+            return
+        self._per_address[conn.address] += 1
         self.connections.add(conn)
         task = asyncio.current_task()
         if task is not None:
@@ -82,6 +92,9 @@ class Gateway:
             log.exception("IRC connection from %s failed", conn.address)
         finally:
             self.connections.discard(conn)
+            self._per_address[conn.address] -= 1
+            if self._per_address[conn.address] <= 0:
+                del self._per_address[conn.address]
             self._handlers.discard(task)  # type: ignore[arg-type]
 
     async def serve_forever(self) -> None:

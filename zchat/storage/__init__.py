@@ -4,9 +4,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from zchat.storage.base import MemberChange, Page, Storage, StorageError, StorageUnavailable, msg_bytes
+from zchat.storage.base import MemberChange, Page, RoomChange, Storage, StorageError, StorageUnavailable, msg_bytes
 
-__all__ = ["MemberChange", "Page", "Storage", "StorageError", "StorageUnavailable", "msg_bytes", "open_storage"]
+__all__ = [
+    "MemberChange", "Page", "RoomChange", "Storage", "StorageError", "StorageUnavailable", "msg_bytes", "open_storage",
+]
 
 _REDIS_SCHEMES = ("redis://", "rediss://", "unix://")
 

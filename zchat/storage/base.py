@@ -14,6 +14,10 @@ from zchat.protocol import Msg
 
 #: A membership change: (room, name, member?) — stored with the batch that made it.
 MemberChange = tuple[str, str, bool]
+#: A change of a room's settings: (room, role, value, on) — see zchat.core.outcome.
+RoomChange = tuple[str, str, str, bool]
+#: The kinds of line a tombstone may replace (not joins, parts or moderation lines).
+TOMBSTONED_KINDS = ("text", "me")
 
 
 class StorageError(Exception):
@@ -93,6 +97,17 @@ class Storage(Protocol):
         The broker releases a name whose claiming handshake never said hello in time,
         so a claim alone cannot squat a name; True if the name was removed.
         """
+
+    async def change_rooms(self, changes: Sequence[RoomChange]) -> None:
+        """Apply room-setting changes in order, all or none: (room, role, value, True)
+        adds value to the room's role, False takes it away."""
+
+    async def rooms_state(self) -> dict[str, dict[str, set[str]]]:
+        """Every room's settings: room -> role -> values (no empty sets)."""
+
+    async def tombstone(self, room: str, seq: int) -> bool:
+        """Replace line ``seq`` of ``room`` by its tombstone: kind ``deleted``, no text,
+        everything else kept. Only a text or /me line; False if there is none to replace."""
 
     async def prune(self, room: str, keep: int = 0, before_ts: float = 0.0, batch: int = 500) -> int:
         """Delete up to ``batch`` of room's oldest messages that retention lets go: those

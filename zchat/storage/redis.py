@@ -9,6 +9,8 @@ Layout (every key starts with ``prefix``):
 - ``run``             the Redis server's run id at the last open (to notice a restart)
 - ``users``           hash name -> digest, claimed with HSETNX (first owner wins)
 - ``members:{room}``  set of names; ``rooms`` is the set of rooms that have members
+- ``role:{role}:{room}`` set of a room setting's values; ``roles`` the set of
+  ``role NUL room`` that have any (see Storage.change_rooms)
 
 ``append`` is one Lua script, so it is atomic across brokers and refuses a duplicate
 (room, seq) before writing anything. Durability is the Redis server's: run it with
@@ -25,7 +27,7 @@ from typing import TYPE_CHECKING, Any, Sequence
 import msgspec
 
 from zchat.protocol import Msg, encode
-from zchat.storage.base import MemberChange, Page, StorageError, StorageUnavailable, msg_bytes
+from zchat.storage.base import TOMBSTONED_KINDS, MemberChange, Page, RoomChange, StorageError, StorageUnavailable, msg_bytes
 
 if TYPE_CHECKING:
     from redis.asyncio import Redis
@@ -99,6 +101,36 @@ _msg_decoder = msgspec.msgpack.Decoder(Msg)
 _RELEASE_LUA = """
 if redis.call('HGET', KEYS[1], ARGV[1]) == ARGV[2] then return redis.call('HDEL', KEYS[1], ARGV[1]) end
 return 0
+"""
+
+
+# KEYS: roles, then one role key per change. ARGV: (role NUL room, value, "1"/"0") per change.
+_ROLES_LUA = """
+for i = 1, #KEYS - 1 do
+    local key, index, value = KEYS[i + 1], ARGV[3 * i - 2], ARGV[3 * i - 1]
+    if ARGV[3 * i] == '1' then
+        redis.call('SADD', key, value)
+        redis.call('SADD', KEYS[1], index)
+    else
+        redis.call('SREM', key, value)
+        if redis.call('SCARD', key) == 0 then
+            redis.call('SREM', KEYS[1], index)
+        end
+    end
+end
+return 0
+"""
+
+# KEYS: room:{room}, recent. ARGV: seq, the stored body, its tombstone. Replaces the
+# body only if it is still the one read (compare and set), in the recent list too.
+_TOMBSTONE_LUA = """
+local found = redis.call('ZRANGEBYSCORE', KEYS[1], ARGV[1], ARGV[1])
+if #found ~= 1 or found[1] ~= ARGV[2] then return 0 end
+redis.call('ZREM', KEYS[1], ARGV[2])
+redis.call('ZADD', KEYS[1], ARGV[1], ARGV[3])
+local at = redis.call('LPOS', KEYS[2], ARGV[2])
+if at then redis.call('LSET', KEYS[2], at, ARGV[3]) end
+return 1
 """
 
 
@@ -320,6 +352,49 @@ class RedisStorage:
                 await pipe.execute()
         else:
             await self._leave_script(keys=[self._key("members", room), self._key("rooms")], args=[name, room])
+
+    # ---------------------------------------------------- room settings
+
+    async def change_rooms(self, changes: Sequence[RoomChange]) -> None:
+        if not changes:
+            return
+        keys = [self._key("roles")]
+        args: list[str] = []
+        for room, role, value, on in changes:
+            keys.append(self._key("role", role, room))
+            args += [f"{role}\0{room}", value, "1" if on else "0"]
+        try:
+            await self._redis.eval(_ROLES_LUA, len(keys), *keys, *args)
+        except self._aioredis.RedisError as exc:
+            raise StorageUnavailable(f"Redis room settings failed: {exc}") from exc
+
+    async def rooms_state(self) -> dict[str, dict[str, set[str]]]:
+        r = self._redis
+        pairs = [index.decode().split("\0", 1) for index in await r.smembers(self._key("roles"))]
+        async with r.pipeline(transaction=False) as pipe:
+            for role, room in pairs:
+                pipe.smembers(self._key("role", role, room))
+            sets = await pipe.execute()
+        state: dict[str, dict[str, set[str]]] = {}
+        for (role, room), values in zip(pairs, sets):
+            if values:
+                state.setdefault(room, {})[role] = {v.decode() for v in values}
+        return state
+
+    async def tombstone(self, room: str, seq: int) -> bool:
+        r = self._redis
+        key = self._key("room", room)
+        try:
+            found = await r.zrangebyscore(key, seq, seq)
+            if len(found) != 1:
+                return False
+            msg = _msg_decoder.decode(found[0])
+            if msg.kind not in TOMBSTONED_KINDS:
+                return False
+            stone = encode(msgspec.structs.replace(msg, kind="deleted", text=""))
+            return bool(await r.eval(_TOMBSTONE_LUA, 2, key, self._key("recent"), seq, found[0], stone))
+        except self._aioredis.RedisError as exc:
+            raise StorageUnavailable(f"Redis tombstone failed: {exc}") from exc
 
     async def release_user(self, name: str, digest: bytes | None = None) -> bool:
         r = self._redis

@@ -36,7 +36,14 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from zchat.protocol import Msg
-from zchat.storage.base import MemberChange, Page, StorageError, StorageUnavailable
+from zchat.storage.base import (
+    TOMBSTONED_KINDS,
+    MemberChange,
+    Page,
+    RoomChange,
+    StorageError,
+    StorageUnavailable,
+)
 
 log = logging.getLogger(__name__)
 
@@ -71,6 +78,13 @@ CREATE TABLE IF NOT EXISTS members (
     room TEXT NOT NULL,
     name TEXT NOT NULL,
     PRIMARY KEY (room, name)
+) WITHOUT ROWID;
+-- Room settings: private, op, ban, invite, topic (room '$' holds broker-wide bans).
+CREATE TABLE IF NOT EXISTS room_roles (
+    room TEXT NOT NULL,
+    role TEXT NOT NULL,
+    value TEXT NOT NULL,
+    PRIMARY KEY (room, role, value)
 ) WITHOUT ROWID;
 -- Earlier versions kept a partial index on ts for recent(), at a cost to every insert.
 DROP INDEX IF EXISTS messages_recent;
@@ -570,6 +584,43 @@ class SqliteStorage:
     async def set_member(self, room: str, name: str, member: bool) -> None:
         self._db.execute(_JOIN_SQL if member else _LEAVE_SQL, (room, name))
         self._wrote(1)
+
+    # ---------------------------------------------------- room settings
+
+    async def change_rooms(self, changes: Sequence[RoomChange]) -> None:
+        if not changes:
+            return
+        db = self._db
+        try:
+            db.execute("BEGIN IMMEDIATE")
+            for room, role, value, on in changes:
+                if on:
+                    db.execute("INSERT INTO room_roles (room, role, value) VALUES (?, ?, ?) ON CONFLICT DO NOTHING", (room, role, value))
+                else:
+                    db.execute("DELETE FROM room_roles WHERE room = ? AND role = ? AND value = ?", (room, role, value))
+            db.execute("COMMIT")
+        except sqlite3.Error as exc:
+            self._rollback(db)
+            raise StorageUnavailable(f"SQLite room settings failed: {exc}") from exc
+        self._wrote(len(changes))
+
+    async def rooms_state(self) -> dict[str, dict[str, set[str]]]:
+        state: dict[str, dict[str, set[str]]] = {}
+        for room, role, value in self._db.execute("SELECT room, role, value FROM room_roles"):
+            state.setdefault(room, {}).setdefault(role, set()).add(value)
+        return state
+
+    async def tombstone(self, room: str, seq: int) -> bool:
+        db = self._db
+        try:
+            cur = db.execute(
+                f"UPDATE messages SET kind = 'deleted', text = '' WHERE room = ? AND seq = ? AND kind IN {TOMBSTONED_KINDS!r}",
+                (room, seq),
+            )
+        except sqlite3.Error as exc:
+            raise StorageUnavailable(f"SQLite tombstone failed: {exc}") from exc
+        self._wrote(1)
+        return cur.rowcount == 1
 
     async def release_user(self, name: str, digest: bytes | None = None) -> bool:
         if digest is None:

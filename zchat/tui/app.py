@@ -22,6 +22,7 @@ from textual.screen import ModalScreen
 from textual.widgets import Input, Static
 
 from zchat import protocol as p
+from zchat import render
 from zchat.client import AuthError, Client, ClientError, ConnectError, Problem, Recovered, StateChange, split_broker
 from zchat.recovery import Gap
 from zchat.tui import commands as c
@@ -370,6 +371,9 @@ class ChatApp(App[None]):
                 self.log_view.show(buf, keep_bottom=False)
 
     def _on_msg(self, msg: p.Msg) -> None:
+        if msg.kind == "invite" and msg.to == self.me and msg.room not in self.buffers:
+            self.note(f"{msg.sender} invited you to #{msg.room}: /join {msg.room}", "state")
+            return
         if msg.room not in self.buffers and not p.is_dm_room(msg.room):
             return  # a room we just left
         buf = self._buffer(msg.room)
@@ -382,6 +386,11 @@ class ChatApp(App[None]):
         if index is None:
             if buf is self.buffer and msg.kind in ("join", "part"):
                 self._refresh_side()
+            return
+        if msg.kind in ("kick", "ban") and msg.to == self.me:
+            self.note(f"{render.action(msg)}: you are out of #{msg.room}", "error", key=msg.room)
+        if msg.kind in ("delete", "kick", "ban", "topic") and buf is self.buffer:
+            self._redraw()  # a line went, a member went, the title changed
             return
         if buf is self.buffer:
             if not self._screen_up():
@@ -585,7 +594,9 @@ class ChatApp(App[None]):
         elif isinstance(action, c.Quit):
             self.run_worker(self.action_quit(), group="quit")
         elif isinstance(action, c.Join):
-            self._spawn(self._join(action.room, switch=True))
+            self._spawn(self._join(action.room, switch=True, private=action.private))
+        elif isinstance(action, c.Moderate):
+            self._moderate(action)
         elif isinstance(action, c.Part):
             self._spawn(self._part(action.room))
         elif isinstance(action, c.Who):
@@ -690,13 +701,35 @@ class ChatApp(App[None]):
 
     # ------------------------------------------------------------ broker work
 
-    async def _join(self, room: str, switch: bool = False, retry: bool = False) -> None:
+    def _moderate(self, action: c.Moderate) -> None:
+        """An operator's action on the current room (the broker says forbidden to others)."""
+        buf = self.buffer
+        if buf is None or buf.is_dm:
+            self.error(f"/{action.action} works in a room: switch to one first")
+            return
+        room = buf.key
+        if action.action == "topic" and action.text is None:
+            self.note(f"topic of #{room}: {buf.topic}" if buf.topic else f"#{room} has no topic")
+            return
+        client = self.client
+        if client is None:
+            self.error(f"not connected to {self.broker} yet; try again when the status line says connected")
+            return
+        if action.action == "topic":
+            work = client.set_topic(room, action.text or "")
+        elif action.action in ("kick", "ban"):
+            work = getattr(client, action.action)(room, action.name, action.text or "")
+        else:
+            work = getattr(client, action.action)(room, action.name)
+        self._spawn(work, room)
+
+    async def _join(self, room: str, switch: bool = False, retry: bool = False, private: bool = False) -> None:
         while True:
             try:
                 client = self.client
                 if client is None:
                     raise ClientError("offline", f"not connected to {self.broker} yet")
-                members = await client.join(room)
+                members = await client.join(room, private=private)
                 break
             except asyncio.TimeoutError:
                 if not retry:
@@ -704,6 +737,11 @@ class ChatApp(App[None]):
                 await asyncio.sleep(1.0)
         buf = self._buffer(room)
         buf.members = {m.name: m.online for m in members}
+        joined = client.joined_info.get(room)
+        if joined is not None and joined.topic:
+            buf.topic = joined.topic
+        if private:
+            self.note(f"created private #{room}: /invite NAME lets people in", key=room)
         if switch:
             self.current = room
             self._redraw()

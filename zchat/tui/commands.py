@@ -32,6 +32,17 @@ class Say:
 @dataclasses.dataclass(frozen=True)
 class Join:
     room: str
+    private: bool = False  # /create ROOM, /join -private ROOM: a new private room
+
+
+@dataclasses.dataclass(frozen=True)
+class Moderate:
+    """A room operator's action on the current room: ``action`` is invite, kick, ban,
+    unban, op, deop (on ``name``) or topic (``text``; None with no text: show it)."""
+
+    action: str
+    name: str = ""
+    text: str | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -84,7 +95,7 @@ class Quit:
     pass
 
 
-Action = Say | Join | Part | Msg | Who | Rooms | Switch | History | Clear | Help | Quit
+Action = Say | Join | Part | Msg | Who | Rooms | Switch | History | Clear | Help | Quit | Moderate
 
 
 @dataclasses.dataclass(frozen=True)
@@ -98,7 +109,8 @@ class Spec:
 SPECS: dict[str, Spec] = {
     s.name: s
     for s in (
-        Spec("join", "/join ROOM", "join a room (created if new) and switch to it", "room"),
+        Spec("join", "/join ROOM", "join a room (created if new; /join -private ROOM: a new private room) and switch to it", "room"),
+        Spec("create", "/create ROOM", "create a private room (you are its operator) and switch to it", "room"),
         Spec("part", "/part [ROOM]", "leave a room (the current one by default)", "room"),
         Spec("msg", "/msg NAME [TEXT]", "open a direct conversation with NAME, sending TEXT", "nick"),
         Spec("me", "/me TEXT", "send an action: '* you TEXT'"),
@@ -107,6 +119,13 @@ SPECS: dict[str, Spec] = {
         Spec("switch", "/switch ROOM|@NAME|N", "show another room or conversation (also Ctrl-N / Ctrl-P)", "target"),
         Spec("history", "/history N", f"load N earlier messages of this conversation (1-{p.MAX_HISTORY})"),
         Spec("clear", "/clear", "clear this conversation's window"),
+        Spec("invite", "/invite NAME", "invite NAME to this room (operators; a private room admits them at once)", "nick"),
+        Spec("kick", "/kick NAME [REASON]", "remove NAME from this room (operators)", "nick"),
+        Spec("ban", "/ban NAME [REASON]", "remove NAME from this room and keep them out (operators)", "nick"),
+        Spec("unban", "/unban NAME", "lift NAME's ban from this room (operators)", "nick"),
+        Spec("topic", "/topic [TEXT]", "show this room's topic, or set it (operators)"),
+        Spec("op", "/op NAME", "make NAME an operator of this room (operators)", "nick"),
+        Spec("deop", "/deop NAME", "take operator status from NAME (operators)", "nick"),
         Spec("help", "/help [COMMAND]", "list the commands, or explain one", "command"),
         Spec("quit", "/quit", "leave zchat (also Ctrl-Q)"),
     )
@@ -194,9 +213,26 @@ def parse(line: str) -> Action | None:
 
 def _build(name: str, rest: str, args: list[str]) -> Action:
     if name == "join":
-        if len(args) != 1:
+        private = bool(args) and args[0].lower() in ("-private", "-p")
+        if len(args) != 1 + private:
             raise CommandError("/join needs one room")
-        return Join(room_name(args[0]))
+        return Join(room_name(args[-1]), private)
+    if name == "create":
+        if len(args) != 1:
+            raise CommandError("/create needs one room")
+        return Join(room_name(args[0]), True)
+    if name in ("invite", "kick", "ban", "unban", "op", "deop"):
+        reason = name in ("kick", "ban")
+        if not args or (len(args) > 1 and not reason):
+            raise CommandError(f"/{name} needs one name")
+        text = rest[len(args[0]):].strip()
+        if len(text) > p.MAX_TOPIC_LEN:
+            raise CommandError(f"a reason has at most {p.MAX_TOPIC_LEN} characters")
+        return Moderate(name, user_name(args[0]), text if reason else None)
+    if name == "topic":
+        if len(rest) > p.MAX_TOPIC_LEN:
+            raise CommandError(f"a topic has at most {p.MAX_TOPIC_LEN} characters")
+        return Moderate("topic", "", rest or None)
     if name == "part":
         if len(args) > 1:
             raise CommandError("/part takes at most one room")

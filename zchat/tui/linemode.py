@@ -156,8 +156,21 @@ class LineMode:
                 self.out(f"--- talking to @{action.to}")
             else:
                 await self._send("@" + action.to, action.text, False)
+        elif isinstance(action, c.Moderate):
+            room = self.target
+            if not room or room.startswith("@"):
+                self.error(f"/{action.action} works in a room: /join one first")
+            elif action.action == "topic" and action.text is None:
+                joined = client.joined_info.get(room)
+                self.out(f"--- topic of #{room}: {joined.topic if joined and joined.topic else '(none)'}")
+            elif action.action == "topic":
+                await client.set_topic(room, action.text or "")
+            elif action.action in ("kick", "ban"):
+                await getattr(client, action.action)(room, action.name, action.text or "")
+            else:
+                await getattr(client, action.action)(room, action.name)
         elif isinstance(action, c.Join):
-            await client.join(action.room)
+            await client.join(action.room, private=action.private)
             if action.room not in self.rooms:
                 self.rooms.append(action.room)
             self.target = action.room

@@ -26,6 +26,7 @@ from textual.reactive import reactive
 from textual.widgets import Input, RichLog, Static
 
 from zchat import protocol as p
+from zchat import render
 from zchat.tui.commands import Completer, InputHistory, split_lines
 
 #: Nick colours: readable on dark and light backgrounds; a name always gets the same one.
@@ -83,6 +84,7 @@ class Buffer:
         self.complete = False  # nothing older to fetch
         self.cleared_below = 0  # /clear: the newest seq when the window was cleared
         self.epoch = ""  # the broker history's epoch the seqs belong to
+        self.topic = ""  # the room's topic, as its operators set it
         self._notes = 0
 
     @property
@@ -114,10 +116,22 @@ class Buffer:
         if msg.seq in self.seqs:
             return None
         self.seqs.add(msg.seq)
+        if msg.kind == "deleted":
+            return None  # a tombstone: the line is hidden
+        hidden = render.deleted_seq(msg)
+        if hidden:
+            self.hide(hidden)
+        elif msg.kind == "topic":
+            self.topic = msg.text
         entry = Entry((msg.seq, 0), msg)
         index = bisect.bisect(self.entries, entry)
         self.entries.insert(index, entry)
         return index
+
+    def hide(self, seq: int) -> None:
+        """A broker admin deleted line ``seq``: it goes from the window (and stays out)."""
+        self.seqs.add(seq)
+        self.entries = [e for e in self.entries if not (isinstance(e.item, p.Msg) and e.item.seq == seq)]
 
     def note(self, text: str, style: str = "info", ts: float | None = None) -> Entry:
         self._notes += 1
@@ -162,6 +176,10 @@ class Buffer:
             self.members[msg.sender] = True
         elif msg.kind == "part":
             self.members.pop(msg.sender, None)
+        elif msg.kind in ("kick", "ban"):
+            self.members.pop(msg.to, None)
+        elif msg.kind in render.ACTIONS:
+            return
         elif msg.sender not in self.members or not self.is_dm:
             self.members[msg.sender] = True
 
@@ -203,6 +221,8 @@ def render_entry(entry: Entry, me: str) -> RenderableType:
     elif item.kind == "part":
         body = Text.assemble((item.sender, colour), (f" left{where}", "red"))
         grid.add_row(_clock(item.ts), _nick_cell("<--", "bold red"), body)
+    elif item.kind in render.ACTIONS:
+        grid.add_row(_clock(item.ts), _nick_cell("-!-", "bold magenta"), Text(render.action(item), style="magenta"))
     else:
         text = Text(item.text)
         if item.sender != me and mentions(me, item.text):
