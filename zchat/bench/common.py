@@ -121,7 +121,7 @@ class Sizes:
             return cls(
                 name="full", window=4.0, ingest_budget=1_000_000, ingest_pubs=(1, 4), fanout_subs=(10, 100, 1000),
                 fanout_deliveries=1_000_000, latency_seconds=8.0, latency_rate=2_000, latency_subs=(10, 1),
-                stall_subs=9, stall_messages=200_000, stall_window=8.0, scale_clients=(1000, 10_000), scale_rest=30.0,
+                stall_subs=9, stall_messages=200_000, stall_window=8.0, scale_clients=(1000, 10_000), scale_rest=60.0,
                 history_rows=1_000_000, history_queries=300, drain=25.0, heartbeat=5.0,
             )
         raise ValueError(f"unknown mode {name!r}")
