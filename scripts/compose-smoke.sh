@@ -136,9 +136,12 @@ say "image built"
 
 export ZCHAT_IMAGE=$IMAGE
 STARTED=1
-say "starting project $PROJECT: broker ${BOTS[*]}"
+# the web service's host port: a free one, not 8080 (which may be taken here)
+ZCHAT_WEB_PORT=$(python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
+export ZCHAT_WEB_PORT
+say "starting project $PROJECT: broker ${BOTS[*]} web (on host port $ZCHAT_WEB_PORT)"
 # Services are named: podman-compose 1.0 ignores profiles and would start `talk` too.
-compose up -d --no-build broker "${BOTS[@]}" >"$WORK/up.log" 2>&1 || { cat "$WORK/up.log"; die "podman-compose up failed"; }
+compose up -d --no-build broker "${BOTS[@]}" web >"$WORK/up.log" 2>&1 || { cat "$WORK/up.log"; die "podman-compose up failed"; }
 
 broker_ctr="${PROJECT}_broker_1"
 deadline=$((SECONDS + TIMEOUT))
@@ -223,4 +226,11 @@ for line in open(sys.argv[1]):
 EOF
 say "what alice's container printed (live fan-out it received):"
 podman logs --tail 8 "${PROJECT}_alice_1" 2>&1 | sed 's/^/  /'
+say "checking that the web service's page answers on the host's port $ZCHAT_WEB_PORT"
+page_py='import sys, urllib.request; page = urllib.request.urlopen(f"http://127.0.0.1:{sys.argv[1]}/", timeout=3).read().decode(); sys.exit(0 if "id=\"signin-form\"" in page else 1)'
+until python3 -c "$page_py" "$ZCHAT_WEB_PORT" 2>/dev/null; do
+    ((SECONDS < deadline)) || die "the web page did not answer on 127.0.0.1:$ZCHAT_WEB_PORT within ${TIMEOUT}s"
+    sleep 1
+done
+say "web: the page answers on http://127.0.0.1:$ZCHAT_WEB_PORT/"
 say "OK: ${#BOTS[@]} bots in separate containers chatted through the broker; history holds it"

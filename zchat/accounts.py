@@ -8,7 +8,8 @@ a memory-hard hash (``hashlib.scrypt``, random salt), so a stolen file does not 
 the passwords away cheaply.
 
 The store is one JSON file (``accounts.json``, mode 0600) in the gateway's data
-directory, rewritten atomically (temporary file, fsync, rename) on every change. It is
+directory, rewritten atomically (temporary file, fsync, rename) on every change, under
+a lock file so that gateways in several processes (web and IRC) can share it. It is
 small (a few hundred bytes an account) and changes only at account creation and
 password change, so a file is simpler than a database and easy to back up.
 
@@ -22,7 +23,9 @@ per source address with token buckets of bounded number.
 from __future__ import annotations
 
 import collections
+import contextlib
 import dataclasses
+import fcntl
 import hashlib
 import hmac
 import json
@@ -31,7 +34,7 @@ import os
 import secrets
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from zchat import protocol as p
@@ -39,6 +42,7 @@ from zchat import protocol as p
 log = logging.getLogger(__name__)
 
 FILE_NAME = "accounts.json"
+LOCK_NAME = ".accounts.lock"
 FORMAT = 1
 #: scrypt cost: n=2**14, r=8, p=1 takes 16 MiB and ~50 ms a hash here; the parameters
 #: are stored with each hash, so raising them later keeps old hashes verifiable.
@@ -90,8 +94,8 @@ def _hash(password: str, salt: bytes, n: int = SCRYPT_N, r: int = SCRYPT_R, p_: 
 class Accounts:
     """The accounts in ``directory`` (made on first use, mode 0700 for the directory).
 
-    Safe to use from one process's threads (a lock around each change); a gateway is
-    one process. Hashing is slow on purpose: call ``create``/``verify`` from a worker
+    Safe to use from threads and from several processes on one directory (each change
+    re-reads the file under a lock; reads re-read it when it changed). Hashing is slow on purpose: call ``create``/``verify`` from a worker
     thread (``asyncio.to_thread``) in an event loop.
     """
 
@@ -100,29 +104,50 @@ class Accounts:
         self.path = self.directory / FILE_NAME
         self._lock = threading.Lock()
         self._records: dict[str, dict] = {}
+        self._seen: tuple[int, int, int] | None = None  # the file's (inode, mtime, size) when read
         self._load()
         # Hashing a password for an unknown name too costs as long as a real check,
         # so timing does not tell which names exist.
         self._dummy = {"salt": secrets.token_hex(SALT_BYTES), "hash": "00" * SCRYPT_LEN, "n": SCRYPT_N, "r": SCRYPT_R, "p": SCRYPT_P}
 
     def _load(self) -> None:
+        """Read the file if it changed since we last did (another process, e.g. the IRC
+        gateway beside the web one, may have added an account)."""
         try:
-            text = self.path.read_text()
+            st = self.path.stat()
         except FileNotFoundError:
+            self._records, self._seen = {}, None
             return
-        if self.path.stat().st_mode & 0o077:
+        seen = (st.st_ino, st.st_mtime_ns, st.st_size)
+        if seen == self._seen:
+            return
+        if st.st_mode & 0o077:
             os.chmod(self.path, 0o600)
         try:
-            data = json.loads(text)
+            data = json.loads(self.path.read_text())
             records = data["accounts"]
             if data.get("format") != FORMAT or not isinstance(records, dict):
                 raise ValueError("unknown format")
         except (ValueError, KeyError, TypeError) as exc:
             raise AccountError("damaged", f"the accounts file {self.path} is damaged ({exc}): restore it from a backup") from None
-        self._records = records
+        self._records, self._seen = records, seen
+
+    @contextlib.contextmanager
+    def _changing(self) -> Iterator[None]:
+        """Hold the lock of this process and of the directory (``flock`` on a lock file)
+        around read, change, write: gateways in several processes share one file and
+        none may write over another's new account."""
+        with self._lock:
+            self.directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+            fd = os.open(self.directory / LOCK_NAME, os.O_WRONLY | os.O_CREAT, 0o600)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX)
+                self._load()
+                yield
+            finally:
+                os.close(fd)  # releases the flock
 
     def _save(self) -> None:
-        self.directory.mkdir(parents=True, exist_ok=True, mode=0o700)
         tmp = self.path.with_name(f".{FILE_NAME}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         try:
@@ -131,18 +156,23 @@ class Accounts:
                 fh.flush()
                 os.fsync(fh.fileno())
             os.replace(tmp, self.path)
+            st = self.path.stat()
+            self._seen = (st.st_ino, st.st_mtime_ns, st.st_size)
         except BaseException:
             tmp.unlink(missing_ok=True)
             raise
 
     def __contains__(self, name: object) -> bool:
+        self._load()
         return name in self._records
 
     def __len__(self) -> int:
+        self._load()
         return len(self._records)
 
     def get(self, name: str) -> Account | None:
         """The account of ``name`` (for the gateway to connect as it), or None."""
+        self._load()
         rec = self._records.get(name)
         if rec is None:
             return None
@@ -170,7 +200,7 @@ class Accounts:
         salt = secrets.token_bytes(SALT_BYTES)
         digest = _hash(password, salt)
         secret = secret or secrets.token_urlsafe(32)  # as zchat.config.load_secret makes them
-        with self._lock:
+        with self._changing():
             if name in self._records:
                 raise AccountError(AccountError.TAKEN, f"the name {name!r} has an account here already")
             if len(self._records) >= MAX_ACCOUNTS:
@@ -189,6 +219,7 @@ class Accounts:
         password all give False, after the same scrypt work."""
         if not isinstance(password, str) or len(password) > MAX_PASSWORD:
             return False
+        self._load()
         rec = self._records.get(name) if isinstance(name, str) else None
         ref = rec if rec is not None else self._dummy
         try:
@@ -204,7 +235,7 @@ class Accounts:
         self.check_password(password)
         salt = secrets.token_bytes(SALT_BYTES)
         digest = _hash(password, salt)
-        with self._lock:
+        with self._changing():
             rec = self._records.get(name)
             if rec is None:
                 raise AccountError("unknown", f"no account {name!r}")
@@ -213,7 +244,7 @@ class Accounts:
 
     def remove(self, name: str) -> bool:
         """Forget ``name``'s account (e.g. the broker refused its claim); True if it was there."""
-        with self._lock:
+        with self._changing():
             if self._records.pop(name, None) is None:
                 return False
             self._save()

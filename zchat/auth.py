@@ -78,9 +78,9 @@ def check_plain(name_raw: bytes, secret: bytes, stored: bytes | None, reserved: 
 KEY_TAG = b"curve:"
 REGISTRATION = ("open", "invite", "closed")
 MAX_DEVICES = 16  # keys a name may have
-MAX_REVOKED = 100_000  # revoked keys remembered while the broker runs
-MAX_INVITES = 10_000  # unused invite codes kept at once
-INVITE_TTL = 7 * 24 * 3600.0  # seconds an invite code stays good
+MAX_REVOKED = 100_000  # revoked keys remembered (stored; the newest kept)
+MAX_INVITES = 10_000  # unused invite codes kept at once (stored, so across restarts)
+INVITE_TTL = 7 * 24 * 3600.0  # seconds an invite code stays good (wall clock: survives a restart)
 
 
 def check_registration(mode: str) -> str:
@@ -128,8 +128,9 @@ def is_admin(name: str, key: bytes, admins: Collection[str]) -> bool:
     return name in admins or z85.encode(key).decode() in admins
 
 
-def may_register(name: str, reserved: Collection[str], mode: str, admin: bool, invite: str, invites: "Invites") -> str:
-    """Why a new name may not be claimed now ('' if it may)."""
+def may_register(name: str, reserved: Collection[str], mode: str, admin: bool, invite: str) -> str:
+    """Why a new name may not be claimed now ('' if it may). An invite code given is
+    checked (and used, in one step) by storage afterwards (INVITE_REFUSED)."""
     if name in reserved and not admin:
         return f"name {name!r} is reserved: pick another"
     if admin or mode == "open":
@@ -138,9 +139,15 @@ def may_register(name: str, reserved: Collection[str], mode: str, admin: bool, i
         return "registration is closed on this broker: ask its admin to add you"
     if not invite:
         return "this broker takes new names by invitation: give an invite code (--invite)"
-    if not invites.valid(invite):
-        return "that invite code is not valid (used, expired or made up)"
     return ""
+
+
+INVITE_REFUSED = "that invite code is not valid (used, expired or made up)"
+
+
+def needs_invite(mode: str, admin: bool) -> bool:
+    """Whether a new name's claim uses up an invite code."""
+    return mode == "invite" and not admin
 
 
 @dataclasses.dataclass(frozen=True)
@@ -173,27 +180,7 @@ class Intents:
         return intent
 
 
-class Invites:
-    """One-use invite codes (in memory: a broker restart voids the unused ones)."""
-
-    def __init__(self, limit: int = MAX_INVITES) -> None:
-        self.limit = limit
-        self.codes: dict[str, float] = {}  # code -> expiry (monotonic)
-
-    def make(self, now: float | None = None) -> str | None:
-        now = time.monotonic() if now is None else now
-        if len(self.codes) >= self.limit:
-            self.codes = {c: t for c, t in self.codes.items() if t > now}
-            if len(self.codes) >= self.limit:
-                return None
-        code = secrets.token_urlsafe(12)
-        self.codes[code] = now + INVITE_TTL
-        return code
-
-    def valid(self, code: str, now: float | None = None) -> bool:
-        now = time.monotonic() if now is None else now
-        expiry = self.codes.get(code)
-        return expiry is not None and expiry > now
-
-    def use(self, code: str) -> None:
-        self.codes.pop(code, None)
+def new_invite_code() -> str:
+    """A one-use invite code: 16 URL-safe characters (96 random bits), stored by the
+    broker with its expiry (Storage.add_invite) so a restart keeps it."""
+    return secrets.token_urlsafe(12)

@@ -98,6 +98,8 @@ class Settings:
     queue_budget: int = 4 * 1024 * 1024  # bytes each connection's receive queue may hold
     send_budget: int = 16 * 1024 * 1024  # bytes each connection's send queue may hold
     handshake_timeout: float = 5.0  # seconds a TCP connection has to finish its handshake
+    max_refusals: int = 1000  # refusals ignoring retry_after a user may draw in 10 s before it is cut; 0: no limit
+    cooloff: float = 60.0  # seconds a user (or address) that was cut is refused
     registration: str = "open"  # who may claim a new name: open, invite or closed
     admins: str = ""  # comma-separated admin names or Z85 public keys
     # Retention (zchat.retention): 0 keeps everything, the default.
@@ -139,6 +141,8 @@ HELP = {
     "reserved_names": "comma-separated names nobody may claim",
     "queue_budget": "bytes each connection's receive queue at the broker may hold",
     "handshake_timeout": "seconds a new TCP connection has to finish its ZeroMQ handshake",
+    "max_refusals": "refusals that ignore retry_after a user may draw in 10 s before its connections are cut; an address may have a tenth as many refused handshakes (0: no limit)",
+    "cooloff": "seconds a user (or address) cut for ignoring retry_after is refused at the handshake",
     "registration": "who may claim a new name: 'open' (anyone), 'invite' (with a code from `zchat admin invite`) or 'closed' (admins only)",
     "admins": "comma-separated broker admins, by name or by Z85 public key (`zchat keys list` shows yours)",
     "send_budget": f"bytes each connection's send queue at the broker may hold (at least {MIN_SEND_BUDGET})",
@@ -258,11 +262,11 @@ def _validate(name: str, value: Any, source: str) -> Any:
         if value < 1:
             raise _fail(name, source, value, "a number of at least 1")
         return value
-    if name in ("max_per_address", "claim_timeout", "handshake_timeout"):
+    if name in ("max_per_address", "claim_timeout", "handshake_timeout", "cooloff"):
         if value <= 0:
             raise _fail(name, source, value, "a number above 0")
         return value
-    if name in ("max_connections", "claims_per_minute"):
+    if name in ("max_connections", "claims_per_minute", "max_refusals"):
         if value < 0:
             raise _fail(name, source, value, "0 or a positive integer")
         return value

@@ -16,10 +16,15 @@ Three pieces, each bounded:
   out (the broker's own loop never sees those attempts).
 * :class:`Claims` limits new names per source address per minute and remembers each
   fresh claim until its handshake says hello, so a claim alone cannot squat a name.
+* :class:`Refusals` counts what the broker refused a party (a user's requests and
+  lines, an address's handshakes): a peer that ignores ``retry_after`` and keeps the
+  broker reading and refusing is cut and cools off (refused at ZAP, or cut at accept)
+  instead of costing everyone else's latency.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import errno
 import logging
@@ -30,6 +35,7 @@ import struct
 import threading
 import time
 from collections import deque
+from collections.abc import Iterator
 
 import zmq
 from zmq.utils.monitor import parse_monitor_message
@@ -56,8 +62,9 @@ MAX_PENDING_CLAIMS = 10_000  # fresh claims waiting for their hello at once
 AUDIT_PERIOD = 600
 AUDIT_MIN = 8
 MAX_GONE = 100_000  # ended request connections waiting for the broker's loop to see them
+MAX_REFUSAL_PARTIES = 10_000  # users or addresses whose recent refusals are counted at once
 
-MONITOR_EVENTS = zmq.EVENT_ACCEPTED | zmq.EVENT_ACCEPT_FAILED | zmq.EVENT_DISCONNECTED
+MONITOR_EVENTS = zmq.EVENT_ACCEPTED | zmq.EVENT_ACCEPT_FAILED | zmq.EVENT_DISCONNECTED | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
 #: A ZMTP server has sent its greeting (64 bytes), WELCOME (10) and READY (30 or more)
 #: once a handshake succeeded; one refused or unfinished has sent at most 64 + ERROR.
 HANDSHAKE_DONE_BYTES = 96
@@ -102,6 +109,13 @@ class GuardConfig:
     queue_budget: int = 4 * MiB  # bytes a connection's receive queue may hold
     send_budget: int = 16 * MiB  # bytes a connection's send queue may hold
     handshake_timeout: float = 5.0  # seconds a connection has to finish its ZMTP handshake
+    # A user refused this many requests and lines within refusal_window (it ignores
+    # retry_after) has its connections cut and its keys refused at ZAP for cooloff
+    # seconds; an address refused this many handshakes (a tenth as many: each costs a
+    # CURVE handshake) has its new connections cut at accept for cooloff. 0: no limit.
+    max_refusals: int = 1000
+    refusal_window: float = 10.0
+    cooloff: float = 60.0
 
     def rcvhwm(self, maxmsgsize: int) -> int:
         return max(1, self.queue_budget // maxmsgsize)
@@ -142,27 +156,37 @@ def connection_cap(config: GuardConfig, fd_soft: int) -> int:
     return config.max_connections
 
 
-def _peer_of(fd: int) -> str | None:
-    """The peer address of libzmq's descriptor ``fd``, looked at through a duplicate."""
+@contextlib.contextmanager
+def _looking_at(fd: int) -> Iterator[socket.socket]:
+    """A socket object over libzmq's descriptor ``fd`` that never closes it: a duplicate
+    when one can be made, else ``fd`` itself, borrowed and detached. Near the descriptor
+    limit (exactly when the guard matters) ``dup`` fails with EMFILE: without the borrow
+    every peer looked like address "?" and shared one per-address cap."""
     try:
         dup = os.dup(fd)
-    except OSError:
-        return None
-    try:
-        with socket.socket(fileno=dup) as sock:  # closes the duplicate only
-            return str(sock.getpeername()[0])
-    except OSError:
-        return None
+    except OSError as exc:
+        if exc.errno not in (errno.EMFILE, errno.ENFILE):
+            raise
+        sock = socket.socket(fileno=fd)
+        try:
+            yield sock
+        finally:
+            sock.detach()  # never close libzmq's descriptor
+        return
+    with socket.socket(fileno=dup) as sock:  # closes the duplicate only
+        yield sock
+
+
+def _peer_of(fd: int) -> str | None:
+    """The peer address of libzmq's descriptor ``fd`` (None if gone)."""
+    peer = peer_name(fd)
+    return peer[0] if peer is not None else None
 
 
 def peer_name(fd: int) -> tuple[str, int] | None:
     """(address, port) of the peer on libzmq's descriptor ``fd`` (None if gone)."""
     try:
-        dup = os.dup(fd)
-    except OSError:
-        return None
-    try:
-        with socket.socket(fileno=dup) as sock:
+        with _looking_at(fd) as sock:
             peer = sock.getpeername()
             return str(peer[0]), int(peer[1])
     except OSError:
@@ -194,20 +218,7 @@ def _handshake_done(fd: int) -> bool:
 def _cut(fd: int) -> None:
     """End the TCP connection under libzmq's ``fd`` without closing that descriptor."""
     try:
-        dup = os.dup(fd)
-    except OSError as exc:
-        if exc.errno not in (errno.EMFILE, errno.ENFILE):
-            return
-        sock = socket.socket(fileno=fd)  # no descriptor left for a duplicate: borrow it
-        try:
-            sock.shutdown(socket.SHUT_RDWR)
-        except OSError:
-            pass
-        finally:
-            sock.detach()  # never close libzmq's descriptor
-        return
-    try:
-        with socket.socket(fileno=dup) as sock:
+        with _looking_at(fd) as sock:
             sock.shutdown(socket.SHUT_RDWR)
     except OSError:
         pass
@@ -233,8 +244,13 @@ class ConnectionGuard:
         # the time they came. libzmq's monitor says that *a* handshake succeeded but not
         # which, so the table is cleaned when it is full (see _make_room).
         self.pending: dict[tuple[str, int], float] = {}
-        self.cut: dict[str, int] = {"address": 0, "total": 0, "handshakes": 0}
+        self.cut: dict[str, int] = {"address": 0, "total": 0, "handshakes": 0, "cooling": 0}
+        # Addresses cooling off (set by the broker's thread): their connections are cut
+        # at accept until the time given, before a CURVE handshake costs anything.
+        self.barred: dict[str, float] = {}
         self.accept_failed = 0
+        self.mechanism_mismatch = 0  # handshakes that spoke another mechanism (a zchat from before CURVE)
+        self._last_mismatch_log = -1e9
         self._last_warn = 0.0
         self._audit_at = 0
         self._thread: threading.Thread | None = None
@@ -313,7 +329,9 @@ class ConnectionGuard:
             self.per_address[slot] = self.per_address.get(slot, 0) + 1
             self.pending[key] = now
             reason = ""
-            if self.per_address[slot] > self.config.max_per_address:
+            if self.barred and self.barred.get(address, 0.0) > now:
+                reason = "cooling"
+            elif self.per_address[slot] > self.config.max_per_address:
                 reason = "address"
             elif len(self.by_fd) > self.total_cap:
                 reason = "total"
@@ -321,7 +339,8 @@ class ConnectionGuard:
                 self.cut[reason] += 1
                 del self.pending[key]
                 _cut(fd)
-                self._warn(now, f"cut a {label} connection from {address} (over the {reason} cap; {self.per_address[slot]} from it, {len(self.by_fd)} in all)")
+                why = "cooling off after too many refused handshakes" if reason == "cooling" else f"over the {reason} cap"
+                self._warn(now, f"cut a {label} connection from {address} ({why}; {self.per_address[slot]} from it, {len(self.by_fd)} in all)")
             elif len(self.pending) > self.pending_cap:
                 self._make_room(now)
             else:
@@ -332,9 +351,32 @@ class ConnectionGuard:
                 self.gone.append(fd)
                 if self.on_gone is not None:
                     self.on_gone()
+        elif kind == zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL:
+            # ``fd`` holds the protocol error here. No body ever reaches such a client: it
+            # sees the same failure on its side and retries; say why once a minute.
+            if fd == zmq.PROTOCOL_ERROR_ZMTP_MECHANISM_MISMATCH:
+                self.mechanism_mismatch += 1
+                if now - self._last_mismatch_log >= 60.0:
+                    self._last_mismatch_log = now
+                    log.warning(
+                        "%s: a client spoke another security mechanism than this broker's (%d so far): a zchat "
+                        "from before CURVE (PLAIN) cannot connect; it must be upgraded (docs/protocol.md §13)",
+                        label, self.mechanism_mismatch,
+                    )
         elif kind == zmq.EVENT_ACCEPT_FAILED:
             self.accept_failed += 1
             self._warn(now, f"{label}: accept failed ({os.strerror(fd) if fd > 0 else fd}); {len(self.by_fd)} connections")
+            if fd in (errno.EMFILE, errno.ENFILE) and self.pending:  # out of descriptors: free one for whoever waits
+                self._make_room(now)
+
+    def bar(self, address: str, until: float) -> None:
+        """Cut ``address``'s new connections at accept until ``until`` (monotonic); called
+        by the broker's thread (a dict store is atomic; expired entries go here)."""
+        now = time.monotonic()
+        if len(self.barred) >= MAX_REFUSAL_PARTIES:
+            self.barred = {a: t for a, t in self.barred.items() if t > now}
+        if len(self.barred) < MAX_REFUSAL_PARTIES:
+            self.barred[address] = until
 
     def audit(self, limit: int) -> int:
         """Uncount up to ``limit`` connections whose descriptor is gone (a lost monitor
@@ -440,3 +482,71 @@ class Claims:
         for address in [a for a, times in self.recent.items() if not times or times[-1] <= old]:
             del self.recent[address]
 
+
+class Refusals:
+    """Refusals per party (a user name, a source address) in a fixed window; a party
+    past ``limit`` cools off for ``cooloff`` seconds.
+
+    A refusal that says ``retry_after`` counts only when it comes before the party's
+    previous ``retry_after`` ran out: the party ignored what it was told. So a heavy
+    user that waits as told is never counted however often it is refused, while a
+    peer that floods draws thousands a second. Refusals without one (bad input,
+    handshakes refused) always count. Sans I/O: the broker passes the time and carries
+    out the cut. The tables are bounded (MAX_REFUSAL_PARTIES); when full, the oldest go.
+    """
+
+    GRACE = 0.005  # seconds early a retry may come (clock and timer granularity)
+
+    def __init__(self, limit: int, window: float, cooloff: float) -> None:
+        self.limit = limit
+        self.window = window
+        self.cooloff = cooloff
+        self.counts: dict[str, list[float]] = {}  # party -> [window start, refusals in it]
+        self.told: dict[str, float] = {}  # party -> when its last retry_after runs out
+        self.cooling: dict[str, float] = {}  # party -> monotonic time its cool-off ends
+        self.cuts = 0  # parties cut so far
+
+    def refused(self, party: str, now: float, retry_after: float = 0.0) -> bool:
+        """Note one refusal; True exactly when ``party`` crosses the limit (it cools off
+        from now: the caller cuts it and logs that once)."""
+        if self.limit <= 0:
+            return False
+        if retry_after > 0:
+            told = self.told.get(party, 0.0)
+            if len(self.told) >= MAX_REFUSAL_PARTIES and party not in self.told:
+                self.told = {k: t for k, t in self.told.items() if t > now}
+                while len(self.told) >= MAX_REFUSAL_PARTIES:
+                    del self.told[next(iter(self.told))]
+            self.told[party] = now + retry_after
+            if now + self.GRACE >= told:
+                return False  # it waited as told (or this is its first refusal)
+        entry = self.counts.get(party)
+        if entry is None or now - entry[0] >= self.window:
+            if entry is None and len(self.counts) >= MAX_REFUSAL_PARTIES:
+                self._prune(now)
+            entry = self.counts[party] = [now, 0.0]
+        entry[1] += 1
+        if entry[1] != self.limit:
+            return False
+        if len(self.cooling) >= MAX_REFUSAL_PARTIES:
+            self.cooling = {k: t for k, t in self.cooling.items() if t > now}
+            while len(self.cooling) >= MAX_REFUSAL_PARTIES:
+                del self.cooling[next(iter(self.cooling))]
+        self.cooling[party] = now + self.cooloff
+        self.cuts += 1
+        return True
+
+    def left(self, party: str, now: float) -> float:
+        """Seconds ``party`` still cools off (0.0: it does not)."""
+        until = self.cooling.get(party)
+        if until is None:
+            return 0.0
+        if until <= now:
+            del self.cooling[party]
+            return 0.0
+        return until - now
+
+    def _prune(self, now: float) -> None:
+        self.counts = {k: e for k, e in self.counts.items() if now - e[0] < self.window}
+        while len(self.counts) >= MAX_REFUSAL_PARTIES:
+            del self.counts[next(iter(self.counts))]

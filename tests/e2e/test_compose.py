@@ -34,6 +34,7 @@ def test_compose_demo_runs_in_containers():
         pytest.skip(proc.stdout.strip().splitlines()[-1] if proc.stdout.strip() else "compose smoke skipped")
     assert proc.returncode == 0, f"compose-smoke.sh exited {proc.returncode}:\n{proc.stdout[-4000:]}"
     assert "OK: 3 bots in separate containers chatted" in proc.stdout
+    assert "web: the page answers on" in proc.stdout
 
 
 @pytest.mark.slow
@@ -47,8 +48,9 @@ def test_docker_compose_config_validates(tmp_path):
     )
     assert proc.returncode == 0, proc.stderr
     out = proc.stdout
-    for service in ("broker:", "alice:", "bob:", "carol:", "talk:"):
+    for service in ("broker:", "alice:", "bob:", "carol:", "talk:", "web:"):
         assert service in out
+    assert "127.0.0.1:8080:8080" in out  # the web chat, published on the host
     assert "tcp://0.0.0.0:5555" in out and "/data/history.db" in out
     assert "tcp://broker:5555" in out
     assert "healthcheck:" in out and "ping" in out

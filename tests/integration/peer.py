@@ -2,6 +2,9 @@
 
 usage: peer.py BROKER NAME ROOM collect N   -> prints "ready", then one JSON summary line
        peer.py BROKER NAME ROOM idle        -> prints "ready", then waits to be killed
+
+BROKER is a keyed address (tcp://HOST:PORT#k=KEY) for a CURVE broker; a test-only
+plaintext broker's endpoint reaches it through ZCHAT_INSECURE_PLAINTEXT_ENDPOINTS.
 """
 
 from __future__ import annotations

@@ -171,13 +171,14 @@ async def _send_many(client: Client, room: str, prefix: str, n: int) -> None:
 
 async def test_overflowing_subscriber_recovers_everything(tmp_path: Path) -> None:
     """A subscriber that stops reading loses messages at PUB; the library refills them."""
-    running = await RunningBroker(tmp_path / "h.db", Limits(heartbeat=5, rate=0, pub_hwm=4)).start()
+    running = await RunningBroker(tmp_path / "h.db", Limits(heartbeat=5, rate=0, pub_hwm=4), secure=True, key_dir=tmp_path).start()
     try:
-        sender = Client(running.endpoint, "flood", "secret-of-flood-0123456789")
+        address = running.broker.address  # type: ignore[union-attr]  # CURVE: the peer process gets the keyed address
+        sender = Client(address, "flood", "secret-of-flood-0123456789")
         await sender.connect()
         await sender.join("firehose")
         total = 2500
-        proc = subprocess.Popen([sys.executable, PEER, running.endpoint, "slow", "firehose", "collect", str(total)],
+        proc = subprocess.Popen([sys.executable, PEER, address, "slow", "firehose", "collect", str(total)],
                                 stdout=subprocess.PIPE, text=True)
         try:
             assert await asyncio.to_thread(proc.stdout.readline) == "ready\n"

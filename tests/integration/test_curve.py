@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import time
 from pathlib import Path
 
 import pytest
@@ -15,7 +16,7 @@ import zmq.asyncio
 from zmq.utils import z85
 
 from tests.conftest import HEARTBEAT, RunningBroker, TEST_EDGE, chat, free_port_base, wait_for
-from zchat import keys
+from zchat import auth, keys
 from zchat import protocol as p
 from zchat.client import AuthError, BrokerKeyError, Client
 from zchat.core import Limits
@@ -220,8 +221,8 @@ async def test_registration_by_invite_takes_a_code_once(tmp_path: Path) -> None:
         await Client(address, "alice", "secret-of-alice-0123456789").connect()
     with pytest.raises(AuthError):
         await Client(address, "alice", "secret-of-alice-0123456789", invite="made-up-code").connect()
-    code = running.broker.invites.make()  # type: ignore[union-attr]
-    assert code
+    code = auth.new_invite_code()  # as `zchat admin invite` makes one (stored, so it outlives a restart)
+    assert await running.broker.storage.add_invite(code, time.time() + 60, time.time(), auth.MAX_INVITES)  # type: ignore[union-attr]
     alice = Client(address, "alice", "secret-of-alice-0123456789", invite=code)
     assert (await alice.connect()).name == "alice"
     with pytest.raises(AuthError):  # used

@@ -15,7 +15,7 @@ from zchat import protocol as p
 from zchat.guard import CLAIM_WINDOW, MAX_PENDING_CLAIMS, MiB, Claims, GuardConfig, connection_cap
 
 NEW = ("max_per_address", "max_connections", "claims_per_minute", "claim_timeout", "reserved_names",
-       "queue_budget", "send_budget", "handshake_timeout")
+       "queue_budget", "send_budget", "handshake_timeout", "max_refusals", "cooloff")
 
 
 def test_defaults_match_the_guard_defaults() -> None:
@@ -24,6 +24,7 @@ def test_defaults_match_the_guard_defaults() -> None:
     assert (s.max_per_address, s.max_connections, s.claims_per_minute, s.claim_timeout) == (
         g.max_per_address, g.max_connections, g.claims_per_minute, g.claim_timeout)
     assert (s.queue_budget, s.send_budget, s.handshake_timeout) == (g.queue_budget, g.send_budget, g.handshake_timeout)
+    assert (s.max_refusals, s.cooloff) == (g.max_refusals, g.cooloff)
     assert s.reserved() == g.reserved
     assert all(sources[name] == "default" for name in NEW)
     assert all(name in cfg.HELP for name in NEW)
@@ -48,6 +49,8 @@ def test_flags_beat_env_beat_file(tmp_path: Path) -> None:
         ({"claims_per_minute": "lots"}, r"'claims_per_minute'.*integer"),
         ({"claim_timeout": "0"}, r"'claim_timeout'.*above 0"),
         ({"handshake_timeout": "-2"}, r"'handshake_timeout'.*above 0"),
+        ({"max_refusals": "-1"}, r"'max_refusals'.*0 or a positive"),
+        ({"cooloff": "0"}, r"'cooloff'.*above 0"),
         ({"reserved_names": "admin,Root"}, r"'reserved_names'.*'Root' is not one"),
         ({"queue_budget": "1000"}, r"'queue_budget'.*at least"),
         ({"send_budget": "1000"}, r"'send_budget'.*at least 1048576"),
@@ -115,7 +118,7 @@ def test_the_claim_tables_are_bounded() -> None:
 def test_broker_help_lists_the_edge_settings(cli_env: dict[str, str]) -> None:
     out = subprocess.run([sys.executable, "-m", "zchat", "broker", "--help"], env=cli_env, capture_output=True, text=True, check=True).stdout
     for flag in ("--max-per-address", "--max-connections", "--claims-per-minute", "--claim-timeout",
-                 "--reserved-names", "--queue-budget", "--send-budget", "--handshake-timeout"):
+                 "--reserved-names", "--queue-budget", "--send-budget", "--handshake-timeout", "--max-refusals", "--cooloff"):
         assert flag in out
 
 

@@ -255,6 +255,58 @@ async def test_members_add_remove_list(storage: Storage) -> None:
     assert await storage.members() == {"dev": {"bob"}}
 
 
+# ------------------------------------------------- invites and revocations
+
+
+async def test_an_invite_is_taken_once_and_expires(storage: Storage) -> None:
+    now = 1_000_000.0
+    assert await storage.add_invite("code-a", now + 60, now, limit=10) is True
+    assert await storage.add_invite("code-b", now + 1, now, limit=10) is True
+    assert await storage.invites(now) == 2
+    assert await storage.use_invite("made-up", now) == 0.0
+    assert await storage.use_invite("code-a", now) == now + 60
+    assert await storage.use_invite("code-a", now) == 0.0  # used
+    assert await storage.use_invite("code-b", now + 2) == 0.0  # expired
+    assert await storage.invites(now + 2) == 0
+    assert await storage.add_invite("code-a", now + 60, now, limit=10) is True  # given back after a failed claim
+    assert await storage.use_invite("code-a", now) == now + 60
+
+
+async def test_invites_are_capped_counting_only_unexpired_codes(storage: Storage) -> None:
+    now = 1_000_000.0
+    assert await storage.add_invite("old", now + 5, now, limit=2) is True
+    assert await storage.add_invite("new", now + 50, now, limit=2) is True
+    assert await storage.add_invite("third", now + 50, now, limit=2) is False  # at the cap
+    assert await storage.add_invite("third", now + 50, now + 10, limit=2) is True  # "old" expired meanwhile
+    assert await storage.invites(now + 10) == 2
+
+
+async def test_two_claims_racing_for_one_code_one_wins(backend: Backend) -> None:
+    first, second = backend.new(), backend.new()
+    await first.open()
+    await second.open()
+    try:
+        now = 1_000_000.0
+        assert await first.add_invite("shared", now + 60, now, limit=10)
+        import asyncio
+
+        won = await asyncio.gather(*[s.use_invite("shared", now) for s in (first, second, first, second)])
+        assert sorted(won) == [0.0, 0.0, 0.0, now + 60]
+    finally:
+        await first.close()
+        await second.close()
+
+
+async def test_revoked_keys_are_kept_bounded_and_can_be_forgotten(storage: Storage) -> None:
+    keys = [bytes([i]) * 32 for i in range(5)]
+    assert await storage.revoked_keys() == set()
+    for i, key in enumerate(keys):
+        await storage.set_revoked(key, True, 100.0 + i, limit=3)
+    assert await storage.revoked_keys() == set(keys[2:])  # the newest 3
+    await storage.set_revoked(keys[3], False, 200.0, limit=3)  # authorised again
+    assert await storage.revoked_keys() == {keys[2], keys[4]}
+
+
 # ------------------------------------------------------------ room settings
 
 
@@ -300,6 +352,8 @@ async def test_everything_survives_close_and_reopen(backend: Backend) -> None:
     await store.append([msg("dev", 1, cid="x"), msg("dev", 2)])
     await store.add_user("alice", b"digest")
     await store.set_member("dev", "alice", True)
+    await store.add_invite("code", 2e9, 1e9, limit=10)
+    await store.set_revoked(b"k" * 32, True, 1e9, limit=10)
     await store.change_rooms([("dev", "op", "alice", True)])
     await store.close()
 
@@ -312,6 +366,8 @@ async def test_everything_survives_close_and_reopen(backend: Backend) -> None:
         assert await store.members() == {"dev": {"alice"}}
         assert await store.rooms_state() == {"dev": {"op": {"alice"}}}
         assert [m.cid for m in await store.recent(10)] == ["x"]
+        assert await store.revoked_keys() == {b"k" * 32}
+        assert await store.use_invite("code", 1e9) == 2e9
     finally:
         await store.close()
 

@@ -88,6 +88,18 @@ def test_remove_and_set_password(tmp_path: Path) -> None:
     assert not a.Accounts(tmp_path).verify("alice", "battery staple")
 
 
+def test_two_stores_on_one_directory_lose_nothing(tmp_path: Path) -> None:
+    web, irc = a.Accounts(tmp_path), a.Accounts(tmp_path)  # e.g. zchat web and zchat irc
+    web.create("alice", "correct horse")
+    irc.create("bob", "correct horse")  # must not write over alice
+    assert web.verify("bob", "correct horse") and irc.verify("alice", "correct horse")
+    assert "bob" in web and len(a.Accounts(tmp_path)) == 2
+    with pytest.raises(a.AccountError) as err:
+        irc.create("alice", "another password")
+    assert err.value.code == a.AccountError.TAKEN
+    assert web.remove("bob") and "bob" not in irc
+
+
 def test_damaged_file_is_a_clear_error(tmp_path: Path) -> None:
     (tmp_path / a.FILE_NAME).write_text("{not json")
     with pytest.raises(a.AccountError, match="damaged"):

@@ -91,21 +91,12 @@ def _checkout() -> str:
     return str(Path(zchat.__file__).resolve().parent.parent)
 
 
-_PLAIN_BROKER = """
-import asyncio, logging, sys
-from zchat.broker import serve
-from zchat.storage.sqlite import SqliteStorage
-from zchat.logs import setup_logging
-setup_logging("WARNING", "text")
-asyncio.run(serve(sys.argv[1], SqliteStorage(sys.argv[2]), insecure_plaintext=True))
-"""
-
-
 class BrokerProc:
-    """``zchat broker`` as a subprocess of ours, stopped by PID."""
+    """``zchat broker`` (CURVE, its keypair made in the row's folder) as a subprocess of
+    ours, stopped by PID. ``server_key`` and ``address`` are what peers and clients need."""
 
     def __init__(self, folder: Path, fd_limit: int | None = None) -> None:
-        self.port = _free_port_base(3)
+        self.port = _free_port_base(4)
         self.router = f"tcp://127.0.0.1:{self.port}"
         self.pull = f"tcp://127.0.0.1:{self.port + 1}"
         self.pub = f"tcp://127.0.0.1:{self.port + 2}"
@@ -113,13 +104,9 @@ class BrokerProc:
         env["ZCHAT_CONFIG_DIR"] = str(folder / "config")
         env["ZCHAT_DATA_DIR"] = str(folder / "data")
         env["PYTHONPATH"] = os.pathsep.join([_checkout(), *filter(None, [env.get("PYTHONPATH")])])
-        # The hostile peers speak PLAIN: the broker runs in its test-only plaintext mode
-        # (loud at start), which a `zchat broker` cannot; the edge's settings are the CLI's.
-        from zchat import keys
-
-        keys.declare_insecure(self.router)
         cmd = [
-            sys.executable, "-c", _PLAIN_BROKER, self.router, str(folder / "history.db"),
+            sys.executable, "-m", "zchat", "broker", "--bind", self.router, "--db", str(folder / "history.db"),
+            "--log-level", "WARNING",
         ]
 
         def preexec() -> None:
@@ -131,6 +118,10 @@ class BrokerProc:
         with open(self.log, "wb") as out:
             self.proc = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT, preexec_fn=preexec)
         procs.wait_listening(self.port + 2, self.proc, timeout=60)
+        from zchat import keys
+
+        self.server_key = (folder / keys.KEY_FILE).read_text().split()[0].encode()  # made before the broker binds
+        self.address = keys.keyed_address(self.router, self.server_key)
 
     @property
     def pid(self) -> int:
@@ -153,7 +144,7 @@ class BrokerProc:
             return 0
         return sum(
             1 for line in text.splitlines()
-            if ("Traceback" in line or " ERROR " in line or line.startswith("ERROR")) and "INSECURE PLAINTEXT MODE" not in line
+            if "Traceback" in line or " ERROR " in line or line.startswith("ERROR")
         )
 
 
@@ -228,11 +219,11 @@ def run_row(name: str, seconds: float, folder: Path, rss_cap: int, source: str =
     normal_q, attack_q, sub_q = mp.Queue(), mp.Queue(), mp.Queue()
     user = attack = stalled = None
     try:
-        user = procs.spawn(normal_user, broker.router, ctl, normal_q, OP_TIMEOUT, log=str(folder / "normal.log"), name="abuse-normal")
+        user = procs.spawn(normal_user, broker.address, ctl, normal_q, OP_TIMEOUT, log=str(folder / "normal.log"), name="abuse-normal")
         ready = _get(normal_q, rss, 30, "ready")
         if name == "stalled-subscriber":
             via = Env(router="", pull="", pub="", deadline=0, stop=stop, source=source).via
-            stalled = procs.spawn(stalled_subscriber_child, via(broker.router), via(broker.pub), sub_q, log=str(folder / "stalled.log"), name="abuse-stalled")
+            stalled = procs.spawn(stalled_subscriber_child, via(broker.router), via(broker.pub), broker.server_key, sub_q, log=str(folder / "stalled.log"), name="abuse-stalled")
             row["stalled_subscribed"] = _get(sub_q, rss, 30, "ready")["subscribed"]
             os.kill(stalled.pid, signal.SIGSTOP)
         end_warmup = mono() + WARMUP
@@ -243,7 +234,7 @@ def run_row(name: str, seconds: float, folder: Path, rss_cap: int, source: str =
         start = mono()
         cpu0 = procs.cpu_seconds(broker.pid)
         env = Env(router=broker.router, pull=broker.pull, pub=broker.pub, deadline=start + seconds, stop=stop,
-                  victim_sid=ready["sid"], seconds=seconds, source=source)
+                  victim_sid=ready["sid"], seconds=seconds, source=source, server_key=broker.server_key, address=broker.address)
         if name != IDLE:
             attack = procs.spawn(attacker, name, env, attack_q, log=str(folder / "attacker.log"), name=f"abuse-{name}")
         end = start + seconds
@@ -287,7 +278,7 @@ def run_row(name: str, seconds: float, folder: Path, rss_cap: int, source: str =
         ctl.set()
         done = _get(normal_q, rss, 60, "done")
         check_q = mp.Queue()
-        check = procs.spawn(checker, broker.router, check_q, log=str(folder / "checker.log"), name="abuse-checker")
+        check = procs.spawn(checker, broker.address, check_q, log=str(folder / "checker.log"), name="abuse-checker")
         try:
             checked = _get(check_q, rss, 120, "checked", give_up=lambda: not broker.alive())
         except TimeoutError as exc:

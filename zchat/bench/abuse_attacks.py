@@ -27,7 +27,7 @@ from typing import Any, Callable
 import zmq
 
 from zchat import protocol as p
-from zchat.bench.abuse_peers import SECRET, Peer, Saw, digest
+from zchat.bench.abuse_peers import SECRET, Peer, Saw, curve, digest
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +52,8 @@ class Env:
     pub: str
     deadline: float  # monotonic seconds; the attack ends by then
     stop: Any  # multiprocessing Event: end now
+    server_key: bytes = b""  # the broker's public key (Z85): every peer speaks CURVE
+    address: str = ""  # the keyed address (router#k=KEY) reference clients are given
     victim_sid: str = ""
     seconds: float = 10.0
     source: str = "127.0.0.1"  # the attacker's own loopback address (the normal user is 127.0.0.1)
@@ -84,7 +86,7 @@ def seed(db: str, attack: str) -> None:
         await store.open()
         try:
             for name in HELPERS:
-                await store.add_user(name, digest())
+                await store.add_user(name, digest(name))
             if attack == "unread-history":
                 await store.set_member(BIG_ROOM, HELPERS[0], True)
                 text = "x" * BIG_TEXT
@@ -247,7 +249,7 @@ def history_intact(sent: list[tuple[str, bool]], stored: list[tuple[int, str]]) 
 
 def _helper(ctx: zmq.Context, env: Env, saw: Saw, i: int = 0, **kw: Any) -> Peer:
     """A seeded attacker name on a DEALER, with a session (hello answered)."""
-    peer = Peer(ctx, zmq.DEALER, env.via(env.router), HELPERS[i], saw, **kw)
+    peer = Peer(ctx, zmq.DEALER, env.via(env.router), HELPERS[i], saw, server_key=env.server_key, **kw)
     if not peer.hello(timeout=min(5.0, max(1.0, env.left()))):
         saw.notes.setdefault("hello_failed", 0)
         saw.notes["hello_failed"] += 1
@@ -336,18 +338,17 @@ def unread_rooms(env: Env, saw: Saw) -> None:
     ctx.term()
 
 
-def stalled_subscriber_child(router: str, pub: str, results: Any) -> None:
+def stalled_subscriber_child(router: str, pub: str, server_key: bytes, results: Any) -> None:
     """The subscriber that gets SIGSTOPped: joins BUSY, subscribes, proves the
     subscription works, says ready, then just sleeps (the orchestrator stops it)."""
     ctx = zmq.Context()
     saw = Saw()
-    dealer = Peer(ctx, zmq.DEALER, router, HELPERS[15], saw)
+    dealer = Peer(ctx, zmq.DEALER, router, HELPERS[15], saw, server_key=server_key)
     ok = dealer.hello()
     joined = dealer.call(p.encode(p.Join(rid=2, room=BUSY)), 2, 5.0)
     sub = ctx.socket(zmq.SUB)
     sub.linger = 0
-    sub.plain_username = HELPERS[15].encode()
-    sub.plain_password = SECRET.encode()
+    curve(sub, server_key, HELPERS[15])
     sub.connect(pub)
     topic = p.room_topic(BUSY)
     sub.setsockopt(zmq.SUBSCRIBE, topic)
@@ -409,7 +410,7 @@ def parked_queue(env: Env, saw: Saw) -> None:
     ctx = zmq.Context()
     dealer = _helper(ctx, env, saw, rcvhwm=1, rcvbuf=4096)
     dealer.call(p.encode(p.Join(rid=2, room="spam")), 2, 5.0)
-    push = Peer(ctx, zmq.PUSH, env.via(env.pull), HELPERS[0], saw)
+    push = Peer(ctx, zmq.PUSH, env.via(env.pull), HELPERS[0], saw, server_key=env.server_key)
     size = p.MAX_MESSAGE_BYTES
     mark = "pk-" + "X" * 12  # a fixed-width cid patched per frame: every line is new (no dedup shortcut)
     template = _sized_send(dealer.sid, mark, "spam", size)
@@ -450,7 +451,7 @@ def heavy_frame(env: Env, saw: Saw) -> None:
     """``sends`` frames of ~65,500 empty items, on the DEALER and on PUSH, replies read."""
     ctx = zmq.Context()
     dealer = _helper(ctx, env, saw)
-    push = Peer(ctx, zmq.PUSH, env.via(env.pull), HELPERS[0], saw, sndhwm=64)
+    push = Peer(ctx, zmq.PUSH, env.via(env.pull), HELPERS[0], saw, server_key=env.server_key, sndhwm=64)
     body, n = heavy_frame_body()
     saw.notes["items_per_frame"] = n
     sent = 0
@@ -519,22 +520,44 @@ def request_flood(env: Env, saw: Saw) -> None:
     ctx.term()
 
 
+def _claim_wave(ctx: zmq.Context, env: Env, saw: Saw, names: list[str], rid: Rids) -> list[Peer]:
+    """Claim ``names`` as a client does (no hello): each asks on a look-only connection,
+    then dials again; return the second connections whose handshake took the name."""
+    asking = [Peer(ctx, zmq.DEALER, env.via(env.router), name, saw, server_key=env.server_key) for name in names]
+    for peer in asking:
+        peer.send(p.encode(p.Claim(rid=rid(), name=peer.name)))
+    end = mono() + min(3.0, max(0.2, env.left()))
+    oks: set[str] = set()
+    while mono() < end and len(oks) < len(asking) and not env.stop.is_set():
+        zmq.select([peer.sock for peer in asking], [], [], 0.02)
+        for peer in asking:
+            reply = peer.recv()
+            if reply is not None and reply.get("k") == "ok":
+                oks.add(peer.name)
+    for peer in asking:
+        peer.close()
+    taking = [Peer(ctx, zmq.DEALER, env.via(env.router), name, saw, server_key=env.server_key) for name in names if name in oks]
+    end = mono() + min(3.0, max(0.2, env.left()))
+    while mono() < end and any(w.state == "connecting" for w in taking):
+        zmq.select([w.mon for w in taking if w.state == "connecting"], [], [], 0.02)
+        for w in taking:
+            w.events()
+    return [w for w in taking if w.state == "up"]
+
+
 def name_squat(env: Env, saw: Saw) -> None:
-    """Claim as many fresh names as possible: 64 handshakes at a time, up to 20,000."""
+    """Claim as many fresh names as possible: 64 claims at a time, up to 20,000."""
     ctx = zmq.Context()
     n = claimed = 0
     t0 = mono()
     tag = os.getpid() % 10_000
+    rid = Rids()
     while not env.over() and n < 20_000:
-        wave = [Peer(ctx, zmq.DEALER, env.via(env.router), f"sq{tag}-{n + i}", saw) for i in range(64)]
-        n += len(wave)
-        end = mono() + min(3.0, max(0.2, env.left()))
-        while mono() < end and any(w.state == "connecting" for w in wave):
-            zmq.select([w.mon for w in wave if w.state == "connecting"], [], [], 0.02)
-            for w in wave:
-                w.events()
-        claimed += sum(1 for w in wave if w.state == "up")
-        for w in wave:
+        names = [f"sq{tag}-{n + i}" for i in range(64)]
+        n += len(names)
+        won = _claim_wave(ctx, env, saw, names, rid)
+        claimed += len(won)
+        for w in won:
             w.close()
     elapsed = max(1e-9, mono() - t0)
     saw.notes["names_tried"] = n
@@ -546,13 +569,17 @@ def name_squat(env: Env, saw: Saw) -> None:
 def throwaway_names(env: Env, saw: Saw) -> None:
     """200 fresh names join the normal user's room; each sends up to 150 lines there."""
     ctx = zmq.Context()
-    peers = [Peer(ctx, zmq.DEALER, env.via(env.router), f"tw-{i:03d}", saw) for i in range(200)]
     rid = Rids()
+    peers: list[Peer] = []
+    for i in range(0, 200, 50):
+        if env.over():
+            break
+        peers += _claim_wave(ctx, env, saw, [f"tw-{j:03d}" for j in range(i, i + 50)], rid)
     live: list[Peer] = []
     for peer in peers:
         if env.over():
             break
-        if peer.wait_up(min(2.0, max(0.1, env.left()))) and peer.hello(rid(), timeout=min(3.0, max(0.1, env.left()))):
+        if peer.hello(rid(), timeout=min(3.0, max(0.1, env.left()))):
             if peer.call(p.encode(p.Join(rid=rid(), room=LOBBY)), rid.n, min(3.0, max(0.1, env.left()))):
                 live.append(peer)
     saw.notes["names_in_room"] = len(live)
@@ -622,7 +649,7 @@ def connection_flood(env: Env, saw: Saw) -> None:
     closed: set[int] = set()
     while not env.over():
         t0 = mono()
-        ok = _probe(env.router)
+        ok = _probe(env.address)
         probes.append((ok, mono() - t0))
         _reap(conns, closed)
         env.stop.wait(max(0.0, 1.0 - (mono() - t0)))
@@ -675,7 +702,7 @@ def session_takeover(env: Env, saw: Saw) -> None:
     """A DEALER with the normal user's routing id under another name: hello, then a
     ping every 200 ms; every reply that is not an answer to its own rids is the victim's."""
     ctx = zmq.Context()
-    peer = Peer(ctx, zmq.DEALER, env.via(env.router), HELPERS[1], saw, routing_id=env.victim_sid.encode("latin-1"))
+    peer = Peer(ctx, zmq.DEALER, env.via(env.router), HELPERS[1], saw, server_key=env.server_key, routing_id=env.victim_sid.encode("latin-1"))
     mine: set[int] = set()
     victims = 0
     victim_kinds: dict[str, int] = {}

@@ -1,10 +1,13 @@
 """Raw ZeroMQ peers for the abuse benchmark, and what an attacker saw.
 
 An attacker is not a zchat.client.Client: it speaks the wire format by hand
-(bodies from zchat.protocol.encode, PLAIN credentials, one DEALER routing id of its
-choosing) and counts what the broker answered: replies by kind, errors by code,
-refused handshakes (ZAP 400) and connections the broker dropped. Everything here is
-synchronous and runs in one attacker process; every socket gets linger=0.
+(bodies from zchat.protocol.encode, CURVE keys, one DEALER routing id of its choosing)
+and counts what the broker answered: replies by kind, errors by code, refused
+handshakes (ZAP 400) and connections the broker dropped. Its keypair is the one the
+reference client derives for (name, SECRET): a seeded or claimed name's, an
+authenticated attacker; a fresh name's key owns nothing until it claims (look-only).
+Everything here is synchronous and runs in one attacker process; every socket gets
+linger=0.
 """
 
 from __future__ import annotations
@@ -20,12 +23,12 @@ import msgspec
 import zmq
 from zmq.utils.monitor import parse_monitor_message
 
-from zchat import auth
+from zchat import auth, keys
 from zchat import protocol as p
 
 log = logging.getLogger(__name__)
 
-#: Every attacker's PLAIN secret (>= 16 characters, as the broker requires).
+#: Every attacker's secret, from which its key for a name is derived.
 SECRET = "abuse-bench-secret-0123456789"
 _MONITORED = (
     zmq.EVENT_HANDSHAKE_SUCCEEDED
@@ -37,9 +40,11 @@ _MONITORED = (
 _any = msgspec.msgpack.Decoder()
 
 
-def digest(secret: str = SECRET) -> bytes:
-    """The digest the broker stores for a name claimed with ``secret`` (for seeding)."""
-    return auth.digest(secret.encode())
+def digest(name: str, secret: str = SECRET) -> bytes:
+    """What the broker stores for ``name`` owned by its key for ``secret`` (for seeding)."""
+    from zmq.utils import z85
+
+    return auth.key_digest([z85.decode(keys.keypair_from_secret(secret, name)[0])])
 
 
 @dataclasses.dataclass
@@ -79,24 +84,29 @@ class Saw:
         }
 
 
+def curve(sock: zmq.Socket, server_key: bytes, name: str, secret: str = SECRET) -> None:
+    """Give ``sock`` the broker's key and the keypair of (name, secret)."""
+    sock.curve_serverkey = server_key
+    sock.curve_publickey, sock.curve_secretkey = keys.keypair_from_secret(secret, name)
+
+
 class Peer:
-    """One raw socket with PLAIN credentials and a handshake monitor.
+    """One raw socket with CURVE keys (``server_key``: the broker's) and a handshake monitor.
 
     ``rcvhwm``/``rcvbuf`` small make a peer that does not read: the broker's side of
     the connection then backs up instead of the attacker's memory.
     """
 
     def __init__(
-        self, ctx: zmq.Context, kind: int, endpoint: str, name: str, saw: Saw, *, secret: str = SECRET,
-        routing_id: bytes | None = None, rcvhwm: int | None = None, rcvbuf: int | None = None,
-        sndhwm: int | None = None, monitor: bool = True,
+        self, ctx: zmq.Context, kind: int, endpoint: str, name: str, saw: Saw, *, server_key: bytes,
+        secret: str = SECRET, routing_id: bytes | None = None, rcvhwm: int | None = None,
+        rcvbuf: int | None = None, sndhwm: int | None = None, monitor: bool = True,
     ) -> None:
         self.saw = saw
         self.name = name
         self.sock = ctx.socket(kind)
         self.sock.linger = 0
-        self.sock.plain_username = name.encode()
-        self.sock.plain_password = secret.encode()
+        curve(self.sock, server_key, name, secret)
         if routing_id is None and kind == zmq.DEALER:
             routing_id = secrets.token_hex(8).encode()
         if routing_id is not None:
@@ -110,7 +120,9 @@ class Peer:
             self.sock.sndhwm = sndhwm
         self.mon: zmq.Socket | None = None
         if monitor:
-            self.mon = self.sock.get_monitor_socket(_MONITORED)
+            # An inproc address of its own: pyzmq's default names it after the fd, which a
+            # socket made right after a closed one reuses before libzmq lets the name go.
+            self.mon = self.sock.get_monitor_socket(_MONITORED, addr=f"inproc://abuse-monitor-{secrets.token_hex(8)}")
             self.mon.linger = 0
         self.state = "connecting"  # -> "up", "refused"
         self.sock.connect(endpoint)
@@ -177,6 +189,12 @@ class Peer:
                     return reply
             self.events()
         return None
+
+    def claim(self, rid: int, timeout: float) -> bool:
+        """Ask, on this look-only connection, that its key own ``name`` (step one of a
+        claim; the next handshake of the key decides it). True when the broker said ok."""
+        reply = self.call(p.encode(p.Claim(rid=rid, name=self.name)), rid, timeout)
+        return reply is not None and reply.get("k") == "ok"
 
     def hello(self, rid: int = 1, timeout: float = 5.0) -> bool:
         reply = self.call(p.encode(p.Hello(rid=rid, client="abuse")), rid, timeout)

@@ -20,7 +20,7 @@ from typing import Any
 
 from zchat.bench import procs
 from zchat.bench.clients import HWM, Ctl, PubPlan, _report_error, _ThreadedSend
-from zchat.bench.common import FLUSH, PROBE, ROOM, SECRET, now, record, text
+from zchat.bench.common import FLUSH, PROBE, ROOM, SECRET, base, now, record, text
 
 SEED = 15  # the talkers' schedule is the same in every run and for every system
 
@@ -114,7 +114,7 @@ def talkers(system: str, ep: dict, idx: int, plan: PubPlan, ctl: Ctl, conn: Any)
     procs.raise_nofile()
     size = SIZES[plan.size]
     try:
-        if system == "zchat":
+        if base(system) == "zchat":
             import asyncio
 
             asyncio.run(_zchat_talkers(ep, size, plan, ctl, conn))
@@ -206,12 +206,12 @@ def run(bench: Any, system: str) -> dict:
         listeners = size.clients - size.talkers
         groups = scenarios.split_groups(listeners, scenarios.MAX_GROUP[system])
         seed = None
-        if system == "zchat":
+        if base(system) == "zchat":
             names = [f"s{g}-{i}" for g, n in enumerate(groups) for i in range(n)] + [f"p{k}" for k in range(size.talkers)]
             seed = scenarios.member_seed(names)
         server = servers.start(system, bench._tmp(f"chat-{system}"), Limits().heartbeat, seed=seed)
         try:
-            per = 300e-6 if system == "zchat" else 30e-6  # a probe reaches every listener: keep it light
+            per = 300e-6 if base(system) == "zchat" else 30e-6  # a probe reaches every listener: keep it light
             plan = PubPlan("chat", seconds=size.seconds, probe=max(0.05, listeners * per), size=bench.sizes.name)
             res = scenarios.Traffic(
                 server=server, groups=groups, pubs=1, plan=plan, mode="latency", drain=bench.sizes.drain,

@@ -38,6 +38,7 @@ from zchat.bench.common import (
     RECORD,
     ROOM,
     SECRET,
+    base,
     block,
     now,
     record,
@@ -209,7 +210,7 @@ def sub_group(system: str, ep: dict, n: int, gid: int, mode: str, ctl: Ctl, expe
     tally = Tally(n, mode)
     driver = Driver(tally, gid, ctl, expected, quiet)
     try:
-        if system == "zchat":
+        if base(system) == "zchat":
             import asyncio
 
             asyncio.run(_zchat_subs(ep, n, gid, tally, driver))
@@ -456,7 +457,7 @@ class PubPlan:
 def publisher(system: str, ep: dict, idx: int, plan: PubPlan, ctl: Ctl, conn: Any) -> None:
     procs.raise_nofile()
     try:
-        if system == "zchat":
+        if base(system) == "zchat":
             import asyncio
 
             asyncio.run(_zchat_pub(ep, idx, plan, ctl, conn))

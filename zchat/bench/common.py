@@ -45,8 +45,8 @@ _LOW = [f"{k:03d}" for k in range(BLOCK)]
 _LOW_B = [k.encode() for k in _LOW]
 
 
-def block(pub: int | str, base: int, t: float, as_text: bool = False) -> list:
-    """Records ``base`` .. ``base + 999`` (``base`` a multiple of 1,000), stamped ``t``.
+def block(pub: int | str, first: int, t: float, as_text: bool = False) -> list:
+    """Records ``first`` .. ``first + 999`` (``first`` a multiple of 1,000), stamped ``t``.
 
     Every blasting publisher, whatever the system, sends these: the payloads are built
     a thousand at a time with only the number's last three digits differing, so the
@@ -55,7 +55,7 @@ def block(pub: int | str, base: int, t: float, as_text: bool = False) -> list:
     lines and never time them; paced runs use ``record``/``text`` per line.
     """
     who = pub if isinstance(pub, str) else f"{pub:02d}"
-    head = f"{who}|{base // BLOCK:06d}"
+    head = f"{who}|{first // BLOCK:06d}"
     if as_text:
         tail = f"|{t:17.6f}|{_PAD}"
         return [head + low + tail for low in _LOW]
@@ -69,13 +69,24 @@ def stamp(line: str | bytes) -> float:
 
 
 SYSTEMS = ("zchat", "zmq-proxy", "py-forwarder", "redis", "threaded")
+#: The zchat broker in other settings, measured beside "zchat" (CURVE, one I/O thread)
+#: with --encryption: the test-only plaintext mode (what CURVE costs), and CURVE with two
+#: libzmq I/O threads (whether the I/O thread is the limit on a 2-core machine).
+VARIANTS = ("zchat-plain", "zchat-io2")
 LABELS = {
     "zchat": "zchat",
+    "zchat-plain": "zchat plaintext",
+    "zchat-io2": "zchat IO_THREADS=2",
     "zmq-proxy": "libzmq proxy",
     "py-forwarder": "Python forwarder",
     "redis": "Redis pub/sub",
     "threaded": "threaded chat",
 }
+
+
+def base(system: str) -> str:
+    """The system a variant is of ("zchat-plain" -> "zchat"): clients and scenarios treat them alike."""
+    return "zchat" if system.startswith("zchat") else system
 
 
 @dataclasses.dataclass

@@ -7,7 +7,7 @@ import math
 from pathlib import Path
 from typing import Any
 
-from zchat.bench.common import LABELS, SYSTEMS
+from zchat.bench.common import LABELS, SYSTEMS, VARIANTS
 
 PEER_FOR_RATIO = ("zmq-proxy", "py-forwarder", "redis", "threaded")
 
@@ -126,6 +126,7 @@ def table(rows: list[dict], systems: list[str]) -> str:
     head = ["Scenario", "Metric"] + [LABELS[s] for s in systems]
     if "zchat" in systems:
         head += [f"zchat ÷ {LABELS[p]}" for p in peers if p in ("zmq-proxy", "redis")]
+        head += [f"zchat ÷ {LABELS[v]}" for v in VARIANTS if v in systems]
     lines = ["| " + " | ".join(head) + " |", "|" + "|".join(["---"] * 2 + ["---:"] * (len(head) - 2)) + "|"]
     for label, metric, scenario, spec, _ in metric_lines(rows, systems):
         param, path, unit = _parse_spec(spec)
@@ -137,6 +138,9 @@ def table(rows: list[dict], systems: list[str]) -> str:
             for peer in peers:
                 if peer in ("zmq-proxy", "redis"):
                     cells.append(_ratio(mine, _get(_find(rows, scenario, param, peer), path)))
+            for variant in VARIANTS:
+                if variant in systems:
+                    cells.append(_ratio(mine, _get(_find(rows, scenario, param, variant), path)))
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -151,7 +155,11 @@ def targets(rows: list[dict]) -> list[dict]:
     def peer(s: str, p: Any, system: str, path: str) -> Any:
         return _get(_find(rows, s, p, system), path)
 
+    present = {r["system"] for r in rows}
+
     def add(name: str, value: float | None, goal: float | None, higher: bool, shown: str, note: str = "") -> None:
+        if any(LABELS[s] in name for s in ("zmq-proxy", "py-forwarder") if s not in present):
+            return  # a peer this run did not measure (zchat bench --encryption)
         met = None if value is None or goal is None else (value >= goal if higher else value <= goal)
         out.append({"target": name, "measured": shown, "goal": goal, "value": value, "met": met, "note": note})
 
@@ -212,6 +220,7 @@ def targets(rows: list[dict]) -> list[dict]:
         if r["system"] == "zchat" and r["scenario"] == "scale-max" and "error" not in r:
             add(f"{r['clients']:,} idle clients: broker < 0.5% of a core at rest", r["rest_cpu_pct"], 0.5, False,
                 f"{r['rest_cpu_pct']:.2f}%")
+    encryption(rows, z, peer, add)
     hist = [r for r in rows if r["scenario"] == "history"]
     if hist:
         med = _get(hist[0], "median_ms")
@@ -231,6 +240,20 @@ def targets(rows: list[dict]) -> list[dict]:
         add("Ahead of Redis pub/sub on every throughput scenario", float(len(behind)), 0, False,
             "ahead on all" if not behind else "behind on " + ", ".join(behind))
     return out
+
+
+def encryption(rows: list[dict], z: Any, peer: Any, add: Any) -> None:
+    """Issue 18's targets for what CURVE costs, against zchat-plain in the same run: CPU
+    per ingested line at most 1.3x, fan-out 100 deliveries at least 0.75x."""
+    if not any(r["system"] == "zchat-plain" for r in rows):
+        return
+    for pubs in sorted({r["param"] for r in rows if r["scenario"] == "ingest"}):
+        a, b = z("ingest", pubs, "cpu_us_per_msg"), peer("ingest", pubs, "zchat-plain", "cpu_us_per_msg")
+        add(f"CURVE: ingest ({pubs} pub) broker CPU/line ≤ 1.3x plaintext", a / b if a and b else None, 1.3, False,
+            f"{_fmt(a, 'us')} vs {_fmt(b, 'us')} µs ({_ratio(a, b)})")
+    if any(r["scenario"] == "fanout" and r["param"] == 100 for r in rows):
+        a, b = z("fanout", 100, "delivery_rate"), peer("fanout", 100, "zchat-plain", "delivery_rate")
+        add("CURVE: fan-out 100 deliveries ≥ 0.75x plaintext", a / b if a and b else None, 0.75, True, _ratio(a, b))
 
 
 def targets_table(items: list[dict]) -> str:

@@ -61,7 +61,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
             "Examples:\n"
             "  zchat bench --quick                 # under 2 minutes\n"
             "  zchat bench --out results/today     # full run, under 15 minutes\n"
-            "  zchat bench --scenarios fanout latency --systems zchat zmq-proxy"
+            "  zchat bench --scenarios fanout latency --systems zchat zmq-proxy\n"
+            "  zchat bench --encryption --quick     # CURVE against plaintext and IO_THREADS=2"
         ),
     )
     size = parser.add_mutually_exclusive_group()
@@ -72,15 +73,20 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--scenarios", nargs="+", metavar="NAME",
         help=f"some of: {', '.join(SCENARIOS)} (comma or space separated) [all]",
     )
-    parser.add_argument("--systems", nargs="+", metavar="NAME", help="some of: zchat, zmq-proxy, py-forwarder, redis, threaded [all]")
+    parser.add_argument("--systems", nargs="+", metavar="NAME", help="some of: zchat, zmq-proxy, py-forwarder, redis, threaded, zchat-plain, zchat-io2 [the first five]")
+    parser.add_argument(
+        "--encryption", action="store_true",
+        help="what CURVE costs: ingest, fan-out 100 and latency for zchat (CURVE), zchat-plain (test-only plaintext) "
+        "and zchat-io2 (CURVE, IO_THREADS=2), side by side",
+    )
     parser.add_argument("--profile", action="store_true", help="sample the zchat broker with py-spy during ingest and fan-out 100")
     parser.add_argument("--keep", action="store_true", help="keep the temporary folder (databases, server logs)")
     return parser.parse_args(argv)
 
 
-def _split(values: list[str] | None, allowed: tuple[str, ...], what: str) -> list[str]:
+def _split(values: list[str] | None, allowed: tuple[str, ...], what: str, default: tuple[str, ...] | None = None) -> list[str]:
     if not values:
-        return list(allowed)
+        return list(allowed if default is None else default)
     out = []
     for value in values:
         for item in value.replace(",", " ").split():
@@ -95,13 +101,16 @@ def main(argv: list[str] | None = None) -> int:
     from zchat.bench import procs, report, scenarios
     from zchat.bench import profile as prof
     from zchat.bench import servers
-    from zchat.bench.common import SYSTEMS, Sizes
+    from zchat.bench.common import SYSTEMS, VARIANTS, Sizes
 
     args = parse_args(argv)
     mode = "tiny" if args.tiny else "quick" if args.quick else "full"
     sizes = Sizes.mode(mode)
+    if args.encryption:
+        args.scenarios = args.scenarios or ["ingest", "fanout", "latency"]
+        args.systems = args.systems or ["zchat", *VARIANTS]
     wanted = _split(args.scenarios, SCENARIOS, "scenario")
-    systems = _split(args.systems, SYSTEMS, "system")
+    systems = _split(args.systems, SYSTEMS + VARIANTS, "system", SYSTEMS)
     stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
     out = Path(args.out or f"results/bench-{mode}-{stamp}")
     out.mkdir(parents=True, exist_ok=True)
@@ -132,7 +141,7 @@ def main(argv: list[str] | None = None) -> int:
         for pubs in sizes.ingest_pubs:
             each(lambda s, p=pubs: bench.ingest(s, p))
     if "fanout" in wanted or "loss" in wanted:
-        for subs in sizes.fanout_subs:
+        for subs in (100,) if args.encryption else sizes.fanout_subs:
             each(lambda s, n=subs: bench.fanout(s, n))
     if "latency" in wanted:
         for subs in sizes.latency_subs:

@@ -18,10 +18,12 @@ from typing import Any, Callable
 
 from zchat.bench import procs, servers
 from zchat.bench.clients import Ctl, PubPlan, publisher, sub_group
-from zchat.bench.common import ROOM, SECRET, Sizes, now
+from zchat.bench.common import ROOM, SECRET, VARIANTS, Sizes, base, now
 
 MAX_GROUP = {"zchat": 1000, "zmq-proxy": 1000, "py-forwarder": 1000, "redis": 1000, "threaded": 1000}
 FDS_PER_CLIENT_AT_SERVER = {"zchat": 2, "zmq-proxy": 1, "py-forwarder": 1, "redis": 1, "threaded": 1}
+for _variant in VARIANTS:
+    MAX_GROUP[_variant], FDS_PER_CLIENT_AT_SERVER[_variant] = MAX_GROUP["zchat"], FDS_PER_CLIENT_AT_SERVER["zchat"]
 FD_MARGIN = 2000  # reconnects and half-closed connections need spare descriptors near the limit
 
 
@@ -353,7 +355,7 @@ class Bench:
 
     def _traffic(self, system: str, label: str, **kw: Any) -> dict:
         seed = None
-        if system == "zchat":
+        if base(system) == "zchat":
             seed = member_seed([f"s{g}-{i}" for g, size in enumerate(kw["groups"]) for i in range(size)] + [f"p{i}" for i in range(kw["pubs"])])
         server = servers.start(system, self._tmp(f"{label}-{system}"), self.sizes.heartbeat, seed=seed)
         try:
@@ -441,7 +443,7 @@ class Bench:
     def _scale_run(self, system: str, n: int) -> dict:
         groups = split_groups(n, MAX_GROUP[system])
         seed = None
-        if system == "zchat":
+        if base(system) == "zchat":
             names = [f"s{g}-{i}" for g, size in enumerate(groups) for i in range(size)] + ["p0"]
             seed = member_seed(names)
         # Scale uses zchat's default heartbeat, as a user's broker would.
@@ -451,7 +453,7 @@ class Bench:
         try:
             # Every probe reaches all n clients: keep that a small load (a zchat delivery
             # costs its client process about 150 µs here, a SUB socket's a few µs).
-            per = 300e-6 if system == "zchat" else 30e-6
+            per = 300e-6 if base(system) == "zchat" else 30e-6
             plan = PubPlan("none", probe=max(0.25, n * per))
             started = now()
             res = Traffic(
@@ -487,7 +489,7 @@ class Bench:
             "expected": res["expected"] * n,
             "incomplete": incomplete,
             "setup_s": now() - started,
-            "heartbeat_s": Limits().heartbeat if system == "zchat" else None,
+            "heartbeat_s": Limits().heartbeat if base(system) == "zchat" else None,
             "groups": per_group,
             "could_not_join": sum(g["could_not_join"] for g in per_group if g),
         }

@@ -1,7 +1,9 @@
 """The systems under test, server side: each runs as its own process, started and torn
 down by PID.
 
-- zchat: ``zchat.broker.serve`` (the same code ``zchat broker`` runs) on a fresh SQLite file.
+- zchat: ``zchat.broker.serve`` (the same code ``zchat broker`` runs) on a fresh SQLite file;
+  zchat-plain is the same broker in its test-only plaintext mode, zchat-io2 the same
+  with two libzmq I/O threads (``zchat bench --encryption`` runs the three side by side).
 - zmq-proxy: libzmq's own forwarder, ``zmq.proxy(PULL, PUB)`` in C.
 - py-forwarder: ``recv_multipart`` then ``send_multipart``, nothing else.
 - redis: Debian's ``redis-server`` on loopback, no persistence.
@@ -57,7 +59,10 @@ def bench_plaintext() -> bool:
     return os.environ.get(PLAINTEXT_ENV) == "1"
 
 
-def _zchat_broker(bind: str, db: str, heartbeat: float, seed: Callable[[str], Any] | None, key_dir: str = "", plaintext: bool = False) -> None:
+def _zchat_broker(
+    bind: str, db: str, heartbeat: float, seed: Callable[[str], Any] | None, key_dir: str = "", plaintext: bool = False,
+    io_threads: int = 1,
+) -> None:
     import asyncio
     import logging
 
@@ -74,25 +79,32 @@ def _zchat_broker(bind: str, db: str, heartbeat: float, seed: Callable[[str], An
     # every benchmark client comes from 127.0.0.1, so no per-address caps either.
     edge = GuardConfig(max_per_address=1_000_000, claims_per_minute=0)
     security: dict[str, Any] = dict(insecure_plaintext=True) if plaintext else dict(key_dir=key_dir)
+    if io_threads != 1:
+        security["io_threads"] = io_threads
     asyncio.run(serve(bind, SqliteStorage(db), Limits(heartbeat=heartbeat, rate=0), edge, **security))
 
 
-def start_zchat(tmp: Path, heartbeat: float, seed: Callable[[str], Any] | None = None, db: Path | None = None) -> Server:
+def start_zchat(
+    tmp: Path, heartbeat: float, seed: Callable[[str], Any] | None = None, db: Path | None = None, system: str = "zchat",
+) -> Server:
+    """``system``: zchat (CURVE, or plaintext with ZCHAT_BENCH_PLAINTEXT=1), zchat-plain or zchat-io2."""
     from zchat import keys
 
     port = procs.free_port_base(4)
     bind = f"tcp://127.0.0.1:{port}"
     db = db or tmp / "history.db"
-    plaintext = bench_plaintext()
+    plaintext = system == "zchat-plain" or (system == "zchat" and bench_plaintext())
+    io_threads = 2 if system == "zchat-io2" else 1
     if plaintext:  # clients (spawned later) speak PLAIN to this endpoint only
         keys.declare_insecure(bind)
         address = bind
     else:  # the key is made here and reused by the broker: clients get the keyed address
         address = keys.keyed_address(bind, keys.broker_keypair(tmp / "keys")[0])
     proc = procs.spawn(
-        _zchat_broker, bind, str(db), heartbeat, seed, str(tmp / "keys"), plaintext, log=str(tmp / "broker.log"), name="zchat-broker",
+        _zchat_broker, bind, str(db), heartbeat, seed, str(tmp / "keys"), plaintext, io_threads,
+        log=str(tmp / "broker.log"), name="zchat-broker",
     )
-    server = Server("zchat", proc, {"broker": address, "port": port}, tmp)
+    server = Server(system, proc, {"broker": address, "port": port}, tmp)
     try:
         procs.wait_listening(port + 2, proc, timeout=120.0)
     except Exception:
@@ -253,8 +265,8 @@ def start_threaded(tmp: Path) -> Server:
 
 def start(system: str, tmp: Path, heartbeat: float, seed: Callable[[str], Any] | None = None, db: Path | None = None) -> Server:
     tmp.mkdir(parents=True, exist_ok=True)
-    if system == "zchat":
-        return start_zchat(tmp, heartbeat, seed, db)
+    if system.startswith("zchat"):
+        return start_zchat(tmp, heartbeat, seed, db, system)
     if system in ("zmq-proxy", "py-forwarder"):
         return start_forwarder(system, tmp)
     if system == "redis":

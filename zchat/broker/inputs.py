@@ -71,6 +71,8 @@ class Inputs:
                 core.count("bad_frame")
                 out.error(sid, p.ErrorCode.BAD_FRAME, f"expected 1 body frame, got {len(frames) - 1}")
                 continue
+            if self.barred and self._barred(frames[1], now):
+                continue  # a revoked or cooling-off key's frame: dropped, its connection cut
             data = frames[1].bytes
             user = frames[1].get("User-Id")
             try:
@@ -131,7 +133,11 @@ class Inputs:
                 self.bad.warn("bad_frame", f"chat line with {len(frames)} frames", now)
                 lines += 1
                 continue
-            lines += self._lines(frames[0].get("User-Id"), frames[0].bytes, now, out)
+            frame = frames[0]
+            if not self.insecure_plaintext and not self._pulled(frame, now):
+                lines += 1
+                continue
+            lines += self._lines(frame.get("User-Id"), frame.bytes, now, out)
         self.more_input = True  # stopped at BATCH, not at an empty queue
         return count
 

@@ -16,7 +16,7 @@ import zmq
 from zchat import auth
 from zchat import protocol as p
 from zchat.broker.constants import MAX_PUBLICATION_BYTES
-from zchat.broker.edge import Edge
+from zchat.broker.edge import COUNTED_REFUSALS, Edge
 from zchat.broker.inputs import Inputs
 from zchat.broker.liveness import Liveness
 from zchat.broker.moderation import Moderating
@@ -24,7 +24,7 @@ from zchat.broker.outage import RateLimitedLog, StorageOutage
 from zchat.broker.startup import Startup
 from zchat.broker.zap import Zap
 from zchat.core import Core, HistoryQuery, Limits, Outcome
-from zchat.guard import Claims, ConnectionGuard, GuardConfig
+from zchat.guard import Claims, ConnectionGuard, GuardConfig, Refusals
 from zchat.metrics import Stats
 from zchat.metrics import status as fill_status
 from zchat.retention import Retention
@@ -42,12 +42,15 @@ class Broker(Startup, Zap, Edge, Inputs, Moderating, Liveness):
         self, bind: str, storage: Storage, limits: Limits = Limits(), tick: float | None = None,
         guard: GuardConfig | None = None, key_dir: os.PathLike | str | None = None,
         insecure_plaintext: bool = False, registration: str = "open", admins: tuple[str, ...] = (),
+        io_threads: int = 1,
     ) -> None:
         self.bind = bind
         self.storage = storage
         self.limits = limits
         self.tick_every = tick if tick is not None else min(1.0, limits.heartbeat / 2)
-        self.ctx = zmq.Context()  # plain sockets: the loop watches their FDs itself
+        # Plain sockets: the loop watches their FDs itself. libzmq's I/O threads do the
+        # TCP and CURVE work; one is the default (zchat bench --encryption measures two).
+        self.ctx = zmq.Context(io_threads=io_threads)
         self.core: Core | None = None
         self.endpoint = ""
         self.ports: tuple[int, int, int] = (0, 0, 0)
@@ -70,11 +73,19 @@ class Broker(Startup, Zap, Edge, Inputs, Moderating, Liveness):
         self.public_key = b""
         self.key_names: dict[bytes, str] = {}  # raw client key -> the name it owns
         self.name_keys: dict[str, list[bytes]] = {}  # name -> its keys (devices), in order
-        self.revoked: set[bytes] = set()  # keys taken away while this broker ran (refused)
+        self.revoked: set[bytes] = set()  # keys taken away (stored; loaded at start): refused at ZAP
         self.key_conns: dict[bytes, collections.deque] = {}  # key -> (label, fd, peer) of its live connections seen
         self.key_writes: set[str] = set()  # names whose keys changed and are yet to be stored
+        # Z85 keys whose live connections are cut at their next frame (revoked: for this
+        # run; cooling off: until the time given), and the PULL connection seen per fd.
+        self.barred: dict[str, float] = {}
+        self.barred_sweep = 0.0  # when expired entries of barred are dropped next
+        self.pull_fds: dict[int, str] = {}
+        self.edge_queue: list[tuple[str, Any, str, bytes]] = []  # edge requests that store before answering
+        g = self.guard_config
+        self.refusals = Refusals(g.max_refusals, g.refusal_window, g.cooloff)  # per user: ignored retry_after
+        self.zap_refusals = Refusals(max(1, g.max_refusals // 10) if g.max_refusals > 0 else 0, g.refusal_window, g.cooloff)  # per address
         self.intents = auth.Intents()
-        self.invites = auth.Invites()
         self.stats = Stats()  # plain counters for metrics and `zchat status` (zchat.metrics)
         self.retention: Retention | None = None  # set by serve() when retention is on
         self._liveness_init()
@@ -208,6 +219,11 @@ class Broker(Startup, Zap, Edge, Inputs, Moderating, Liveness):
                     except Exception:
                         read += 1
                         self._failed("chat", now)
+                if self.edge_queue:
+                    try:
+                        await self._serve_edge(now, out)
+                    except Exception:
+                        self._failed("edge requests", now)
                 if now >= next_tick:
                     try:
                         await self._expire_claims(now)
@@ -298,6 +314,7 @@ class Broker(Startup, Zap, Edge, Inputs, Moderating, Liveness):
         core = self.core
         assert core is not None
         stats = self.stats
+        now = time.monotonic()
         if out.store or out.members or out.room_changes:
             began = time.perf_counter()
             rooms_stored = False
@@ -333,6 +350,8 @@ class Broker(Startup, Zap, Edge, Inputs, Moderating, Liveness):
             kind = type(body)
             if kind is p.Error:
                 stats.error(body.code, bool(body.cid))  # type: ignore[union-attr]
+                if body.code in COUNTED_REFUSALS:  # type: ignore[union-attr]
+                    self._refused(sid, body, now)  # type: ignore[arg-type]
             elif kind is p.StatusReply:
                 body = fill_status(self, body)  # type: ignore[arg-type]
             send_parts(router, [sid.encode("latin-1"), encode(body)])

@@ -5,6 +5,7 @@ a name's keys and storage row."""
 from __future__ import annotations
 
 import logging
+import time
 
 from zchat import auth
 from zchat.core import Outcome, RoomChange
@@ -46,6 +47,10 @@ class Moderating:
                     self.key_names.pop(key, None)
                     if len(self.revoked) < auth.MAX_REVOKED:
                         self.revoked.add(key)
+                    try:  # stored, as a revocation by the owner is: refused after a restart too
+                        await self.storage.set_revoked(key, True, time.time(), auth.MAX_REVOKED)
+                    except StorageError as exc:
+                        log.error("could not store the revocation of a released key of %r: %r", name, exc)
                 log.info("name %r released by an admin (%d live connection(s) cut)", name, cut)
             else:
                 log.info("%r banned from the broker (%d live connection(s) cut)", name, cut)

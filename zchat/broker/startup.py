@@ -63,6 +63,7 @@ class Startup:
                 for key in auth.owner_keys(stored):
                     self.key_names[key] = name
                     self.name_keys.setdefault(name, []).append(key)
+            self.revoked = await self.storage.revoked_keys()  # refused at ZAP, also after a restart
         self.guard = ConnectionGuard(self.ctx, g, connection_cap(g, soft))
         self.zap = self._socket(zmq.REP)
         self.zap.bind(ZAP_ENDPOINT)
@@ -106,6 +107,13 @@ class Startup:
             g.max_per_address, self.guard.total_cap, rcvhwm, rcvhwm * maxmsgsize // 1024, g.router_sndhwm(),
             g.xpub_sndhwm(self.limits.pub_hwm, MAX_PUBLICATION_BYTES), g.claims_per_minute, ",".join(sorted(self.reserved)) or "none",
         )
+        if g.max_refusals > 0:
+            log.info(
+                "a user ignoring retry_after %d times in %.0fs (an address refused %d handshakes) is cut for %.0fs",
+                g.max_refusals, g.refusal_window, max(1, g.max_refusals // 10), g.cooloff,
+            )
+        else:
+            log.info("no cut for peers that ignore retry_after (max-refusals 0)")
         base, port = split_endpoint(self.bind)
         ports = []
         for offset, sock in enumerate((self.router, self.pull, self.xpub)):

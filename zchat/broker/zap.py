@@ -30,6 +30,9 @@ class Zap:
             return
         if self.key_writes:
             await self._store_keys()
+        if self.barred and now >= self.barred_sweep:  # cool-offs over: frames need no look-up again
+            self.barred = {k: t for k, t in self.barred.items() if t > now}
+            self.barred_sweep = now + 10.0
         for name, digest in self.claims.due(now):
             if name in core.devices or name in core.rooms_of or name in core.dedup.by_user:
                 continue
@@ -62,6 +65,20 @@ class Zap:
             self.zap.send_multipart([version, request_id, verdict.status, verdict.text.encode(), verdict.user_id.encode(), verdict.metadata])
             key = "accepted" if verdict.status == b"200" else "refused"
             self.stats.zap[key] = self.stats.zap.get(key, 0) + 1
+            if key == "refused":
+                self._zap_refused(address.decode(errors="replace"))
+
+    def _zap_refused(self, address: str) -> None:
+        """Every refused handshake cost a CURVE handshake and a decision: an address
+        refused past the limit has its new connections cut at accept for a while."""
+        now = time.monotonic()
+        if self.zap_refusals.refused(address, now) and self.guard is not None:
+            cooloff = self.zap_refusals.cooloff
+            self.guard.bar(address, now + cooloff)
+            log.warning(
+                "%s: %d handshakes refused within %.0fs: its new connections are cut at accept for %.0fs",
+                address, self.zap_refusals.limit, self.zap_refusals.window, cooloff,
+            )
 
     async def _decide(self, mechanism: bytes, creds: list[bytes], address: str) -> auth.Verdict:
         if not self.insecure_plaintext:
@@ -99,14 +116,17 @@ class Zap:
         if mechanism != b"CURVE" or len(creds) != 1 or len(creds[0]) != 32:
             return auth.Verdict(b"400", "use the CURVE mechanism")
         key = creds[0]
+        if key in self.revoked:  # first: a revocation stored before the key list wins
+            return auth.Verdict(b"400", "this key was revoked")
+        now = time.monotonic()
         name = self.key_names.get(key)
         if name is not None:
             if name in self.core.banned:  # type: ignore[union-attr]
                 return auth.Verdict(b"400", f"{name!r} is banned from this broker")
+            left = self.refusals.left(name, now) if self.refusals.cooling else 0.0
+            if left:
+                return auth.Verdict(b"400", f"{name!r} ignored retry_after: cooling off for {left:.0f}s more")
             return auth.owned(name, key)
-        if key in self.revoked:
-            return auth.Verdict(b"400", "this key was revoked")
-        now = time.monotonic()
         intent = self.intents.take(key, now)
         if intent is None:
             return auth.looker(key)
@@ -120,17 +140,22 @@ class Zap:
         stored = await self.storage.get_user(name)
         admin = auth.is_admin(name, key, self.admins)
         if stored is None:
-            refusal = auth.may_register(name, self.reserved, self.registration, admin, intent.invite, self.invites)
+            refusal = auth.may_register(name, self.reserved, self.registration, admin, intent.invite)
             if refusal:
                 return auth.Verdict(b"400", refusal)
             wait = self.claims.wait(address, now)
             if wait:
                 return auth.Verdict(b"400", f"too many new names from {address}: try again in {wait:.0f}s")
+            expires = 0.0
+            if auth.needs_invite(self.registration, admin):  # used up in one step: of two claims, one wins
+                expires = await self.storage.use_invite(intent.invite, time.time())
+                if not expires:
+                    return auth.Verdict(b"400", auth.INVITE_REFUSED)
             owned = auth.key_digest([key])
             if not await self.storage.add_user(name, owned):
+                if expires:  # not this code's fault: it stays good
+                    await self.storage.add_invite(intent.invite, expires, time.time(), auth.MAX_INVITES + 1)
                 return auth.Verdict(b"400", f"name {name!r} is taken")
-            if intent.invite:
-                self.invites.use(intent.invite)
             self.core.add_user(name)  # type: ignore[union-attr]
             self.claims.claimed(address, name, owned, now)
             log.info("name %r claimed by key %s from %s", name, keys.fingerprint(z85.encode(key)), address)

@@ -18,6 +18,7 @@ from zchat.cli import (
     room_cmd,
     status_cmd,
     talk_cmd,
+    web_cmd,
 )
 
 
@@ -35,6 +36,6 @@ def main() -> None:
     """
 
 
-for module in (broker_cmd, chat_cmds, status_cmd, config_cmd, bot_cmd, talk_cmd, bench_cmd, backup_cmd, keys_cmd, admin_cmd, irc_cmd, room_cmd):
+for module in (broker_cmd, chat_cmds, status_cmd, config_cmd, bot_cmd, talk_cmd, bench_cmd, backup_cmd, keys_cmd, admin_cmd, irc_cmd, room_cmd, web_cmd):
     for command in module.COMMANDS:
         main.add_command(command)

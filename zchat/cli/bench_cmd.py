@@ -25,6 +25,7 @@ def bench(args: tuple[str, ...]) -> None:
       zchat bench --out results/today     # full run, under 15 minutes
       zchat bench --scenarios fanout latency --systems zchat zmq-proxy
       zchat bench --abuse --quick         # every attack, 3 s each
+      zchat bench --gateway --quick       # 100 web users beside 100 direct clients
       zchat bench --rooms --members 1000  # a membership change in a private room
     """
     rest = list(args)
@@ -38,6 +39,11 @@ def bench(args: tuple[str, ...]) -> None:
 
         rest.remove("--abuse")
         sys.exit(abuse(rest))
+    if "--gateway" in rest:  # 500 WebSocket users through `zchat web` beside 500 direct clients
+        from zchat.bench.gateway import main as gateway
+
+        rest.remove("--gateway")
+        sys.exit(gateway(rest))
     from zchat.bench.runner import main
 
     sys.exit(main(rest))

@@ -34,6 +34,8 @@ log = logging.getLogger(__name__)
 @click.option("--queue-budget", type=int, help="Bytes each connection's receive queue may hold. [4194304]")
 @click.option("--send-budget", type=int, help="Bytes each connection's send queue may hold (replies up to 1 MiB). [16777216]")
 @click.option("--handshake-timeout", type=float, help="Seconds a new TCP connection has to finish its handshake. [5]")
+@click.option("--max-refusals", type=int, help="Refusals ignoring retry_after a user may draw in 10 s before it is cut, 0 for no limit. [1000]")
+@click.option("--cooloff", type=float, help="Seconds a user or address cut for ignoring retry_after is refused. [60]")
 @click.option("--registration", type=click.Choice(["open", "invite", "closed"]), help="Who may claim a new name: anyone, holders of an invite code, or admins only. [open]")
 @click.option("--admins", help="Comma-separated admins, by name or Z85 public key. [none]")
 @click.option("--show-address", is_flag=True, default=False, help="Print the address to give users (it carries the broker's key; made on first use) and exit.")
@@ -111,7 +113,7 @@ def broker(
     guard = GuardConfig(
         max_per_address=s.max_per_address, max_connections=s.max_connections, claims_per_minute=s.claims_per_minute,
         claim_timeout=s.claim_timeout, reserved=s.reserved(), queue_budget=s.queue_budget, send_budget=s.send_budget,
-        handshake_timeout=s.handshake_timeout,
+        handshake_timeout=s.handshake_timeout, max_refusals=s.max_refusals, cooloff=s.cooloff,
     )
     from zchat.retention import RetentionPolicy
 

@@ -98,6 +98,26 @@ class Storage(Protocol):
         so a claim alone cannot squat a name; True if the name was removed.
         """
 
+    async def add_invite(self, code: str, expires: float, now: float, limit: int) -> bool:
+        """Keep the one-use invite ``code`` until ``expires`` (wall-clock seconds); codes
+        expired by ``now`` are dropped first. False when ``limit`` unexpired codes are
+        kept already (or ``code`` is): the cap holds across restarts."""
+
+    async def use_invite(self, code: str, now: float) -> float:
+        """Take ``code`` if it is kept and unexpired, in one step: of two claims racing
+        for one code, one gets its expiry and the other 0.0 (as for a used, expired or
+        made-up code). A caller whose claim then fails gives it back with add_invite."""
+
+    async def invites(self, now: float) -> int:
+        """How many unexpired invite codes are kept (for status and tests)."""
+
+    async def set_revoked(self, key: bytes, revoked: bool, now: float, limit: int) -> None:
+        """Remember (``revoked``) or forget that the raw public ``key`` was revoked, so a
+        broker that restarts still refuses it. Keeps the ``limit`` newest revocations."""
+
+    async def revoked_keys(self) -> set[bytes]:
+        """Every remembered revoked key (at most the ``limit`` given to set_revoked)."""
+
     async def change_rooms(self, changes: Sequence[RoomChange]) -> None:
         """Apply room-setting changes in order, all or none: (room, role, value, True)
         adds value to the room's role, False takes it away."""

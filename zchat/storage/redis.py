@@ -9,6 +9,8 @@ Layout (every key starts with ``prefix``):
 - ``run``             the Redis server's run id at the last open (to notice a restart)
 - ``users``           hash name -> digest, claimed with HSETNX (first owner wins)
 - ``members:{room}``  set of names; ``rooms`` is the set of rooms that have members
+- ``invites``         sorted set, score = expiry (wall-clock), member = an unused invite code
+- ``revoked``         sorted set, score = when, member = a revoked raw public key
 - ``role:{role}:{room}`` set of a room setting's values; ``roles`` the set of
   ``role NUL room`` that have any (see Storage.change_rooms)
 
@@ -103,6 +105,23 @@ if redis.call('HGET', KEYS[1], ARGV[1]) == ARGV[2] then return redis.call('HDEL'
 return 0
 """
 
+
+# KEYS: invites. ARGV: code, expires, now, limit. 1 if kept, 0 at the cap (or a known code).
+_ADD_INVITE_LUA = """
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', ARGV[3])
+if redis.call('ZCARD', KEYS[1]) >= tonumber(ARGV[4]) then return 0 end
+return redis.call('ZADD', KEYS[1], 'NX', ARGV[2], ARGV[1])
+"""
+
+# KEYS: invites. ARGV: code, now. The code's expiry (a string) once, else 0: one step,
+# so of two brokers taking one code at once, one wins.
+_USE_INVITE_LUA = """
+local expires = redis.call('ZSCORE', KEYS[1], ARGV[1])
+if not expires then return 0 end
+redis.call('ZREM', KEYS[1], ARGV[1])
+if tonumber(expires) <= tonumber(ARGV[2]) then return 0 end
+return expires
+"""
 
 # KEYS: roles, then one role key per change. ARGV: (role NUL room, value, "1"/"0") per change.
 _ROLES_LUA = """
@@ -402,3 +421,37 @@ class RedisStorage:
             return bool(await r.hdel(self._key("users"), name))
         # Compare and delete in one step: another broker may own the name by now.
         return bool(await r.eval(_RELEASE_LUA, 1, self._key("users"), name, digest))
+
+    # ------------------------------------------------- invites and revocations
+
+    async def add_invite(self, code: str, expires: float, now: float, limit: int) -> bool:
+        try:
+            return bool(await self._redis.eval(_ADD_INVITE_LUA, 1, self._key("invites"), code, repr(expires), repr(now), limit))
+        except self._aioredis.RedisError as exc:
+            raise StorageUnavailable(f"Redis add_invite failed: {exc}") from exc
+
+    async def use_invite(self, code: str, now: float) -> float:
+        try:
+            expires = await self._redis.eval(_USE_INVITE_LUA, 1, self._key("invites"), code, repr(now))
+        except self._aioredis.RedisError as exc:
+            raise StorageUnavailable(f"Redis use_invite failed: {exc}") from exc
+        return float(expires) if expires else 0.0
+
+    async def invites(self, now: float) -> int:
+        return int(await self._redis.zcount(self._key("invites"), f"({now!r}", "+inf"))
+
+    async def set_revoked(self, key: bytes, revoked: bool, now: float, limit: int) -> None:
+        name = self._key("revoked")
+        try:
+            if not revoked:
+                await self._redis.zrem(name, key)
+                return
+            async with self._redis.pipeline(transaction=True) as pipe:
+                pipe.zadd(name, {key: now})
+                pipe.zremrangebyrank(name, 0, -(limit + 1))  # the oldest beyond the newest ``limit``
+                await pipe.execute()
+        except self._aioredis.RedisError as exc:
+            raise StorageUnavailable(f"Redis set_revoked failed: {exc}") from exc
+
+    async def revoked_keys(self) -> set[bytes]:
+        return set(await self._redis.zrange(self._key("revoked"), 0, -1))

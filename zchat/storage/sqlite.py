@@ -79,6 +79,9 @@ CREATE TABLE IF NOT EXISTS members (
     name TEXT NOT NULL,
     PRIMARY KEY (room, name)
 ) WITHOUT ROWID;
+-- Invite codes (one use, until expires) and revoked keys, kept across restarts.
+CREATE TABLE IF NOT EXISTS invites (code TEXT PRIMARY KEY, expires REAL NOT NULL) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS revoked (key BLOB PRIMARY KEY, ts REAL NOT NULL) WITHOUT ROWID;
 -- Room settings: private, op, ban, invite, topic (room '$' holds broker-wide bans).
 CREATE TABLE IF NOT EXISTS room_roles (
     room TEXT NOT NULL,
@@ -629,3 +632,51 @@ class SqliteStorage:
             cur = self._db.execute("DELETE FROM users WHERE name = ? AND digest = ?", (name, digest))
         self._wrote(1)
         return cur.rowcount == 1
+
+    # ------------------------------------------------- invites and revocations
+
+    def _transaction(self, work: Any) -> Any:
+        """Run ``work(db)`` in one IMMEDIATE transaction; StorageUnavailable if it fails."""
+        db = self._db
+        try:
+            db.execute("BEGIN IMMEDIATE")
+            result = work(db)
+            db.execute("COMMIT")
+        except sqlite3.Error as exc:
+            self._rollback(db)
+            raise StorageUnavailable(f"SQLite write failed: {exc}") from exc
+        self._wrote(1)
+        return result
+
+    async def add_invite(self, code: str, expires: float, now: float, limit: int) -> bool:
+        def work(db: sqlite3.Connection) -> bool:
+            db.execute("DELETE FROM invites WHERE expires <= ?", (now,))
+            if db.execute("SELECT COUNT(*) FROM invites").fetchone()[0] >= limit:
+                return False
+            cur = db.execute("INSERT INTO invites (code, expires) VALUES (?, ?) ON CONFLICT DO NOTHING", (code, expires))
+            return cur.rowcount == 1
+
+        return bool(self._transaction(work))
+
+    async def use_invite(self, code: str, now: float) -> float:
+        def work(db: sqlite3.Connection) -> float:
+            rows = db.execute("DELETE FROM invites WHERE code = ? AND expires > ? RETURNING expires", (code, now)).fetchall()
+            return float(rows[0][0]) if rows else 0.0
+
+        return float(self._transaction(work))
+
+    async def invites(self, now: float) -> int:
+        return int(self._db.execute("SELECT COUNT(*) FROM invites WHERE expires > ?", (now,)).fetchone()[0])
+
+    async def set_revoked(self, key: bytes, revoked: bool, now: float, limit: int) -> None:
+        def work(db: sqlite3.Connection) -> None:
+            if not revoked:
+                db.execute("DELETE FROM revoked WHERE key = ?", (key,))
+                return
+            db.execute("INSERT OR REPLACE INTO revoked (key, ts) VALUES (?, ?)", (key, now))
+            db.execute("DELETE FROM revoked WHERE key IN (SELECT key FROM revoked ORDER BY ts DESC LIMIT -1 OFFSET ?)", (limit,))
+
+        self._transaction(work)
+
+    async def revoked_keys(self) -> set[bytes]:
+        return {bytes(key) for (key,) in self._db.execute("SELECT key FROM revoked")}

@@ -1,0 +1,280 @@
+"""``zchat bench --gateway``: browser users through ``zchat web`` beside direct zchat clients.
+
+One run, one broker (``servers.start_zchat``, CURVE), one ``zchat web`` process:
+
+- N web users sign up over HTTP and each opens one WebSocket (the ``websockets`` client
+  library, no browsers), all in ``#general``, read by this process;
+- N direct zchat clients join ``#general`` in a child process of their own;
+- one more direct client posts ``--lines`` lines at ``--rate`` a second, each stamped with
+  ``time.monotonic()`` (shared by every process on Linux: see zchat.bench.common).
+
+Every user notes each line's delay from its send to its arrival. Printed: delivered and
+expected, latency p50/p99 for each kind of user, and the gateway's RSS before the users,
+after their sign-ups (a Client each) and with their tabs open, per user and per 100
+users; also its CPU time. Targets (issue 16): web p99 within 2x of direct clients, under
+50 MB of gateway memory per 100 users. Figures, not assertions: the machine decides them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import collections
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from zchat.bench import common, procs, servers
+from zchat.bench.scenarios import percentile
+
+ROOM = "general"  # where the gateway puts a new user
+PASSWORD = "bench password 0123"
+MARK = "00|"  # the sender's lines (common.text(0, n))
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(prog="zchat bench --gateway", description=__doc__.splitlines()[0])
+    ap.add_argument("--users", type=int, default=500, help="web users, and as many direct clients [500]")
+    ap.add_argument("--lines", type=int, default=200, help="lines the sender posts [200]")
+    ap.add_argument("--rate", type=float, default=20.0, help="lines a second [20]")
+    ap.add_argument("--quick", action="store_true", help="100 users, 100 lines")
+    ap.add_argument("--out", help="write the figures as JSON here too")
+    ap.add_argument("--keep", action="store_true", help="keep the temporary folder (logs)")
+    args = ap.parse_args(argv)
+    if args.quick:
+        args.users, args.lines = 100, 100
+    return args
+
+
+# ------------------------------------------------------------------ direct clients (child process)
+
+
+def _direct(address: str, n: int, lines: int, rate: float, conn: Any) -> None:
+    """N direct receivers and the sender, in one process; reports their delays on ``conn``."""
+    procs.raise_nofile()
+    asyncio.run(_direct_main(address, n, lines, rate, conn))
+
+
+async def _direct_main(address: str, n: int, lines: int, rate: float, conn: Any) -> None:
+    import zmq.asyncio
+
+    from zchat.client import Client
+
+    zmq.asyncio.Context.instance().max_sockets = n * 8 + 64
+
+    delays: list[float] = []
+    got = [0] * n
+    clients: list[Client] = []
+
+    def listener(i: int):  # type: ignore[no-untyped-def]
+        def take(batch: list) -> None:
+            t = common.now()
+            for ev in batch:
+                text = getattr(ev, "text", "")
+                if text.startswith(MARK):
+                    delays.append(t - common.stamp(text))
+                    got[i] += 1
+        return take
+
+    sem = asyncio.Semaphore(16)
+
+    async def one(i: int) -> Client:
+        async with sem:
+            c = Client(address, f"direct{i}", f"bench-direct-secret-{i:06d}", label="bench")
+            await c.connect(timeout=60)
+            await c.join(ROOM)
+            c.listen(listener(i))
+            return c
+
+    clients = list(await asyncio.gather(*(one(i) for i in range(n))))
+    sender = Client(address, "sender", "bench-sender-secret-000000", label="bench")
+    await sender.connect(timeout=60)
+    await sender.join(ROOM)
+    conn.send("ready")
+    conn.recv()  # "go"
+    start = time.monotonic()
+    futures = []
+    for k in range(lines):
+        delay = start + k / rate - time.monotonic()
+        if delay > 0:
+            await asyncio.sleep(delay)  # pacing the sender, not waiting for a result
+        futures.append(sender.post(ROOM, common.text(0, k)))
+    await asyncio.gather(*futures)
+    deadline = time.monotonic() + 60
+    while min(got) < lines and time.monotonic() < deadline:
+        await asyncio.sleep(0.05)  # polling until the receivers have it all
+    conn.send({"delays": delays, "got": sum(got), "complete": sum(1 for g in got if g >= lines)})
+    conn.recv()  # "stop": the web side is done too
+    for c in [*clients, sender]:
+        await c.close()
+
+
+# ------------------------------------------------------------------ web users (this process)
+
+
+async def _web_users(url: str, n: int, lines: int, gateway_pid: int, direct: Any) -> dict[str, Any]:
+    """Sign N users up and open a tab for each at once (as the page does), then read."""
+    import aiohttp
+    import websockets
+
+    rss: dict[str, int] = {"before": procs.rss_bytes(gateway_pid)}
+    delays: list[float] = []
+    got = [0] * n
+    welcomed = [False] * n
+    closes: collections.Counter = collections.Counter()
+    sockets: list[Any] = []
+    readers: list[asyncio.Future] = []
+    wsurl = url.replace("http://", "ws://") + "/ws"
+
+    async def tab(i: int, ws: Any) -> None:
+        try:
+            async for frame in ws:
+                data = json.loads(frame)
+                if data["t"] == "welcome":
+                    welcomed[i] = True
+                elif data["t"] == "events":
+                    t = common.now()
+                    for item in data["items"]:
+                        if item["t"] == "msg" and item["text"].startswith(MARK):
+                            delays.append(t - common.stamp(item["text"]))
+                            got[i] += 1
+        except websockets.ConnectionClosed:
+            pass
+        closes[ws.close_code] += 1
+
+    sem = asyncio.Semaphore(16)
+    async with aiohttp.ClientSession(cookie_jar=aiohttp.DummyCookieJar()) as http:
+
+        async def user(i: int) -> None:
+            async with sem:
+                body = {"name": f"web{i}", "password": PASSWORD}
+                async with http.post(url + "/api/signup", json=body, headers={"Origin": url}) as resp:
+                    if resp.status != 200:
+                        raise RuntimeError(f"sign-up of web{i}: {resp.status} {await resp.text()}")
+                    cookie = resp.cookies["zchat_session"].value
+                ws = await websockets.connect(wsurl, origin=url, additional_headers={"Cookie": f"zchat_session={cookie}"}, max_size=None)
+                await ws.send(json.dumps({"t": "hello", "since": {}}))
+                sockets.append(ws)
+                readers.append(asyncio.ensure_future(tab(i, ws)))
+
+        t0 = time.monotonic()
+        await asyncio.gather(*(user(i) for i in range(n)))
+        signup_s = time.monotonic() - t0
+    deadline = time.monotonic() + 120
+    while not all(welcomed) and time.monotonic() < deadline:
+        await asyncio.sleep(0.05)  # polling until every tab is welcomed
+    rss["users"] = procs.rss_bytes(gateway_pid)
+    cpu0 = procs.cpu_seconds(gateway_pid)
+    loop = asyncio.get_running_loop()
+    await loop.run_in_executor(None, direct.recv)  # "ready"
+    direct.send("go")
+    result = await loop.run_in_executor(None, direct.recv)
+    deadline = time.monotonic() + 60
+    while min(got) < lines and time.monotonic() < deadline:
+        await asyncio.sleep(0.05)  # polling until the tabs have it all
+    rss["after"] = procs.rss_bytes(gateway_pid)
+    cpu = procs.cpu_seconds(gateway_pid) - cpu0
+    direct.send("stop")
+    early = dict(closes)  # tabs the gateway closed during the run (ours are closed below)
+    for ws in sockets:
+        await ws.close()
+    for r in readers:
+        r.cancel()
+    return {
+        "web_delays": delays, "web_got": sum(got), "web_complete": sum(1 for g in got if g >= lines), "closes": early,
+        "direct": result, "rss": rss, "signup_s": signup_s, "gateway_cpu_s": cpu,
+    }
+
+
+# ------------------------------------------------------------------ report
+
+
+def _figures(n: int, lines: int, rate: float, raw: dict[str, Any]) -> dict[str, Any]:
+    def lat(values: list[float]) -> dict[str, float]:
+        v = sorted(values)
+        return {"p50_ms": percentile(v, 0.50) * 1000, "p99_ms": percentile(v, 0.99) * 1000, "max_ms": (v[-1] * 1000) if v else float("nan")}
+
+    rss = raw["rss"]
+    per_user = (rss["users"] - rss["before"]) / n
+    return {
+        "users": n, "lines": lines, "rate": rate, "expected_each": n * lines,
+        "web": {"delivered": raw["web_got"], "complete_users": raw["web_complete"], **lat(raw["web_delays"])},
+        "direct": {"delivered": raw["direct"]["got"], "complete_users": raw["direct"]["complete"], **lat(raw["direct"]["delays"])},
+        "web_close_codes": raw["closes"],
+        "gateway_rss_mb": {k: v / 2**20 for k, v in rss.items()},
+        "gateway_rss_per_user_mb": per_user / 2**20,
+        "gateway_rss_per_100_users_mb": per_user * 100 / 2**20,
+        "gateway_cpu_s": raw["gateway_cpu_s"],
+        "signup_s": raw["signup_s"],
+    }
+
+
+def _table(f: dict[str, Any]) -> str:
+    w, d = f["web"], f["direct"]
+    ratio = w["p99_ms"] / d["p99_ms"] if d["p99_ms"] else float("nan")
+    r = f["gateway_rss_mb"]
+    return "\n".join([
+        (f"gateway scenario: {f['users']} web users and {f['users']} direct clients in #{ROOM}, "
+         f"{f['lines']} lines at {f['rate']:g}/s ({f['expected_each']} deliveries expected for each kind)"),
+        "",
+        "| users | delivered | users with every line | p50 ms | p99 ms | max ms |",
+        "| --- | ---: | ---: | ---: | ---: | ---: |",
+        f"| web (through zchat web) | {w['delivered']} | {w['complete_users']} | {w['p50_ms']:.1f} | {w['p99_ms']:.1f} | {w['max_ms']:.1f} |",
+        f"| direct zchat clients | {d['delivered']} | {d['complete_users']} | {d['p50_ms']:.1f} | {d['p99_ms']:.1f} | {d['max_ms']:.1f} |",
+        "",
+        f"web p99 / direct p99: {ratio:.2f} (target: at most 2)",
+        (f"gateway RSS: {r['before']:.1f} MB before, {r['users']:.1f} MB with {f['users']} users (a client and a tab each), "
+         f"{r['after']:.1f} MB after the run; tabs closed by the gateway: {f['web_close_codes'] or 'none'}"),
+        (f"gateway RSS per user: {f['gateway_rss_per_user_mb']:.2f} MB = {f['gateway_rss_per_100_users_mb']:.1f} MB per 100 users "
+         f"(target: under 50); gateway CPU during the run: {f['gateway_cpu_s']:.1f} s; sign-ups took {f['signup_s']:.1f} s"),
+    ])
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(list(argv or []))
+    procs.raise_nofile()
+    tmp = Path(tempfile.mkdtemp(prefix="zchat-bench-gateway-"))
+    broker = web = child = None
+    try:
+        broker = servers.start_zchat(tmp, heartbeat=10.0)
+        address = broker.endpoints["broker"]
+        port = procs.free_port_base(1)
+        url = f"http://127.0.0.1:{port}"
+        env = {k: v for k, v in os.environ.items() if not k.startswith("ZCHAT_") or k == servers.PLAINTEXT_ENV}
+        env.update(ZCHAT_CONFIG_DIR=str(tmp / "web-config"), ZCHAT_DATA_DIR=str(tmp / "web-data"))
+        if servers.bench_plaintext():
+            env["ZCHAT_INSECURE_PLAINTEXT_ENDPOINTS"] = os.environ.get("ZCHAT_INSECURE_PLAINTEXT_ENDPOINTS", "")
+        log = open(tmp / "web.log", "w")  # noqa: SIM115 (closed with the process)
+        web = procs.popen(
+            [sys.executable, "-m", "zchat", "web", "--listen", f"127.0.0.1:{port}", "--broker", address, "--data-dir", str(tmp / "web"),
+             "--max-users", str(args.users + 10), "--sign-in-per-minute", "0", "--log-level", "WARNING"],
+            env=env, stdout=log, stderr=log,
+        )
+        procs.wait_listening(port, web, timeout=60)
+        print(f"bench: gateway {web.pid} on {url}, broker {broker.pid}; {args.users} web users + {args.users} direct clients",
+              file=sys.stderr)
+        parent, child_end = procs.mp().Pipe()
+        child = procs.spawn(_direct, address, args.users, args.lines, args.rate, child_end, log=str(tmp / "direct.log"), name="bench-direct")
+        raw = asyncio.run(_web_users(url, args.users, args.lines, web.pid, parent))
+        figures = _figures(args.users, args.lines, args.rate, raw)
+        print(_table(figures))
+        if args.out:
+            Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+            Path(args.out).write_text(json.dumps(figures, indent=1))
+        return 0
+    finally:
+        for proc in (child, web):
+            if proc is not None:
+                procs.stop(proc, grace=5.0)
+        if broker is not None:
+            broker.stop()
+        if args.keep:
+            print(f"bench: kept {tmp}", file=sys.stderr)
+        else:
+            import shutil
+
+            shutil.rmtree(tmp, ignore_errors=True)
