@@ -55,7 +55,13 @@ RESERVED_NAMES = ("admin", "root", "system", "zchat")
 CLAIM_WINDOW = 60.0  # seconds over which claims per address are counted
 MAX_CLAIM_ADDRESSES = 10_000  # addresses whose recent claims are remembered at once
 MAX_PENDING_CLAIMS = 10_000  # fresh claims waiting for their hello at once
-AUDIT_SLICE = 512  # counted connections checked each second by the guard's thread
+# Counted connections the guard's thread checks each second: every one about once in
+# AUDIT_PERIOD seconds, at least AUDIT_MIN a second. A check is a dup + getpeername
+# (about 10-30 us): 512 a second cost an idle broker of 5,000 clients over 1% of a core,
+# to repair what only a lost monitor event leaves behind.
+AUDIT_PERIOD = 600
+AUDIT_MIN = 8
+MAX_GONE = 100_000  # ended request connections waiting for the broker's loop to see them
 MAX_REFUSAL_PARTIES = 10_000  # users or addresses whose recent refusals are counted at once
 
 MONITOR_EVENTS = zmq.EVENT_ACCEPTED | zmq.EVENT_ACCEPT_FAILED | zmq.EVENT_DISCONNECTED | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
@@ -249,6 +255,11 @@ class ConnectionGuard:
         self._audit_at = 0
         self._thread: threading.Thread | None = None
         self.ready = threading.Event()
+        # Descriptors of request (ROUTER) connections that ended, for the broker's loop,
+        # which takes the sessions on them offline at once (zchat.broker.liveness);
+        # on_gone (set by the broker) wakes that loop from this thread.
+        self.gone: deque[int] = deque(maxlen=MAX_GONE)
+        self.on_gone = None
 
     @property
     def total(self) -> int:
@@ -286,7 +297,7 @@ class ConnectionGuard:
                 except zmq.ContextTerminated:
                     return
                 if time.monotonic() >= next_audit:  # also while events keep coming
-                    self.audit(AUDIT_SLICE)
+                    self.audit(max(AUDIT_MIN, -(-len(self.by_fd) // AUDIT_PERIOD)))
                     next_audit = time.monotonic() + 1.0
                 for monitor, _ in ready:
                     for _ in range(1000):
@@ -336,6 +347,10 @@ class ConnectionGuard:
                 log.debug("%s connection from %s (fd %d; %d from it, %d in all)", label, address, fd, self.per_address[slot], len(self.by_fd))
         elif kind == zmq.EVENT_DISCONNECTED:
             self._forget(key)
+            if label == "requests":
+                self.gone.append(fd)
+                if self.on_gone is not None:
+                    self.on_gone()
         elif kind == zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL:
             # ``fd`` holds the protocol error here. No body ever reaches such a client: it
             # sees the same failure on its side and retries; say why once a minute.

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
-SCENARIOS = {"ingest", "fanout", "latency", "stall", "scale", "history"}
+SCENARIOS = {"ingest", "fanout", "latency", "stall", "scale", "chat", "history"}
 SYSTEMS = ["zchat", "zmq-proxy", "py-forwarder", "redis", "threaded"]
 
 

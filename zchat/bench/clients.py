@@ -31,7 +31,20 @@ import time
 from typing import Any, Callable
 
 from zchat.bench import procs
-from zchat.bench.common import FLUSH, PROBE, RECORD, ROOM, SECRET, base, now, record, stamp, text
+from zchat.bench.common import (
+    BLOCK,
+    FLUSH,
+    PROBE,
+    RECORD,
+    ROOM,
+    SECRET,
+    base,
+    block,
+    now,
+    record,
+    stamp,
+    text,
+)
 
 HWM = 100_000
 CHANNEL = b"bench"  # Redis channel
@@ -86,6 +99,7 @@ class Tally:
         self.error = ""
         self.dead: set[int] = set()  # zchat clients that could not join: left out, reported
         self.stuck: list[dict] = []  # zchat clients short of expected at the end: their state
+        self.cpu0 = -1.0  # process CPU seconds at go (-1: never started)
 
     def kill(self, i: int) -> None:
         if i not in self.dead:
@@ -130,7 +144,7 @@ class Tally:
             "gaps": self.gaps, "lat": self.lat.tobytes() if self.lat is not None else b"",
             "hop": self.hop.tobytes() if self.hop is not None else b"",
             "maxlat": self.maxlat, "incomplete": self.incomplete, "error": self.error, "dead": sorted(self.dead),
-            "stuck": self.stuck,
+            "stuck": self.stuck, "cpu_s": time.process_time() - self.cpu0 if self.cpu0 >= 0 else 0.0,
         }
 
 
@@ -165,6 +179,7 @@ class Driver:
             if ctl.go.is_set():
                 self.phase = "run"
                 self.last_tick = self.last_progress = t
+                self.tally.cpu0 = time.process_time()
                 # Set-up objects (sockets, clients, connections) stop being scanned by the
                 # cyclic GC during the run; done alike for every system's subscribers.
                 gc.freeze()
@@ -436,6 +451,7 @@ class PubPlan:
     rate: float = 0.0  # paced: lines per second
     seconds: float = 0.0  # paced: how long
     probe: float = 0.02  # seconds between readiness probes
+    size: str = ""  # chat: the bench mode, for chat.SIZES
 
 
 def publisher(system: str, ep: dict, idx: int, plan: PubPlan, ctl: Ctl, conn: Any) -> None:
@@ -457,7 +473,7 @@ def publisher(system: str, ep: dict, idx: int, plan: PubPlan, ctl: Ctl, conn: An
             time.sleep(plan.probe)
         ctl.go.wait()
         gc.freeze()  # as in the subscribers: set-up objects are not scanned during the run
-        n, t_first = 0, now()
+        n, t_first, cpu0 = 0, now(), time.process_time()
         if plan.mode == "blast":
             deadline = t_first + plan.window
             n = send.blast(idx, plan.budget, deadline)
@@ -471,7 +487,7 @@ def publisher(system: str, ep: dict, idx: int, plan: PubPlan, ctl: Ctl, conn: An
                 if not send.one(record(idx, n), deadline=now() + 5):
                     break
                 n += 1
-        ctl.results.put(("pub", idx, {"sent": n, "t_first": t_first, "t_end": now()}))
+        ctl.results.put(("pub", idx, {"sent": n, "t_first": t_first, "t_end": now(), "cpu_s": time.process_time() - cpu0}))
         while True:
             cmd = conn.recv()
             if cmd == "flush":
@@ -503,9 +519,10 @@ class _ZmqSend:
     def blast(self, idx: int, budget: int, deadline: float) -> int:
         send, n = self.push.send, 0
         while n < budget:
-            send(record(idx, n))
-            n += 1
-            if not n & 127 and now() > deadline:
+            for data in block(idx, n, now())[: budget - n]:
+                send(data)
+            n = min(budget, n + BLOCK)
+            if now() > deadline:
                 break
         return n
 
@@ -531,11 +548,14 @@ class _RedisSend:
 
     def blast(self, idx: int, budget: int, deadline: float) -> int:
         pipe, n = self.r.pipeline(transaction=False), 0
+        publish = pipe.publish
         while n < budget:
-            for _ in range(min(REDIS_PIPELINE, budget - n)):
-                pipe.publish(CHANNEL, record(idx, n))
-                n += 1
-            pipe.execute()
+            records = block(idx, n, now())[: budget - n]
+            for start in range(0, len(records), REDIS_PIPELINE):
+                for data in records[start : start + REDIS_PIPELINE]:
+                    publish(CHANNEL, data)
+                pipe.execute()
+            n += len(records)
             if now() > deadline:
                 break
         return n
@@ -581,12 +601,13 @@ class _ThreadedSend:
         return True
 
     def blast(self, idx: int, budget: int, deadline: float) -> int:
-        n = 0
+        n, send = 0, self.one
         while n < budget:
-            if not self.one(record(idx, n), deadline):
-                break
-            n += 1
-            if not n & 127 and now() > deadline:
+            for data in block(idx, n, now())[: budget - n]:
+                if not send(data, deadline):
+                    return n
+                n += 1
+            if now() > deadline:
                 break
         return n
 
@@ -631,14 +652,18 @@ async def _zchat_pub(ep: dict, idx: int, plan: PubPlan, ctl: Ctl, conn: Any) -> 
     while not ctl.go.is_set():
         await asyncio.sleep(0.001)
     gc.freeze()
-    sent, n, t_first = 0, 0, now()
+    sent, n, t_first, cpu0 = 0, 0, now(), time.process_time()
     if plan.mode == "blast":
         # post() a chunk per turn (one frame to the broker), keep ZCHAT_WINDOW lines in
         # flight, and count a line as sent once the broker has acked (stored) it.
         deadline, post, budget = t_first + plan.window, client.post, plan.budget
         inflight: collections.deque[list[asyncio.Future]] = collections.deque()
+        texts: list[str] = []
         while n < budget and now() < deadline:
-            chunk = [post(ROOM, text(idx, k)) for k in range(n, min(budget, n + ZCHAT_CHUNK))]
+            if not texts:
+                texts = block(idx, n, now(), as_text=True)[: budget - n]
+            chunk = [post(ROOM, line) for line in texts[:ZCHAT_CHUNK]]
+            del texts[:ZCHAT_CHUNK]
             n += len(chunk)
             inflight.append(chunk)
             if len(inflight) * ZCHAT_CHUNK >= ZCHAT_WINDOW:
@@ -658,7 +683,7 @@ async def _zchat_pub(ep: dict, idx: int, plan: PubPlan, ctl: Ctl, conn: Any) -> 
             n += 1
         await asyncio.gather(*pending)
         sent = n
-    ctl.results.put(("pub", idx, {"sent": sent, "t_first": t_first, "t_end": now()}))
+    ctl.results.put(("pub", idx, {"sent": sent, "t_first": t_first, "t_end": now(), "cpu_s": time.process_time() - cpu0}))
     while True:
         while not conn.poll():
             await asyncio.sleep(0.005)

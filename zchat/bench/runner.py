@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
-SCENARIOS = ("ingest", "fanout", "latency", "loss", "stall", "scale", "history")
+SCENARIOS = ("ingest", "fanout", "latency", "loss", "stall", "scale", "chat", "history")
 
 
 class Progress:
@@ -152,6 +152,10 @@ def main(argv: list[str] | None = None) -> int:
     if "scale" in wanted:
         for n in sizes.scale_clients:
             each(lambda s, k=n: bench.scale(s, k))
+    if "chat" in wanted:
+        from zchat.bench import chat
+
+        each(lambda s: chat.run(bench, s))
     if "history" in wanted and "zchat" in systems:
         add("", lambda: bench.history())
 
@@ -178,7 +182,7 @@ def main(argv: list[str] | None = None) -> int:
         original = bench._traffic
 
         def traffic(system: str, label: str, **kw: Any) -> dict:
-            if system == "zchat" and label in ("ingest4", "ingest1", "fanout100", "fanout10"):
+            if system == "zchat" and label in ("ingest4", "ingest1", "fanout100", "fanout10", "latency10", "latency1"):
                 kw["on_go"] = prof.recorder(profile_dir, label)
             return original(system, label, **kw)
 

@@ -75,6 +75,7 @@ class Traffic:
     rest: float = 0.0  # scale: seconds of idle measurement before go
     singles: int = 0  # scale: lines sent one at a time after go (via flush)
     on_go: Callable[[int], Callable[[], None]] | None = None  # e.g. start a profiler; returns its stopper
+    pub_target: Callable[..., None] = publisher  # a publisher process's body (chat: talkers)
     _early: set = dataclasses.field(default_factory=set)
 
     def run(self) -> dict[str, Any]:
@@ -91,7 +92,7 @@ class Traffic:
             for idx in range(self.pubs):
                 mine, theirs = m.Pipe()
                 pipes.append(mine)
-                pub_procs.append(procs.spawn(publisher, system, ep, idx, self.plan, ctl, theirs, name=f"pub{idx}"))
+                pub_procs.append(procs.spawn(self.pub_target, system, ep, idx, self.plan, ctl, theirs, name=f"pub{idx}"))
             connected = {("connected", g) for g in range(len(self.groups))}
             self._wait_ready(ctl, connected, group_procs + pub_procs)
             ctl.join_go.set()  # zchat: join only once everyone is connected (no N*N/2 presence notices)
@@ -254,11 +255,13 @@ def summarize(res: dict[str, Any], groups: dict[int, dict | None]) -> dict[str, 
 
     stuck: list = []
     silent = 0
+    sub_cpu = 0.0
     for g in groups.values():
         if g is None:
             incomplete = True
             silent += 1
             continue
+        sub_cpu += g.get("cpu_s", 0.0)
         stuck += g.get("stuck", [])
         dead = set(g.get("dead", ()))
         could_not_join += len(dead)
@@ -289,6 +292,11 @@ def summarize(res: dict[str, Any], groups: dict[int, dict | None]) -> dict[str, 
         "server_cpu_s": res["cpu_s"],
         "cpu_us_per_msg": 1e6 * res["cpu_s"] / max(1, sent),
         "cpu_us_per_delivery": 1e6 * res["cpu_s"] / max(1, delivered),
+        # Each role's CPU (every thread of its processes, go to done), so a reader sees the limit.
+        "pub_cpu_s": sum(p.get("cpu_s", 0.0) for p in pubs),
+        "pub_cpu_us_per_msg": 1e6 * sum(p.get("cpu_s", 0.0) for p in pubs) / max(1, sent),
+        "sub_cpu_s": sub_cpu,
+        "sub_cpu_us_per_delivery": 1e6 * sub_cpu / max(1, delivered),
         "server_rss_mb": res["rss"] / 2**20,
         "server_rss_peak_mb": res["rss_peak"] / 2**20,
         "missing_total": sum(missing),
@@ -438,8 +446,10 @@ class Bench:
         if base(system) == "zchat":
             names = [f"s{g}-{i}" for g, size in enumerate(groups) for i in range(size)] + ["p0"]
             seed = member_seed(names)
-        # Scale uses zchat's default heartbeat (10 s), as a user's broker would.
-        server = servers.start(system, self._tmp(f"scale{n}-{system}"), 10.0, seed=seed)
+        # Scale uses zchat's default heartbeat, as a user's broker would.
+        from zchat.core import Limits
+
+        server = servers.start(system, self._tmp(f"scale{n}-{system}"), Limits().heartbeat, seed=seed)
         try:
             # Every probe reaches all n clients: keep that a small load (a zchat delivery
             # costs its client process about 150 µs here, a SUB socket's a few µs).
@@ -479,7 +489,7 @@ class Bench:
             "expected": res["expected"] * n,
             "incomplete": incomplete,
             "setup_s": now() - started,
-            "heartbeat_s": 10.0 if base(system) == "zchat" else None,
+            "heartbeat_s": Limits().heartbeat if base(system) == "zchat" else None,
             "groups": per_group,
             "could_not_join": sum(g["could_not_join"] for g in per_group if g),
         }

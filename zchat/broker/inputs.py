@@ -51,6 +51,7 @@ class Inputs:
             else:
                 core.count("bad_subscription")
                 self.bad.warn("subscription", f"{user} may not subscribe to {topic[:80]!r}", now)
+        self.more_input = True  # stopped at BATCH, not at an empty queue
 
     def _requests(self, now: float, out: Outcome) -> int:
         """Read requests and chat frames sent over the DEALER until about BATCH requests
@@ -107,11 +108,13 @@ class Inputs:
                 log.debug("session %s is %s", sid, user)
             elif kind is p.Bye:
                 log.info("%s said goodbye", user)
+            self._seen_on(sid, frames[1])  # its session ends with this connection
             try:
                 core.request(sid, user, req, now, out)  # type: ignore[arg-type]
             except Exception:  # a bug met by one request costs that request only
                 self._failed("a request", now)
                 out.error(sid, p.ErrorCode.INTERNAL, "the broker failed to handle this request", rid=req.rid)  # type: ignore[union-attr]
+        self.more_input = True  # stopped at BATCH, not at an empty queue
         return count
 
     def _chat(self, now: float, out: Outcome) -> int:
@@ -135,6 +138,7 @@ class Inputs:
                 lines += 1
                 continue
             lines += self._lines(frame.get("User-Id"), frame.bytes, now, out)
+        self.more_input = True  # stopped at BATCH, not at an empty queue
         return count
 
     def _lines(self, user: str, data: bytes, now: float, out: Outcome) -> int:

@@ -19,6 +19,7 @@ from zchat.broker.constants import MAX_PUBLICATION_BYTES
 from zchat.broker.edge import COUNTED_REFUSALS, Edge
 from zchat.broker.engines import Engine, LocalEngine
 from zchat.broker.inputs import Inputs
+from zchat.broker.liveness import Liveness
 from zchat.broker.moderation import Moderating
 from zchat.broker.outage import RateLimitedLog, StorageOutage
 from zchat.broker.search import Searching
@@ -35,7 +36,7 @@ from zchat.storage import Storage, StorageUnavailable
 log = logging.getLogger(__package__)  # one logger for the whole broker: "zchat.broker"
 
 
-class Broker(Startup, Zap, Edge, Inputs, Moderating, Searching):
+class Broker(Startup, Zap, Edge, Inputs, Moderating, Searching, Liveness):
     """The broker process's state and loop; its parts (start-up, ZAP, edge requests,
     inputs) are mixins in their own files, all on this one instance."""
 
@@ -92,6 +93,8 @@ class Broker(Startup, Zap, Edge, Inputs, Moderating, Searching):
         # How a turn is stored and other brokers heard (zchat.broker.engines): made by
         # _start, the Redis engine on a Redis store.
         self.engine: Engine = LocalEngine(storage)
+        self._liveness_init()
+        self.more_input = False  # an input stopped at its BATCH this turn (set by zchat.broker.inputs)
 
     # ------------------------------------------------------------ set-up
 
@@ -134,12 +137,13 @@ class Broker(Startup, Zap, Edge, Inputs, Moderating, Searching):
         socks = (self.zap, self.xpub, self.router, self.pull)
         ZAP, XPUB, ROUTER, PULL = range(4)
         stale = [True] * 4
+        known = [False] * 4  # readable, as fired() just asked: ready() need not ask again
 
         def fired(i: int) -> None:
             # Most wake-ups are libzmq's own commands (pipe activations, handshakes), not
             # messages: asking here, for 2 us, spares a whole turn of the loop for them.
             if readable(socks[i]):
-                stale[i] = True
+                stale[i] = known[i] = True
                 self._poke()
             else:
                 stale[i] = False
@@ -147,6 +151,9 @@ class Broker(Startup, Zap, Edge, Inputs, Moderating, Searching):
         def ready(i: int) -> bool:
             if not stale[i]:
                 return False
+            if known[i]:  # nothing read it since fired() saw it readable
+                known[i] = False
+                return True
             if readable(socks[i]):
                 return True  # stays stale: we are about to read it
             stale[i] = False
@@ -163,6 +170,16 @@ class Broker(Startup, Zap, Edge, Inputs, Moderating, Searching):
             ticker = loop.call_later(self.tick_every, tick)
 
         ticker = loop.call_later(self.tick_every, tick)
+        guard = self.guard
+        if guard is not None:  # a request connection ended: its session goes offline now
+
+            def on_gone() -> None:  # the guard's thread
+                try:
+                    loop.call_soon_threadsafe(self._poke)
+                except RuntimeError:  # the loop is closed: the broker is stopping
+                    pass
+
+            guard.on_gone = on_gone
         try:
             while not self.stopping.is_set():
                 # The core runs on the monotonic clock (rate buckets, presence); it stamps
@@ -177,6 +194,7 @@ class Broker(Startup, Zap, Edge, Inputs, Moderating, Searching):
                 # what was taken before it is still carried out below.
                 if ready(ZAP):
                     read += 1
+                    self.more_input = True  # one handshake a turn: others may wait
                     try:
                         await self._zap()
                     except Exception:
@@ -187,6 +205,13 @@ class Broker(Startup, Zap, Edge, Inputs, Moderating, Searching):
                         self._subscriptions(now)
                     except Exception:
                         self._failed("subscriptions", now)
+                # Ended connections first: a client whose connection came back on the
+                # same descriptor number must not be closed by its old one's end.
+                if guard is not None and (guard.gone or self.dying_due):
+                    try:
+                        self._connections_gone(now, out)
+                    except Exception:
+                        self._failed("ended connections", now)
                 if ready(ROUTER):
                     try:
                         read += self._requests(now, out)
@@ -223,11 +248,15 @@ class Broker(Startup, Zap, Edge, Inputs, Moderating, Searching):
                     await self._apply(out)
                 except Exception:  # never let one bad turn take the broker down
                     log.exception("failed to carry out a batch (%d to store)", len(out.store))
-                if read:  # more is likely queued: let other tasks run, then look again
+                if read:
                     self.stats.turn_seconds.observe(time.perf_counter() - turn)
                     self.stats.turn_items = read
-                    await asyncio.sleep(0)
-                    continue
+                    if self.more_input:  # more is queued: let other tasks run, then look again
+                        self.more_input = False
+                        await asyncio.sleep(0)
+                        continue
+                    # Every input we read was drained: the quiet path skips a pass of the
+                    # event loop and only asks the sockets we used (below) before waiting.
                 if any(stale):
                     continue  # ask the sockets we just used
                 self._wake = loop.create_future()
@@ -235,6 +264,8 @@ class Broker(Startup, Zap, Edge, Inputs, Moderating, Searching):
             await self._farewell()
         finally:
             ticker.cancel()
+            if guard is not None:
+                guard.on_gone = None
             for fd in fds:
                 loop.remove_reader(fd)
             try:

@@ -296,14 +296,31 @@ class Connection:
             self._emit(StateChange(state, self.state_since, detail))
 
     async def _watch(self, monitor: zmq.asyncio.Socket) -> None:
+        handshakes = 0
+        pinging: asyncio.Future | None = None  # one at a time: bounded however often it reconnects
         while True:
             event = parse_monitor_message(await monitor.recv_multipart())
-            if event["event"] == zmq.EVENT_HANDSHAKE_FAILED_AUTH:
+            if event["event"] == zmq.EVENT_HANDSHAKE_SUCCEEDED:
+                handshakes += 1
+                # The DEALER reconnected by itself: the broker closed our session when the
+                # old connection ended (or restarted). Ask now, not at the next heartbeat:
+                # no_session says hello again, a new boot is seen.
+                if handshakes > 1 and self.state != "closed" and (pinging is None or pinging.done()):
+                    pinging = asyncio.ensure_future(self._ping_quietly())
+            elif event["event"] == zmq.EVENT_HANDSHAKE_FAILED_AUTH:
                 log.warning("handshake refused by %s (status %s)", self.broker, event["value"])
                 if self._auth_failed is not None and not self._auth_failed.done():
                     self._auth_failed.set_result(event["value"])
                 elif self.state != "closed" and not self.plaintext:  # refused after we were in: revoked
                     asyncio.ensure_future(self._refused_later())
+
+    async def _ping_quietly(self) -> None:
+        try:
+            pong = await self._request(lambda rid: p.Ping(rid=rid), timeout=max(1.0, self.heartbeat))
+        except (ClientError, asyncio.TimeoutError):
+            return  # the heartbeat carries on from here
+        if isinstance(pong, p.Pong) and (pong.boot != self.boot or pong.epoch != self.epoch):
+            await self._rehello()
 
     async def _heartbeats(self) -> None:
         """Ping every heartbeat: keeps presence alive, detects a lost broker and lost tails."""

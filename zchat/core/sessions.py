@@ -46,6 +46,8 @@ class Sessions:
     """Core's sessions, users and presence. Mixed into ``Core``; reads its
     ``sessions``, ``devices``, ``users`` and the sweep queues."""
 
+    _expiry_due = float("-inf")  # the earliest time a session may time out (tick scans no sooner)
+
     # ------------------------------------------------------------ queries
 
     def online(self, name: str) -> bool:
@@ -157,13 +159,33 @@ class Sessions:
             if not p.is_dm_room(room):
                 out.publish.append((self._topic(room), p.Presence(room=room, name=name, online=online, ts=ts)))
 
+    def disconnected(self, sid: str, now: float, out: Outcome) -> bool:
+        """The shell saw the connection ``sid`` spoke on end (its process died, its
+        socket closed, TCP keepalive gave up): the session is gone now, not after
+        three missed heartbeats. Whether there was a session to close."""
+        if sid not in self.sessions:
+            return False
+        self.count("session_disconnected")
+        self._close_session(sid, now, out)
+        return True
+
     def tick(self, now: float, out: Outcome) -> None:
         """Expire sessions that missed their heartbeats (their users go offline), and
         evict a bounded amount of state nobody needs any more."""
-        deadline = now - self.limits.presence_timeout
-        for sid in [s.sid for s in self.sessions.values() if s.last_seen < deadline]:
-            self.count("session_expired")
-            self._close_session(sid, now, out)
+        if now >= self._expiry_due:  # no session can have expired before then: skip the scan
+            timeout = self.limits.presence_timeout
+            deadline = now - timeout
+            oldest = now
+            for s in self.sessions.values():
+                if s.last_seen < oldest:
+                    oldest = s.last_seen
+            if oldest < deadline:
+                for sid in [s.sid for s in self.sessions.values() if s.last_seen < deadline]:
+                    self.count("session_expired")
+                    self._close_session(sid, now, out)
+                oldest = min((s.last_seen for s in self.sessions.values()), default=now)
+            # last_seen only grows and new sessions start at now: nothing expires sooner.
+            self._expiry_due = oldest + timeout
         self.sweep(now)
 
     def sweep(self, now: float) -> None:

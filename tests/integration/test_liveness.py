@@ -1,0 +1,111 @@
+"""A vanished client goes offline when its connection ends, not three heartbeats later.
+
+The brokers here ping rarely (heartbeat 60 s: presence would time out after 180 s), so
+an "offline" within seconds can only come from the socket monitor's DISCONNECTED event
+(zchat.broker.liveness). Clients are real processes, killed with SIGKILL.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import RunningBroker, collect, wait_for
+from zchat import protocol as p
+from zchat.client import Client, ClientError
+from zchat.core import Limits, Outcome
+
+PEER = str(Path(__file__).with_name("peer.py"))
+SLOW_HEARTBEAT = 60.0
+BOUND = 8.0  # seconds: the grace for a reconnecting DEALER (3 s), the broker's tick (1 s), a loaded machine
+
+
+@pytest.fixture
+async def slow_broker(tmp_path: Path):  # type: ignore[no-untyped-def]
+    running = await RunningBroker(tmp_path / "h.db", Limits(heartbeat=SLOW_HEARTBEAT, rate=0)).start()
+    yield running
+    await running.stop()
+
+
+async def _client(running: RunningBroker, name: str) -> Client:
+    client = Client(running.endpoint, name, f"secret-of-{name}-0123456789")
+    await client.connect()
+    await client.join("general")
+    return client
+
+
+def _peer(running: RunningBroker, name: str) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, PEER, running.endpoint, name, "general", "idle"], stdout=subprocess.PIPE, text=True)
+
+
+async def _online(watcher: Client) -> dict[str, bool]:
+    return {m.name: m.online for m in await watcher.who("general")}
+
+
+async def test_killed_client_goes_offline_within_the_bound(slow_broker: RunningBroker) -> None:
+    """fails without the monitor path (the broker's _connections_gone): offline only after 180 s."""
+    watcher = await _client(slow_broker, "watcher")
+    proc = _peer(slow_broker, "ghost")
+    try:
+        assert await asyncio.to_thread(proc.stdout.readline) == "ready\n"
+        assert (await _online(watcher))["ghost"] is True
+        proc.kill()
+        await asyncio.to_thread(proc.wait)
+        gone = await collect(watcher, 1, timeout=BOUND, kinds=(p.Presence,), where=lambda e: e.name == "ghost")
+        assert gone[0].online is False
+        assert (await _online(watcher))["ghost"] is False
+        assert slow_broker.core.counters.get("session_disconnected", 0) >= 1
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        await watcher.close()
+
+
+async def test_others_stay_online_when_one_connection_ends(slow_broker: RunningBroker) -> None:
+    """Killing one client closes its session only: the others (and the descriptors that
+    the next connections reuse) keep theirs, and a newcomer after the kill is online."""
+    watcher = await _client(slow_broker, "watcher")
+    stay = await _client(slow_broker, "stay")
+    procs = [_peer(slow_broker, f"ghost{i}") for i in range(3)]
+    try:
+        for proc in procs:
+            assert await asyncio.to_thread(proc.stdout.readline) == "ready\n"
+        procs[1].kill()
+        await asyncio.to_thread(procs[1].wait)
+        await collect(watcher, 1, timeout=BOUND, kinds=(p.Presence,), where=lambda e: e.name == "ghost1" and not e.online)
+        late = await _client(slow_broker, "late")  # likely on the descriptor ghost1 freed
+        online = await _online(watcher)
+        assert online["ghost1"] is False
+        assert all(online[n] for n in ("watcher", "stay", "ghost0", "ghost2", "late")), online
+        await stay.send("general", "still here")  # the marker: sessions still work after the kill
+        await wait_for(lambda: slow_broker.core.counters.get("session_disconnected", 0) == 1, what="one disconnect")
+        await late.close()
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+        await stay.close()
+        await watcher.close()
+
+
+async def test_client_comes_back_after_its_session_was_closed(slow_broker: RunningBroker) -> None:
+    """A session closed under a live client (its connection seen ending) is not the end:
+    the client's next request gets no_session and it says hello again, online again."""
+    bob = await _client(slow_broker, "bob")
+    try:
+        assert slow_broker.core.disconnected(bob.sid, 0.0, Outcome())  # as if its connection had ended
+        assert not slow_broker.core.online("bob")
+        with contextlib.suppress(ClientError):
+            await bob.ping(timeout=5)  # no_session -> hello again
+        await wait_for(lambda: slow_broker.core.online("bob"), what="bob online again")
+        stored = await bob.send("general", "back")
+        assert stored.seq >= 1
+    finally:
+        await bob.close()
