@@ -472,3 +472,33 @@ async def test_what_waits_for_registration_is_bounded_in_bytes(irc, connect, mon
     err = await peer.cmd("ERROR")
     assert "before registration" in err.params[0]
     await wait_for(lambda: peer.closed, what="the connection to close")
+
+
+async def test_moderation_and_edits_reach_irc_the_irc_way(irc, connect) -> None:  # type: ignore[no-untyped-def]
+    """A room's operator (bob, who opened it) sets the topic, edits and deletes his line,
+    ops and deops, and kicks: the IRC user sees TOPIC, NOTICEs naming the lines, MODE
+    and KICK (and the channel is gone from its list)."""
+    bob = await connect("bob")
+    await bob.join("mod")
+    peer = await irc("alice")
+    peer.send("JOIN #mod")
+    await peer.cmd("366")
+    stored = await bob.send("mod", "teh line")
+    await peer.expect(lambda x: x.command == "PRIVMSG" and x.params == ("#mod", "teh line"))
+    await bob.set_topic("mod", "release day")
+    topic = await peer.cmd("TOPIC")
+    assert topic.source.startswith("bob!") and topic.params == ("#mod", "release day")
+    await bob.edit("mod", stored.seq, "the line")
+    edit = await peer.cmd("NOTICE")
+    assert edit.source.startswith("bob!") and edit.params == ("#mod", f"(edited line {stored.seq}) the line")
+    await bob.delete_own("mod", stored.seq)
+    gone = await peer.cmd("NOTICE")
+    assert gone.params == ("#mod", f"(deleted line {stored.seq})")
+    await bob.op("mod", "alice")
+    mode = await peer.cmd("MODE")
+    assert mode.params == ("#mod", "+o", "alice")
+    await bob.deop("mod", "alice")
+    assert (await peer.cmd("MODE")).params == ("#mod", "-o", "alice")
+    await bob.kick("mod", "alice", "spam")
+    kick = await peer.cmd("KICK")
+    assert kick.source.startswith("bob!") and kick.params == ("#mod", "alice", "spam")

@@ -499,6 +499,28 @@ class Connection:
         elif msg.kind == "part" and msg.sender in chan.visible:
             chan.visible.discard(msg.sender)
             self.send(Line("PART", (channel,), hostmask(msg.sender), tags))
+        else:
+            self._moderation(msg, channel, chan, tags)
+
+    def _moderation(self, msg: p.Msg, channel: str, chan: Channel, tags: tuple[tuple[str, str], ...]) -> None:
+        """Moderation and edits, the IRC way where IRC has a way: KICK (a kick or a ban
+        takes the user out), TOPIC, MODE +o/-o; IRC cannot change a line already shown,
+        so an edit or a delete is a NOTICE from its author naming the line."""
+        source = hostmask(msg.sender)
+        if msg.kind in ("kick", "ban"):
+            chan.visible.discard(msg.to)
+            reason = msg.text or ("banned" if msg.kind == "ban" else "kicked")
+            self.send(Line("KICK", (channel, msg.to, reason), source, tags))
+            if msg.to == self.me:
+                self.channels.pop(msg.room, None)
+        elif msg.kind == "topic":
+            self.send(Line("TOPIC", (channel, msg.text), source, tags))
+        elif msg.kind in ("op", "deop"):
+            self.send(Line("MODE", (channel, "+o" if msg.kind == "op" else "-o", msg.to), source, tags))
+        elif msg.kind == "edit":
+            self.send(Line("NOTICE", (channel, f"(edited line {msg.ref}) {msg.text}"), source, tags))
+        elif msg.kind == "delete":
+            self.send(Line("NOTICE", (channel, f"(deleted line {msg.ref or msg.text})"), source, tags))
 
     def _on_presence(self, event: p.Presence) -> None:
         chan = self.channels.get(event.room)
