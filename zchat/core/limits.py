@@ -127,16 +127,28 @@ class Budgets:
     def _moderation_budget(self, sid: str, name: str, now: float, out: Outcome, rid: int) -> bool:
         """Take a token from ``name``'s moderation bucket (operators' and admins' actions)."""
         lim = self.limits
-        if lim.moderation_rate <= 0:
+        return self._kind_budget(
+            self.moderation_buckets, lim.moderation_rate, lim.moderation_burst, "moderation_limited",
+            "too many moderation actions", sid, name, now, out, rid,
+        )
+
+    def _kind_budget(
+        self, buckets: dict[str, TokenBucket], rate: float, burst: float, counter: str, what: str,
+        sid: str, name: str, now: float, out: Outcome, rid: int,
+    ) -> bool:
+        """A token from ``name``'s bucket in ``buckets``: a budget of its own for a kind of
+        request that costs more than most (moderation, search), on top of the request
+        budget. Refused: ``rate_limited`` with ``retry_after``, "WHAT: try again in N s"."""
+        if rate <= 0:
             return True
-        bucket = self.moderation_buckets.get(name)
+        bucket = buckets.get(name)
         if bucket is None:
-            bucket = self.moderation_buckets[name] = TokenBucket(lim.moderation_burst, now)
+            bucket = buckets[name] = TokenBucket(burst, now)
             self._track(name)
-        wait = bucket.take(lim.moderation_rate, lim.moderation_burst, now)
+        wait = bucket.take(rate, burst, now)
         if wait:
-            self.count("moderation_limited")
-            out.error(sid, E.RATE_LIMITED, f"too many moderation actions: try again in {wait:.2f}s", rid=rid, retry_after=wait)
+            self.count(counter)
+            out.error(sid, E.RATE_LIMITED, f"{what}: try again in {wait:.2f}s", rid=rid, retry_after=wait)
             return False
         return True
 

@@ -8,7 +8,6 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from zchat import protocol as p
-from zchat.core.limits import TokenBucket
 from zchat.core.outcome import SearchQuery
 from zchat.protocol import ErrorCode as E
 
@@ -42,15 +41,7 @@ class Searching:
         """A search reads far more than a history page: a bucket of its own, on top of
         the request budget."""
         lim = self.limits
-        if lim.search_rate <= 0:
-            return True
-        bucket = self.search_buckets.get(name)
-        if bucket is None:
-            bucket = self.search_buckets[name] = TokenBucket(lim.search_burst, now)
-            self._track(name)
-        wait = bucket.take(lim.search_rate, lim.search_burst, now)
-        if wait:
-            self.count("searches_limited")
-            out.error(sid, E.RATE_LIMITED, f"too many searches: try again in {wait:.2f}s", rid=rid, retry_after=wait)
-            return False
-        return True
+        return self._kind_budget(
+            self.search_buckets, lim.search_rate, lim.search_burst, "searches_limited", "too many searches",
+            sid, name, now, out, rid,
+        )
