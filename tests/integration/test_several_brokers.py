@@ -346,3 +346,24 @@ async def test_a_private_room_across_brokers(brokers, clients) -> None:
     await alice.send("lobby", "marker")
     await wait_for(lambda: any(isinstance(e, p.Msg) and e.text == "marker" for e in events), 10, "the marker")
     assert not any(isinstance(e, p.Msg) and e.text == "not for bob" for e in events)
+
+
+async def test_an_edit_and_a_delete_on_one_broker_reach_clients_of_another(brokers, clients) -> None:  # type: ignore[no-untyped-def]
+    """A sender on broker A edits and deletes its line: a reader on broker B gets both
+    lines live and reads the latest state from history (the edit's text, then the
+    tombstone)."""
+    a, b = await brokers(2)
+    alice, bob = await clients(a, "alice"), await clients(b, "bob")
+    await bob.join("general")
+    await alice.join("general")
+    seen = views(bob, ("general",))
+    stored = await alice.send("general", "teh line")
+    await wait_for(lambda: stored.seq in seen()["general"], what="the line on the other broker")
+    await alice.edit("general", stored.seq, "the line")
+    await wait_for(lambda: any(k == "edit" for _, k, _ in seen()["general"].values()), what="the edit line on the other broker")
+    history = {m.seq: m for m in await bob.history("general")}
+    assert history[stored.seq].text == "the line"
+    await alice.delete_own("general", stored.seq)
+    await wait_for(lambda: any(k == "delete" for _, k, _ in seen()["general"].values()), what="the delete line on the other broker")
+    history = {m.seq: m for m in await bob.history("general")}
+    assert history[stored.seq].kind == "deleted"
