@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -22,6 +21,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import BrokerProcess, wait_for
+from tests.integration.conftest import _free_port, _pings
 from zchat import protocol as p
 from zchat.broker.engines.redis import BEAT, PRESENCE_TTL
 from zchat.client import Client
@@ -31,21 +31,6 @@ HEARTBEAT = 0.5
 #: How long after a kill -9 its users may still look online (docs/architecture.md):
 #: the heartbeat key's TTL, one look for expired keys, and slack for a loaded machine.
 OFFLINE_BOUND = PRESENCE_TTL + BEAT
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def _pings(port: int) -> bool:
-    try:
-        with socket.create_connection(("127.0.0.1", port), timeout=0.5) as sock:
-            sock.sendall(b"PING\r\n")
-            return sock.recv(64).startswith(b"+PONG")
-    except OSError:
-        return False
 
 
 class RedisProc:
