@@ -3,11 +3,15 @@ line for everyone, the latest text (or a tombstone) in history, and nobody else'
 
 from __future__ import annotations
 
+import asyncio
+import time
+
 import pytest
 
 from tests.conftest import RunningBroker, collect
 from zchat import protocol as p
 from zchat.client import ClientError
+from zchat.storage import StorageUnavailable
 
 
 def kinds(msgs: list[p.Msg]) -> list[tuple[int, str, str, int, int]]:
@@ -83,3 +87,38 @@ async def test_a_line_that_cannot_be_read_is_an_internal_error_and_changes_nothi
     assert info.value.code == p.ErrorCode.INTERNAL
     monkeypatch.undo()
     assert [m.text for m in await alice.history("general") if m.kind in ("text", "edit")] == ["keep me"]
+
+
+async def test_an_edit_and_a_delete_storage_refused_are_applied_once_it_is_back(broker: RunningBroker, connect) -> None:  # type: ignore[no-untyped-def]
+    """The edit and delete lines are stored; changing the original line failed (storage
+    down for a moment). The broker retries on its tick, in order, until storage takes
+    them: history ends with the new text and the tombstone, not the old text for good."""
+    alice = await connect("alice")
+    await alice.join("general")
+    first = await alice.send("general", "meet at noon")
+    second = await alice.send("general", "oops, wrong room")
+    storage = broker.broker.storage  # type: ignore[union-attr]
+    real_edit, real_tombstone, refused = storage.edit, storage.tombstone, []
+
+    def refusing(real):  # type: ignore[no-untyped-def]
+        async def change(*args):  # type: ignore[no-untyped-def]
+            if len(refused) < 4:
+                refused.append(args)
+                raise StorageUnavailable("disk on fire")
+            return await real(*args)
+        return change
+
+    storage.edit, storage.tombstone = refusing(real_edit), refusing(real_tombstone)
+    await alice.edit("general", first.seq, "meet at ten")
+    await alice.delete_own("general", second.seq)
+
+    deadline = time.monotonic() + 20
+    while True:  # poll history: the retry comes with one of the broker's next ticks
+        lines = {m.seq: m for m in await alice.history("general")}
+        if lines[first.seq].text == "meet at ten" and lines[second.seq].kind == "deleted":
+            break
+        assert time.monotonic() < deadline, f"not applied: {lines[first.seq]!r} {lines[second.seq]!r}"
+        await asyncio.sleep(0.05)
+    assert len(refused) == 4
+    lines = await alice.history("general")
+    assert [m.kind for m in lines].count("edit") == 1 and [m.kind for m in lines].count("delete") == 1

@@ -84,6 +84,7 @@ class Broker(Startup, Zap, Edge, Inputs, Moderating, Searching, Liveness):
         self.barred_sweep = 0.0  # when expired entries of barred are dropped next
         self.pull_fds: dict[int, str] = {}
         self.edge_queue: list[tuple[str, Any, str, bytes]] = []  # edge requests that store before answering
+        self.unapplied: collections.deque = collections.deque()  # edits/deletes storage refused (zchat.broker.moderation)
         g = self.guard_config
         self.refusals = Refusals(g.max_refusals, g.refusal_window, g.cooloff)  # per user: ignored retry_after
         self.zap_refusals = Refusals(max(1, g.max_refusals // 10) if g.max_refusals > 0 else 0, g.refusal_window, g.cooloff)  # per address
@@ -234,6 +235,10 @@ class Broker(Startup, Zap, Edge, Inputs, Moderating, Searching, Liveness):
                         await self._expire_claims(now)
                     except Exception:
                         self._failed("claims", now)
+                    try:
+                        await self._retry_changes()
+                    except Exception:
+                        self._failed("edits", now)
                     live = len(self.core.sessions)
                     self.core.tick(now, out)
                     if len(self.core.sessions) < live:

@@ -4,6 +4,7 @@ releasing a name's keys and storage row; and reading the line a sender edits."""
 
 from __future__ import annotations
 
+import collections
 import logging
 import time
 
@@ -13,6 +14,11 @@ from zchat.core import EditQuery, Outcome, RoomChange
 from zchat.storage import StorageError
 
 log = logging.getLogger(__package__)  # one logger for the whole broker: "zchat.broker"
+
+# Edits and deletes whose line is stored but whose change to the original line failed
+# (storage down): retried on every tick until storage takes them. Both are idempotent
+# and ordered (an edit only replaces an older one), so a late retry changes nothing else.
+MAX_UNAPPLIED = 10_000
 
 
 class Moderating:
@@ -29,18 +35,10 @@ class Moderating:
         """After the batch is stored: tombstones (before the delete lines are published, so
         a client that fetches history on seeing one gets the tombstone), then bans and
         releases of names."""
-        for room, seq, text, by in out.edits:  # before the edit lines are published, as tombstones
-            try:
-                if not await self.storage.edit(room, seq, text, by):
-                    log.info("line %d of %r was not edited (gone, deleted, or edited later)", seq, room)
-            except StorageError as exc:
-                log.error("could not edit line %d of %r: %r", seq, room, exc)
-        for room, seq in out.tombstones:
-            try:
-                if not await self.storage.tombstone(room, seq):
-                    log.info("line %d of %r was not a text line (or is gone): nothing to delete", seq, room)
-            except StorageError as exc:
-                log.error("could not delete line %d of %r: %r", seq, room, exc)
+        changes = [(room, seq, text, by) for room, seq, text, by in out.edits]  # before the edit lines are published
+        changes += [(room, seq, None, 0) for room, seq in out.tombstones]
+        if changes:
+            await self._change_lines(changes)
         for name in out.released:
             try:
                 await self.storage.release_user(name)
@@ -61,6 +59,36 @@ class Moderating:
                 log.info("name %r released by an admin (%d live connection(s) cut)", name, cut)
             else:
                 log.info("%r banned from the broker (%d live connection(s) cut)", name, cut)
+
+    async def _change_lines(self, changes: list[tuple[str, int, str | None, int]]) -> None:
+        """Apply edits (text) and deletes (text None) to their original lines, in order;
+        what storage refuses waits, with everything after it, for the next tick."""
+        unapplied: collections.deque = self.unapplied
+        unapplied.extend(changes)
+        while unapplied:
+            room, seq, text, by = unapplied[0]
+            try:
+                if text is None:
+                    done = await self.storage.tombstone(room, seq)
+                else:
+                    done = await self.storage.edit(room, seq, text, by)
+            except StorageError as exc:
+                log.error("could not %s line %d of %r (%d change(s) wait for storage): %r",
+                          "delete" if text is None else "edit", seq, room, len(unapplied), exc)
+                while len(unapplied) > MAX_UNAPPLIED:
+                    room, seq, text, _ = unapplied.popleft()
+                    log.error("dropped the %s of line %d of %r: too many waiting (its line is in history)",
+                              "delete" if text is None else "edit", seq, room)
+                return
+            unapplied.popleft()
+            if not done:
+                log.info("line %d of %r was not %s (gone, deleted, not a text line, or edited later)",
+                         seq, room, "deleted" if text is None else "edited")
+
+    async def _retry_changes(self) -> None:
+        """The tick: edits and deletes storage refused before, if any."""
+        if self.unapplied:
+            await self._change_lines([])
 
     async def _edit_line(self, query: EditQuery) -> None:
         """Read the line an edit or delete names, let the core check its sender, and
