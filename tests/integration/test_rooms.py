@@ -337,3 +337,37 @@ async def test_members_keep_receiving_a_private_room_across_a_broker_restart(tmp
         await alice.close()
         await bob.close()
         await running.stop()
+
+
+async def test_the_next_owner_of_a_released_name_reads_and_edits_nothing_of_the_earlier_one(
+    secure: RunningBroker, user: Callable[[str], Awaitable[Client]]
+) -> None:
+    """A released name is a new user's: the earlier owner's DMs stay with its peers (the
+    heir reads only what comes after, in either history order and in search), and its
+    lines in rooms are not the heir's to edit or delete."""
+    root, bob = await user("root"), await user("bob")
+    old = await user("alice")
+    await old.join("lobby")
+    secret_line = await old.send_dm("bob", "the secret plan")
+    hello = await old.send("lobby", "hello from the first alice")
+    await root.release("alice")
+    await wait_for(lambda: old.state == "closed", what="the earlier owner's session to end")
+
+    heir = Client(secure.broker.address, "alice", "another-secret-0123456789xyz")  # type: ignore[union-attr]
+    await heir.connect()
+    try:
+        mine = await heir.send_dm("bob", "hi, I am the new alice")
+        assert mine.room == secret_line.room and mine.seq > secret_line.seq  # the same conversation id
+        assert [m.text for m in await heir.history(mine.room) if m.kind == "text"] == ["hi, I am the new alice"]
+        assert [m.text for m in await heir.history(mine.room, after=0) if m.kind == "text"] == ["hi, I am the new alice"]
+        assert (await heir.search("secret"))[0] == []
+        await heir.join("lobby")
+        for work in (lambda: heir.edit("lobby", hello.seq, "rewritten by the heir"), lambda: heir.delete_own("lobby", hello.seq)):
+            with pytest.raises(ClientError) as info:
+                await work()
+            assert info.value.code == p.ErrorCode.FORBIDDEN
+        # The peer keeps the whole conversation; the room keeps the earlier owner's line.
+        assert [m.text for m in await bob.history(mine.room) if m.kind == "text"] == ["the secret plan", "hi, I am the new alice"]
+        assert [m.text for m in await bob.history("lobby") if m.seq == hello.seq] == ["hello from the first alice"]
+    finally:
+        await heir.close()

@@ -221,3 +221,34 @@ def test_a_rejected_store_undoes_a_release() -> None:
     out = request(core, "s-root", "root", p.Admin(rid=1, action="release", name="bob"))
     core.undo(out)
     assert "bob" in core.users and "bob" in core.members["sec"] and out.released == [] and out.cut == []
+
+
+def test_a_release_marks_the_earlier_owner_and_a_restart_or_an_undo_keeps_it_right() -> None:
+    """Releasing alice stores when (on the broker) and where each of her DMs stood: a
+    core started from those settings knows them, and an undone batch takes them back."""
+    core = make(users=["alice", "bob", "root"], admins=["root"])
+    core.wall_offset = 1000.0
+    for name in ("alice", "bob", "root"):
+        request(core, f"s-{name}", name, p.Hello(rid=1))
+    sent = Outcome()
+    core.send("alice", p.Send(sid="s-alice", cid="c1", to="bob", text="secret"), 5.0, sent)
+    dm = p.dm_room("alice", "bob")
+    assert core.heads[dm] == 1
+    out = request(core, "s-root", "root", p.Admin(rid=9, action="release", name="alice"), now=10.0)
+    assert isinstance(out.replies[-1][1], p.Ok)
+    assert (BROKER_SCOPE, "released", "alice 1010.000000", True) in out.room_changes
+    assert (dm, "floor", "alice:1", True) in out.room_changes
+    assert core.floor("alice", dm) == 1 and core.floor("bob", dm) == 0
+    line = sent.store[0]
+    assert core.by_earlier_owner("alice", line) and not core.by_earlier_owner("bob", line)
+
+    state: dict[str, dict[str, set[str]]] = {}
+    for room, role, value, on in out.room_changes:
+        values = state.setdefault(room, {}).setdefault(role, set())
+        (values.add if on else values.discard)(value)
+    again = make(users=["bob", "root"], admins=["root"], rooms_state=state)
+    assert again.floor("alice", dm) == 1 and again.released_at == {"alice": 1010.0}
+
+    for room, role, value, on in reversed(out.room_changes):  # the batch was refused: undone
+        core._apply_role(room, role, value, not on)
+    assert core.floor("alice", dm) == 0 and "alice" not in core.released_at

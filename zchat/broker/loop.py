@@ -402,9 +402,10 @@ class Broker(Startup, Zap, Edge, Inputs, Moderating, Searching, Liveness):
         assert core is not None
         # The head now: this turn's lines are stored by the time we answer (or undone).
         head = max(core.heads.get(req.room, 0), msgs[-1].seq if msgs else 0)
-        return p.HistoryReply(
-            rid=req.rid, room=req.room, epoch=core.epoch, head=head, messages=msgs, more=getattr(msgs, "cut", False)
-        )
+        more = getattr(msgs, "cut", False)
+        if query.floor and msgs and msgs[0].seq <= query.floor:  # an earlier owner's lines: none older for this reader
+            msgs, more = [m for m in msgs if m.seq > query.floor], False
+        return p.HistoryReply(rid=req.rid, room=req.room, epoch=core.epoch, head=head, messages=msgs, more=more)
 
     def _publish(self, publish: list[tuple[bytes, p.Msg | p.Presence | p.Notice | p.Retopic]]) -> None:
         """Send in order; consecutive Msgs of one topic go out as one Batch of at most

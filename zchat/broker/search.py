@@ -28,4 +28,5 @@ class Searching:
         except Exception as exc:
             log.error("search %r failed: %r", req, exc)
             return p.Error(code=p.ErrorCode.INTERNAL, message="could not search; try again", rid=req.rid)
-        return p.SearchReply(rid=req.rid, epoch=core.epoch, messages=list(found), next=found.next)
+        mine = [m for m in found if not core.floor(query.name, m.room) or m.seq > core.floor(query.name, m.room)]
+        return p.SearchReply(rid=req.rid, epoch=core.epoch, messages=mine, next=found.next)

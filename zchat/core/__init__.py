@@ -122,6 +122,10 @@ class Core(Rooms, Sessions, Lines, Sequencing, Budgets, Moderation, Searching, E
         self.roles: dict[str, dict[str, set[str]]] = {}
         self.private: set[str] = set()
         self.tokens: dict[str, str] = {}
+        # What earlier owners of a released name left (zchat.core.moderation): the wall
+        # time of its last release, and per DM conversation the head at that time.
+        self.released_at: dict[str, float] = {}
+        self.dm_floors: dict[tuple[str, str], int] = {}
         self._load_roles(rooms_state or {})
         # sender -> to -> (DM room, inbox topics), made on the first good line between them
         self.dms: dict[str, dict[str, tuple[str, tuple[bytes, ...]]]] = {}

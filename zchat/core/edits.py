@@ -60,6 +60,9 @@ class Edits:
         if original.sender != name:
             out.error(sid, E.FORBIDDEN, f"only its sender may {verb} a line", rid=req.rid)
             return
+        if self.by_earlier_owner(name, original):
+            out.error(sid, E.FORBIDDEN, f"that line is by an earlier owner of the name {name!r}: not yours to {verb}", rid=req.rid)
+            return
         peers = p.dm_peers(req.room)
         if peers is not None:
             topics = tuple(dict.fromkeys(p.inbox_topic(peer) for peer in peers))

@@ -47,6 +47,8 @@ class Moderation:
                     del self.roles[room]
         if role == "private":
             self._set_private(room, on)
+        elif role in ("released", "floor"):
+            self._earlier_owner(room, role, value)
 
     def _set_private(self, room: str, private: bool) -> None:
         """A private room is out of the public index and its topic carries a token."""
@@ -65,6 +67,46 @@ class Moderation:
             self.private.discard(room)
             if not listed and self.members.get(room):
                 insort(index, room)
+
+    def _earlier_owner(self, room: str, role: str, value: str) -> None:
+        """Recompute what an earlier owner of a name left from the settings (a change or
+        its undo): ``released`` "name ts" on the broker, ``floor`` "name:seq" on a DM."""
+        sep = " " if role == "released" else ":"
+        name = value.partition(sep)[0]
+        marks = [v.partition(sep)[2] for v in self.role_of(room, role) if v.partition(sep)[0] == name]
+        if role == "released":
+            if marks:
+                self.released_at[name] = max(float(m) for m in marks)
+            else:
+                self.released_at.pop(name, None)
+        elif marks:
+            self.dm_floors[(room, name)] = max(int(m) for m in marks)
+        else:
+            self.dm_floors.pop((room, name), None)
+
+    def _mark_release(self, target: str, now: float, out: Outcome) -> None:
+        """Whoever claims ``target`` next is a new owner: the lines of the earlier one are
+        not theirs to edit, and the earlier one's DM conversations not theirs to read
+        (its peers keep them). One mark per name and conversation: the latest."""
+        for old in [v for v in self.role_of(BROKER_SCOPE, "released") if v.partition(" ")[0] == target]:
+            self._role(BROKER_SCOPE, "released", old, False, out)
+        self._role(BROKER_SCOPE, "released", f"{target} {now + self.wall_offset:.6f}", True, out)
+        for room in sorted(self.rooms_of.get(target, ())):
+            head = self.heads.get(room, 0)
+            if p.is_dm_room(room) and head:
+                for old in [v for v in self.role_of(room, "floor") if v.partition(":")[0] == target]:
+                    self._role(room, "floor", old, False, out)
+                self._role(room, "floor", f"{target}:{head}", True, out)
+
+    def floor(self, name: str, room: str) -> int:
+        """Lines of DM ``room`` up to this seq were an earlier owner's of ``name``: not
+        ``name``'s to read (0: none)."""
+        return self.dm_floors.get((room, name), 0) if self.dm_floors else 0
+
+    def by_earlier_owner(self, name: str, line: p.Msg) -> bool:
+        """``line``, sent as ``name``, was sent by an owner of the name before its release."""
+        released = self.released_at.get(name)
+        return released is not None and line.ts <= released
 
     def _role(self, room: str, role: str, value: str, on: bool, out: Outcome) -> None:
         self._apply_role(room, role, value, on)
@@ -258,7 +300,8 @@ class Moderation:
                 return
             if not self._moderation_budget(sid, name, now, out, req.rid):
                 return
-            # Whoever claims the name next must inherit none of its rooms.
+            # Whoever claims the name next must inherit none of its rooms, lines or DMs.
+            self._mark_release(target, now, out)
             for room in sorted(self.rooms_of.get(target, ())):
                 if p.is_dm_room(room):
                     self._set_member(room, target, False, out)

@@ -21,6 +21,7 @@ class HistoryQuery:
     sid: str
     request: p.History
     head: int
+    floor: int = 0  # lines up to this seq are an earlier owner's of the reader's name (a DM): left out
 
 
 @dataclasses.dataclass(frozen=True)

@@ -6,6 +6,8 @@ from __future__ import annotations
 import heapq
 from bisect import bisect_left, bisect_right, insort
 
+import msgspec
+
 from zchat import protocol as p
 from zchat.core.outcome import HistoryQuery, Outcome
 from zchat.protocol import ErrorCode as E
@@ -253,4 +255,7 @@ class Rooms:
         if not 1 <= req.limit <= p.MAX_HISTORY:
             out.error(sid, E.BAD_REQUEST, f"limit must be 1..{p.MAX_HISTORY}", rid=req.rid)
             return
-        out.queries.append(HistoryQuery(sid, req, self.heads.get(req.room, 0)))
+        floor = self.floor(name, req.room)
+        if floor and req.after >= 0 and req.after < floor:  # oldest first: start past the floor
+            req = msgspec.structs.replace(req, after=floor)
+        out.queries.append(HistoryQuery(sid, req, self.heads.get(req.room, 0), floor))
