@@ -184,6 +184,28 @@ def test_a_window_keeps_messages_in_seq_order_once() -> None:
     assert buf.oldest == 2 and buf.newest == 7
 
 
+def test_a_window_keeps_a_bounded_scrollback_and_can_fetch_the_rest_again() -> None:
+    """A window open for weeks in a busy room: live lines push the oldest out (memory
+    stays bounded); what went is history again (scrolling up fetches it)."""
+    from zchat.tui.widgets import MAX_ENTRIES, TRIM_TO
+
+    buf = Buffer("general", "alice")
+    buf.complete = True
+    for seq in range(1, MAX_ENTRIES + 1):
+        assert buf.add(msg(seq)) == seq - 1
+    assert len(buf.entries) == MAX_ENTRIES and not buf.trimmed
+    index = buf.add(msg(MAX_ENTRIES + 1))  # one more live line
+    assert len(buf.entries) == TRIM_TO and index == TRIM_TO - 1 and buf.entries[index].item.seq == MAX_ENTRIES + 1
+    assert buf.trimmed and not buf.complete and buf.oldest == MAX_ENTRIES + 2 - TRIM_TO
+    assert len(buf.seqs) == TRIM_TO and buf.newest == MAX_ENTRIES + 1
+    for seq in range(MAX_ENTRIES + 2, 3 * MAX_ENTRIES):
+        buf.add(msg(seq))
+    assert len(buf.entries) <= MAX_ENTRIES and len(buf.seqs) <= MAX_ENTRIES
+    older = buf.oldest - 1
+    assert buf.add(msg(older)) == 0  # scrolled up: the line fetched again goes on top
+    assert buf.oldest == older
+
+
 def test_unread_counts_skip_own_lines_and_joins_and_mark_mentions() -> None:
     buf = Buffer("general", "alice")
     for m in (msg(1), msg(2, sender="alice"), msg(3, kind="join", text=""), msg(4, kind="me", text="waves")):

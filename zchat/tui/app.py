@@ -464,6 +464,10 @@ class ChatApp(App[None]):
         if epoch and buf.epoch != epoch and buf is self.buffer:
             self._redraw()  # the broker's history was reset: the window starts afresh
             return
+        if buf.trimmed and buf is self.buffer and self._screen_up():
+            buf.trimmed = False
+            self.log_view.show(buf, keep_bottom=False)  # the oldest lines went out of the window (MAX_ENTRIES)
+            return
         if buf.marked != marked and buf is self.buffer and self._screen_up():
             self.log_view.show(buf, keep_bottom=False)  # the "new since you left" line went in above
             return

@@ -42,6 +42,10 @@ _AFTER_SEQ = 2**62
 NEW_SINCE = "── new since you left ──"
 #: Edits kept for lines not in a window yet (a history page may bring them later).
 MAX_PENDING_EDITS = 1000
+#: Lines a window keeps (scrollback, like irssi's scrollback_lines): past it, live lines
+#: push the oldest out, TRIM_TO kept; scrolling up fetches them again from history.
+MAX_ENTRIES = 5000
+TRIM_TO = 4000
 EDITABLE = ("text", "me")
 
 
@@ -100,6 +104,7 @@ class Buffer:
         self.focus = 0  # the seq a search jumped to: drawn highlighted
         self._edits: OrderedDict[int, p.Msg] = OrderedDict()  # seq -> its latest edit line, line not shown yet
         self._notes = 0
+        self.trimmed = False  # old lines went out since the window was last drawn: draw it afresh
 
     @property
     def oldest(self) -> int:
@@ -146,7 +151,21 @@ class Buffer:
         entry = Entry((msg.seq, 0), msg)
         index = bisect.bisect(self.entries, entry)
         self.entries.insert(index, entry)
-        return index + self._mark_new(msg)
+        index += self._mark_new(msg)
+        if len(self.entries) > MAX_ENTRIES and index == len(self.entries) - 1:  # a live line at the bottom
+            index -= self._trim()
+        return index
+
+    def _trim(self) -> int:
+        """Keep the newest TRIM_TO entries; how many went. Their seqs go too (what is
+        older than the window is history again, fetched when scrolled up)."""
+        gone = len(self.entries) - TRIM_TO
+        del self.entries[:gone]
+        oldest = self.oldest
+        self.seqs = {seq for seq in self.seqs if seq >= oldest}
+        self.complete = False
+        self.trimmed = True
+        return gone
 
     def _mark_new(self, msg: p.Msg) -> bool:
         """Put the "new since you left" line above the first line said while away
