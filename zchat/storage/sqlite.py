@@ -61,6 +61,9 @@ CHECKPOINT_EVERY = 0.05
 WAL_LIMIT_BYTES = 16 * 1024 * 1024
 #: ...once a background checkpoint had no more than this to copy (so the broker's is short).
 HANDOFF_BYTES = 1024 * 1024
+#: Search lines stored but not yet in the FTS5 index that make the next append index them
+#: (in its own transaction): a batch costs one FTS5 segment instead of one a line.
+INDEX_BATCH = 64
 #: Seconds close() waits for a checkpoint in progress before closing without it.
 CHECKPOINTER_JOIN_TIMEOUT = 5.0
 
@@ -102,8 +105,15 @@ DROP INDEX IF EXISTS messages_recent;
 
 # Full-text search (FTS5): search_rows numbers the text and /me lines in the order they
 # were stored (its id is the FTS row's rowid and the search position on the wire);
-# search_text holds their words. Both are written in the transaction that stores the
-# line, and changed with the line (tombstones, edits, retention). Built once for a file
+# search_text holds their words. search_rows is written in the transaction that stores
+# the line; search_text a batch at a time (INDEX_BATCH lines, in the transaction of the
+# append that fills the batch), since each FTS5 commit writes a segment of its own: a
+# line a transaction made it five times dearer than the line itself. So search_text
+# always holds a prefix of search_rows (every id up to MAX(rowid)), and a search first
+# indexes what is past it, so it finds every stored line; so do open (what a killed
+# broker left) and close. Both are changed with the line (tombstones, edits, retention;
+# a change to a line not yet indexed finds no FTS row, and the batch reads the line's
+# text as it is then). Built once for a file
 # made before search existed (meta 'search'), in the transaction that opens it. A broker
 # from before search, run on the file, stores lines without them: delete meta 'search'
 # to build the index again (docs/operations.md, Upgrading). What it deletes or prunes
@@ -118,6 +128,11 @@ _SEARCH_BUILD = (
     "DELETE FROM search_rows",
     f"INSERT INTO search_rows (room, seq) SELECT room, seq FROM messages WHERE kind IN {TOMBSTONED_KINDS!r} ORDER BY ts, room, seq",
     "INSERT INTO search_text (rowid, text) SELECT s.id, m.text FROM search_rows s JOIN messages m ON m.room = s.room AND m.seq = s.seq",
+)
+# The words of the lines past the index (ids in (indexed, next)), as they are now.
+_INDEX_SQL = (
+    "INSERT INTO search_text (rowid, text) SELECT s.id, m.text FROM search_rows s "
+    "JOIN messages m ON m.room = s.room AND m.seq = s.seq WHERE s.id > ? ORDER BY s.id"
 )
 _SEARCH_SQL = """
 SELECT s.id, m.room, m.seq, m.id, m.ts, m.sender, m.kind, m.text, m.to_name, m.cid, m.ref, m.edited
@@ -314,6 +329,8 @@ class SqliteStorage:
         self.epoch = ""
         self.searchable = False  # FTS5 is there (the sqlite3 build may lack it)
         self._search_next = 1  # the next search_rows id
+        self._indexed = 0  # the last search_rows id whose words are in search_text
+        self.index_batch = INDEX_BATCH  # 1: every line indexed in the transaction storing it
 
     # ------------------------------------------------------------ lifecycle
 
@@ -404,6 +421,10 @@ class SqliteStorage:
             return
         self.searchable = True
         self._search_next = conn.execute("SELECT COALESCE(MAX(id), 0) + 1 FROM search_rows").fetchone()[0]
+        self._indexed = conn.execute("SELECT COALESCE(MAX(rowid), 0) FROM search_text").fetchone()[0]
+        if self._search_next - 1 > self._indexed:  # stored, not yet indexed, when the broker stopped
+            conn.execute(_INDEX_SQL, (self._indexed,))
+            self._indexed = self._search_next - 1
 
     def _check_header(self) -> None:
         """Refuse a non-SQLite file before sqlite3 gets a chance to write to it."""
@@ -427,6 +448,10 @@ class SqliteStorage:
         sync_fd, self._sync_fd = self._sync_fd, None
         if conn is None:
             return
+        try:
+            self._index()  # the file is left with its index whole
+        except StorageError as exc:
+            log.warning("SQLite %s: %s; the next open indexes them", self.path, exc)
         try:
             if checkpointer is not None and not checkpointer.stop(CHECKPOINTER_JOIN_TIMEOUT):
                 log.warning("SQLite %s: checkpoint thread still busy after %.0fs; closing anyway",
@@ -497,10 +522,13 @@ class SqliteStorage:
         try:
             db.execute("BEGIN IMMEDIATE")
             db.executemany(_INSERT_SQL, rows)
+            indexing = False
             if found:
                 db.executemany("INSERT INTO search_rows (id, room, seq) VALUES (?, ?, ?)",
                                [(first + i, m.room, m.seq) for i, m in enumerate(found)])
-                db.executemany("INSERT INTO search_text (rowid, text) VALUES (?, ?)", [(first + i, m.text) for i, m in enumerate(found)])
+                indexing = first + len(found) - 1 - self._indexed >= self.index_batch
+                if indexing:
+                    db.execute(_INDEX_SQL, (self._indexed,))
             for room, name, member in members:
                 db.execute(_JOIN_SQL if member else _LEAVE_SQL, (room, name))
             db.execute("COMMIT")
@@ -511,7 +539,25 @@ class SqliteStorage:
             # Disk full, read-only file, I/O error, locked: the store, not the batch.
             raise StorageUnavailable(f"SQLite append failed: {exc}") from exc
         self._search_next = first + len(found)
+        if indexing:
+            self._indexed = self._search_next - 1
         self._wrote(len(rows) + len(members))
+
+    def _index(self) -> None:
+        """Put the words of every line stored since the last batch into the FTS5 index
+        (one transaction), so a search finds every stored line."""
+        if self._search_next - 1 <= self._indexed:
+            return
+        db = self._db
+        try:
+            db.execute("BEGIN IMMEDIATE")
+            db.execute(_INDEX_SQL, (self._indexed,))
+            db.execute("COMMIT")
+        except sqlite3.Error as exc:
+            self._rollback(db)
+            raise StorageUnavailable(f"SQLite could not index {self._search_next - 1 - self._indexed} lines for search: {exc}") from exc
+        count, self._indexed = self._search_next - 1 - self._indexed, self._search_next - 1
+        self._wrote(count)
 
     def _rollback(self, db: sqlite3.Connection) -> None:
         """End a failed transaction (SQLite may have rolled it back itself, e.g. on SQLITE_FULL)."""
@@ -742,6 +788,7 @@ class SqliteStorage:
         query = fts_query(text)
         if not query or limit <= 0:
             return found
+        self._index()  # the lines stored since the last batch: found like every other
         params: tuple[Any, ...] = (query, before if before > 0 else _MAX_SEQ) + ((room,) if room else ())
         try:
             rows = self._db.execute(_SEARCH_SQL.format(room="AND s.room = ?" if room else ""), params)
