@@ -442,16 +442,17 @@ class SqliteStorage:
             )
 
     async def close(self) -> None:
-        """Stop the checkpoint thread, fold the WAL into the file, close."""
+        """Index what is pending, stop the checkpoint thread, fold the WAL into the file, close."""
+        if self._conn is not None:
+            try:
+                self._index()  # the file is left with its index whole
+            except StorageError as exc:
+                log.warning("SQLite %s: %s; the next open indexes them", self.path, exc)
         conn, self._conn = self._conn, None
         checkpointer, self._checkpointer = self._checkpointer, None
         sync_fd, self._sync_fd = self._sync_fd, None
         if conn is None:
             return
-        try:
-            self._index()  # the file is left with its index whole
-        except StorageError as exc:
-            log.warning("SQLite %s: %s; the next open indexes them", self.path, exc)
         try:
             if checkpointer is not None and not checkpointer.stop(CHECKPOINTER_JOIN_TIMEOUT):
                 log.warning("SQLite %s: checkpoint thread still busy after %.0fs; closing anyway",
