@@ -13,6 +13,10 @@ from typing import Sequence
 
 import zmq
 
+# pyzmq's own send, under its Python layer (which only adds routing_id and group, for
+# draft sockets): about 1 us a call less, four calls a quiet line in the broker.
+_send = zmq.backend.Socket.send
+
 NOBLOCK = int(zmq.NOBLOCK)
 SNDMORE = int(zmq.SNDMORE)
 EVENTS = int(zmq.EVENTS)
@@ -62,8 +66,9 @@ def recv_parts(sock: zmq.Socket) -> list[bytes]:
 
 
 def send_parts(sock: zmq.Socket, parts: Sequence[bytes]) -> None:
-    """One whole message; on ``zmq.Again`` nothing of it was queued (ZeroMQ queues a
-    multipart message atomically once its first part is accepted)."""
+    """One whole message on a plain (not ``zmq.asyncio``) socket; on ``zmq.Again``
+    nothing of it was queued (ZeroMQ queues a multipart message atomically once its
+    first part is accepted)."""
     last = len(parts) - 1
     for i, part in enumerate(parts):
-        sock.send(part, NOBLOCK | SNDMORE if i < last else NOBLOCK)
+        _send(sock, part, NOBLOCK | SNDMORE if i < last else NOBLOCK)
