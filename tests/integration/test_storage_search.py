@@ -210,3 +210,20 @@ async def test_lines_a_killed_broker_had_not_indexed_are_found_after_it(tmp_path
     assert _indexed(path) == 3  # indexed in the transaction that opened the file
     assert [m.seq for m in await store.search("orphan", 10)] == [3, 2, 1]
     await store.close()
+
+
+async def test_the_index_stays_whole_whoever_wrote_the_file_last(tmp_path: Path) -> None:
+    """Two storages on one file (a tool beside the broker): each indexes what is past the
+    index itself, never what another already indexed."""
+    path = tmp_path / "history.db"
+    first = SqliteStorage(path)
+    await first.open()
+    await first.append([msg("dev", 1, "shared words one")])
+    second = SqliteStorage(path)
+    await second.open()  # indexes what the first had not
+    await second.append([msg("dev", 2, "shared words two")])
+    await second.close()  # and its own line
+    await first.append([msg("dev", 3, "shared words three")])
+    assert [m.seq for m in await first.search("shared", 10)] == [3, 2, 1]
+    assert _indexed(path) == 3
+    await first.close()

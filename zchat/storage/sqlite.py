@@ -131,10 +131,13 @@ _SEARCH_BUILD = (
     f"INSERT INTO search_rows (room, seq) SELECT room, seq FROM messages WHERE kind IN {TOMBSTONED_KINDS!r} ORDER BY ts, room, seq",
     "INSERT INTO search_text (rowid, text) SELECT s.id, m.text FROM search_rows s JOIN messages m ON m.room = s.room AND m.seq = s.seq",
 )
-# The words of the lines past the index (ids in (indexed, next)), as they are now.
+# The words of the lines past the index, as they are now. "Past" is read from the index
+# itself (MAX(rowid), about 10 us), not from this process's count, so it stays right
+# whoever wrote the file last.
 _INDEX_SQL = (
     "INSERT INTO search_text (rowid, text) SELECT s.id, m.text FROM search_rows s "
-    "JOIN messages m ON m.room = s.room AND m.seq = s.seq WHERE s.id > ? ORDER BY s.id"
+    "JOIN messages m ON m.room = s.room AND m.seq = s.seq "
+    "WHERE s.id > (SELECT COALESCE(MAX(rowid), 0) FROM search_text) ORDER BY s.id"
 )
 _SEARCH_SQL = """
 SELECT s.id, m.room, m.seq, m.id, m.ts, m.sender, m.kind, m.text, m.to_name, m.cid, m.ref, m.edited
@@ -330,8 +333,7 @@ class SqliteStorage:
         self._sync_fd: int | None = None
         self.epoch = ""
         self.searchable = False  # FTS5 is there (the sqlite3 build may lack it)
-        self._search_next = 1  # the next search_rows id
-        self._indexed = 0  # the last search_rows id whose words are in search_text
+        self._unindexed = 0  # lines this storage put in search_rows and not yet in search_text
         self.index_batch = INDEX_BATCH  # 1: every line indexed in the transaction storing it
 
     # ------------------------------------------------------------ lifecycle
@@ -422,11 +424,7 @@ class SqliteStorage:
             log.warning("SQLite %s: no full-text search (%s): searches are answered not_supported", self.path, exc)
             return
         self.searchable = True
-        self._search_next = conn.execute("SELECT COALESCE(MAX(id), 0) + 1 FROM search_rows").fetchone()[0]
-        self._indexed = conn.execute("SELECT COALESCE(MAX(rowid), 0) FROM search_text").fetchone()[0]
-        if self._search_next - 1 > self._indexed:  # stored, not yet indexed, when the broker stopped
-            conn.execute(_INDEX_SQL, (self._indexed,))
-            self._indexed = self._search_next - 1
+        conn.execute(_INDEX_SQL)  # what was stored, not yet indexed, when the last broker stopped
 
     def _check_header(self) -> None:
         """Refuse a non-SQLite file before sqlite3 gets a chance to write to it."""
@@ -520,18 +518,16 @@ class SqliteStorage:
             return
         rows = [(m.room, m.seq, m.id, m.ts, m.sender, m.kind, m.text, m.to, m.cid, m.ref, m.edited) for m in messages]
         found = [m for m in messages if m.kind in TOMBSTONED_KINDS] if self.searchable else []
-        first = self._search_next
         db = self._db
         try:
             db.execute("BEGIN IMMEDIATE")
             db.executemany(_INSERT_SQL, rows)
             indexing = False
-            if found:
-                db.executemany("INSERT INTO search_rows (id, room, seq) VALUES (?, ?, ?)",
-                               [(first + i, m.room, m.seq) for i, m in enumerate(found)])
-                indexing = first + len(found) - 1 - self._indexed >= self.index_batch
+            if found:  # ids in the order stored: SQLite's next rowid
+                db.executemany("INSERT INTO search_rows (room, seq) VALUES (?, ?)", [(m.room, m.seq) for m in found])
+                indexing = self._unindexed + len(found) >= self.index_batch
                 if indexing:
-                    db.execute(_INDEX_SQL, (self._indexed,))
+                    db.execute(_INDEX_SQL)
             for room, name, member in members:
                 db.execute(_JOIN_SQL if member else _LEAVE_SQL, (room, name))
             db.execute("COMMIT")
@@ -541,25 +537,23 @@ class SqliteStorage:
                 raise StorageError(f"refused {len(rows)} messages: (room, seq) already stored: {exc}") from exc
             # Disk full, read-only file, I/O error, locked: the store, not the batch.
             raise StorageUnavailable(f"SQLite append failed: {exc}") from exc
-        self._search_next = first + len(found)
-        if indexing:
-            self._indexed = self._search_next - 1
+        self._unindexed = 0 if indexing else self._unindexed + len(found)
         self._wrote(len(rows) + len(members))
 
     def _index(self) -> None:
         """Put the words of every line stored since the last batch into the FTS5 index
         (one transaction), so a search finds every stored line."""
-        if self._search_next - 1 <= self._indexed:
+        if not self._unindexed:
             return
         db = self._db
         try:
             db.execute("BEGIN IMMEDIATE")
-            db.execute(_INDEX_SQL, (self._indexed,))
+            db.execute(_INDEX_SQL)
             db.execute("COMMIT")
         except sqlite3.Error as exc:
             self._rollback(db)
-            raise StorageUnavailable(f"SQLite could not index {self._search_next - 1 - self._indexed} lines for search: {exc}") from exc
-        count, self._indexed = self._search_next - 1 - self._indexed, self._search_next - 1
+            raise StorageUnavailable(f"SQLite could not index {self._unindexed} lines for search: {exc}") from exc
+        count, self._unindexed = self._unindexed, 0
         self._wrote(count)
 
     def _rollback(self, db: sqlite3.Connection) -> None:
