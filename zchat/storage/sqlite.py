@@ -63,8 +63,8 @@ CHECKPOINT_EVERY = 0.25
 WAL_LIMIT_BYTES = 16 * 1024 * 1024
 #: ...once a background checkpoint had no more than this to copy (so the broker's is short).
 HANDOFF_BYTES = 1024 * 1024
-#: Search lines stored but not yet in the FTS5 index that make the next append index them
-#: (in its own transaction): a batch costs one FTS5 segment instead of one a line.
+#: Search lines stored but not yet in the FTS5 index that make the append reaching them
+#: index them all, in its transaction: one FTS5 segment for the batch instead of one a line.
 INDEX_BATCH = 64
 #: Seconds close() waits for a checkpoint in progress before closing without it.
 CHECKPOINTER_JOIN_TIMEOUT = 5.0
