@@ -1,7 +1,10 @@
-"""What full-text search costs SQLite: append rate with and without the FTS5 index, the
-time of a search, and the file size. Prints figures; asserts nothing.
+"""What full-text search costs SQLite: append rate without the FTS5 index, with it kept
+in every append's transaction (``index_batch`` 1, as before) and with it batched (the
+default, INDEX_BATCH lines a transaction), at appends of ``--batch`` lines (1: a
+transaction a line, the broker's quiet path); the time of a search, and the file size.
+Prints figures; asserts nothing.
 
-    python scripts/measure_search.py [--lines 100000] [--batch 100]
+    python scripts/measure_search.py [--lines 100000] [--batch 100 1]
 """
 
 from __future__ import annotations
@@ -14,7 +17,10 @@ import time
 from pathlib import Path
 
 from zchat.protocol import Msg
-from zchat.storage.sqlite import SqliteStorage
+from zchat.storage.sqlite import INDEX_BATCH, SqliteStorage
+
+#: name -> (searchable, index_batch)
+MODES = {"without the search index": (False, 1), "index in every append": (True, 1), f"index {INDEX_BATCH} lines at a time": (True, INDEX_BATCH)}
 
 
 def lines(count: int) -> list[Msg]:
@@ -26,31 +32,36 @@ def lines(count: int) -> list[Msg]:
     ]
 
 
-async def append_rate(path: Path, msgs: list[Msg], batch: int, search: bool) -> float:
+async def append_rate(path: Path, msgs: list[Msg], batch: int, search: bool, index_batch: int) -> tuple[float, float]:
+    """Lines a second (wall clock, the close's last index batch included) and this
+    thread's CPU per line in microseconds (the checkpoint thread's excluded)."""
     store = SqliteStorage(path)
     await store.open()
     store.searchable = search  # off: the appends of a build without the index
-    began = time.perf_counter()
+    store.index_batch = index_batch
+    began, cpu = time.perf_counter(), time.thread_time()
     for i in range(0, len(msgs), batch):
         await store.append(msgs[i : i + batch])
-    elapsed = time.perf_counter() - began
+    await store.search("deploy", 1) if search else None  # indexes the last batch
+    elapsed, cpu = time.perf_counter() - began, time.thread_time() - cpu
     await store.close()
-    return len(msgs) / elapsed
+    return len(msgs) / elapsed, cpu / len(msgs) * 1e6
 
 
 async def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--lines", type=int, default=100_000)
-    parser.add_argument("--batch", type=int, default=100)
+    parser.add_argument("--batch", type=int, nargs="+", default=[100, 1], help="lines an append")
     args = parser.parse_args()
     msgs = lines(args.lines)
     with tempfile.TemporaryDirectory() as tmp:
-        for search in (False, True):
-            path = Path(tmp) / f"{'fts' if search else 'plain'}.db"
-            rate = await append_rate(path, msgs, args.batch, search)
-            print(f"append, batches of {args.batch}, {'with' if search else 'without'} the search index: {rate:,.0f} lines/s, "
-                  f"file {os.path.getsize(path) / 1e6:.1f} MB")
-        store = SqliteStorage(Path(tmp) / "fts.db")
+        for batch in args.batch:
+            for n, (mode, (search, index_batch)) in enumerate(MODES.items()):
+                path = Path(tmp) / f"{batch}-{n}.db"
+                rate, cpu = await append_rate(path, msgs, batch, search, index_batch)
+                print(f"append, {batch} lines a transaction, {mode}: {rate:,.0f} lines/s, {cpu:.1f} us CPU a line, "
+                      f"file {os.path.getsize(path) / 1e6:.1f} MB", flush=True)
+        store = SqliteStorage(Path(tmp) / f"{args.batch[0]}-2.db")
         await store.open()
         for query, kwargs in (("deploy", {}), ("deploy", {"room": "r7"}), ("deploy", {"readable": lambda r: r == "r7"}),
                               ("coffee number 4*", {}), ("nothing-like-this", {})):

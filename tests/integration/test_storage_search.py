@@ -1,11 +1,14 @@
-"""Search in the shared storage suite: SQLite answers from FTS5 kept with every write;
+"""Search in the shared storage suite: SQLite answers from FTS5 kept with every write
+(indexed a batch at a time, and before every search);
 Redis says clearly that it cannot (SearchUnsupported, which the broker turns into
 ``not_supported``)."""
 
 # ruff: noqa: F811  (the shared suite's fixtures, imported, are the tests' arguments)
 from __future__ import annotations
 
+import asyncio
 import sqlite3
+import sys
 from pathlib import Path
 
 import pytest
@@ -135,3 +138,92 @@ async def test_what_an_older_broker_did_to_the_file(tmp_path: Path) -> None:
     await store.open()
     assert [m.seq for m in await store.search("words", 10)] == [4, 1]
     await store.close()
+
+
+def _indexed(path: Path) -> int:
+    """Lines in the FTS5 index, read by a connection of its own (what is committed)."""
+    db = sqlite3.connect(path)
+    try:
+        return db.execute("SELECT COUNT(*) FROM search_text").fetchone()[0]
+    finally:
+        db.close()
+
+
+async def test_lines_a_transaction_each_are_indexed_a_batch_at_a_time_and_found_at_once(tmp_path: Path) -> None:
+    """The broker's quiet path stores a line a transaction; each FTS5 commit writes a
+    segment, so the index is filled INDEX_BATCH lines at a time, yet a search right
+    after an append finds its line."""
+    path = tmp_path / "history.db"
+    store = SqliteStorage(path)
+    await store.open()
+    batch = store.index_batch
+    assert batch > 1
+    for seq in range(1, batch):
+        await store.append([msg("dev", seq, f"needle {seq}")])
+    assert _indexed(path) == 0  # not one FTS5 commit yet
+    await store.append([msg("dev", batch, f"needle {batch}")])
+    assert _indexed(path) == batch  # the append that filled the batch indexed it
+    await store.append([msg("dev", batch + 1, "haystack fresh")])
+    assert _indexed(path) == batch
+    assert [m.seq for m in await store.search("fresh", 10)] == [batch + 1]  # found right after its append
+    assert [m.seq for m in await store.search("needle", 3)] == [batch, batch - 1, batch - 2]
+    await store.close()
+
+
+async def test_lines_not_yet_indexed_are_changed_like_the_others(tmp_path: Path) -> None:
+    """A tombstone, an edit or retention of a line stored since the last batch: the batch
+    indexes the line as it is by then (or not at all)."""
+    store = SqliteStorage(tmp_path / "history.db")
+    await store.open()
+    await store.append([msg("dev", n, f"before {n}") for n in range(1, 4)])
+    await store.append([msg("dev", 4, "before 4")])  # one line a transaction: not indexed yet
+    await store.append([msg("dev", 5, "before 5")])
+    assert await store.tombstone("dev", 5)
+    assert await store.edit("dev", 4, "after edit", by=1)
+    assert await store.prune("dev", keep=3) == 2  # seqs 1 and 2
+    assert [m.seq for m in await store.search("before", 10)] == [3]
+    assert [(m.seq, m.text) for m in await store.search("after", 10)] == [(4, "after edit")]
+    assert await store.search("before 4", 10) == []
+    await store.close()
+
+
+async def test_lines_a_killed_broker_had_not_indexed_are_found_after_it(tmp_path: Path) -> None:
+    """A broker killed between two batches: the next open indexes what it stored."""
+    path = tmp_path / "history.db"
+    script = (
+        "import asyncio, os, sys\n"
+        "from zchat.protocol import Msg\n"
+        "from zchat.storage.sqlite import SqliteStorage\n"
+        "async def main():\n"
+        "    store = SqliteStorage(sys.argv[1])\n"
+        "    await store.open()\n"
+        "    for seq in (1, 2, 3):\n"
+        "        await store.append([Msg(room='dev', seq=seq, id=str(seq), ts=1.0 * seq, sender='bob', text=f'orphan {seq}')])\n"
+        "    os._exit(0)  # no close: as a kill -9 leaves the file\n"
+        "asyncio.run(main())\n"
+    )
+    proc = await asyncio.create_subprocess_exec(sys.executable, "-c", script, str(path))
+    assert await asyncio.wait_for(proc.wait(), 60) == 0
+    assert _indexed(path) == 0
+    store = SqliteStorage(path)
+    await store.open()
+    assert _indexed(path) == 3  # indexed in the transaction that opened the file
+    assert [m.seq for m in await store.search("orphan", 10)] == [3, 2, 1]
+    await store.close()
+
+
+async def test_the_index_stays_whole_whoever_wrote_the_file_last(tmp_path: Path) -> None:
+    """Two storages on one file (a tool beside the broker): each indexes what is past the
+    index itself, never what another already indexed."""
+    path = tmp_path / "history.db"
+    first = SqliteStorage(path)
+    await first.open()
+    await first.append([msg("dev", 1, "shared words one")])
+    second = SqliteStorage(path)
+    await second.open()  # indexes what the first had not
+    await second.append([msg("dev", 2, "shared words two")])
+    await second.close()  # and its own line
+    await first.append([msg("dev", 3, "shared words three")])
+    assert [m.seq for m in await first.search("shared", 10)] == [3, 2, 1]
+    assert _indexed(path) == 3
+    await first.close()

@@ -10,7 +10,7 @@ import zmq
 from zchat import protocol as p
 from zchat.broker.constants import BATCH, EDGE_REQUESTS
 from zchat.core import Outcome
-from zchat.sockio import NOBLOCK, recv_frames, send_parts
+from zchat.sockio import NOBLOCK, send_parts, take
 
 log = logging.getLogger(__package__)  # one logger for the whole broker: "zchat.broker"
 
@@ -61,7 +61,7 @@ class Inputs:
         count = taken = 0
         while taken < BATCH:
             try:
-                frames = recv_frames(self.router)
+                frames = take(self.router, count)
             except zmq.Again:
                 return count
             count += 1
@@ -124,7 +124,7 @@ class Inputs:
         count = lines = 0
         while lines < BATCH:
             try:
-                frames = recv_frames(self.pull)
+                frames = take(self.pull, count)
             except zmq.Again:
                 return count
             count += 1

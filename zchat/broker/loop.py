@@ -262,8 +262,16 @@ class Broker(Startup, Zap, Edge, Inputs, Moderating, Searching, Liveness):
                         continue
                     # Every input we read was drained: the quiet path skips a pass of the
                     # event loop and only asks the sockets we used (below) before waiting.
+                # Ask the sockets we used (our sends may have taken their FD's edge) here, not
+                # in a turn of their own: an empty turn costs more than the asking.
+                for i in range(4):
+                    if stale[i] and not known[i]:
+                        if readable(socks[i]):
+                            known[i] = True  # the next turn reads it without asking again
+                        else:
+                            stale[i] = False
                 if any(stale):
-                    continue  # ask the sockets we just used
+                    continue
                 self._wake = loop.create_future()
                 await self._wake  # a socket, stop() or the ticker
             await self._farewell()
