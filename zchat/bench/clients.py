@@ -636,9 +636,10 @@ async def _zchat_pub(ep: dict, idx: int, plan: PubPlan, ctl: Ctl, conn: Any) -> 
 
     client = Client(ep["broker"], f"p{idx}", SECRET, label="bench")
     await client.connect(timeout=60)
-    await client.join(ROOM)
+    # Send-only, like every peer's publisher: a member (to send) that never reads the room.
+    await client.join(ROOM, receive=False)
 
-    async def discard() -> None:  # a member receives its room: read it like any client
+    async def discard() -> None:  # state changes and the like: nothing of the room comes
         async for _ in client.events():
             pass
 

@@ -140,6 +140,7 @@ class Client(Connection, Requests, Sending, Receiving):
         self._left: dict[str, int] = {}  # room -> seq of the kick/ban line that took us out (bounded)
         self.joined_info: dict[str, p.Joined] = {}  # room -> its Joined reply (private? topic, token)
         self._rejoin: set[str] = set()  # rooms a restarted broker has not taken back yet
+        self._posting: set[str] = set()  # rooms joined to post only (join(receive=False)): no tracker, no SUB
         self._rejoin_at = 0.0
         self._rejoining: asyncio.Future | None = None
         self._rid = 0

@@ -190,6 +190,9 @@ class Receiving:
         if tracker is None:
             if self._left.get(event.room, 0) < event.seq:
                 out.append(event)  # the room's copy never came (or we were not following it)
+            if event.room in self._posting:  # joined to post only: no longer a member
+                self._posting.discard(event.room)
+                self.joined_info.pop(event.room, None)
         else:
             out += tracker.offer(event)
             if tracker.last < event.seq:

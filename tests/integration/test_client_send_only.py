@@ -1,0 +1,118 @@
+"""Send-only clients (``join(room, receive=False)``) over a real broker: their lines are
+stored and reach the room, the room's traffic never reaches them, a broker reset joins
+them again, and ``post_many`` settles a whole bulk of lines with one future."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from tests.conftest import chat, collect, wait_for
+from zchat import protocol as p
+from zchat.client import Client, ClientError, Event
+
+
+async def _spy_topics(client: Client) -> list[bytes]:
+    """Every topic frame that comes out of ``client``'s SUB socket from now on: the spy
+    goes in through the socket's own queue, after what was submitted before it (an
+    unsubscription), and SUB filters what it receives."""
+    seen: list[bytes] = []
+    on_recv = client._sub.on_recv
+
+    def spy(frames: list[bytes]) -> None:
+        seen.append(frames[0])
+        on_recv(frames)  # type: ignore[misc]
+
+    client._sub.submit(lambda s: setattr(client._sub, "on_recv", spy))
+    await wait_for(lambda: client._sub.on_recv is spy, what="spy installed")
+    return seen
+
+
+def _record(client: Client) -> list[Event]:
+    got: list[Event] = []
+    client.listen(got.extend)
+    return got
+
+
+async def test_send_only_lines_are_stored_and_delivered(connect, broker) -> None:
+    alice, bot = await connect("alice"), await connect("bot")
+    await alice.join("general")
+    members = await bot.join("general", receive=False)
+    assert "bot" in {m.name for m in members}
+    assert "bot" in broker.core.members["general"]
+    stored = [await bot.send("general", f"build {i} passed") for i in range(3)]
+    assert [s.seq for s in stored] == sorted(s.seq for s in stored)
+    assert [m.text for m in await chat(alice, 3)] == [f"build {i} passed" for i in range(3)]
+    assert [m.text for m in await alice.history("general", 3)] == [f"build {i} passed" for i in range(3)]
+
+
+async def test_send_only_receives_nothing_of_the_room(connect) -> None:
+    """Guard: with the receive=False branch of join() taken out (it subscribes like any
+    join), the room's lines reach the bot's SUB and its events, and this fails."""
+    bot = await connect("bot")
+    topics, events = await _spy_topics(bot), _record(bot)
+    await bot.join("general", receive=False)
+    alice = await connect("alice")
+    await alice.join("general")
+    await alice.send("general", "a line for the room")
+    await bot.send("general", "the bot's own line")
+    assert [m.text for m in await chat(alice, 2)] == ["a line for the room", "the bot's own line"]
+    # Positive marker: published after the room's lines, on the bot's inbox.
+    await alice.send_dm("bot", "marker")
+    await wait_for(lambda: any(isinstance(e, p.Msg) and e.text == "marker" for e in events), what="the marker DM")
+    assert p.room_topic("general") not in topics, "the room's publications reached a send-only client"
+    room_events = [e for e in events if getattr(e, "room", None) == "general"]
+    assert room_events == [], room_events
+    assert bot.cursors() == {"@alice:bot": (bot.epoch, 1)}
+
+
+async def test_send_only_then_join_to_receive(connect) -> None:
+    alice, bob = await connect("alice"), await connect("bob")
+    await alice.join("general")
+    await bob.join("general", receive=False)
+    await alice.send("general", "before")
+    await bob.join("general")  # now receiving: new lines only
+    await alice.send("general", "after")
+    assert [m.text for m in await chat(bob, 1)] == ["after"]
+    await bob.join("general", receive=False)  # and back to posting only
+    topics = await _spy_topics(bob)
+    await alice.send("general", "not for bob")
+    await alice.send_dm("bob", "marker")
+    assert [m.text for m in await chat(bob, 1)] == ["marker"]
+    assert p.room_topic("general") not in topics
+
+
+async def test_send_only_room_is_joined_again_after_a_reset(connect, broker, tmp_path: Path) -> None:
+    """Guard: with the send-only rooms left out of the rejoin after a new epoch, the
+    bot's send after the reset is refused (not_member) and this fails."""
+    alice, bot = await connect("alice"), await connect("bot")
+    await alice.join("general")
+    await bot.join("general", receive=False)
+    await broker.stop()
+    broker.path = tmp_path / "replacement.db"  # new history: new epoch, rooms forgotten
+    await broker.start()
+    await wait_for(lambda: bot.epoch == broker.core.epoch and bot.state == "connected", timeout=15, what="bot on the new epoch")
+    await wait_for(lambda: alice.epoch == broker.core.epoch and alice.state == "connected", timeout=15, what="alice on the new epoch")
+    await wait_for(lambda: "bot" in broker.core.members.get("general", ()), timeout=15, what="bot joined again")
+    topics = await _spy_topics(bot)
+    await bot.send("general", "after the reset", timeout=15)
+    assert [m.text for m in await chat(alice, 1, timeout=15)] == ["after the reset"]
+    await alice.send_dm("bot", "marker")
+    await collect(bot, 1, where=lambda e: getattr(e, "text", "") == "marker")
+    assert p.room_topic("general") not in topics, "the rejoin subscribed a send-only room"
+
+
+async def test_kicked_send_only_client_is_no_longer_a_member(connect) -> None:
+    op = await connect("op")
+    await op.join("general")
+    bot = await connect("bot")
+    await bot.join("general", receive=False)
+    await op.kick("general", "bot", "spam")
+    kick = (await collect(bot, 1, where=lambda e: getattr(e, "kind", "") == "kick"))[0]
+    assert kick.room == "general"
+    await wait_for(lambda: "general" not in bot.joined_info, what="the room forgotten")
+    try:
+        await bot.send("general", "still here?", timeout=5)
+    except ClientError as exc:
+        assert exc.code == p.ErrorCode.NOT_MEMBER
+    else:
+        raise AssertionError("a kicked client could still send")
