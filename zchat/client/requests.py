@@ -335,9 +335,10 @@ class Requests:
 
     def _on_reply(self, frames: list[bytes]) -> None:
         reply = p.decode_reply(frames[-1])
-        if isinstance(reply, p.Ack):
+        if type(reply) is p.Ack:
+            acked = self._acked
             for stored in reply.stored:
-                self._acked(stored.cid, stored)
+                acked(stored.cid, stored)
             return
         if isinstance(reply, p.Error):
             if reply.code == p.ErrorCode.NO_SESSION:

@@ -1,0 +1,30 @@
+"""protocol.encode_sends: the client's fast path for packing encoded Sends into one
+Sends frame must give the very bytes the generic encoder gives, and decode back."""
+
+from __future__ import annotations
+
+import msgspec
+import pytest
+
+from zchat import protocol as p
+
+
+@pytest.mark.parametrize("count", [2, 15, 16, 17, 255, p.MAX_SENDS_ITEMS])
+def test_encode_sends_is_the_generic_encoding(count: int) -> None:
+    items = [p.encode(p.Send(sid="s" * 16, cid=f"c-{i:x}", text="é" * i, room="general", me=i % 2 == 0)) for i in range(count)]
+    fast = p.encode_sends(items)
+    assert fast == p.encode(p._RawSends(items=[msgspec.Raw(item) for item in items]))
+    sends, bad = p.decode_sends(fast, limit=len(fast))
+    assert bad == []
+    assert [s.cid for s in sends] == [f"c-{i:x}" for i in range(count)]
+    assert [s.text for s in sends] == ["é" * i for i in range(count)]
+
+
+def test_hot_structs_are_untracked_and_still_equal() -> None:
+    """gc=False on Send, Stored and Msg: values, equality and replace are unchanged."""
+    import gc
+
+    msg = p.Msg(room="general", seq=1, id="x", ts=1.0, sender="alice", text="hi")
+    assert not gc.is_tracked(msg) and not gc.is_tracked(p.Stored("c", "general", 1, "x", 1.0))
+    assert p.decode_event(p.encode(msg)) == msg
+    assert msgspec.structs.replace(msg, epoch="e").epoch == "e"
