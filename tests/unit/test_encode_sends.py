@@ -20,6 +20,14 @@ def test_encode_sends_is_the_generic_encoding(count: int) -> None:
     assert [s.text for s in sends] == ["é" * i for i in range(count)]
 
 
+@pytest.mark.parametrize("text", ["", "hi", "x" * 31, "x" * 32, "é" * 200, "🙂" * 20_000])
+@pytest.mark.parametrize(("room", "to", "me"), [("general", "", False), ("ops-2", "", True), ("", "bob", False)])
+def test_send_encoder_is_the_generic_encoding(text: str, room: str, to: str, me: bool) -> None:
+    encode = p.send_encoder("0123456789abcdef", room, to, me)
+    for cid in ("a1b2c3d4e5f6-1", "a1b2c3d4e5f6-" + "f" * 40):
+        assert encode(cid, text) == p.encode(p.Send(sid="0123456789abcdef", cid=cid, text=text, room=room, to=to, me=me))
+
+
 def test_hot_structs_are_untracked_and_still_equal() -> None:
     """gc=False on Send, Stored and Msg: values, equality and replace are unchanged."""
     import gc

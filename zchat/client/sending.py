@@ -97,13 +97,13 @@ class Sending:
         if not texts:
             fut.set_result([])
             return fut
-        sid, limit, encode, Send = self.sid, self.max_bytes, p.encode, p.Send
+        limit, encode = self.max_bytes, p.send_encoder(self.sid, room, me=me)
         base, count = self._cid_base, self._cid_count
         lines = []
         for text in texts:
             count += 1
             cid = f"{base}{count:x}"
-            data = encode(Send(sid=sid, cid=cid, text=text, room=room, me=me))
+            data = encode(cid, text)
             if len(data) > limit:
                 raise ClientError(p.ErrorCode.TOO_LARGE, f"a line is {len(data)} bytes encoded; the broker takes at most {limit}")
             lines.append((cid, data))
