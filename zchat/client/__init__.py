@@ -78,6 +78,10 @@ class Client(Connection, Requests, Sending, Receiving):
     broker restart) everything is fetched from history, page by page, however far behind.
 
     ``name`` protocol.LOOKER (see ``Client.looker``) is a look-only session.
+
+    A poster that never reads a room (a bot, ``zchat send``, a notifier) joins it with
+    ``join(room, receive=False)`` and pays nothing for the room's traffic; a bulk of
+    lines goes with ``post_many`` (one future for all of them).
     """
 
     def __init__(
