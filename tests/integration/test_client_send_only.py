@@ -102,6 +102,8 @@ async def test_send_only_room_is_joined_again_after_a_reset(connect, broker, tmp
 
 
 async def test_kicked_send_only_client_is_no_longer_a_member(connect) -> None:
+    """Guard: with the send-only branch of _taken_out removed, the kicked room stays in
+    joined_info (and would be joined again after a reset) and this fails."""
     op = await connect("op")
     await op.join("general")
     bot = await connect("bot")
