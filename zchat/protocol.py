@@ -584,10 +584,17 @@ def send_encoder(sid: str, room: str, to: str = "", me: bool = False) -> Callabl
     """``encode(Send(sid=sid, cid=cid, text=text, room=room, to=to, me=me))`` as a function
     of ``(cid, text)``, for a bulk of lines that share the rest: the same bytes, built
     around the other fields encoded once (about 15% cheaper than a Struct per line)."""
-    whole = _encoder.encode(Send(sid=sid, cid="\x00", text="\x01", room=room, to=to, me=me))
-    head, rest = whole.split(b"\xa1\x00")  # names and sids never hold a NUL or \x01
-    middle, tail = rest.split(b"\xa1\x01")
     enc, join = _encoder.encode, b"".join
+    whole = enc(Send(sid=sid, cid="\x00", text="\x01", room=room, to=to, me=me))
+    parts = whole.split(b"\xa1\x00")  # the cid placeholder, then the text's
+    rest = parts[-1].split(b"\xa1\x01")
+    if len(parts) != 2 or len(rest) != 2:  # a room or sid that holds a placeholder: no template
+
+        def encode_slowly(cid: str, text: str) -> bytes:
+            return enc(Send(sid=sid, cid=cid, text=text, room=room, to=to, me=me))
+
+        return encode_slowly
+    head, (middle, tail) = parts[0], rest
 
     def encode_line(cid: str, text: str) -> bytes:
         return join((head, enc(cid), middle, enc(text), tail))

@@ -28,6 +28,13 @@ def test_send_encoder_is_the_generic_encoding(text: str, room: str, to: str, me:
         assert encode(cid, text) == p.encode(p.Send(sid="0123456789abcdef", cid=cid, text=text, room=room, to=to, me=me))
 
 
+@pytest.mark.parametrize("room", ["\x00", "\x01", "a\x00"])
+def test_send_encoder_with_a_placeholder_in_the_room(room: str) -> None:
+    """A room the broker will refuse still encodes as the Struct would (no template)."""
+    encode = p.send_encoder("0123456789abcdef", room)
+    assert encode("c-1", "\x00") == p.encode(p.Send(sid="0123456789abcdef", cid="c-1", text="\x00", room=room))
+
+
 def test_hot_structs_are_untracked_and_still_equal() -> None:
     """gc=False on Send, Stored and Msg: values, equality and replace are unchanged."""
     import gc
