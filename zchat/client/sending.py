@@ -206,9 +206,14 @@ class Sending:
             await asyncio.sleep(min(1.0, self.ack_timeout / 2))
             if self.state != "connected":
                 continue
-            self._forget_done()
-            now = time.monotonic()
-            for pending in self._pending.values():
-                if now - pending.sent >= self.ack_timeout:
+            # One pass over every pending line (thousands in flight for a bulk sender):
+            # forget the given-up ones, resend the overdue ones.
+            now, timeout, settled = time.monotonic(), self.ack_timeout, []
+            for cid, pending in self._pending.items():
+                if pending.future.done():
+                    settled.append(cid)
+                elif now - pending.sent >= timeout:
                     pending.sent = now
                     self._queue(pending.data)
+            for cid in settled:
+                del self._pending[cid]
