@@ -316,7 +316,9 @@ Request = Union[
 # ------------------------------------------------------ client -> broker (PUSH/PULL)
 
 
-class Send(_Body, tag="send"):
+# gc=False (Send, Stored, Msg): only scalar fields, so never part of a reference cycle;
+# made and dropped by the hundred thousand a second, they need no cycle collector.
+class Send(_Body, tag="send", gc=False):
     """A chat line. Exactly one of ``room`` / ``to`` is set. ``sid`` names the
     session whose DEALER receives the Ack; ``cid`` makes resends idempotent."""
 
@@ -425,7 +427,7 @@ class Pong(_Body, tag="pong"):
     tokens: dict[str, str] = {}  # as in Welcome: a missed Retopic is caught here
 
 
-class Stored(msgspec.Struct, frozen=True):
+class Stored(msgspec.Struct, frozen=True, gc=False):
     cid: str
     room: str
     seq: int
@@ -489,7 +491,7 @@ Reply = Union[
 # ------------------------------------------------------- broker -> client (PUB/SUB)
 
 
-class Msg(_Body, tag="msg"):
+class Msg(_Body, tag="msg", gc=False):
     """A stored, sequenced event of a room or DM conversation."""
 
     room: str
@@ -573,6 +575,40 @@ _version_decoder = msgspec.msgpack.Decoder()  # any value: a non-map body is bad
 
 #: Any body to bytes (the encoder's bound method: no extra call on hot paths).
 encode: Callable[[msgspec.Struct], bytes] = _encoder.encode
+
+#: A Sends body before and after its items' array (encoded around a nil placeholder).
+_SENDS_HEAD, _SENDS_TAIL = _encoder.encode(_SendsHead(items=msgspec.Raw(b"\xc0"))).split(b"\xc0")
+
+
+def send_encoder(sid: str, room: str, to: str = "", me: bool = False) -> Callable[[str, str], bytes]:
+    """``encode(Send(sid=sid, cid=cid, text=text, room=room, to=to, me=me))`` as a function
+    of ``(cid, text)``, for a bulk of lines that share the rest: the same bytes, built
+    around the other fields encoded once (about 15% cheaper than a Struct per line)."""
+    enc, join = _encoder.encode, b"".join
+    whole = enc(Send(sid=sid, cid="\x00", text="\x01", room=room, to=to, me=me))
+    parts = whole.split(b"\xa1\x00")  # the cid placeholder, then the text's
+    rest = parts[-1].split(b"\xa1\x01")
+    if len(parts) != 2 or len(rest) != 2:  # a room or sid that holds a placeholder: no template
+
+        def encode_slowly(cid: str, text: str) -> bytes:
+            return enc(Send(sid=sid, cid=cid, text=text, room=room, to=to, me=me))
+
+        return encode_slowly
+    head, (middle, tail) = parts[0], rest
+
+    def encode_line(cid: str, text: str) -> bytes:
+        return join((head, enc(cid), middle, enc(text), tail))
+
+    return encode_line
+
+
+def encode_sends(items: list[bytes]) -> bytes:
+    """A Sends body around Sends already encoded (a client's pending lines): the same
+    bytes as ``encode(Sends(items=[msgspec.Raw(b) for b in items]))``, with no Raw
+    object or second copy per item. At most 65,535 items (MAX_SENDS_ITEMS is far below)."""
+    n = len(items)
+    count = bytes((0x90 | n,)) if n < 16 else b"\xdc" + n.to_bytes(2, "big")
+    return b"".join((_SENDS_HEAD, count, *items, _SENDS_TAIL))
 
 
 def _decode(data: bytes, decoder: msgspec.msgpack.Decoder, limit: int = 0):  # type: ignore[type-arg]

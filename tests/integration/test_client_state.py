@@ -118,7 +118,7 @@ async def test_a_line_of_exactly_max_bytes_packed_behind_others_is_stored(connec
     alice, bob = await connect("alice"), await connect("bob")
     await alice.join("general")
     await bob.join("general")
-    cid = f"{alice._cid_base}{alice._cid_count + 4:x}"  # the cid the fourth post below gets
+    cid = f"{alice._cid_base}{alice._cid_count + 4}"  # the cid the fourth post below gets
     bare = len(p.encode(p.Send(sid=alice.sid, cid=cid, text="", room="general")))
     text = "y" * (alice.max_bytes - bare - 2)  # str8 -> str16 header: two bytes more
     assert len(p.encode(p.Send(sid=alice.sid, cid=cid, text=text, room="general"))) == alice.max_bytes

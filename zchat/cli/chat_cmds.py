@@ -47,7 +47,7 @@ def send(s: Settings, room: str | None, to: str | None, me: bool, timeout: float
 
     async def body(client: Client) -> p.Stored:
         if room:
-            await client.join(room)
+            await client.join(room, receive=False)  # a member, to send; it never reads the room
             return await client.send(room, message, me=me, timeout=timeout)
         return await client.send_dm(to.lower(), message, me=me, timeout=timeout)  # type: ignore[union-attr]
 

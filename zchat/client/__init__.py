@@ -78,6 +78,10 @@ class Client(Connection, Requests, Sending, Receiving):
     broker restart) everything is fetched from history, page by page, however far behind.
 
     ``name`` protocol.LOOKER (see ``Client.looker``) is a look-only session.
+
+    A poster that never reads a room (a bot, ``zchat send``, a notifier) joins it with
+    ``join(room, receive=False)`` and pays nothing for the room's traffic; a bulk of
+    lines goes with ``post_many`` (one future for all of them).
     """
 
     def __init__(
@@ -140,6 +144,7 @@ class Client(Connection, Requests, Sending, Receiving):
         self._left: dict[str, int] = {}  # room -> seq of the kick/ban line that took us out (bounded)
         self.joined_info: dict[str, p.Joined] = {}  # room -> its Joined reply (private? topic, token)
         self._rejoin: set[str] = set()  # rooms a restarted broker has not taken back yet
+        self._posting: set[str] = set()  # rooms joined to post only (join(receive=False)): no tracker, no SUB
         self._rejoin_at = 0.0
         self._rejoining: asyncio.Future | None = None
         self._rid = 0

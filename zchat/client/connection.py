@@ -396,7 +396,7 @@ class Connection:
             self._move(self._sub, old.pub_port, welcome.pub_port)
             self._sub_at = (self.base, welcome.pub_port, self.server_key)
         if epoch_changed:  # the new broker knows none of our rooms: join and subscribe again
-            await self._rejoin_rooms([r for r in self._trackers if not p.is_dm_room(r)])
+            await self._rejoin_rooms([r for r in self._trackers if not p.is_dm_room(r)] + sorted(self._posting))
         self._set_state("connected")
         self._resend_all()
 
@@ -405,7 +405,7 @@ class Connection:
         failures are retried from the heartbeat (every REJOIN_RETRY seconds), final
         refusals drop the room with a Problem event."""
         for room in rooms:
-            if room not in self._trackers:
+            if room not in self._trackers and room not in self._posting:
                 self._rejoin.discard(room)
                 continue
             try:
@@ -421,12 +421,15 @@ class Connection:
                 log.warning("could not rejoin %s: %s [%s]", room, exc.message, exc.code)
                 self._rejoin.discard(room)
                 self._trackers.pop(room, None)
+                self._posting.discard(room)
                 self._unsubscribe(room)
                 self._emit(Problem(exc.code, f"could not rejoin #{room}: {exc.message}"))
                 continue
             assert isinstance(joined, p.Joined)
             self._rejoin.discard(room)
             self._set_token(room, joined.token)
+            if room in self._posting:
+                continue  # joined to post only: no subscription
             tracker = self._trackers.get(room)
             if tracker is not None:
                 tracker.saw_head(joined.head)

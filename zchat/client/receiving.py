@@ -120,9 +120,12 @@ class Receiving:
         kind = type(event)
         if kind is p.Batch:
             items = event.items  # type: ignore[union-attr]
-            if self._pending:
+            pending = self._pending
+            if pending:  # our own lines count as acked (_own, inlined: a batch is up to 256 lines)
+                name, own = self.name, self._own
                 for msg in items:
-                    self._own(msg)
+                    if msg.cid in pending and msg.sender == name:
+                        own(msg)
             # A room topic's batch is a run of that room: take it whole when it follows on.
             if items and frames[0][:1] == p.ROOM_PREFIX and items[0].epoch == self.epoch == items[-1].epoch:
                 tracker = self._trackers.get(items[0].room)
@@ -190,6 +193,9 @@ class Receiving:
         if tracker is None:
             if self._left.get(event.room, 0) < event.seq:
                 out.append(event)  # the room's copy never came (or we were not following it)
+            if event.room in self._posting:  # joined to post only: no longer a member
+                self._posting.discard(event.room)
+                self.joined_info.pop(event.room, None)
         else:
             out += tracker.offer(event)
             if tracker.last < event.seq:

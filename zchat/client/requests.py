@@ -79,19 +79,33 @@ class Requests:
                 finally:
                     self._waiting.pop(rid, None)
 
-    async def join(self, room: str, history: int = 0, private: bool = False) -> list[p.Member]:
+    async def join(self, room: str, history: int = 0, private: bool = False, *, receive: bool = True) -> list[p.Member]:
         """Join ``room`` and start receiving it: ``history`` earlier messages first, then live.
         With ``private``, create it as a private room (you become its operator; refused
         if it exists).
 
         With a cursor from an earlier run, everything after it is delivered instead (up to
         ``recover_limit``).
+
+        ``receive=False`` joins to post only (a bot, ``zchat send``, a CI notifier): the
+        client is a member (it may send, it is listed, it is rejoined after a broker
+        restart) but does not subscribe to the room, so none of its lines, presence or
+        gaps reach it, and posting costs no decoding of the room's traffic. Its own
+        sends are still acked; kicks and invites still come on its inbox. Joining
+        again with ``receive=True`` starts receiving (new lines only, unless
+        ``history``); a room being received stops being received.
         """
         joined = await self._request(lambda rid: p.Join(rid=rid, room=room, private=private))
         assert isinstance(joined, p.Joined)
         self.joined_info[room] = joined
         self._left.pop(room, None)
         self._set_token(room, joined.token)
+        if not receive:
+            self._posting.add(room)
+            if self._trackers.pop(room, None) is not None:
+                self._unsubscribe(room)
+            return joined.members
+        self._posting.discard(room)
         tracker = self._trackers.get(room)
         if tracker is None:
             last = self._start_from(room, joined.epoch)
@@ -109,6 +123,7 @@ class Requests:
         await self._request(lambda rid: p.Part(rid=rid, room=room))
         tracker = self._trackers.pop(room, None)
         self.joined_info.pop(room, None)
+        self._posting.discard(room)
         if tracker is not None and p.is_dm_room(room):
             self._cursors[room] = (tracker.epoch, tracker.last)
         self._catch_up.discard(room)
@@ -320,9 +335,10 @@ class Requests:
 
     def _on_reply(self, frames: list[bytes]) -> None:
         reply = p.decode_reply(frames[-1])
-        if isinstance(reply, p.Ack):
+        if type(reply) is p.Ack:
+            acked = self._acked
             for stored in reply.stored:
-                self._acked(stored.cid, stored)
+                acked(stored.cid, stored)
             return
         if isinstance(reply, p.Error):
             if reply.code == p.ErrorCode.NO_SESSION:

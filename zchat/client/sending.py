@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Sequence
+from typing import Any
 
 import msgspec
 import zmq
@@ -18,13 +20,44 @@ from zchat.sockio import NOBLOCK
 _RESEND = frozenset({p.ErrorCode.INTERNAL, p.ErrorCode.STORAGE_UNAVAILABLE})
 
 
-class _Pending:
-    __slots__ = ("data", "future", "sent")
+class _Pending(msgspec.Struct):
+    """One line until acked: its encoded Send (resent as is), what settles it (a post's
+    future, or the _Group of a post_many with the line's place ``at`` in it), when it
+    last went. A Struct: made per line, and half the cost of a class with __slots__."""
 
-    def __init__(self, data: bytes, future: asyncio.Future, sent: float) -> None:
-        self.data = data
+    data: bytes
+    future: Any  # asyncio.Future | _Group
+    sent: float
+    at: int = -1
+
+
+class _Group:
+    """The lines of one ``post_many``: one future for all of them instead of one each
+    (a future costs about as much as encoding the line). Duck-types the parts of a
+    future that pending lines use (``done``, ``set_exception``)."""
+
+    __slots__ = ("future", "left", "results")
+
+    def __init__(self, future: asyncio.Future, count: int) -> None:
         self.future = future
-        self.sent = sent
+        self.results: list[p.Stored | ClientError | None] = [None] * count
+        self.left = count
+
+    def done(self) -> bool:
+        return self.future.done()
+
+    def settle(self, at: int, outcome: p.Stored | ClientError) -> None:
+        """Line ``at`` is stored or refused; the future resolves once every line is."""
+        results = self.results
+        if results[at] is None:
+            results[at] = outcome
+            self.left -= 1
+            if not self.left and not self.future.done():
+                self.future.set_result(results)
+
+    def set_exception(self, exc: BaseException) -> None:
+        if not self.future.done():
+            self.future.set_exception(exc)
 
 
 class Sending:
@@ -49,9 +82,46 @@ class Sending:
     def post_dm(self, to: str, text: str, *, me: bool = False) -> asyncio.Future:
         return self._submit("", to, text, me)
 
+    def post_many(self, room: str, texts: Sequence[str], *, me: bool = False) -> asyncio.Future:
+        """Queue several lines to ``room`` with one future for them all (for bulk senders:
+        a bridge's backlog, a paste, the benchmark): it resolves, once every line is
+        settled, to a list in the order given, each item the line's ``Stored`` or the
+        ``ClientError`` that refused it. Each line has its own cid and is resent until
+        acked, as with ``post``; they travel in as few frames as the limits allow.
+
+        A line over the size limit raises ClientError ``too_large`` and queues none of
+        them. Cancelling the future (or giving up on it) stops the resending, as for
+        ``send``: lines already on their way may still be stored."""
+        loop = asyncio.get_running_loop()
+        fut = loop.create_future()
+        if not texts:
+            fut.set_result([])
+            return fut
+        limit, encode = self.max_bytes, p.send_encoder(self.sid, room, me=me)
+        base, first_count = self._cid_base, self._cid_count
+        group, pending, sent = _Group(fut, len(texts)), self._pending, time.monotonic()
+        outbox = self._outbox
+        first, start = not outbox, len(outbox)
+        append, count = outbox.append, first_count
+        for at, text in enumerate(texts):
+            count += 1
+            cid = f"{base}{count}"
+            data = encode(cid, text)
+            if len(data) > limit:  # take back what this call queued: all or nothing
+                for undo in range(first_count + 1, count):
+                    del pending[f"{base}{undo}"]
+                del outbox[start:]
+                raise ClientError(p.ErrorCode.TOO_LARGE, f"line {at} is {len(data)} bytes encoded; the broker takes at most {limit}")
+            pending[cid] = _Pending(data, group, sent, at)
+            append(data)
+        self._cid_count = count
+        if first:  # the pump packs them (and whatever else this turn posts) into frames
+            self._dealer.submit(self._flush)
+        return fut
+
     def _submit(self, room: str, to: str, text: str, me: bool) -> asyncio.Future:
         self._cid_count += 1
-        cid = f"{self._cid_base}{self._cid_count:x}"  # no random draw per line
+        cid = f"{self._cid_base}{self._cid_count}"  # no random draw per line; decimal: half the cost of hex
         data = p.encode(p.Send(sid=self.sid, cid=cid, text=text, room=room, to=to, me=me))
         if len(data) > self.max_bytes:
             raise ClientError(p.ErrorCode.TOO_LARGE, f"message is {len(data)} bytes encoded; the broker takes at most {self.max_bytes}")
@@ -78,21 +148,22 @@ class Sending:
             sock.send(outbox[0], NOBLOCK)
             return
         room = self.max_bytes - 64  # the Sends envelope around the items
-        group: list[msgspec.Raw] = []
+        most = p.MAX_SENDS_ITEMS
+        group: list[bytes] = []
         size = 0
         for data in outbox:
-            if group and (size + len(data) > room or len(group) == p.MAX_SENDS_ITEMS):
+            if group and (size + len(data) > room or len(group) == most):
                 self._send_group(sock, group)
                 group, size = [], 0
-            group.append(msgspec.Raw(data))
+            group.append(data)
             size += len(data)
         self._send_group(sock, group)
 
     @staticmethod
-    def _send_group(sock: zmq.Socket, group: list[msgspec.Raw]) -> None:
+    def _send_group(sock: zmq.Socket, group: list[bytes]) -> None:
         """A lone line goes as its own Send: wrapped in Sends, a line near the limit
         would be over it (65,555 > 65,536 bytes) and refused."""
-        sock.send(p.encode(p.Sends(items=group)) if len(group) > 1 else bytes(group[0]), NOBLOCK)  # type: ignore[arg-type]
+        sock.send(p.encode_sends(group) if len(group) > 1 else group[0], NOBLOCK)
 
     async def _wait(self, fut: asyncio.Future, timeout: float | None) -> p.Stored:
         """Await a posted send. On timeout or cancellation it is no longer resent, but it
@@ -112,24 +183,37 @@ class Sending:
 
     def _acked(self, cid: str, stored: p.Stored) -> None:
         pending = self._pending.pop(cid, None)
-        if pending is not None and not pending.future.done():
-            pending.future.set_result(stored)
+        if pending is not None:
+            fut = pending.future
+            if pending.at >= 0:
+                fut.settle(pending.at, stored)  # type: ignore[union-attr]
+            elif not fut.done():
+                fut.set_result(stored)  # type: ignore[union-attr]
 
     def _send_failed(self, err: p.Error) -> None:
         if err.code in _RESEND:
             return  # stays pending: resent after ack_timeout
         pending = self._pending.pop(err.cid, None)
-        if pending is not None and not pending.future.done():
-            pending.future.set_exception(ClientError(err.code, err.message, err.retry_after))
+        if pending is not None:
+            exc = ClientError(err.code, err.message, err.retry_after)
+            if pending.at >= 0:
+                pending.future.settle(pending.at, exc)  # type: ignore[union-attr]
+            elif not pending.future.done():
+                pending.future.set_exception(exc)
 
     async def _resends(self) -> None:
         while True:
             await asyncio.sleep(min(1.0, self.ack_timeout / 2))
             if self.state != "connected":
                 continue
-            self._forget_done()
-            now = time.monotonic()
-            for pending in self._pending.values():
-                if now - pending.sent >= self.ack_timeout:
+            # One pass over every pending line (thousands in flight for a bulk sender):
+            # forget the given-up ones, resend the overdue ones.
+            now, timeout, settled = time.monotonic(), self.ack_timeout, []
+            for cid, pending in self._pending.items():
+                if pending.future.done():
+                    settled.append(cid)
+                elif now - pending.sent >= timeout:
                     pending.sent = now
                     self._queue(pending.data)
+            for cid in settled:
+                del self._pending[cid]
