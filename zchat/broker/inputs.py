@@ -17,11 +17,12 @@ log = logging.getLogger(__package__)  # one logger for the whole broker: "zchat.
 
 #: Beside BATCH, the bytes of frames one input (requests, chat lines) takes in a turn,
 #: and all inputs together: a turn stores and publishes what it took, so 128 lines of
-#: 32 KB (4 MB) made one turn of 50-70 ms; 192 KiB is a few ms. An input stops once past
-#: its budget, so a turn holds at most TURN_BYTES plus one frame (up to 2 x max_bytes);
-#: TURN_BYTES above BATCH_BYTES leaves the second input (chat lines) at least a frame.
-BATCH_BYTES = 128 * 1024
-TURN_BYTES = 192 * 1024
+#: 32 KB (4 MB) made one turn of 50-70 ms (storing them alone: 28 ms of CPU, most of it
+#: indexing the text); 96 KiB is about 1 ms. An input stops once past its budget, so a
+#: turn holds at most TURN_BYTES plus one frame (up to 2 x max_bytes); TURN_BYTES above
+#: BATCH_BYTES leaves the second input (chat lines) at least a frame.
+BATCH_BYTES = 64 * 1024
+TURN_BYTES = 96 * 1024
 
 
 class Inputs:
