@@ -102,12 +102,6 @@ class GuardConfig:
     """
 
     max_per_address: int = 64  # TCP connections from one address on each port
-    # Connections from one address still in their handshake, on all ports: each costs a
-    # CURVE handshake (a few hundred us of the one I/O thread every connection shares),
-    # so a wave of them from one address is a stall for everyone; past this many the
-    # newcomer is cut at accept and its libzmq redials (100 ms later by default).
-    # None: 16, or a quarter of max_per_address if that is more (lifted with it); 0: no cap.
-    max_handshaking: int | None = None
     max_connections: int = 0  # on all ports together; 0: the descriptor limit less a reserve
     claims_per_minute: int = 5  # new names one address may claim per minute (0: no limit)
     claim_timeout: float = 30.0  # seconds a fresh claim has to say hello before it is released
@@ -122,12 +116,6 @@ class GuardConfig:
     max_refusals: int = 1000
     refusal_window: float = 10.0
     cooloff: float = 60.0
-
-    def handshaking_cap(self) -> int:
-        """Connections of one address that may be in their handshake at once (0: any)."""
-        if self.max_handshaking is not None:
-            return self.max_handshaking
-        return max(16, self.max_per_address // 4)
 
     def rcvhwm(self, maxmsgsize: int) -> int:
         return max(1, self.queue_budget // maxmsgsize)
@@ -249,7 +237,6 @@ class ConnectionGuard:
         self.config = config
         self.total_cap = total_cap
         self.pending_cap = max(1, total_cap // 2)  # half stays for connections that finished their handshake
-        self.handshaking_cap = config.handshaking_cap()  # per address (GuardConfig.max_handshaking)
         self.monitors: list[tuple[str, zmq.Socket]] = []
         self.by_fd: dict[tuple[str, int], str] = {}  # (port label, fd) -> address
         self.per_address: dict[tuple[str, str], int] = {}  # (port label, address) -> connections
@@ -257,9 +244,7 @@ class ConnectionGuard:
         # the time they came. libzmq's monitor says that *a* handshake succeeded but not
         # which, so the table is cleaned when it is full (see _make_room).
         self.pending: dict[tuple[str, int], float] = {}
-        # The same entries by address (address -> its keys), for max_handshaking.
-        self.pending_of: dict[str, dict[tuple[str, int], None]] = {}
-        self.cut: dict[str, int] = {"address": 0, "total": 0, "handshakes": 0, "cooling": 0, "handshaking": 0}
+        self.cut: dict[str, int] = {"address": 0, "total": 0, "handshakes": 0, "cooling": 0}
         # Addresses cooling off (set by the broker's thread): their connections are cut
         # at accept until the time given, before a CURVE handshake costs anything.
         self.barred: dict[str, float] = {}
@@ -342,6 +327,7 @@ class ConnectionGuard:
             self.by_fd[key] = address
             slot = (label, address)
             self.per_address[slot] = self.per_address.get(slot, 0) + 1
+            self.pending[key] = now
             reason = ""
             if self.barred and self.barred.get(address, 0.0) > now:
                 reason = "cooling"
@@ -349,18 +335,11 @@ class ConnectionGuard:
                 reason = "address"
             elif len(self.by_fd) > self.total_cap:
                 reason = "total"
-            elif self._handshaking(address, now) >= self.handshaking_cap > 0:
-                reason = "handshaking"
-            else:
-                self.pending[key] = now
-                self.pending_of.setdefault(address, {})[key] = None
             if reason:
                 self.cut[reason] += 1
+                del self.pending[key]
                 _cut(fd)
-                why = {
-                    "cooling": "cooling off after too many refused handshakes",
-                    "handshaking": f"{self.handshaking_cap} of its connections in their handshake already",
-                }.get(reason, f"over the {reason} cap")
+                why = "cooling off after too many refused handshakes" if reason == "cooling" else f"over the {reason} cap"
                 self._warn(now, f"cut a {label} connection from {address} ({why}; {self.per_address[slot]} from it, {len(self.by_fd)} in all)")
             elif len(self.pending) > self.pending_cap:
                 self._make_room(now)
@@ -424,7 +403,7 @@ class ConnectionGuard:
         stale = now - self.config.handshake_timeout - 1.0  # libzmq has ended those still unfinished
         for _ in range(min(len(self.pending), 256)):
             key, since = next(iter(self.pending.items()))
-            self._unpend(key)
+            del self.pending[key]
             if since < stale or _handshake_done(key[1]):
                 continue
             self.cut["handshakes"] += 1
@@ -432,33 +411,9 @@ class ConnectionGuard:
             self._warn(now, f"cut the oldest unfinished handshake (from {self.by_fd.get(key)}); {len(self.pending)} in their handshake")
             return
 
-    def _handshaking(self, address: str, now: float) -> int:
-        """How many of ``address``'s connections are still in their handshake: its
-        entries in the table, less those that finished (asked of the kernel, at most
-        max_handshaking of them) or that libzmq has ended by now."""
-        mine = self.pending_of.get(address)
-        if not mine or len(mine) < self.handshaking_cap:
-            return len(mine) if mine else 0
-        stale = now - self.config.handshake_timeout - 1.0
-        for key in list(mine):
-            if self.pending[key] < stale or _handshake_done(key[1]):
-                self._unpend(key)
-        return len(self.pending_of.get(address, ()))
-
-    def _unpend(self, key: tuple[str, int]) -> None:
-        """Take ``key`` out of the handshake table (and its address's share of it)."""
-        if self.pending.pop(key, None) is None:
-            return
-        address = self.by_fd.get(key, "?")
-        mine = self.pending_of.get(address)
-        if mine is not None:
-            mine.pop(key, None)
-            if not mine:
-                del self.pending_of[address]
-
     def _forget(self, key: tuple[str, int]) -> None:
-        self._unpend(key)
         address = self.by_fd.pop(key, None)
+        self.pending.pop(key, None)
         if address is None:
             return
         slot = (key[0], address)

@@ -217,29 +217,3 @@ async def test_a_lost_disconnect_event_does_not_keep_an_address_counted(tmp_path
     await wait_for(lambda: guard.count("127.0.0.1", "requests") == 0, what="the audit to uncount the stale entry")
     await normal(running, clients, "alice")  # would be over the cap of 1 with the stale entry
     await running.stop()
-
-
-async def test_a_wave_of_handshakes_from_one_address_is_cut_past_its_cap(tmp_path: Path, clients) -> None:
-    """fails without max_handshaking: all 20 connections in their handshake were kept
-    (each a CURVE handshake for the broker's one I/O thread, all at once)."""
-    running = await start_broker(tmp_path / "h.db", GuardConfig(max_handshaking=4, handshake_timeout=60))
-    guard = running.broker.guard  # type: ignore[union-attr]
-    ports = running.broker.ports  # type: ignore[union-attr]
-    socks = open_idle(ports[0], "127.0.0.9", 10) + open_idle(ports[2], "127.0.0.9", 10)  # on all ports together
-    try:
-        await wait_for(lambda: sum(map(ended, socks)) == 16, what="16 of 20 connections to be cut")
-        assert guard.cut["handshaking"] == 16
-        await normal(running, clients, "alice")  # another address is served meanwhile
-        assert sum(map(ended, socks)) == 16  # positive marker above: the 4 in their handshake were kept
-    finally:
-        close_all(socks)
-    await wait_for(lambda: guard.count("127.0.0.9") == 0, what="closed connections to be uncounted")
-    assert "127.0.0.9" not in guard.pending_of  # the table by address empties with its connections
-    again = open_idle(ports[0], "127.0.0.9", 4)  # the address's share is free again
-    try:
-        await wait_for(lambda: guard.count("127.0.0.9", "requests") == 4, what="4 new connections counted")
-        await normal(running, clients, "bob")
-        assert not any(map(ended, again)) and guard.cut["handshaking"] == 16
-    finally:
-        close_all(again)
-    await running.stop()
