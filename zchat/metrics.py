@@ -98,6 +98,7 @@ class Stats:
         self.append_seconds = Histogram()
         self.turn_seconds = Histogram()
         self.turn_items = 0  # inputs taken in the last busy turn: how deep the queues ran
+        self.turn_bytes_max = 0  # most bytes of requests and lines one turn took (TURN_BYTES bounds it)
         self.samples: deque[tuple[float, int, int, int, int]] = deque(maxlen=MAX_SAMPLES)
 
     def error(self, code: str, line: bool) -> None:

@@ -1,5 +1,6 @@
-"""The loop's inputs, each drained in bounded turns (BATCH): subscriptions on the
-XPUB, requests on the ROUTER, chat lines on the PULL."""
+"""The loop's inputs, each drained in bounded turns (BATCH frames, and BATCH_BYTES /
+TURN_BYTES bytes for requests and chat lines): subscriptions on the XPUB, requests on
+the ROUTER, chat lines on the PULL."""
 
 from __future__ import annotations
 
@@ -14,11 +15,32 @@ from zchat.sockio import NOBLOCK, send_parts, take
 
 log = logging.getLogger(__package__)  # one logger for the whole broker: "zchat.broker"
 
+#: Beside BATCH, the bytes of frames one input (requests, chat lines) takes in a turn,
+#: and all inputs together: a turn stores and publishes what it took, so 128 lines of
+#: 32 KB (4 MB) made one turn of 50-70 ms (storing them alone: 28 ms of CPU, most of it
+#: indexing the text); 96 KiB is about 1 ms. An input stops once past its budget, so a
+#: turn holds at most TURN_BYTES plus one frame (up to 2 x max_bytes); TURN_BYTES above
+#: BATCH_BYTES leaves the second input (chat lines) at least a frame.
+BATCH_BYTES = 64 * 1024
+TURN_BYTES = 96 * 1024
+
 
 class Inputs:
     """Reading the sockets (a mixin of Broker): each input taken in a bounded turn."""
 
     # ------------------------------------------------------------ inputs
+
+    turn_bytes = 0  # bytes of request and chat frames taken this turn (the loop resets it)
+
+    def _took(self, size: int) -> None:
+        """Count ``size`` bytes taken this turn (and the most a turn ever took, in Stats)."""
+        self.turn_bytes += size
+        self.stats.turn_bytes_max = max(self.stats.turn_bytes_max, self.turn_bytes)
+
+    def _room_for(self, mine: int) -> bool:
+        """Whether an input that took ``mine`` bytes this turn may take another frame:
+        a turn stores and publishes all it took, so its bytes bound everyone's wait."""
+        return mine < BATCH_BYTES and self.turn_bytes < TURN_BYTES
 
     def _subscriptions(self, now: float) -> None:
         core = self.core
@@ -55,17 +77,20 @@ class Inputs:
 
     def _requests(self, now: float, out: Outcome) -> int:
         """Read requests and chat frames sent over the DEALER until about BATCH requests
-        and lines were taken; return how many frames."""
+        and lines, or about BATCH_BYTES, were taken; return how many frames."""
         core = self.core
         assert core is not None
-        count = taken = 0
-        while taken < BATCH:
+        count = taken = mine = 0
+        while taken < BATCH and self._room_for(mine):
             try:
                 frames = take(self.router, count)
             except zmq.Again:
                 return count
             count += 1
             taken += 1
+            size = sum(len(f) for f in frames)
+            mine += size
+            self._took(size)
             sid = frames[0].bytes.decode("latin-1")
             if len(frames) != 2:
                 core.count("bad_frame")
@@ -114,20 +139,24 @@ class Inputs:
             except Exception:  # a bug met by one request costs that request only
                 self._failed("a request", now)
                 out.error(sid, p.ErrorCode.INTERNAL, "the broker failed to handle this request", rid=req.rid)  # type: ignore[union-attr]
-        self.more_input = True  # stopped at BATCH, not at an empty queue
+        self.more_input = True  # stopped at a budget, not at an empty queue
         return count
 
     def _chat(self, now: float, out: Outcome) -> int:
-        """Read PULL frames until about BATCH chat lines were taken; return how many frames."""
+        """Read PULL frames until about BATCH chat lines, or about BATCH_BYTES (what the
+        turn has left of TURN_BYTES), were taken; return how many frames."""
         core = self.core
         assert core is not None
-        count = lines = 0
-        while lines < BATCH:
+        count = lines = mine = 0
+        while lines < BATCH and self._room_for(mine):
             try:
                 frames = take(self.pull, count)
             except zmq.Again:
                 return count
             count += 1
+            size = sum(len(f) for f in frames)
+            mine += size
+            self._took(size)
             if len(frames) != 1:
                 core.count("bad_frame")
                 self.bad.warn("bad_frame", f"chat line with {len(frames)} frames", now)
@@ -138,7 +167,7 @@ class Inputs:
                 lines += 1
                 continue
             lines += self._lines(frame.get("User-Id"), frame.bytes, now, out)
-        self.more_input = True  # stopped at BATCH, not at an empty queue
+        self.more_input = True  # stopped at a budget, not at an empty queue
         return count
 
     def _lines(self, user: str, data: bytes, now: float, out: Outcome) -> int:

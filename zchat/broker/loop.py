@@ -190,6 +190,7 @@ class Broker(Startup, Zap, Edge, Inputs, Moderating, Searching, Liveness):
                 turn = time.perf_counter()
                 self.core.wall_offset = time.time() - now
                 out = Outcome()
+                self.turn_bytes = 0  # the inputs' byte budget (zchat.broker.inputs)
                 read = self.engine.drain(self.core, now, out)  # what other brokers stored (several brokers)
                 # A failure in one input never stops the broker nor the other inputs;
                 # what was taken before it is still carried out below.
