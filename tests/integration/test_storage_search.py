@@ -170,6 +170,25 @@ async def test_lines_a_transaction_each_are_indexed_a_batch_at_a_time_and_found_
     await store.close()
 
 
+async def test_big_lines_are_indexed_before_a_batch_of_them_grows_large(tmp_path: Path) -> None:
+    """The batch is bounded in bytes too: 64 lines of 30 KB held for one append would
+    make that append (and the broker's turn) index 2 MB of words at once."""
+    from zchat.storage.sqlite import INDEX_BATCH_BYTES
+
+    path = tmp_path / "history.db"
+    store = SqliteStorage(path)
+    await store.open()
+    big = 30 * 1024
+    per_batch = -(-INDEX_BATCH_BYTES // big)  # lines whose text reaches the byte bound
+    assert per_batch < store.index_batch
+    for seq in range(1, per_batch):
+        await store.append([msg("dev", seq, "word " * (big // 5))])
+    assert _indexed(path) == 0
+    await store.append([msg("dev", per_batch, "word " * (big // 5))])
+    assert _indexed(path) == per_batch  # indexed at the byte bound, not at the 64th line
+    await store.close()
+
+
 async def test_lines_not_yet_indexed_are_changed_like_the_others(tmp_path: Path) -> None:
     """A tombstone, an edit or retention of a line stored since the last batch: the batch
     indexes the line as it is by then (or not at all)."""

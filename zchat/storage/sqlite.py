@@ -66,6 +66,9 @@ HANDOFF_BYTES = 1024 * 1024
 #: Search lines stored but not yet in the FTS5 index that make the append reaching them
 #: index them all, in its transaction: one FTS5 segment for the batch instead of one a line.
 INDEX_BATCH = 64
+#: ...or this many bytes of their text, whichever comes first: indexing costs by the
+#: word, so 64 lines of 32 KB in one append would hold a turn (and everyone) ~15 ms.
+INDEX_BATCH_BYTES = 64 * 1024
 #: Seconds close() waits for a checkpoint in progress before closing without it.
 CHECKPOINTER_JOIN_TIMEOUT = 5.0
 
@@ -334,6 +337,7 @@ class SqliteStorage:
         self.epoch = ""
         self.searchable = False  # FTS5 is there (the sqlite3 build may lack it)
         self._unindexed = 0  # lines this storage put in search_rows and not yet in search_text
+        self._unindexed_bytes = 0  # and their text's length (INDEX_BATCH_BYTES)
         self.index_batch = INDEX_BATCH  # 1: every line indexed in the transaction storing it
 
     # ------------------------------------------------------------ lifecycle
@@ -525,7 +529,10 @@ class SqliteStorage:
             indexing = False
             if found:  # ids in the order stored: SQLite's next rowid
                 db.executemany("INSERT INTO search_rows (room, seq) VALUES (?, ?)", [(m.room, m.seq) for m in found])
-                indexing = self._unindexed + len(found) >= self.index_batch
+                size = sum(len(m.text) for m in found)
+                indexing = (
+                    self._unindexed + len(found) >= self.index_batch or self._unindexed_bytes + size >= INDEX_BATCH_BYTES
+                )
                 if indexing:
                     db.execute(_INDEX_SQL)
             for room, name, member in members:
@@ -537,7 +544,11 @@ class SqliteStorage:
                 raise StorageError(f"refused {len(rows)} messages: (room, seq) already stored: {exc}") from exc
             # Disk full, read-only file, I/O error, locked: the store, not the batch.
             raise StorageUnavailable(f"SQLite append failed: {exc}") from exc
-        self._unindexed = 0 if indexing else self._unindexed + len(found)
+        if indexing:
+            self._unindexed = self._unindexed_bytes = 0
+        elif found:
+            self._unindexed += len(found)
+            self._unindexed_bytes += size
         self._wrote(len(rows) + len(members))
 
     def _index(self) -> None:
@@ -553,7 +564,7 @@ class SqliteStorage:
         except sqlite3.Error as exc:
             self._rollback(db)
             raise StorageUnavailable(f"SQLite could not index {self._unindexed} lines for search: {exc}") from exc
-        count, self._unindexed = self._unindexed, 0
+        count, self._unindexed, self._unindexed_bytes = self._unindexed, 0, 0
         self._wrote(count)
 
     def _rollback(self, db: sqlite3.Connection) -> None:
