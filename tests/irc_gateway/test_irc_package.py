@@ -175,3 +175,28 @@ async def test_a_bad_nick_at_registration_is_432(irc_proc: IrcProcess, bots) -> 
     await wait_for(lambda: bot.of("erroneusnickname"), what="432 for a nick zchat cannot name")
     bot.do("nick", "goodnick")
     await wait_for(lambda: bot.of("welcome"), what="001 once a good nick is given")
+
+
+async def test_a_client_speaks_curve_to_a_broker_on_the_port_a_plaintext_test_broker_had(tmp_path: Path, cli_env: dict[str, str]) -> None:
+    """The first test here flaked in full-suite runs only: bob spoke PLAIN to the CURVE
+    broker subprocess (no answer: ConnectError) when an earlier test's plaintext broker
+    had had its port, as that broker's declaration outlived it (one in a few dozen runs,
+    as the suite's plaintext brokers pile up among the 12,000 test ports)."""
+    from tests.conftest import HEARTBEAT, RunningBroker
+    from zchat import keys
+    from zchat.core import Limits
+
+    plain = await RunningBroker(tmp_path / "plain.db", Limits(heartbeat=HEARTBEAT, rate=0)).start()
+    endpoint = plain.endpoint
+    await plain.stop()
+    assert not keys.is_insecure(endpoint)  # its declaration ends with it
+    curve = BrokerProcess(tmp_path / "curve.db", cli_env, "--heartbeat", str(HEARTBEAT))
+    curve.port, curve.endpoint = int(endpoint.rpartition(":")[2]), endpoint
+    curve.start()
+    try:
+        bob = Client(endpoint, "bob")
+        assert not bob.plaintext
+        await bob.connect()
+        await bob.close()
+    finally:
+        curve.stop()
