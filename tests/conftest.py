@@ -19,6 +19,7 @@ from typing import AsyncIterator, Awaitable, Callable, Iterator
 
 import pytest
 
+from zchat import keys
 from zchat.broker import Broker
 from zchat.client import Client
 from zchat.core import Limits
@@ -203,9 +204,10 @@ class BrokerProcess:
         self.proc: subprocess.Popen | None = None
 
     def start(self) -> "BrokerProcess":
+        keys.undeclare_insecure(self.endpoint)  # CURVE here now, whatever a test relay declared on this port before
         cmd = [sys.executable, "-m", "zchat", "broker", "--bind", self.endpoint, "--db", str(self.db), *TEST_EDGE_FLAGS, *self.extra]
         self.proc = subprocess.Popen(cmd, env=self.env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        deadline = time.monotonic() + 15
+        deadline = time.monotonic() + 60  # a hung start only: one that fails ends the wait at once; 3-11 s at load 20
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"broker exited: {self.proc.stdout.read() if self.proc.stdout else ''}")
@@ -213,7 +215,7 @@ class BrokerProcess:
                 if s.connect_ex(("127.0.0.1", self.port + 2)) == 0:
                     return self
             time.sleep(0.02)  # polling interval, not a wait for an event
-        raise RuntimeError("broker did not start listening within 15s")
+        raise RuntimeError("broker did not start listening within 60s")
 
     def stop(self, sig: int = 15) -> str:
         """Signal the broker (SIGTERM by default) and return its output."""

@@ -53,6 +53,18 @@ def declare_insecure(endpoint: str) -> None:
         os.environ[INSECURE_ENV] = ",".join(names + [endpoint])
 
 
+def undeclare_insecure(endpoint: str) -> None:
+    """The plaintext broker at ``endpoint`` has stopped. Its declaration must not outlive
+    it: a CURVE broker started on that port later (test brokers share 12,000 ports) would
+    be spoken to in PLAIN by this process's new clients, and never answer them."""
+    INSECURE_ENDPOINTS.discard(endpoint)
+    names = [e for e in os.environ.get(INSECURE_ENV, "").split(",") if e and e != endpoint]
+    if names:
+        os.environ[INSECURE_ENV] = ",".join(names)
+    else:
+        os.environ.pop(INSECURE_ENV, None)
+
+
 def is_insecure(endpoint: str) -> bool:
     if endpoint in INSECURE_ENDPOINTS or endpoint in os.environ.get(INSECURE_ENV, "").split(","):
         log.info("INSECURE: speaking PLAIN without encryption to the test-only plaintext broker %s", endpoint)

@@ -118,6 +118,7 @@ class Broker(Startup, Zap, Edge, Inputs, Moderating, Searching, Liveness):
                 if sock is not None:
                     sock.close(linger=0)
             self.ctx.term()
+            self._forget_plaintext()
             await self.storage.close()
             raise
 
@@ -325,6 +326,14 @@ class Broker(Startup, Zap, Edge, Inputs, Moderating, Searching, Liveness):
         for sock in (self.router, self.pull, self.xpub, self.zap):
             sock.close(linger=0)
         self.ctx.term()
+        self._forget_plaintext()
+
+    def _forget_plaintext(self) -> None:
+        """A test-only plaintext broker's declaration (keys.declare_insecure) ends with it."""
+        if self.insecure_plaintext and self.endpoint:
+            from zchat import keys
+
+            keys.undeclare_insecure(self.endpoint)
 
     # ------------------------------------------------------------ outputs
 
