@@ -19,6 +19,7 @@ from msgspec import Meta
 
 from zchat import protocol as p
 from zchat import render
+from zchat.client import Gap, Problem, StateChange
 
 #: The largest frame a page may send (a chat line is at most the broker's max_bytes).
 MAX_FRAME = 128 * 1024
@@ -129,12 +130,16 @@ def frames(t: str, items: list[dict], limit: int, **fields: object) -> list[str]
     """``{"t": t, **fields, "items": [...]}`` frames of at most about ``limit``
     characters each (an item bigger than that goes alone): a tab's queue is bounded in
     bytes, so no frame may be a large part of it. Each item is encoded once."""
+    return joined(t, [encode(item) for item in items], limit, **fields)
+
+
+def joined(t: str, texts: list[str], limit: int, **fields: object) -> list[str]:
+    """``frames`` of items encoded already (``texts``, each one JSON object)."""
     head = encode({"t": t, **fields})[:-1] + ',"items":['
     out: list[str] = []
     part: list[str] = []
     size = 0
-    for item in items:
-        text = encode(item)
+    for text in texts:
         if part and size + len(text) > limit:
             out.append(head + ",".join(part) + "]}")
             part, size = [], 0
@@ -143,3 +148,86 @@ def frames(t: str, items: list[dict], limit: int, **fields: object) -> list[str]
     if part or not out:
         out.append(head + ",".join(part) + "]}")
     return out
+
+
+def item(ev: object) -> dict | None:
+    """A live event of the client as an ``events`` item, or None for one the page is not told."""
+    if isinstance(ev, p.Msg):
+        return {"t": "msg", **msg(ev)}
+    if isinstance(ev, p.Presence):
+        return {"t": "presence", "room": ev.room, "name": ev.name, "online": ev.online}
+    if isinstance(ev, StateChange):
+        return {"t": "state", "state": ev.state, "detail": ev.detail}
+    if isinstance(ev, Gap):
+        return {"t": "gap", "room": ev.room, "first": ev.first, "last": ev.last, "reason": ev.reason}
+    if isinstance(ev, Problem):
+        return {"t": "problem", "code": ev.code, "message": ev.message}
+    return None
+
+
+class _Bounded:
+    """A dict of encodings bounded in entries and in total length; the oldest go first."""
+
+    def __init__(self, max_entries: int, max_size: int) -> None:
+        self.max_entries = max_entries
+        self.max_size = max_size
+        self.table: dict[object, str | bytes] = {}
+        self.size = 0
+
+    def keep(self, key: object, value: str | bytes) -> None:
+        if len(value) > self.max_size // 64:
+            return  # a big line is encoded per user rather than crowding out the rest
+        self.table[key] = value
+        self.size += len(value)
+        while len(self.table) > self.max_entries or self.size > self.max_size:
+            self.size -= len(self.table.pop(next(iter(self.table))))
+
+
+class Shared:
+    """Encodings shared by every user of the gateway: one line into a room of 500 web
+    users reaches the gateway 500 times (a Client each, each decoding its own copy), and
+    is turned into JSON once. The key is the whole event (frozen protocol structs: equal
+    fields, equal JSON), never only its room and seq, so a DM, a private room's line or
+    a line edited since can only ever be given its own text. Bounded in entries and in
+    characters (``max_entries``, ``max_chars`` each for items and for whole frames)."""
+
+    def __init__(self, max_entries: int = 1024, max_chars: int = 2 * 1024 * 1024) -> None:
+        self._texts = _Bounded(max_entries, max_chars)  # event -> its item as JSON text
+        self._frames = _Bounded(max_entries, max_chars)  # event -> an ``events`` frame of it alone (UTF-8)
+        self.hits = 0  # encodings taken from here rather than made
+
+    def text(self, ev: object) -> str | None:
+        """The item of ``ev`` as JSON text (None for an event the page is not told)."""
+        if not isinstance(ev, (p.Msg, p.Presence)):  # rare, and per user: not worth keeping
+            got = item(ev)
+            return None if got is None else encode(got)
+        text = self._texts.table.get(ev)
+        if text is None:
+            text = encode(item(ev))
+            self._texts.keep(ev, text)
+        else:
+            self.hits += 1
+        return text  # type: ignore[return-value]
+
+    def frame(self, ev: p.Msg | p.Presence) -> bytes:
+        """The ``events`` frame holding only ``ev``, UTF-8, ready to send: the usual live chunk."""
+        data = self._frames.table.get(ev)
+        if data is None:
+            data = ('{"t":"events","items":[' + self.text(ev) + "]}").encode()  # type: ignore[operator]
+            self._frames.keep(ev, data)
+        else:
+            self.hits += 1
+        return data  # type: ignore[return-value]
+
+    def __len__(self) -> int:
+        return len(self._texts.table) + len(self._frames.table)
+
+
+def events(shared: Shared, evs: list) -> list[bytes]:
+    """The ``events`` frames (UTF-8) of one chunk the client delivered, from ``shared``."""
+    if len(evs) == 1 and isinstance(evs[0], (p.Msg, p.Presence)):
+        return [shared.frame(evs[0])]
+    texts = [t for t in map(shared.text, evs) if t is not None]
+    if not texts:
+        return []
+    return [f.encode() for f in joined("events", texts, FRAME_LIMIT)]
