@@ -49,7 +49,7 @@ async def test_shared_frames_give_each_user_only_their_dms_and_private_rooms(use
         for m in live:
             got.setdefault(m["room"], []).append(m["text"])
         for room in want[name]:  # DMs may also arrive by history (a new conversation): the live ones must be right
-            await tab.until(lambda t, room=room: t.texts(room) == want[name][room], what=f"{name}'s {room}")
+            await tab.until(lambda t, room=room, texts=want[name][room]: t.texts(room) == texts, what=f"{name}'s {room}")
         assert set(got) <= set(want[name]), f"{name} got lines of {set(got) - set(want[name])}"
         for room, texts in got.items():
             assert texts == [t for t in want[name][room] if t in texts], f"{name}'s {room}: {texts}"
