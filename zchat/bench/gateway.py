@@ -156,7 +156,7 @@ async def _web_users(url: str, n: int, lines: int, gateway_pid: int, direct: Any
                     if resp.status != 200:
                         raise RuntimeError(f"sign-up of web{i}: {resp.status} {await resp.text()}")
                     cookie = resp.cookies["zchat_session"].value
-                ws = await websockets.connect(wsurl, origin=url, additional_headers={"Cookie": f"zchat_session={cookie}"}, max_size=None)
+                ws = await websockets.connect(wsurl, origin=url, additional_headers={"Cookie": f"zchat_session={cookie}"}, max_size=None, open_timeout=120)
                 await ws.send(json.dumps({"t": "hello", "since": {}}))
                 sockets.append(ws)
                 readers.append(asyncio.ensure_future(tab(i, ws)))
