@@ -257,6 +257,7 @@ async def _web_users(url: str, n: int, lines: int, gateway_pid: int, direct: Any
     await loop.run_in_executor(None, direct.recv)  # "ready"
     cpu0 = procs.cpu_seconds(gateway_pid)  # (after the direct clients' joins: their presence is not the run's)
     own0 = time.process_time()
+    print(f"bench: {n} tabs open, the lines start (profile the gateway now: py-spy record -p {gateway_pid})", file=sys.stderr, flush=True)
     direct.send("go")
     result = await loop.run_in_executor(None, direct.recv)
     deadline = time.monotonic() + 60

@@ -31,6 +31,7 @@ from zchat.web.tab import (
     CLOSE_TOO_MANY,
     MAX_IN_FLIGHT,
     Tab,
+    framed,
 )
 
 log = logging.getLogger(__name__)
@@ -161,8 +162,9 @@ class UserHub:
         self._broadcast(text.encode())
 
     def _broadcast(self, data: bytes) -> None:
+        whole = framed(data)
         for tab in list(self.tabs):
-            if not tab.send(data):
+            if not tab.send(data, whole):
                 self.tabs.discard(tab)
         if not self.tabs:
             self._arm_idle()

@@ -14,6 +14,7 @@ import asyncio
 import collections
 import logging
 import struct
+import weakref
 
 from aiohttp import WSMsgType, web
 
@@ -48,6 +49,39 @@ def framed(data: bytes) -> bytes:
     return head + data
 
 
+class _Flusher:
+    """One callback a loop pass that writes every tab's burst (not one per tab: a line
+    into a room of 500 web users is 500 bursts)."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        self.tabs: list[Tab] = []
+
+    @classmethod
+    def of(cls, loop: asyncio.AbstractEventLoop) -> _Flusher:
+        flusher = _FLUSHERS.get(loop)
+        if flusher is None:
+            flusher = _FLUSHERS[loop] = cls(loop)
+        return flusher
+
+    def add(self, tab: Tab) -> None:
+        if not self.tabs:
+            self.loop.call_soon(self.run)
+        self.tabs.append(tab)
+
+    def run(self) -> None:
+        tabs, self.tabs = self.tabs, []
+        for tab in tabs:
+            try:
+                tab._flush()
+            except Exception:  # one tab's broken socket must not keep the others' frames
+                log.exception("writing a tab's frames failed")
+                tab.drop(CLOSE_GONE, "connection lost")
+
+
+_FLUSHERS: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _Flusher] = weakref.WeakKeyDictionary()
+
+
 class Tab:
     """The gateway's end of one tab's WebSocket (one per page load).
 
@@ -79,15 +113,17 @@ class Tab:
         self._wake = asyncio.Event()
         self._low = asyncio.Event()  # set while the queue is at most a quarter full
         self._low.set()
+        self._flusher = _Flusher.of(asyncio.get_running_loop())
         self._writer = asyncio.ensure_future(self._write())
 
     def push(self, text: str) -> bool:
         """Queue a frame; False (and the tab is dropped) when over its byte budget."""
         return self.send(text.encode())
 
-    def send(self, data: bytes) -> bool:
-        """Queue a frame given as UTF-8 JSON (shared by every tab it goes to); False (and
-        the tab is dropped) when over its byte budget."""
+    def send(self, data: bytes, whole: bytes | None = None) -> bool:
+        """Queue a frame given as UTF-8 JSON (shared by every tab it goes to; ``whole``:
+        the same with its WebSocket header, ``framed(data)``, made once for them all);
+        False (and the tab is dropped) when over its byte budget."""
         if self.closed:
             return False
         if self._size + self._burst_size + len(data) > self.queue_bytes:
@@ -96,8 +132,8 @@ class Tab:
             return False
         if self._burst_size + len(data) <= BURST_BYTES and (self._burst or self._idle()):
             if not self._burst:
-                asyncio.get_running_loop().call_soon(self._flush)
-            self._burst.append(framed(data))
+                self._flusher.add(self)
+            self._burst.append(whole or framed(data))
             self._burst_size += len(data)
             return True
         self._queue.append(data)
