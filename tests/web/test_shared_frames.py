@@ -78,14 +78,20 @@ async def test_a_backed_up_tab_gets_every_line_once_in_order(users, connect, sit
 
 def test_shared_is_bounded_and_keys_on_the_whole_line() -> None:
     shared = wire.Shared(max_entries=8, max_chars=64 * 1024)
+
+    def frame(*evs: p.Msg) -> bytes:
+        ((data, whole),) = wire.events(shared, list(evs))
+        assert whole.endswith(data) and whole[:1] == b"\x81"  # one text frame, unmasked
+        return data
+
     a = p.Msg(room="@a:b", seq=1, id="x1", ts=1.0, sender="a", text="for b", epoch="e")
     c = p.Msg(room="@c:d", seq=1, id="x1", ts=1.0, sender="c", text="for d", epoch="e")
-    assert b"for b" in shared.frame(a) and b"for d" in shared.frame(c) and b"for b" not in shared.frame(c)
+    assert b"for b" in frame(a) and b"for d" in frame(c) and b"for b" not in frame(c)
+    assert frame(a, c) != frame(c, a) and frame(a, c) is frame(a, c)  # a batch is shared too, in its order
     edited = p.Msg(room="@a:b", seq=1, id="x1", ts=1.0, sender="a", text="for b, edited", epoch="e", edited=2)
-    assert b"edited" in shared.frame(edited)
+    assert b"edited" in frame(edited)
     for i in range(100):
-        shared.frame(p.Msg(room="general", seq=i, id=f"m{i}", ts=1.0, sender="a", text="t" * 100, epoch="e"))
+        frame(p.Msg(room="general", seq=i, id=f"m{i}", ts=1.0, sender="a", text="t" * 100, epoch="e"))
     assert len(shared) <= 16
     big = p.Msg(room="general", seq=999, id="big", ts=1.0, sender="a", text="z" * 5000, epoch="e")
-    shared.frame(big)
-    assert big not in shared._frames.table  # a line over 1/64 of the budget is not kept
+    assert frame(big) is not frame(big)  # a line over 1/64 of the budget is not kept

@@ -31,7 +31,6 @@ from zchat.web.tab import (
     CLOSE_TOO_MANY,
     MAX_IN_FLIGHT,
     Tab,
-    framed,
 )
 
 log = logging.getLogger(__name__)
@@ -161,8 +160,8 @@ class UserHub:
     def broadcast(self, text: str) -> None:
         self._broadcast(text.encode())
 
-    def _broadcast(self, data: bytes) -> None:
-        whole = framed(data)
+    def _broadcast(self, data: bytes, whole: bytes | None = None) -> None:
+        whole = whole or wire.framed(data)
         for tab in list(self.tabs):
             if not tab.send(data, whole):
                 self.tabs.discard(tab)
@@ -178,8 +177,8 @@ class UserHub:
             if isinstance(ev, StateChange) and ev.state == "closed" and not self.closed:
                 self._spawn(self.gateway.drop_user(self.name))
         if self.tabs:
-            for data in wire.events(self.gateway.shared, events):
-                self._broadcast(data)
+            for data, whole in wire.events(self.gateway.shared, events):
+                self._broadcast(data, whole)
 
     # ------------------------------------------------------------ from a tab
 

@@ -13,10 +13,11 @@ from __future__ import annotations
 import asyncio
 import collections
 import logging
-import struct
 import weakref
 
 from aiohttp import WSMsgType, web
+
+from zchat.web.wire import framed
 
 log = logging.getLogger(__name__)
 
@@ -34,19 +35,6 @@ CLOSE_TOO_SLOW = 4008
 CLOSE_SIGNED_OUT = 4001
 CLOSE_TOO_MANY = 4003
 CLOSE_GONE = 4004  # the user's connection to the broker closed (e.g. their key was revoked)
-
-
-def framed(data: bytes) -> bytes:
-    """``data`` as one unmasked WebSocket text frame (RFC 6455 §5.2: a server's frames
-    are not masked), the header aiohttp's writer would put before it."""
-    n = len(data)
-    if n < 126:
-        head = struct.pack("!BB", 0x81, n)
-    elif n < 65536:
-        head = struct.pack("!BBH", 0x81, 126, n)
-    else:
-        head = struct.pack("!BBQ", 0x81, 127, n)
-    return head + data
 
 
 class _Flusher:

@@ -12,6 +12,7 @@ id and ts, and a tab that reconnects says the last seq it holds per room (``hell
 
 from __future__ import annotations
 
+import struct
 from typing import Annotated
 
 import msgspec
@@ -171,16 +172,22 @@ class _Bounded:
     def __init__(self, max_entries: int, max_size: int) -> None:
         self.max_entries = max_entries
         self.max_size = max_size
-        self.table: dict[object, str | bytes] = {}
+        self.table: dict[object, tuple[object, int]] = {}  # key -> (value, its size)
         self.size = 0
 
-    def keep(self, key: object, value: str | bytes) -> None:
-        if len(value) > self.max_size // 64:
+    def keep(self, key: object, value: object, size: int) -> None:
+        if size > self.max_size // 64:
             return  # a big line is encoded per user rather than crowding out the rest
-        self.table[key] = value
-        self.size += len(value)
+        if key in self.table:
+            return
+        self.table[key] = (value, size)
+        self.size += size
         while len(self.table) > self.max_entries or self.size > self.max_size:
-            self.size -= len(self.table.pop(next(iter(self.table))))
+            self.size -= self.table.pop(next(iter(self.table)))[1]
+
+    def get(self, key: object) -> object:
+        got = self.table.get(key)
+        return None if got is None else got[0]
 
 
 class Shared:
@@ -193,7 +200,7 @@ class Shared:
 
     def __init__(self, max_entries: int = 1024, max_chars: int = 2 * 1024 * 1024) -> None:
         self._texts = _Bounded(max_entries, max_chars)  # event -> its item as JSON text
-        self._frames = _Bounded(max_entries, max_chars)  # event -> an ``events`` frame of it alone (UTF-8)
+        self._frames = _Bounded(max_entries, max_chars)  # a chunk (an event, or a tuple of them) -> its frames
         self.hits = 0  # encodings taken from here rather than made
 
     def text(self, ev: object) -> str | None:
@@ -201,33 +208,52 @@ class Shared:
         if not isinstance(ev, (p.Msg, p.Presence)):  # rare, and per user: not worth keeping
             got = item(ev)
             return None if got is None else encode(got)
-        text = self._texts.table.get(ev)
+        text = self._texts.get(ev)
         if text is None:
             text = encode(item(ev))
-            self._texts.keep(ev, text)
+            self._texts.keep(ev, text, len(text))
         else:
             self.hits += 1
         return text  # type: ignore[return-value]
 
-    def frame(self, ev: p.Msg | p.Presence) -> bytes:
-        """The ``events`` frame holding only ``ev``, UTF-8, ready to send: the usual live chunk."""
-        data = self._frames.table.get(ev)
-        if data is None:
-            data = ('{"t":"events","items":[' + self.text(ev) + "]}").encode()  # type: ignore[operator]
-            self._frames.keep(ev, data)
+    def frames(self, evs: list) -> list[tuple[bytes, bytes]]:
+        """The ``events`` frames of a chunk of lines and presence changes (one line, or a
+        batch the broker published at once), each as (UTF-8 JSON, the same with its
+        WebSocket header), made once for every user the chunk reaches."""
+        key = evs[0] if len(evs) == 1 else tuple(evs)
+        got = self._frames.get(key)
+        if got is None:
+            texts = [self.text(ev) for ev in evs]
+            got = [(data, framed(data)) for data in (f.encode() for f in joined("events", texts, FRAME_LIMIT))]  # type: ignore[arg-type]
+            self._frames.keep(key, got, sum(len(data) + len(whole) for data, whole in got))
         else:
             self.hits += 1
-        return data  # type: ignore[return-value]
+        return got  # type: ignore[return-value]
 
     def __len__(self) -> int:
         return len(self._texts.table) + len(self._frames.table)
 
 
-def events(shared: Shared, evs: list) -> list[bytes]:
-    """The ``events`` frames (UTF-8) of one chunk the client delivered, from ``shared``."""
-    if len(evs) == 1 and isinstance(evs[0], (p.Msg, p.Presence)):
-        return [shared.frame(evs[0])]
+def events(shared: Shared, evs: list) -> list[tuple[bytes, bytes]]:
+    """The ``events`` frames of one chunk the client delivered, each as (UTF-8 JSON, the
+    same with its WebSocket header): from ``shared`` when the chunk is lines and presence
+    changes only (as nearly every chunk is), else made for this user."""
+    if evs and all(isinstance(ev, (p.Msg, p.Presence)) for ev in evs):
+        return shared.frames(evs)
     texts = [t for t in map(shared.text, evs) if t is not None]
     if not texts:
         return []
-    return [f.encode() for f in joined("events", texts, FRAME_LIMIT)]
+    return [(data, framed(data)) for data in (f.encode() for f in joined("events", texts, FRAME_LIMIT))]
+
+
+def framed(data: bytes) -> bytes:
+    """``data`` as one unmasked WebSocket text frame (RFC 6455 §5.2: a server's frames
+    are not masked), the header aiohttp's writer would put before it."""
+    n = len(data)
+    if n < 126:
+        head = struct.pack("!BB", 0x81, n)
+    elif n < 65536:
+        head = struct.pack("!BBH", 0x81, 126, n)
+    else:
+        head = struct.pack("!BBQ", 0x81, 127, n)
+    return head + data
