@@ -2,9 +2,10 @@
 
 The gateway is a face: each browser user is a ``zchat.client.Client`` inside it, so
 ordering, gap filling, dedup and resends are the library's. The hub only fans the
-client's events out to tabs (encoded once for all the users a line reaches), answers a reconnecting tab from history,
-and remembers the page's ids (``ref``) of recent lines so that a line the page sends
-again after a reconnect is not posted twice.
+client's events out to tabs (encoded once for all the users a line reaches: see
+``wire.Shared``), answers a reconnecting tab from history, and remembers the page's
+ids (``ref``) of recent lines so that a line the page sends again after a reconnect is
+not posted twice.
 
 Bounds: ``max_users`` clients in a gateway, ``max_tabs`` tabs a user, each tab's queue
 in bytes (zchat.web.tab), ``MAX_REFS`` remembered refs a user. A user with no tab left
