@@ -88,6 +88,9 @@ def test_shared_is_bounded_and_keys_on_the_whole_line() -> None:
     c = p.Msg(room="@c:d", seq=1, id="x1", ts=1.0, sender="c", text="for d", epoch="e")
     assert b"for b" in frame(a) and b"for d" in frame(c) and b"for b" not in frame(c)
     assert frame(a, c) != frame(c, a) and frame(a, c) is frame(a, c)  # a batch is shared too, in its order
+    mid = p.Msg(room="@a:b", seq=2, id="x2", ts=1.0, sender="a", text="middle one", epoch="e")
+    other = p.Msg(room="@a:b", seq=2, id="x2", ts=1.0, sender="a", text="another middle", epoch="e")
+    assert b"middle one" in frame(a, mid, c) and b"another middle" in frame(a, other, c)  # same ends, not the same batch
     edited = p.Msg(room="@a:b", seq=1, id="x1", ts=1.0, sender="a", text="for b, edited", epoch="e", edited=2)
     assert b"edited" in frame(edited)
     for i in range(100):

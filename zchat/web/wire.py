@@ -175,11 +175,14 @@ class _Bounded:
         self.table: dict[object, tuple[object, int]] = {}  # key -> (value, its size)
         self.size = 0
 
-    def keep(self, key: object, value: object, size: int) -> None:
+    def keep(self, key: object, value: object, size: int, replace: bool = False) -> None:
         if size > self.max_size // 64:
             return  # a big line is encoded per user rather than crowding out the rest
-        if key in self.table:
-            return
+        old = self.table.pop(key, None) if replace else self.table.get(key)
+        if old is not None:
+            if not replace:
+                return
+            self.size -= old[1]
         self.table[key] = (value, size)
         self.size += size
         while len(self.table) > self.max_entries or self.size > self.max_size:
@@ -220,15 +223,18 @@ class Shared:
         """The ``events`` frames of a chunk of lines and presence changes (one line, or a
         batch the broker published at once), each as (UTF-8 JSON, the same with its
         WebSocket header), made once for every user the chunk reaches."""
-        key = evs[0] if len(evs) == 1 else tuple(evs)
+        # A batch is keyed on its ends and length (hashing every line of it for every user
+        # cost more than the rest of the lookup) and checked whole on a hit: equal events.
+        one = len(evs) == 1
+        key = evs[0] if one else (evs[0], evs[-1], len(evs))
         got = self._frames.get(key)
-        if got is None:
+        if got is None or not (one or got[0] == evs):  # type: ignore[index]
             texts = [self.text(ev) for ev in evs]
-            got = [(data, framed(data)) for data in (f.encode() for f in joined("events", texts, FRAME_LIMIT))]  # type: ignore[arg-type]
-            self._frames.keep(key, got, sum(len(data) + len(whole) for data, whole in got))
-        else:
-            self.hits += 1
-        return got  # type: ignore[return-value]
+            out = [(data, framed(data)) for data in (f.encode() for f in joined("events", texts, FRAME_LIMIT))]  # type: ignore[arg-type]
+            self._frames.keep(key, (list(evs), out), sum(len(data) + len(whole) for data, whole in out), replace=True)
+            return out
+        self.hits += 1
+        return got[1]  # type: ignore[index]
 
     def __len__(self) -> int:
         return len(self._texts.table) + len(self._frames.table)
@@ -238,12 +244,15 @@ def events(shared: Shared, evs: list) -> list[tuple[bytes, bytes]]:
     """The ``events`` frames of one chunk the client delivered, each as (UTF-8 JSON, the
     same with its WebSocket header): from ``shared`` when the chunk is lines and presence
     changes only (as nearly every chunk is), else made for this user."""
-    if evs and all(isinstance(ev, (p.Msg, p.Presence)) for ev in evs):
+    if evs and set(map(type, evs)) <= _SHAREABLE:
         return shared.frames(evs)
     texts = [t for t in map(shared.text, evs) if t is not None]
     if not texts:
         return []
     return [(data, framed(data)) for data in (f.encode() for f in joined("events", texts, FRAME_LIMIT))]
+
+
+_SHAREABLE = frozenset({p.Msg, p.Presence})
 
 
 def framed(data: bytes) -> bytes:
