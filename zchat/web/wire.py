@@ -198,7 +198,8 @@ class Shared:
     users reaches the gateway 500 times (a Client each, each decoding its own copy), and
     is turned into JSON once. The key is the whole event (frozen protocol structs: equal
     fields, equal JSON), never only its room and seq, so a DM, a private room's line or
-    a line edited since can only ever be given its own text. Bounded in entries and in
+    a line edited since can only ever be given its own text (a batch: its ends and
+    length, and the whole batch compared on a hit). Bounded in entries and in
     characters (``max_entries``, ``max_chars`` each for items and for whole frames)."""
 
     def __init__(self, max_entries: int = 1024, max_chars: int = 2 * 1024 * 1024) -> None:
@@ -230,7 +231,7 @@ class Shared:
         got = self._frames.get(key)
         if got is None or not (one or got[0] == evs):  # type: ignore[index]
             texts = [self.text(ev) for ev in evs]
-            out = [(data, framed(data)) for data in (f.encode() for f in joined("events", texts, FRAME_LIMIT))]  # type: ignore[arg-type]
+            out = _events_frames(texts)  # type: ignore[arg-type]
             self._frames.keep(key, (list(evs), out), sum(len(data) + len(whole) for data, whole in out), replace=True)
             return out
         self.hits += 1
@@ -240,6 +241,9 @@ class Shared:
         return len(self._texts.table) + len(self._frames.table)
 
 
+_SHAREABLE = frozenset({p.Msg, p.Presence})
+
+
 def events(shared: Shared, evs: list) -> list[tuple[bytes, bytes]]:
     """The ``events`` frames of one chunk the client delivered, each as (UTF-8 JSON, the
     same with its WebSocket header): from ``shared`` when the chunk is lines and presence
@@ -247,12 +251,11 @@ def events(shared: Shared, evs: list) -> list[tuple[bytes, bytes]]:
     if evs and set(map(type, evs)) <= _SHAREABLE:
         return shared.frames(evs)
     texts = [t for t in map(shared.text, evs) if t is not None]
-    if not texts:
-        return []
+    return _events_frames(texts) if texts else []
+
+
+def _events_frames(texts: list[str]) -> list[tuple[bytes, bytes]]:
     return [(data, framed(data)) for data in (f.encode() for f in joined("events", texts, FRAME_LIMIT))]
-
-
-_SHAREABLE = frozenset({p.Msg, p.Presence})
 
 
 def framed(data: bytes) -> bytes:
