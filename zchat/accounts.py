@@ -132,6 +132,16 @@ class Accounts:
             raise AccountError("damaged", f"the accounts file {self.path} is damaged ({exc}): restore it from a backup") from None
         self._records, self._seen = records, seen
 
+    def _refresh(self) -> None:
+        """``_load`` for a read. Not while a change holds the lock: it has loaded the
+        file itself and is adding to the records, and swapping them under it would make
+        it save the older ones (losing accounts just made). Its records are current."""
+        if self._lock.acquire(blocking=False):
+            try:
+                self._load()
+            finally:
+                self._lock.release()
+
     @contextlib.contextmanager
     def _changing(self) -> Iterator[None]:
         """Hold the lock of this process and of the directory (``flock`` on a lock file)
@@ -163,16 +173,16 @@ class Accounts:
             raise
 
     def __contains__(self, name: object) -> bool:
-        self._load()
+        self._refresh()
         return name in self._records
 
     def __len__(self) -> int:
-        self._load()
+        self._refresh()
         return len(self._records)
 
     def get(self, name: str) -> Account | None:
         """The account of ``name`` (for the gateway to connect as it), or None."""
-        self._load()
+        self._refresh()
         rec = self._records.get(name)
         if rec is None:
             return None
@@ -219,7 +229,7 @@ class Accounts:
         password all give False, after the same scrypt work."""
         if not isinstance(password, str) or len(password) > MAX_PASSWORD:
             return False
-        self._load()
+        self._refresh()
         rec = self._records.get(name) if isinstance(name, str) else None
         ref = rec if rec is not None else self._dummy
         try:

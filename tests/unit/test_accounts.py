@@ -151,3 +151,31 @@ def test_limiter_memory_is_bounded() -> None:
     for i in range(10_000):
         lim.allow(f"user{i}", f"addr{i}")
     assert len(lim) <= 100
+
+
+def test_reads_during_creates_on_threads_lose_no_account(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The web gateway creates accounts on worker threads while its loop reads: a read
+    that reloads the file must not swap the records under a create in progress (which
+    then saved the older records, losing accounts just made: sign-up answered 500)."""
+    import threading
+
+    monkeypatch.setattr(a, "_hash", lambda password, salt, *rest: b"\0" * a.SCRYPT_LEN)  # the race, not scrypt
+    store = a.Accounts(tmp_path)
+    names = [f"user{i}" for i in range(300)]
+    done = threading.Event()
+
+    def create(part: list[str]) -> None:
+        for name in part:
+            store.create(name, "correct horse")
+
+    threads = [threading.Thread(target=create, args=(names[k::3],)) for k in range(3)]
+    for t in threads:
+        t.start()
+    watcher = threading.Thread(target=lambda: [t.join() for t in threads] and done.set())
+    watcher.start()
+    while not done.is_set():
+        store.get("user0")
+        len(store)
+    watcher.join()
+    assert sorted(a.Accounts(tmp_path)._records) == sorted(names)
+    assert all(store.get(n) is not None for n in names)

@@ -41,6 +41,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     ap.add_argument("--users", type=int, default=500, help="web users, and as many direct clients [500]")
     ap.add_argument("--lines", type=int, default=200, help="lines the sender posts [200]")
     ap.add_argument("--rate", type=float, default=20.0, help="lines a second [20]")
+    ap.add_argument("--reader", choices=("sans-io", "asyncio"), default="sans-io",
+                    help="the tabs' reader: websockets' sans-I/O protocol in asyncio callbacks, or its asyncio client (a task per tab) [sans-io]")
     ap.add_argument("--quick", action="store_true", help="100 users, 100 lines")
     ap.add_argument("--out", help="write the figures as JSON here too")
     ap.add_argument("--keep", action="store_true", help="keep the temporary folder (logs)")
@@ -96,6 +98,7 @@ async def _direct_main(address: str, n: int, lines: int, rate: float, conn: Any)
     await sender.join(ROOM)
     conn.send("ready")
     conn.recv()  # "go"
+    cpu0 = time.process_time()
     start = time.monotonic()
     futures = []
     for k in range(lines):
@@ -107,7 +110,7 @@ async def _direct_main(address: str, n: int, lines: int, rate: float, conn: Any)
     deadline = time.monotonic() + 60
     while min(got) < lines and time.monotonic() < deadline:
         await asyncio.sleep(0.05)  # polling until the receivers have it all
-    conn.send({"delays": delays, "got": sum(got), "complete": sum(1 for g in got if g >= lines)})
+    conn.send({"delays": delays, "got": sum(got), "complete": sum(1 for g in got if g >= lines), "cpu_s": time.process_time() - cpu0})
     conn.recv()  # "stop": the web side is done too
     for c in [*clients, sender]:
         await c.close()
@@ -116,7 +119,75 @@ async def _direct_main(address: str, n: int, lines: int, rate: float, conn: Any)
 # ------------------------------------------------------------------ web users (this process)
 
 
-async def _web_users(url: str, n: int, lines: int, gateway_pid: int, direct: Any) -> dict[str, Any]:
+class _Tab(asyncio.Protocol):
+    """One simulated tab: the websockets library's sans-I/O client protocol on an asyncio
+    transport, each frame parsed and handed to ``on_text`` in ``data_received``.
+
+    The benchmark's 500 tabs stand for browsers on 500 machines, yet here they share the
+    two cores with the gateway, the broker and the direct clients; websockets' asyncio
+    connection wakes a task (and resolves a future) per frame per tab, which made the
+    instrument a large part of the web latency it measures (``--reader asyncio`` keeps
+    that reader, for comparison)."""
+
+    def __init__(self, wsurl: str, origin: str, cookie: str, on_text: Any) -> None:
+        from websockets.client import ClientProtocol
+        from websockets.typing import Origin
+        from websockets.uri import parse_uri
+
+        self.proto = ClientProtocol(parse_uri(wsurl), origin=Origin(origin), max_size=None)
+        self.cookie = cookie
+        self.on_text = on_text
+        self.opened: asyncio.Future = asyncio.get_running_loop().create_future()
+        self.close_code: int | None = None
+        self.transport: asyncio.Transport | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+        request = self.proto.connect()
+        request.headers["Cookie"] = f"zchat_session={self.cookie}"
+        self.proto.send_request(request)
+        self._flush()
+
+    def data_received(self, data: bytes) -> None:
+        from websockets.frames import Frame, Opcode
+        from websockets.http11 import Response
+
+        self.proto.receive_data(data)
+        for ev in self.proto.events_received():
+            if isinstance(ev, Frame):
+                if ev.opcode is Opcode.TEXT:
+                    self.on_text(ev.data)
+            elif isinstance(ev, Response) and not self.opened.done():
+                if self.proto.handshake_exc is not None:
+                    self.opened.set_exception(self.proto.handshake_exc)
+                else:
+                    self.opened.set_result(None)
+        self._flush()
+
+    def _flush(self) -> None:
+        for data in self.proto.data_to_send():
+            if data:
+                self.transport.write(data)  # type: ignore[union-attr]
+            elif self.transport is not None and self.transport.can_write_eof():
+                self.transport.write_eof()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.close_code = self.proto.close_rcvd.code if self.proto.close_rcvd is not None else 1006
+        if not self.opened.done():
+            self.opened.set_exception(ConnectionError(f"closed during the handshake: {exc}"))
+
+    def send(self, text: str) -> None:
+        self.proto.send_text(text.encode())
+        self._flush()
+
+    def close(self) -> None:
+        if self.transport is not None and not self.transport.is_closing():
+            self.proto.send_close()
+            self._flush()
+            self.transport.close()
+
+
+async def _web_users(url: str, n: int, lines: int, gateway_pid: int, direct: Any, reader: str = "sans-io") -> dict[str, Any]:
     """Sign N users up and open a tab for each at once (as the page does), then read."""
     import aiohttp
     import websockets
@@ -130,21 +201,38 @@ async def _web_users(url: str, n: int, lines: int, gateway_pid: int, direct: Any
     readers: list[asyncio.Future] = []
     wsurl = url.replace("http://", "ws://") + "/ws"
 
+    def take(i: int, frame: str | bytes) -> None:
+        data = json.loads(frame)
+        if data["t"] == "welcome":
+            welcomed[i] = True
+        elif data["t"] == "events":
+            t = common.now()
+            for item in data["items"]:
+                if item["t"] == "msg" and item["text"].startswith(MARK):
+                    delays.append(t - common.stamp(item["text"]))
+                    got[i] += 1
+
     async def tab(i: int, ws: Any) -> None:
         try:
             async for frame in ws:
-                data = json.loads(frame)
-                if data["t"] == "welcome":
-                    welcomed[i] = True
-                elif data["t"] == "events":
-                    t = common.now()
-                    for item in data["items"]:
-                        if item["t"] == "msg" and item["text"].startswith(MARK):
-                            delays.append(t - common.stamp(item["text"]))
-                            got[i] += 1
+                take(i, frame)
         except websockets.ConnectionClosed:
             pass
         closes[ws.close_code] += 1
+
+    async def open_tab(i: int, cookie: str) -> None:
+        hello = json.dumps({"t": "hello", "since": {}})
+        if reader == "asyncio":
+            ws = await websockets.connect(wsurl, origin=url, additional_headers={"Cookie": f"zchat_session={cookie}"}, max_size=None, open_timeout=120)
+            await ws.send(hello)
+            sockets.append(ws)
+            readers.append(asyncio.ensure_future(tab(i, ws)))
+            return
+        host, port = url[len("http://"):].rsplit(":", 1)
+        _, proto = await asyncio.get_running_loop().create_connection(lambda: _Tab(wsurl, url, cookie, lambda f: take(i, f)), host, int(port))
+        await asyncio.wait_for(proto.opened, 120)
+        proto.send(hello)
+        sockets.append(proto)
 
     sem = asyncio.Semaphore(16)
     async with aiohttp.ClientSession(cookie_jar=aiohttp.DummyCookieJar()) as http:
@@ -156,10 +244,7 @@ async def _web_users(url: str, n: int, lines: int, gateway_pid: int, direct: Any
                     if resp.status != 200:
                         raise RuntimeError(f"sign-up of web{i}: {resp.status} {await resp.text()}")
                     cookie = resp.cookies["zchat_session"].value
-                ws = await websockets.connect(wsurl, origin=url, additional_headers={"Cookie": f"zchat_session={cookie}"}, max_size=None)
-                await ws.send(json.dumps({"t": "hello", "since": {}}))
-                sockets.append(ws)
-                readers.append(asyncio.ensure_future(tab(i, ws)))
+                await open_tab(i, cookie)
 
         t0 = time.monotonic()
         await asyncio.gather(*(user(i) for i in range(n)))
@@ -168,9 +253,11 @@ async def _web_users(url: str, n: int, lines: int, gateway_pid: int, direct: Any
     while not all(welcomed) and time.monotonic() < deadline:
         await asyncio.sleep(0.05)  # polling until every tab is welcomed
     rss["users"] = procs.rss_bytes(gateway_pid)
-    cpu0 = procs.cpu_seconds(gateway_pid)
     loop = asyncio.get_running_loop()
     await loop.run_in_executor(None, direct.recv)  # "ready"
+    cpu0 = procs.cpu_seconds(gateway_pid)  # (after the direct clients' joins: their presence is not the run's)
+    own0 = time.process_time()
+    print(f"bench: {n} tabs open, the lines start (profile the gateway now: py-spy record -p {gateway_pid})", file=sys.stderr, flush=True)
     direct.send("go")
     result = await loop.run_in_executor(None, direct.recv)
     deadline = time.monotonic() + 60
@@ -178,15 +265,22 @@ async def _web_users(url: str, n: int, lines: int, gateway_pid: int, direct: Any
         await asyncio.sleep(0.05)  # polling until the tabs have it all
     rss["after"] = procs.rss_bytes(gateway_pid)
     cpu = procs.cpu_seconds(gateway_pid) - cpu0
+    own = time.process_time() - own0
     direct.send("stop")
+    for s in sockets:
+        if isinstance(s, _Tab) and s.close_code is not None:
+            closes[s.close_code] += 1
     early = dict(closes)  # tabs the gateway closed during the run (ours are closed below)
-    for ws in sockets:
-        await ws.close()
+    for s in sockets:
+        if isinstance(s, _Tab):
+            s.close()
+        else:
+            await s.close()
     for r in readers:
         r.cancel()
     return {
         "web_delays": delays, "web_got": sum(got), "web_complete": sum(1 for g in got if g >= lines), "closes": early,
-        "direct": result, "rss": rss, "signup_s": signup_s, "gateway_cpu_s": cpu,
+        "direct": result, "rss": rss, "signup_s": signup_s, "gateway_cpu_s": cpu, "reader": reader, "reader_cpu_s": own,
     }
 
 
@@ -201,7 +295,7 @@ def _figures(n: int, lines: int, rate: float, raw: dict[str, Any]) -> dict[str, 
     rss = raw["rss"]
     per_user = (rss["users"] - rss["before"]) / n
     return {
-        "users": n, "lines": lines, "rate": rate, "expected_each": n * lines,
+        "users": n, "lines": lines, "rate": rate, "reader": raw.get("reader", ""), "expected_each": n * lines,
         "web": {"delivered": raw["web_got"], "complete_users": raw["web_complete"], **lat(raw["web_delays"])},
         "direct": {"delivered": raw["direct"]["got"], "complete_users": raw["direct"]["complete"], **lat(raw["direct"]["delays"])},
         "web_close_codes": raw["closes"],
@@ -209,6 +303,9 @@ def _figures(n: int, lines: int, rate: float, raw: dict[str, Any]) -> dict[str, 
         "gateway_rss_per_user_mb": per_user / 2**20,
         "gateway_rss_per_100_users_mb": per_user * 100 / 2**20,
         "gateway_cpu_s": raw["gateway_cpu_s"],
+        # the other CPU of the run: the tabs' reader (this process) and the direct clients' process
+        "reader_cpu_s": raw["reader_cpu_s"],
+        "direct_cpu_s": raw["direct"].get("cpu_s", float("nan")),
         "signup_s": raw["signup_s"],
     }
 
@@ -219,7 +316,7 @@ def _table(f: dict[str, Any]) -> str:
     r = f["gateway_rss_mb"]
     return "\n".join([
         (f"gateway scenario: {f['users']} web users and {f['users']} direct clients in #{ROOM}, "
-         f"{f['lines']} lines at {f['rate']:g}/s ({f['expected_each']} deliveries expected for each kind)"),
+         f"{f['lines']} lines at {f['rate']:g}/s ({f['expected_each']} deliveries expected for each kind); tabs read by {f['reader']}"),
         "",
         "| users | delivered | users with every line | p50 ms | p99 ms | max ms |",
         "| --- | ---: | ---: | ---: | ---: | ---: |",
@@ -230,7 +327,10 @@ def _table(f: dict[str, Any]) -> str:
         (f"gateway RSS: {r['before']:.1f} MB before, {r['users']:.1f} MB with {f['users']} users (a client and a tab each), "
          f"{r['after']:.1f} MB after the run; tabs closed by the gateway: {f['web_close_codes'] or 'none'}"),
         (f"gateway RSS per user: {f['gateway_rss_per_user_mb']:.2f} MB = {f['gateway_rss_per_100_users_mb']:.1f} MB per 100 users "
-         f"(target: under 50); gateway CPU during the run: {f['gateway_cpu_s']:.1f} s; sign-ups took {f['signup_s']:.1f} s"),
+         f"(target: under 50); sign-ups took {f['signup_s']:.1f} s"),
+        (f"CPU during the run: gateway {f['gateway_cpu_s']:.2f} s ({f['gateway_cpu_s'] / f['expected_each'] * 1e6:.0f} µs a delivery), "
+         f"direct clients {f['direct_cpu_s']:.2f} s ({f['direct_cpu_s'] / f['expected_each'] * 1e6:.0f} µs a delivery), "
+         f"the benchmark's tab reader {f['reader_cpu_s']:.2f} s"),
     ])
 
 
@@ -259,7 +359,7 @@ def main(argv: list[str] | None = None) -> int:
               file=sys.stderr)
         parent, child_end = procs.mp().Pipe()
         child = procs.spawn(_direct, address, args.users, args.lines, args.rate, child_end, log=str(tmp / "direct.log"), name="bench-direct")
-        raw = asyncio.run(_web_users(url, args.users, args.lines, web.pid, parent))
+        raw = asyncio.run(_web_users(url, args.users, args.lines, web.pid, parent, args.reader))
         figures = _figures(args.users, args.lines, args.rate, raw)
         print(_table(figures))
         if args.out:

@@ -214,7 +214,7 @@ class Web:
         # gateway's CPU and a deflate state per tab (measured with zchat bench --gateway).
         ws = web.WebSocketResponse(heartbeat=30.0, max_msg_size=wire.MAX_FRAME, compress=False)
         await ws.prepare(request)
-        tab = Tab(ws, session.key, self.config.tab_queue_bytes)
+        tab = Tab(ws, session.key, self.config.tab_queue_bytes, request.transport)
         hub = None
         try:
             first = await ws.receive(timeout=30.0)

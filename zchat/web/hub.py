@@ -2,9 +2,10 @@
 
 The gateway is a face: each browser user is a ``zchat.client.Client`` inside it, so
 ordering, gap filling, dedup and resends are the library's. The hub only fans the
-client's events out to tabs (encoded once), answers a reconnecting tab from history,
-and remembers the page's ids (``ref``) of recent lines so that a line the page sends
-again after a reconnect is not posted twice.
+client's events out to tabs (encoded once for all the users a line reaches: see
+``wire.Shared``), answers a reconnecting tab from history, and remembers the page's
+ids (``ref``) of recent lines so that a line the page sends again after a reconnect is
+not posted twice.
 
 Bounds: ``max_users`` clients in a gateway, ``max_tabs`` tabs a user, each tab's queue
 in bytes (zchat.web.tab), ``MAX_REFS`` remembered refs a user. A user with no tab left
@@ -23,7 +24,7 @@ import zmq.asyncio
 
 from zchat import protocol as p
 from zchat.accounts import Account
-from zchat.client import Client, ClientError, Event, Gap, Problem, StateChange
+from zchat.client import Client, ClientError, Event, StateChange
 from zchat.web import wire
 from zchat.web.tab import (
     CLOSE_GONE,
@@ -158,8 +159,12 @@ class UserHub:
             tab.drop(CLOSE_SIGNED_OUT, "signed out")
 
     def broadcast(self, text: str) -> None:
+        self._broadcast(text.encode())
+
+    def _broadcast(self, data: bytes, whole: bytes | None = None) -> None:
+        whole = whole or wire.framed(data)
         for tab in list(self.tabs):
-            if not tab.push(text):
+            if not tab.send(data, whole):
                 self.tabs.discard(tab)
         if not self.tabs:
             self._arm_idle()
@@ -167,24 +172,14 @@ class UserHub:
     # ------------------------------------------------------------ from the client
 
     def _on_events(self, events: list[Event]) -> None:
-        """Called by the client on the loop: encode the chunk once, push it to every tab."""
-        items: list[dict] = []
+        """Called by the client on the loop: the chunk's frames, encoded once for every
+        user it reaches (``Gateway.shared``), go to every tab."""
         for ev in events:
-            if isinstance(ev, p.Msg):
-                items.append({"t": "msg", **wire.msg(ev)})
-            elif isinstance(ev, p.Presence):
-                items.append({"t": "presence", "room": ev.room, "name": ev.name, "online": ev.online})
-            elif isinstance(ev, StateChange):
-                items.append({"t": "state", "state": ev.state, "detail": ev.detail})
-                if ev.state == "closed" and not self.closed:
-                    self._spawn(self.gateway.drop_user(self.name))
-            elif isinstance(ev, Gap):
-                items.append({"t": "gap", "room": ev.room, "first": ev.first, "last": ev.last, "reason": ev.reason})
-            elif isinstance(ev, Problem):
-                items.append({"t": "problem", "code": ev.code, "message": ev.message})
-        if items and self.tabs:
-            for text in wire.frames("events", items, wire.FRAME_LIMIT):
-                self.broadcast(text)
+            if isinstance(ev, StateChange) and ev.state == "closed" and not self.closed:
+                self._spawn(self.gateway.drop_user(self.name))
+        if self.tabs:
+            for data, whole in wire.events(self.gateway.shared, events):
+                self._broadcast(data, whole)
 
     # ------------------------------------------------------------ from a tab
 
@@ -303,6 +298,7 @@ class Gateway:
         self.trust_new_broker = trust_new_broker
         self.default_rooms = default_rooms
         self.users: dict[str, UserHub] = {}
+        self.shared = wire.Shared()  # live frames, encoded once for all the users they reach
         self._starting: dict[str, asyncio.Lock] = {}
         # A Client has a few ZeroMQ sockets (DEALER, SUB, its monitor's pair); libzmq's
         # default of 1,023 sockets a context would stop the gateway near 250 users.
