@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import RunningBroker, collect, wait_for
+from tests.conftest import BrokerProcess, RunningBroker, collect, wait_for
 from zchat import protocol as p
 from zchat.client import Client, ClientError
 from zchat.core import Limits, Outcome
@@ -145,3 +145,25 @@ async def test_stopped_client_goes_offline_within_three_heartbeats(tmp_path: Pat
             proc.wait()
         await watcher.close()
         await running.stop()
+
+
+async def test_client_sees_a_killed_broker_at_once(tmp_path: Path, cli_env: dict[str, str]) -> None:
+    """The client's DEALER monitor reports the broker's connection ending: the client says
+    "reconnecting" within seconds (heartbeat 60 s), and "connected" again once a broker
+    is back on the same address and history.
+    Fails without the DISCONNECTED path (zchat.client.connection._watch): "connected"
+    until a ping goes unanswered, a heartbeat and a ping's timeout later."""
+    proc = BrokerProcess(tmp_path / "h.db", cli_env, "--heartbeat", str(SLOW_HEARTBEAT)).start()
+    client = Client(proc.endpoint, "alice", "secret-of-alice-0123456789")
+    try:
+        await client.connect()
+        await client.join("general")
+        proc.stop(signal.SIGKILL)
+        await wait_for(lambda: client.state == "reconnecting", timeout=BOUND, what="the client to see its broker gone")
+        proc.start()  # same address, same key directory (cli_env), same history
+        await wait_for(lambda: client.state == "connected", timeout=BOUND + 5, what="connected again")
+        stored = await client.send("general", "back")
+        assert stored.seq >= 1
+    finally:
+        await client.close()
+        proc.stop()
