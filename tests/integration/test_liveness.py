@@ -167,3 +167,34 @@ async def test_client_sees_a_killed_broker_at_once(tmp_path: Path, cli_env: dict
     finally:
         await client.close()
         proc.stop()
+
+
+async def test_a_lazy_pong_waits_for_a_reply_that_goes_anyway(tmp_path: Path) -> None:
+    """A heartbeat's (lazy) pong is held by the broker and goes out with the next reply
+    it sends (here an eager ping's: the tick is 30 s away).
+    Fails on main: nothing is held, the pong goes at once."""
+    running = await RunningBroker(tmp_path / "h.db", Limits(heartbeat=SLOW_HEARTBEAT, rate=0), tick=30.0).start()
+    alice = await _client(running, "alice")
+    try:
+        lazy = asyncio.ensure_future(alice._request(lambda rid: p.Ping(rid=rid, lazy=True), timeout=20))
+        await wait_for(lambda: len(running.broker.held) == 1, what="the lazy pong held")
+        assert not lazy.done()
+        await alice.ping()
+        assert isinstance(await asyncio.wait_for(lazy, 10), p.Pong)
+        assert running.broker.held == []
+    finally:
+        await alice.close()
+        await running.stop()
+
+
+async def test_a_lazy_pong_goes_at_the_tick(tmp_path: Path) -> None:
+    """With nothing else to send, a held pong goes at the broker's next tick (1 s).
+    Fails without the tick's release (Liveness._release_pongs): it never comes."""
+    running = await RunningBroker(tmp_path / "h.db", Limits(heartbeat=SLOW_HEARTBEAT, rate=0)).start()
+    alice = await _client(running, "alice")
+    try:
+        pong = await alice._request(lambda rid: p.Ping(rid=rid, lazy=True), timeout=BOUND)
+        assert isinstance(pong, p.Pong) and "general" in pong.heads
+    finally:
+        await alice.close()
+        await running.stop()

@@ -52,3 +52,18 @@ def test_disconnected_closes_the_session_now() -> None:
     assert out.publish == [] and core.online("alice")  # alice's other device lives
     assert not core.disconnected("nobody", 1.0, Outcome())
     assert core.counters["session_disconnected"] == 2
+
+
+def test_a_lazy_ping_is_answered_later_and_still_counts_as_a_sign_of_life() -> None:
+    """A heartbeat's ping (lazy) puts its pong in Outcome.later, for the shell to send
+    at its tick with the others; an eager ping is answered in this turn as before.
+    Fails on main: the lazy pong was an immediate reply."""
+    core = make(limits=Limits(heartbeat=10.0), members={"dev": {"alice"}})
+    hello(core, "a1", "alice", now=0.0)
+    out = request(core, "a1", "alice", p.Ping(rid=2, lazy=True), now=25.0)
+    assert out.replies == []
+    assert out.later == [("a1", p.Pong(rid=2, boot="B1", epoch="E1", heads={"dev": 0}))]
+    core.tick(31.0, Outcome())
+    assert "a1" in core.sessions, "a lazy ping is a sign of life like any request"
+    out = request(core, "a1", "alice", p.Ping(rid=3), now=32.0)
+    assert out.later is None and [type(body) for _, body in out.replies] == [p.Pong]

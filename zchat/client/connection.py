@@ -36,7 +36,7 @@ _TRANSIENT = frozenset({p.ErrorCode.RATE_LIMITED, p.ErrorCode.INTERNAL, p.ErrorC
 REDIAL_AFTER = 3
 #: Longest wait for a pong (seconds; shorter with a shorter heartbeat). A pong takes
 #: milliseconds; waiting a whole heartbeat for one made a vanished broker seen late.
-PING_TIMEOUT = 10.0
+PING_TIMEOUT = 10.0  # (a lazy ping's pong is given a second more: the broker's tick)
 #: Each wait between pings is the heartbeat times a random factor in this range (the
 #: first after connecting in FIRST_JITTER): clients that connected together (a broker
 #: restart, a bench) do not ping together ever after. The mean stays one heartbeat, and
@@ -366,8 +366,11 @@ class Connection:
                 except TimeoutError:
                     pass
             beat.clear()
+            # Lazy while all is well: the broker may send the pong with others at its next
+            # tick (at most a second later); eager while reconnecting, to be back at once.
+            lazy = self.state == "connected"
             try:
-                pong = await self._request(lambda rid: p.Ping(rid=rid), timeout=self._ping_timeout())
+                pong = await self._request(lambda rid: p.Ping(rid=rid, lazy=lazy), timeout=self._ping_timeout() + lazy)
             except ClientError as exc:  # no_session: _on_reply already says hello again
                 if exc.code != p.ErrorCode.NO_SESSION:
                     self._set_state("reconnecting", exc.message)
