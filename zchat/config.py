@@ -82,7 +82,7 @@ class Settings:
     storage: str = "sqlite"  # "sqlite" or a redis:// URL
     log_level: str = "INFO"
     log_format: str = "text"
-    heartbeat: float = 60.0  # seconds between client pings; presence timeout is 3x (a closed connection: at once)
+    heartbeat: float = 120.0  # seconds between client pings; presence timeout is 3x (a closed connection: at once)
     rate: float = 20.0  # messages per second per user (token bucket refill)
     burst: float = 100.0  # token bucket size
     max_bytes: int = MAX_MESSAGE_BYTES

@@ -61,6 +61,10 @@ MAX_PENDING_CLAIMS = 10_000  # fresh claims waiting for their hello at once
 # to repair what only a lost monitor event leaves behind.
 AUDIT_PERIOD = 600
 AUDIT_MIN = 8
+# The thread wakes for the audit only once in AUDIT_EVERY seconds (checking that many
+# seconds' worth at once): a wake-up a second, with its list of every connection, was
+# most of an idle broker's guard-thread CPU. Events wake it at once whatever this is.
+AUDIT_EVERY = 5.0
 MAX_GONE = 100_000  # ended request connections waiting for the broker's loop to see them
 MAX_REFUSAL_PARTIES = 10_000  # users or addresses whose recent refusals are counted at once
 
@@ -289,16 +293,16 @@ class ConnectionGuard:
             labels[monitor] = label
         self.ready.set()
         stopped = 0
-        next_audit = time.monotonic() + 1.0
+        next_audit = time.monotonic() + AUDIT_EVERY
         try:
             while stopped < len(self.monitors):
                 try:
-                    ready = poller.poll(1000)
+                    ready = poller.poll(max(1, int(1000 * (next_audit - time.monotonic())) + 1))
                 except zmq.ContextTerminated:
                     return
                 if time.monotonic() >= next_audit:  # also while events keep coming
-                    self.audit(max(AUDIT_MIN, -(-len(self.by_fd) // AUDIT_PERIOD)))
-                    next_audit = time.monotonic() + 1.0
+                    self.audit(int(AUDIT_EVERY * max(AUDIT_MIN, -(-len(self.by_fd) // AUDIT_PERIOD))))
+                    next_audit = time.monotonic() + AUDIT_EVERY
                 for monitor, _ in ready:
                     for _ in range(1000):
                         try:

@@ -233,6 +233,9 @@ class Rooms(_Body, tag="rooms"):
 
 class Ping(_Body, tag="ping"):
     rid: Rid
+    # A heartbeat's ping: the broker may hold the pong until its next tick (at most
+    # 1 s) and send it with the others, one wake-up of its I/O thread for all.
+    lazy: bool = False
 
 
 class Bye(_Body, tag="bye"):

@@ -1,21 +1,26 @@
-"""A vanished client goes offline when its connection ends, not three heartbeats later.
+"""A vanished client goes offline when its connection ends, not three heartbeats later;
+a stopped one (its connection open and silent) when its pings stop, within 3 heartbeats.
 
-The brokers here ping rarely (heartbeat 60 s: presence would time out after 180 s), so
-an "offline" within seconds can only come from the socket monitor's DISCONNECTED event
-(zchat.broker.liveness). Clients are real processes, killed with SIGKILL.
+The brokers of the kill tests ping rarely (heartbeat 60 s: presence would time out after
+180 s), so an "offline" within seconds can only come from the socket monitor's
+DISCONNECTED event (zchat.broker.liveness). The SIGSTOP test runs a 1 s heartbeat: the
+kernel keeps answering for the stopped process, so only the presence expiry ends it.
+Clients are real processes, killed with SIGKILL or stopped with SIGSTOP.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import RunningBroker, collect, wait_for
+from tests.conftest import BrokerProcess, RunningBroker, collect, wait_for
 from zchat import protocol as p
 from zchat.client import Client, ClientError
 from zchat.core import Limits, Outcome
@@ -23,6 +28,7 @@ from zchat.core import Limits, Outcome
 PEER = str(Path(__file__).with_name("peer.py"))
 SLOW_HEARTBEAT = 60.0
 BOUND = 8.0  # seconds: the grace for a reconnecting DEALER (3 s), the broker's tick (1 s), a loaded machine
+FAST_HEARTBEAT = 1.0  # the SIGSTOP test's: presence times out after 3 s
 
 
 @pytest.fixture
@@ -109,3 +115,86 @@ async def test_client_comes_back_after_its_session_was_closed(slow_broker: Runni
         assert stored.seq >= 1
     finally:
         await bob.close()
+
+
+async def test_stopped_client_goes_offline_within_three_heartbeats(tmp_path: Path) -> None:
+    """A SIGSTOPped client keeps its connection (the kernel answers keepalive) and says
+    nothing: its user goes offline once 3 heartbeats pass without a ping, and comes back
+    after SIGCONT (its next ping gets no_session and it says hello again).
+    Fails with the tick's presence expiry removed (core.Sessions.tick): online for ever."""
+    running = await RunningBroker(tmp_path / "h.db", Limits(heartbeat=FAST_HEARTBEAT, rate=0)).start()
+    watcher = await _client(running, "watcher")
+    proc = _peer(running, "sleeper")
+    try:
+        assert await asyncio.to_thread(proc.stdout.readline) == "ready\n"
+        assert (await _online(watcher))["sleeper"] is True
+        os.kill(proc.pid, signal.SIGSTOP)
+        bound = running.limits.presence_timeout + FAST_HEARTBEAT + BOUND  # its last ping, the tick, a loaded machine
+        gone = await collect(watcher, 1, timeout=bound, kinds=(p.Presence,), where=lambda e: e.name == "sleeper")
+        assert gone[0].online is False
+        assert (await _online(watcher))["sleeper"] is False
+        assert running.core.counters.get("session_expired", 0) >= 1
+        assert running.core.counters.get("session_disconnected", 0) == 0  # its connection never ended
+        os.kill(proc.pid, signal.SIGCONT)
+        back = await collect(watcher, 1, timeout=bound, kinds=(p.Presence,), where=lambda e: e.name == "sleeper")
+        assert back[0].online is True
+    finally:
+        if proc.poll() is None:
+            os.kill(proc.pid, signal.SIGCONT)
+            proc.kill()
+            proc.wait()
+        await watcher.close()
+        await running.stop()
+
+
+async def test_client_sees_a_killed_broker_at_once(tmp_path: Path, cli_env: dict[str, str]) -> None:
+    """The client's DEALER monitor reports the broker's connection ending: the client says
+    "reconnecting" within seconds (heartbeat 60 s), and "connected" again once a broker
+    is back on the same address and history.
+    Fails without the DISCONNECTED path (zchat.client.connection._watch): "connected"
+    until a ping goes unanswered, a heartbeat and a ping's timeout later."""
+    proc = BrokerProcess(tmp_path / "h.db", cli_env, "--heartbeat", str(SLOW_HEARTBEAT)).start()
+    client = Client(proc.endpoint, "alice", "secret-of-alice-0123456789")
+    try:
+        await client.connect()
+        await client.join("general")
+        proc.stop(signal.SIGKILL)
+        await wait_for(lambda: client.state == "reconnecting", timeout=BOUND, what="the client to see its broker gone")
+        proc.start()  # same address, same key directory (cli_env), same history
+        await wait_for(lambda: client.state == "connected", timeout=BOUND + 5, what="connected again")
+        stored = await client.send("general", "back")
+        assert stored.seq >= 1
+    finally:
+        await client.close()
+        proc.stop()
+
+
+async def test_a_lazy_pong_waits_for_a_reply_that_goes_anyway(tmp_path: Path) -> None:
+    """A heartbeat's (lazy) pong is held by the broker and goes out with the next reply
+    it sends (here an eager ping's: the tick is 30 s away).
+    Fails on main: nothing is held, the pong goes at once."""
+    running = await RunningBroker(tmp_path / "h.db", Limits(heartbeat=SLOW_HEARTBEAT, rate=0), tick=30.0).start()
+    alice = await _client(running, "alice")
+    try:
+        lazy = asyncio.ensure_future(alice._request(lambda rid: p.Ping(rid=rid, lazy=True), timeout=20))
+        await wait_for(lambda: len(running.broker.held) == 1, what="the lazy pong held")
+        assert not lazy.done()
+        await alice.ping()
+        assert isinstance(await asyncio.wait_for(lazy, 10), p.Pong)
+        assert running.broker.held == []
+    finally:
+        await alice.close()
+        await running.stop()
+
+
+async def test_a_lazy_pong_goes_at_the_tick(tmp_path: Path) -> None:
+    """With nothing else to send, a held pong goes at the broker's next tick (1 s).
+    Fails without the tick's release (Liveness._release_pongs): it never comes."""
+    running = await RunningBroker(tmp_path / "h.db", Limits(heartbeat=SLOW_HEARTBEAT, rate=0)).start()
+    alice = await _client(running, "alice")
+    try:
+        pong = await alice._request(lambda rid: p.Ping(rid=rid, lazy=True), timeout=BOUND)
+        assert isinstance(pong, p.Pong) and "general" in pong.heads
+    finally:
+        await alice.close()
+        await running.stop()

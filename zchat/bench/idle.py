@@ -59,6 +59,18 @@ def thread_cpu(pid: int) -> dict[str, float]:
     return out
 
 
+def split_threads(threads: dict[str, float], pid: int) -> dict[str, float]:
+    """Per-thread CPU grouped as the docs' table reads it: the main loop (the thread whose
+    id is the pid), libzmq's I/O thread, and the rest (the connection guard's thread: a
+    Python thread shows as "python" before Python 3.14; libzmq's reaper)."""
+    out = {"main loop": 0.0, "libzmq I/O": 0.0, "guard and other": 0.0}
+    for key, pct in threads.items():
+        name, _, tid = key.rpartition("/")
+        group = "main loop" if tid == str(pid) else "libzmq I/O" if name.startswith("ZMQbg/IO") else "guard and other"
+        out[group] = round(out[group] + pct, 3)
+    return out
+
+
 def measure(clients: int, heartbeat: float | None, seconds: float, workdir: Path, profile: Path | None = None) -> dict[str, Any]:
     """Broker CPU (% of a core) and RSS with ``clients`` idle clients connected."""
     from zchat.bench.scenarios import member_seed, split_groups
@@ -79,10 +91,11 @@ def measure(clients: int, heartbeat: float | None, seconds: float, workdir: Path
         for _ in groups:
             connected += ready.get(timeout=600)
         setup = time.monotonic() - t0
-        # Pings started at connect times spread over the set-up: settle one heartbeat,
-        # then measure over whole heartbeats so every client pinged as often.
-        time.sleep(min(hb, 60.0))
-        window = max(seconds, hb * math.ceil(seconds / hb)) if hb <= seconds else seconds
+        # Pings started at connect times spread over the set-up (and jittered: each wait
+        # 0.8-1.2 heartbeats): settle one heartbeat, then measure over whole heartbeats
+        # (at least one, whatever --seconds says) so every client pinged about as often.
+        time.sleep(hb)
+        window = hb * max(1, math.ceil(seconds / hb))
         stop_profile = None
         if profile is not None:  # py-spy on the broker over the window (threads included)
             from zchat.bench import profile as prof
@@ -99,7 +112,7 @@ def measure(clients: int, heartbeat: float | None, seconds: float, workdir: Path
         return {
             "clients": connected, "heartbeat_s": hb, "window_s": w1 - w0, "setup_s": setup,
             "broker_cpu_pct": 100.0 * (c1 - c0) / (w1 - w0), "broker_rss_mb": procs.rss_bytes(server.pid) / 2**20,
-            "threads_cpu_pct": threads,
+            "threads_cpu_pct": threads, "split_cpu_pct": split_threads(threads, server.pid),
         }
     finally:
         stop.set()
@@ -113,7 +126,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m zchat.bench.idle", description=__doc__.splitlines()[0])
     parser.add_argument("--clients", type=int, default=5000)
     parser.add_argument("--heartbeat", type=float, help="broker heartbeat in seconds [the default Limits]")
-    parser.add_argument("--seconds", type=float, default=60.0, help="measurement window [60]")
+    parser.add_argument("--seconds", type=float, default=60.0, help="measurement window, rounded up to whole heartbeats [60]")
     parser.add_argument("--json", action="store_true")
     parser.add_argument("--profile", metavar="DIR", help="sample the broker with py-spy over the window into DIR")
     args = parser.parse_args(argv)
@@ -131,6 +144,7 @@ def main(argv: list[str] | None = None) -> int:
         f"{out['clients']:,} idle clients, heartbeat {out['heartbeat_s']:g} s: broker {out['broker_cpu_pct']:.2f}% of a core "
         f"over {out['window_s']:.0f} s, RSS {out['broker_rss_mb']:.0f} MB (set-up {out['setup_s']:.0f} s)"
     )
+    print("  per thread: " + ", ".join(f"{group} {pct:.2f}%" for group, pct in out["split_cpu_pct"].items()))
     if args.json:
         print(json.dumps(out))
     if args.profile:

@@ -247,6 +247,9 @@ class Broker(Startup, Zap, Edge, Inputs, Moderating, Searching, Liveness):
                         log.info("%d session(s) gone silent for %.0fs: dropped", live - len(self.core.sessions), self.limits.presence_timeout)
                     next_tick = now + self.tick_every
                     self.stats.sample(now)
+                    self._release_pongs(out)
+                if out.later is not None or self.held:
+                    self._hold_pongs(out)
                 if out.publish:
                     stale[XPUB] = True
                 if out.replies or out.acks or out.queries:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import random
 import secrets
 import time
 
@@ -33,6 +34,29 @@ REJOIN_RETRY = 5.0
 _TRANSIENT = frozenset({p.ErrorCode.RATE_LIMITED, p.ErrorCode.INTERNAL, p.ErrorCode.NO_SESSION, p.ErrorCode.SHUTTING_DOWN, p.ErrorCode.STORAGE_UNAVAILABLE})
 #: Unanswered pings in a row after which the client connects again as a new session.
 REDIAL_AFTER = 3
+#: Longest wait for a pong (seconds; shorter with a shorter heartbeat). A pong takes
+#: milliseconds; waiting a whole heartbeat for one made a vanished broker seen late.
+PING_TIMEOUT = 10.0  # (a lazy ping's pong is given a second more: the broker's tick)
+#: Each wait between pings is the heartbeat times a random factor in this range (the
+#: first after connecting in FIRST_JITTER): clients that connected together (a broker
+#: restart, a bench) do not ping together ever after. The mean stays one heartbeat, and
+#: the longest gap, 1.2 heartbeats plus a ping's timeout, stays inside the broker's
+#: presence timeout (3 heartbeats).
+JITTER = (0.8, 1.2)
+FIRST_JITTER = (0.2, 1.2)
+#: With a heartbeat of at least ALIGN_FROM seconds, a ping leaves at a whole ALIGN
+#: seconds of the wall clock: the pings of one second (a heartbeat's 1/120th of the
+#: clients, spread over the heartbeat by the jitter) reach the broker together, and it
+#: reads them in a few turns instead of waking once for each. Measured: a lone ping
+#: costs the broker two to three times what one of a bunch costs (docs/performance.md).
+ALIGN = 1.0
+ALIGN_FROM = 10.0
+
+
+def aligned(wait: float, now: float) -> float:
+    """``wait`` stretched to end at the next whole ALIGN seconds of the wall clock ``now``."""
+    end = now + wait
+    return wait + (-end) % ALIGN
 
 
 def split_broker(address: str) -> tuple[str, int]:
@@ -127,6 +151,7 @@ class Connection:
         self._take_welcome(welcome)
         self._auth_failed = None  # a refusal from now on (a revoked key) closes the client: see _watch
         self._open_sub(welcome.pub_port)
+        self._beat = asyncio.Event()  # set: ping now (the DEALER's connection ended)
         self._spawn(self._heartbeats(), self._resends(), self._filler())
         self._set_state("connected")
         return welcome
@@ -210,7 +235,8 @@ class Connection:
         # which a DEALER made right after another was closed can reuse before libzmq has
         # released the old monitor's address (EADDRINUSE at a redial or a claim).
         monitor = dealer.get_monitor_socket(
-            zmq.EVENT_HANDSHAKE_FAILED_AUTH | zmq.EVENT_HANDSHAKE_SUCCEEDED, addr=f"inproc://zchat-client-monitor-{secrets.token_hex(8)}"
+            zmq.EVENT_HANDSHAKE_FAILED_AUTH | zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_DISCONNECTED,
+            addr=f"inproc://zchat-client-monitor-{secrets.token_hex(8)}",
         )
         self._socks.append(monitor)
         dealer.connect(self.broker)
@@ -307,6 +333,15 @@ class Connection:
                 # no_session says hello again, a new boot is seen.
                 if handshakes > 1 and self.state != "closed" and (pinging is None or pinging.done()):
                     pinging = asyncio.ensure_future(self._ping_quietly())
+            elif event["event"] == zmq.EVENT_DISCONNECTED:
+                # The broker's process ended (or cut us): say so now, not a heartbeat later,
+                # and ping every second until it answers (a vanished machine: the ping's
+                # timeout tells, as before).
+                if self.state == "connected":
+                    self._set_state("reconnecting", "connection to the broker lost")
+                    beat = getattr(self, "_beat", None)
+                    if beat is not None:
+                        beat.set()
             elif event["event"] == zmq.EVENT_HANDSHAKE_FAILED_AUTH:
                 log.warning("handshake refused by %s (status %s)", self.broker, event["value"])
                 if self._auth_failed is not None and not self._auth_failed.done():
@@ -314,21 +349,43 @@ class Connection:
                 elif self.state != "closed" and not self.plaintext:  # refused after we were in: revoked
                     asyncio.ensure_future(self._refused_later())
 
+    def _ping_timeout(self) -> float:
+        return max(1.0, min(self.heartbeat, PING_TIMEOUT))
+
     async def _ping_quietly(self) -> None:
         try:
-            pong = await self._request(lambda rid: p.Ping(rid=rid), timeout=max(1.0, self.heartbeat))
+            pong = await self._request(lambda rid: p.Ping(rid=rid), timeout=self._ping_timeout())
         except (ClientError, asyncio.TimeoutError):
             return  # the heartbeat carries on from here
         if isinstance(pong, p.Pong) and (pong.boot != self.boot or pong.epoch != self.epoch):
             await self._rehello()
 
     async def _heartbeats(self) -> None:
-        """Ping every heartbeat: keeps presence alive, detects a lost broker and lost tails."""
+        """Ping about every heartbeat (JITTER): keeps presence alive, detects a lost broker
+        and lost tails."""
         unanswered = 0  # pings in a row with no answer
+        jitter = FIRST_JITTER
+        beat = self._beat
         while True:
-            await asyncio.sleep(self.heartbeat if self.state == "connected" else min(1.0, self.heartbeat))
+            if self.state == "connected":
+                wait = self.heartbeat * random.uniform(*jitter)
+                jitter = JITTER
+                if self.heartbeat >= ALIGN_FROM:
+                    wait = aligned(wait, time.time())
+            else:
+                wait = min(1.0, self.heartbeat)
+                jitter = FIRST_JITTER  # back to connected: a new phase, not everyone's
+            if not beat.is_set():
+                try:
+                    await asyncio.wait_for(beat.wait(), wait)
+                except TimeoutError:
+                    pass
+            beat.clear()
+            # Lazy while all is well: the broker may send the pong with others at its next
+            # tick (at most a second later); eager while reconnecting, to be back at once.
+            lazy = self.state == "connected"
             try:
-                pong = await self._request(lambda rid: p.Ping(rid=rid), timeout=max(1.0, self.heartbeat))
+                pong = await self._request(lambda rid: p.Ping(rid=rid, lazy=lazy), timeout=self._ping_timeout() + lazy)
             except ClientError as exc:  # no_session: _on_reply already says hello again
                 if exc.code != p.ErrorCode.NO_SESSION:
                     self._set_state("reconnecting", exc.message)

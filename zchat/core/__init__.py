@@ -162,9 +162,13 @@ class Core(Rooms, Sessions, Lines, Sequencing, Budgets, Moderation, Searching, E
         if self._session(sid, name, req.rid, now, out) is None:
             return
         if isinstance(req, p.Ping):
-            out.replies.append(
-                (sid, p.Pong(rid=req.rid, boot=self.boot, epoch=self.epoch, heads=self.heads_of(name), tokens=self.tokens_of(name)))
-            )
+            pong = (sid, p.Pong(rid=req.rid, boot=self.boot, epoch=self.epoch, heads=self.heads_of(name), tokens=self.tokens_of(name)))
+            if not req.lazy:
+                out.replies.append(pong)
+            elif out.later is None:
+                out.later = [pong]
+            else:
+                out.later.append(pong)
         elif isinstance(req, (p.Join, p.Part)):
             if name == _LOOKER:
                 verb = "join" if isinstance(req, p.Join) else "part"

@@ -16,11 +16,14 @@ if TYPE_CHECKING:
 @dataclasses.dataclass(frozen=True)
 class Limits:
     # Seconds between client pings. Rare on purpose: 5,000 idle clients pinging every
-    # 10 s cost the broker 4.5% of a core. A session ends when its connection does (the
-    # broker's socket monitor, zchat.broker.liveness) or TCP keepalive gives up on a
-    # vanished machine (about 2 minutes); pings only bound a connection that stays open
-    # but silent (3 x heartbeat).
-    heartbeat: float = 60.0
+    # 10 s cost the broker 4.5% of a core, every 60 s about 1%. A session ends when its
+    # connection does (the broker's socket monitor, zchat.broker.liveness) or TCP
+    # keepalive gives up on a vanished machine (about 2 minutes), and a client sees its
+    # broker's process end at once (its DEALER's monitor); pings only bound a
+    # connection that stays open but silent (3 x heartbeat: 6 minutes), a lost tail no
+    # later line reveals (Pong.heads: one heartbeat) and a broker machine that vanished
+    # (1.2 heartbeats and a ping's timeout). docs/protocol.md §9 lists the bounds.
+    heartbeat: float = 120.0
     rate: float = 20.0  # chat (and join/part) lines/second per user; 0 disables the limit
     burst: float = 100.0
     max_bytes: int = p.MAX_MESSAGE_BYTES
@@ -28,7 +31,7 @@ class Limits:
     pub_port: int = 0
     pub_hwm: int = 100_000  # per-subscriber queue on the broker before PUB drops
     # Requests (hello, join, part, history, who, rooms, ping, bye) per second per user
-    # name; 0 disables (and so does rate=0, as for room_rate). A client's heartbeat is one per 60 s; a reconnect with many rooms
+    # name; 0 disables (and so does rate=0, as for room_rate). A client's heartbeat is one per 120 s; a reconnect with many rooms
     # is a hello plus a join and a history page or two per room: the burst covers that.
     request_rate: float = 10.0
     request_burst: float = 100.0

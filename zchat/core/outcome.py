@@ -74,6 +74,9 @@ class Outcome:
     edits: list[tuple[str, int, str, int]] = dataclasses.field(default_factory=list)
     cut: list[str] = dataclasses.field(default_factory=list)
     released: list[str] = dataclasses.field(default_factory=list)
+    # Replies that may wait for the shell's next tick (pongs to lazy pings), made on the
+    # first: most turns have none, and a list per turn is not free.
+    later: list[tuple[str, p.Reply]] | None = None
 
     def error(self, sid: str, code: str, message: str, *, rid: int = 0, cid: str = "", retry_after: float = 0.0) -> None:
         self.replies.append((sid, p.Error(code=code, message=message, rid=rid, cid=cid, retry_after=retry_after)))

@@ -126,6 +126,7 @@ class Sessions:
         devices.discard(sid)
         if not devices:
             self.devices.pop(session.name, None)
+            self._track(session.name)  # its state may be evicted from now on (sweep)
             out.went.append((session.name, False))
             if session.name not in self.elsewhere:
                 self._went(session.name, False, now, out)
@@ -199,7 +200,12 @@ class Sessions:
         users = self._sweep_users
         for _ in range(min(budget, len(users))):
             name = users.popleft()
-            if name in self.devices or not self._evict_user(name, now):
+            if name in self.devices:
+                # Online: nothing of theirs goes. They leave the queue (an idle broker's
+                # tick looked at 1,000 online users a second for nothing) and come back
+                # when their last session closes (_close_session).
+                self._tracked.discard(name)
+            elif not self._evict_user(name, now):
                 users.append(name)
             else:
                 self._tracked.discard(name)
