@@ -253,6 +253,34 @@ def test_a_busy_room_is_limited_for_everyone_but_other_rooms_are_not() -> None:
     assert core.counters["room_limited"] == 2
 
 
+def test_big_lines_cost_by_their_size_for_the_user_and_the_room() -> None:
+    """A token per started 4 KiB: a flood of 32 KB lines gets an eighth as many lines
+    (bytes stored and fanned out) as one of short lines; any line can still pass."""
+    core = make(limits=Limits(rate=20.0, burst=100.0, request_rate=0, room_rate=0), members={"dev": {"bob", "eve"}})
+    hello(core, "s-bob", "bob")
+    hello(core, "s-eve", "eve")
+    big = "x" * 32 * 1024
+    taken = 0
+    while send(core, "eve", "s-eve", f"c{taken}", big, room="dev").store:
+        taken += 1
+    assert taken == 12  # 100 tokens / 8 a line
+    err = only_error(send(core, "eve", "s-eve", "late", big, room="dev"), "s-eve")
+    assert (err.code, err.retry_after) == (E.RATE_LIMITED, pytest.approx((8 - 4) / 20.0))
+    assert all(send(core, "bob", "s-bob", f"c{i}", "short line", room="dev").store for i in range(100))
+    multibyte = "é" * 2100  # 2,100 characters, 4,200 bytes: two tokens
+    core.buckets["bob"].tokens = 2.0
+    assert send(core, "bob", "s-bob", "mb", multibyte, room="dev", now=0.0).store
+    assert core.buckets["bob"].tokens == pytest.approx(0.0)
+
+    room = make(limits=Limits(rate=100.0, burst=100.0, request_rate=0, room_rate=8.0, room_burst=16.0), members={"dev": {"bob"}})
+    hello(room, "s-bob", "bob")
+    assert [bool(send(room, "bob", "s-bob", f"r{i}", big, room="dev").store) for i in range(3)] == [True, True, False]
+    assert room.buckets["bob"].tokens == pytest.approx(100.0 - 16.0)  # the room's refusal gave the user's 8 back
+    tiny = make(limits=Limits(rate=1.0, burst=4.0, request_rate=0, room_rate=0), members={"dev": {"bob"}})
+    hello(tiny, "s-bob", "bob")
+    assert send(tiny, "bob", "s-bob", "t1", big, room="dev").store  # costs the whole bucket, not more
+
+
 def test_the_default_room_budget_is_far_above_a_busy_room() -> None:
     lim = Limits()
     assert lim.room_rate >= 10 * lim.rate and lim.room_burst >= 10 * lim.burst

@@ -71,8 +71,22 @@ class Limits:
         return 3 * self.heartbeat
 
 
+#: A chat line costs one token per started LINE_TOKEN_BYTES of its text (a line of up to
+#: 4 KiB: 1; of 32 KiB: 8), so the per-user and per-room budgets bound bytes as well as
+#: lines: a big line is stored, and encrypted for every subscriber, at its size.
+LINE_TOKEN_BYTES = 4096
+
+
+def line_cost(text: str, burst: float) -> float:
+    """The tokens ``text`` costs (never more than a full bucket: any line can pass)."""
+    if len(text) <= LINE_TOKEN_BYTES // 4:  # at most 4 bytes a character: one token
+        return 1.0
+    return min(float(-(-len(text.encode()) // LINE_TOKEN_BYTES)), burst)
+
+
 class TokenBucket:
-    """Refills ``rate`` tokens a second up to ``burst``; one token per message."""
+    """Refills ``rate`` tokens a second up to ``burst``; one token per message (a chat
+    line: ``line_cost``)."""
 
     __slots__ = ("tokens", "stamp")
 
@@ -80,17 +94,17 @@ class TokenBucket:
         self.tokens = burst
         self.stamp = now
 
-    def take(self, rate: float, burst: float, now: float) -> float:
-        """0.0 if a token was taken, else the seconds until one is available."""
+    def take(self, rate: float, burst: float, now: float, cost: float = 1.0) -> float:
+        """0.0 if ``cost`` tokens were taken, else the seconds until they are there."""
         tokens = self.tokens + (now - self.stamp) * rate
         if not tokens < burst:  # min(burst, tokens), without the call (and as min treats NaN)
             tokens = burst
         self.stamp = now
-        if tokens >= 1.0:
-            self.tokens = tokens - 1.0
+        if tokens >= cost:
+            self.tokens = tokens - cost
             return 0.0
         self.tokens = tokens
-        return (1.0 - tokens) / rate
+        return (cost - tokens) / rate
 
     def full(self, rate: float, burst: float, now: float) -> bool:
         """Whether it has refilled: then dropping it changes nothing."""

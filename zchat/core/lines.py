@@ -4,7 +4,7 @@ the check that a DM conversation may gain its members."""
 from __future__ import annotations
 
 from zchat import protocol as p
-from zchat.core.limits import TokenBucket
+from zchat.core.limits import LINE_TOKEN_BYTES, TokenBucket, line_cost
 from zchat.core.outcome import Outcome
 from zchat.core.sequence import _HEX2, _ack, _Entry
 from zchat.core.sessions import _LOOKER, _MAX_CID_LEN, valid_sid
@@ -12,6 +12,7 @@ from zchat.protocol import ErrorCode as E
 
 # Core.send reads these as module globals: cheaper than an attribute of ``p`` per line.
 _Msg = p.Msg
+_ONE_TOKEN_CHARS = LINE_TOKEN_BYTES // 4  # a text this short costs one token whatever its characters
 _Stored = p.Stored
 
 
@@ -113,7 +114,8 @@ class Lines:
                 if bucket is None:
                     bucket = self.buckets[name] = TokenBucket(burst, now)
                 session.bucket = bucket
-            wait = bucket.take(rate, burst, now)
+            cost = 1.0 if len(text) <= _ONE_TOKEN_CHARS else line_cost(text, burst)
+            wait = bucket.take(rate, burst, now, cost)
             if wait:
                 self._rate_limited(sid, cid, wait, out)
                 return
@@ -128,12 +130,13 @@ class Lines:
                     if not tokens < room_burst:
                         tokens = room_burst
                     room_bucket.stamp = now
-                    if tokens >= 1.0:
-                        room_bucket.tokens = tokens - 1.0
+                    room_cost = min(cost, room_burst)
+                    if tokens >= room_cost:
+                        room_bucket.tokens = tokens - room_cost
                     else:
                         room_bucket.tokens = tokens
-                        bucket.tokens += 1.0  # the line was not taken: the user keeps the token
-                        self._room_limited(sid, room, cid, (1.0 - tokens) / room_rate, out)
+                        bucket.tokens += cost  # the line was not taken: the user keeps its tokens
+                        self._room_limited(sid, room, cid, (room_cost - tokens) / room_rate, out)
                         return
         if new_dm:
             for member in (name, to):
