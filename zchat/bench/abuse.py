@@ -205,7 +205,7 @@ def attacker_source(wanted: str = "127.0.0.2") -> str:
         return "127.0.0.1"
 
 
-def run_row(name: str, seconds: float, folder: Path, rss_cap: int, source: str = "127.0.0.1") -> dict[str, Any]:
+def run_row(name: str, seconds: float, folder: Path, rss_cap: int, source: str = "127.0.0.1", nice: int = 0) -> dict[str, Any]:
     """One attack (or idle) against a fresh broker; the row's figures."""
     folder.mkdir(parents=True)
     seeder = procs.spawn(seed, str(folder / "history.db"), name, log=str(folder / "seed.log"), name="abuse-seed")
@@ -234,7 +234,8 @@ def run_row(name: str, seconds: float, folder: Path, rss_cap: int, source: str =
         start = mono()
         cpu0 = procs.cpu_seconds(broker.pid)
         env = Env(router=broker.router, pull=broker.pull, pub=broker.pub, deadline=start + seconds, stop=stop,
-                  victim_sid=ready["sid"], seconds=seconds, source=source, server_key=broker.server_key, address=broker.address)
+                  victim_sid=ready["sid"], seconds=seconds, source=source, server_key=broker.server_key, address=broker.address,
+                  nice=nice)
         if name != IDLE:
             attack = procs.spawn(attacker, name, env, attack_q, log=str(folder / "attacker.log"), name=f"abuse-{name}")
         end = start + seconds
@@ -478,6 +479,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--rss-cap", type=float, default=3072, metavar="MIB", help="stop an attacker once the broker's RSS passes this [3072]")
     parser.add_argument("--attacker-source", default="127.0.0.2", metavar="ADDR",
                         help="loopback address the attackers connect from; the normal user uses 127.0.0.1 [127.0.0.2]")
+    parser.add_argument("--attacker-nice", type=int, default=0, metavar="N", choices=range(0, 20),
+                        help="run the attackers at niceness N (1-19): on one machine their own CPU (CURVE, "
+                             "building frames flat out) otherwise competes with the broker and the normal user [0]")
     parser.add_argument("--keep", action="store_true", help="keep the temporary folder (broker logs, databases)")
     parser.add_argument("--strict", action="store_true", help="exit 1 if any row misses a target")
     args = parser.parse_args(argv)
@@ -518,7 +522,7 @@ def main(argv: list[str] | None = None) -> int:
         for i, name in enumerate(args.names, 1):
             print(f"[{i}/{len(args.names)}] {name} ({args.seconds:g} s) ...", file=sys.stderr, flush=True)
             try:
-                rows.append(run_row(name, args.seconds, tmp / name, int(args.rss_cap * 2**20), source))
+                rows.append(run_row(name, args.seconds, tmp / name, int(args.rss_cap * 2**20), source, args.attacker_nice))
             except Exception as exc:  # a row that could not be measured is said, not hidden
                 log.exception("row %s failed", name)
                 rows.append({"attack": name, "error": f"{type(exc).__name__}: {exc}"})
@@ -543,7 +547,7 @@ def main(argv: list[str] | None = None) -> int:
             "started": started.isoformat(timespec="seconds"), "seconds": args.seconds,
             "machine": f"{platform.node()} {platform.machine()}, {os.cpu_count()} CPUs, Python {platform.python_version()}",
             "targets": TARGETS, "rss_cap_mib": args.rss_cap, "fd_limit_connection_flood": FD_LIMIT,
-            "attacker_source": source, "normal_source": "127.0.0.1",
+            "attacker_source": source, "normal_source": "127.0.0.1", "attacker_nice": args.attacker_nice,
         }
         Path(args.json).write_text(json.dumps(_plain({"meta": meta, "rows": rows}), indent=2))
     failed = [r for r in rows if "error" in r]

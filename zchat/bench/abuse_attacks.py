@@ -57,6 +57,7 @@ class Env:
     victim_sid: str = ""
     seconds: float = 10.0
     source: str = "127.0.0.1"  # the attacker's own loopback address (the normal user is 127.0.0.1)
+    nice: int = 0  # the attack process's niceness (--attacker-nice): its CPU yields to the broker's
 
     def via(self, endpoint: str) -> str:
         """``endpoint`` connected from the attacker's source address (libzmq's
@@ -749,6 +750,8 @@ ATTACKS: dict[str, Callable[[Env, Saw], None]] = {
 def attacker(name: str, env: Env, results: Any) -> None:
     """Process entry: run one attack, then report what it saw (also after a crash)."""
     logging.basicConfig(level=logging.ERROR)
+    if env.nice > 0:
+        os.nice(env.nice)
     saw = Saw()
     try:
         ATTACKS[name](env, saw)
