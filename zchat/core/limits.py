@@ -81,7 +81,8 @@ def line_cost(text: str, burst: float) -> float:
     """The tokens ``text`` costs (never more than a full bucket: any line can pass)."""
     if len(text) <= LINE_TOKEN_BYTES // 4:  # at most 4 bytes a character: one token
         return 1.0
-    return min(float(-(-len(text.encode()) // LINE_TOKEN_BYTES)), burst)
+    size = len(text) if text.isascii() else len(text.encode())  # isascii: a flag, O(1)
+    return min(float(-(-size // LINE_TOKEN_BYTES)), burst)
 
 
 class TokenBucket:
