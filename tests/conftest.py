@@ -153,17 +153,6 @@ class RunningBroker:
 
 
 @pytest.fixture(autouse=True)
-def _forget_plaintext_declarations() -> Iterator[None]:
-    """Endpoints a test declared plaintext (a relay standing for a test-only PLAIN
-    broker) end with it, as a broker's own declaration ends when it stops: a CURVE
-    broker on that port in a later test would otherwise be spoken to in PLAIN."""
-    before = set(keys.INSECURE_ENDPOINTS)
-    yield
-    for endpoint in keys.INSECURE_ENDPOINTS - before:
-        keys.undeclare_insecure(endpoint)
-
-
-@pytest.fixture(autouse=True)
 def _private_config_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """In-process clients pin brokers' keys (known_brokers) and keep secrets in
     CONFIG_DIR: never in the real user's."""
