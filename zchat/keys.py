@@ -219,12 +219,24 @@ def keys_endpoint(endpoint: str) -> str:
     return f"{base}:{int(port) + KEYS_PORT_OFFSET}"
 
 
-async def fetch_key(endpoint: str, ctx: zmq.asyncio.Context, timeout: float = 2.0) -> str | None:
+async def fetch_key(endpoint: str, ctx: zmq.asyncio.Context, timeout: float = 2.0, attempt: float = 2.0) -> str | None:
     """Ask the broker's plain key endpoint (port P+3) for its public key; None on silence.
 
+    Asked again on a fresh socket every ``attempt`` seconds until ``timeout``: a request
+    written to a connection the broker then cut (its guard frees descriptors by cutting
+    the oldest unfinished handshakes) is never answered, and a DEALER does not resend it.
     Unauthenticated by nature: the answer is only trusted when pinned on first use,
     or checked against a pin or a keyed address.
     """
+    deadline = asyncio.get_running_loop().time() + timeout
+    while True:
+        left = deadline - asyncio.get_running_loop().time()
+        key = await _ask_key(endpoint, ctx, max(0.05, min(attempt, left)))
+        if key is not None or left <= attempt:
+            return key
+
+
+async def _ask_key(endpoint: str, ctx: zmq.asyncio.Context, timeout: float) -> str | None:
     sock = ctx.socket(zmq.DEALER)
     sock.linger = 0
     sock.maxmsgsize = 256
@@ -243,7 +255,7 @@ async def fetch_key(endpoint: str, ctx: zmq.asyncio.Context, timeout: float = 2.
     return key if valid_key(key) else None
 
 
-async def broker_key(address: str, ctx: zmq.asyncio.Context, trust_new: bool = False) -> tuple[str, str]:
+async def broker_key(address: str, ctx: zmq.asyncio.Context, trust_new: bool = False, timeout: float = 2.0) -> tuple[str, str]:
     """(endpoint, key) to use for ``address``: from the address, or from the pin.
 
     An unknown broker is pinned on first use if it is on loopback or ``trust_new``;
@@ -259,7 +271,9 @@ async def broker_key(address: str, ctx: zmq.asyncio.Context, trust_new: bool = F
             log.warning("the key in the address for %s differs from the pinned one; using and pinning the address's", endpoint)
             pin(endpoint, given)
         return endpoint, given
-    presented = await fetch_key(endpoint, ctx)
+    # Pinned: the answer only checks the pin (CURVE fails against an impostor anyway), so
+    # a silent endpoint is not waited for long; unknown: the answer is the key itself.
+    presented = await fetch_key(endpoint, ctx, timeout if known is None else min(timeout, 2.0))
     if known is not None:
         if presented is not None and presented != known:
             raise KeyError_(

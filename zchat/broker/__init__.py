@@ -52,17 +52,19 @@ async def serve(
     import signal
 
     broker = Broker(bind, storage, limits, guard=guard, **security)
-    await broker.start()
     server = None
     if metrics:
         from zchat.metrics import start_metrics
 
-        try:
-            server = start_metrics(broker, metrics, metrics_public)
-        except BaseException:
-            broker.stop()  # run() closes sockets and storage on its way out
-            await broker.run()
-            raise
+        # Before the broker binds: a flood of connections at start-up can take every
+        # descriptor, and the metrics port and prometheus-client's imports need some.
+        server = start_metrics(broker, metrics, metrics_public)
+    try:
+        await broker.start()
+    except BaseException:
+        if server is not None:
+            server.close()
+        raise
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, broker.stop)

@@ -6,10 +6,12 @@ from __future__ import annotations
 import logging
 import os
 import secrets
+import threading
 import time
 from typing import Any
 
 import zmq
+from zmq.utils import z85
 
 from zchat import __version__, auth, keys
 from zchat import protocol as p
@@ -19,6 +21,7 @@ from zchat.broker.constants import (
     ZAP_DOMAIN,
     ZAP_ENDPOINT,
 )
+from zchat.broker.engines import engine_for
 from zchat.core import Core, Limits
 from zchat.guard import ConnectionGuard, connection_cap, raise_fd_limit
 
@@ -64,6 +67,10 @@ class Startup:
                     self.key_names[key] = name
                     self.name_keys.setdefault(name, []).append(key)
             self.revoked = await self.storage.revoked_keys()  # refused at ZAP, also after a restart
+        # Everything that imports a module or opens a file comes before the first bind:
+        # from then on a flood of connections can take every descriptor (the guard cuts
+        # the excess, but only after libzmq accepted it), and an import then fails.
+        self.engine = engine_for(self.storage, self._poke)
         self.guard = ConnectionGuard(self.ctx, g, connection_cap(g, soft))
         self.zap = self._socket(zmq.REP)
         self.zap.bind(ZAP_ENDPOINT)
@@ -139,9 +146,6 @@ class Startup:
             recent=recent, id_prefix=secrets.token_hex(4) + "-", wall_offset=time.time() - time.monotonic(),
             rooms_state=rooms_state, new_token=lambda: secrets.token_hex(8), admins=self._admin_names(),
         )
-        from zchat.broker.engines import engine_for
-
-        self.engine = engine_for(self.storage, self._poke)
         await self.engine.start(self.core)
         lim = self.core.limits
         log.info(
@@ -156,8 +160,6 @@ class Startup:
 
     def _admin_names(self) -> set[str]:
         """The admins' names: as given, and the names of the keys given (auth.is_admin)."""
-        from zmq.utils import z85
-
         names = {entry for entry in self.admins if p.valid_name(entry)}
         for key, name in self.key_names.items():
             if z85.encode(key).decode() in self.admins:
@@ -196,8 +198,6 @@ class Startup:
                 log.exception("the key endpoint failed; clients must get the key in the address")
             finally:
                 sock.close(linger=0)
-
-        import threading
 
         threading.Thread(target=serve, name="zchat-key", daemon=True).start()
         self.keysock = None  # type: ignore[assignment]  # the thread's now

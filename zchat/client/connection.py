@@ -97,13 +97,14 @@ class Connection:
         self.plaintext = keys.is_insecure(self.broker)
         self.server_key = None
 
-    async def _learn_key(self) -> None:
-        """The broker's key, from the address or the pins (BrokerKeyError if unknown)."""
+    async def _learn_key(self, timeout: float = 2.0) -> None:
+        """The broker's key, from the address or the pins (BrokerKeyError if unknown);
+        a silent key endpoint is asked again until ``timeout``."""
         if not self.plaintext and self.server_key is None:
             from zchat import keys
 
             try:
-                _, self.server_key = await keys.broker_key(self.address, self._ctx, self.trust_new_broker)
+                _, self.server_key = await keys.broker_key(self.address, self._ctx, self.trust_new_broker, timeout)
             except keys.KeyError_ as exc:
                 raise BrokerKeyError("broker_key", str(exc)) from None
 
@@ -144,7 +145,7 @@ class Connection:
         raise AssertionError("unreachable")  # pragma: no cover
 
     async def _connect_here(self, timeout: float) -> p.Welcome:
-        await self._learn_key()
+        await self._learn_key(timeout)
         welcome = await self._hello(timeout)
         if welcome.name == p.LOOKER and not self.looking:
             welcome = await self._claim(timeout)

@@ -13,6 +13,8 @@ comes from the shell (``new_token``): the core holds no randomness.
 
 from __future__ import annotations
 
+from bisect import bisect_left, insort
+
 from zchat import protocol as p
 from zchat.core.outcome import BROKER_SCOPE, Outcome
 from zchat.protocol import ErrorCode as E
@@ -52,8 +54,6 @@ class Moderation:
 
     def _set_private(self, room: str, private: bool) -> None:
         """A private room is out of the public index and its topic carries a token."""
-        from bisect import bisect_left, insort
-
         index = self.room_index
         i = bisect_left(index, room)
         listed = i < len(index) and index[i] == room
