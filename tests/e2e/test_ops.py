@@ -82,7 +82,7 @@ async def test_metrics_scraped_over_http_move_with_real_traffic(metrics_broker: 
     rogue = zmq.asyncio.Context.instance().socket(zmq.DEALER)
     rogue.linger = 0
     # A CURVE peer with a fresh key: a look-only session, which claims no name.
-    server_key = await keys.fetch_key(metrics_broker.endpoint, zmq.asyncio.Context.instance())
+    server_key = await keys.fetch_key(metrics_broker.endpoint, zmq.asyncio.Context.instance(), timeout=30)  # asked again until then (2 s was short at load 7)
     assert server_key
     rogue.curve_serverkey = server_key.encode()
     rogue.curve_publickey, rogue.curve_secretkey = zmq.curve_keypair()
