@@ -25,6 +25,7 @@ from tests.integration.conftest import _free_port, _pings
 from zchat import protocol as p
 from zchat.broker.engines.redis import BEAT, PRESENCE_TTL
 from zchat.client import Client
+from zchat.recovery import Gap
 from zchat.storage.redis import RedisStorage
 
 HEARTBEAT = 0.5
@@ -139,6 +140,7 @@ class View:
         self.name = client.name
         self.seen: dict[str, dict[int, tuple[str, str, str]]] = {}
         self.doubled: list[p.Msg] = []
+        self.gaps: list[Gap] = []  # none may come: everything acked is in history
         client.listen(self.on)
 
     def on(self, events: list) -> None:
@@ -148,6 +150,8 @@ class View:
                 if event.seq in room:
                     self.doubled.append(event)
                 room[event.seq] = (event.sender, event.kind, event.text)
+            elif isinstance(event, Gap):
+                self.gaps.append(event)
 
     def texts(self, room: str) -> list[str]:
         return [t for _, kind, t in self.seen.get(room, {}).values() if kind == "text"]
@@ -221,12 +225,19 @@ async def _check_views(acked: list[p.Stored], texts: dict[str, str], readers: li
     """Every acked line in every reader's view exactly once, under its acked seq."""
     want = {s.seq for s in acked}
     for v in readers:
-        await wait_for(lambda v=v: want <= set(v.seen.get(room, {})), 30, f"{v.name} to see every acked line")
+        try:
+            await wait_for(lambda v=v: want <= set(v.seen.get(room, {})), 30, f"{v.name} to see every acked line")
+        except AssertionError as exc:
+            missing = sorted(want - set(v.seen.get(room, {})))
+            raise AssertionError(
+                f"{exc}: missing seqs {missing[:30]} of {len(want)} (saw {len(v.seen.get(room, {}))}); gaps {v.gaps}"
+            ) from None
         for s in acked:
             assert v.seen[room][s.seq][2] == texts[s.cid], (v.name, s)
         mine = v.texts(room)
         assert len(mine) == len(set(mine)), f"{v.name} saw a line twice"
         assert not v.doubled
+        assert not v.gaps, f"{v.name}: {v.gaps}"
 
 
 async def _send_all(clients: list[Client], room: str, count: int, pause: float) -> tuple[list[p.Stored], dict[str, str]]:

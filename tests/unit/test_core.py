@@ -893,3 +893,43 @@ def test_dedup_behaves_as_the_plain_model(
         for n in range(7):
             assert core.dedup.get((user, f"c{n}")) == model.get(user, f"c{n}")
             assert ((user, f"c{n}") in core.dedup) == (model.get(user, f"c{n}") is not None)
+
+
+# ------------------------------------------------------------------ several brokers: renumber
+
+
+def test_a_duplicate_renumbered_by_the_shared_store_leaves_no_phantom_head() -> None:
+    """Several brokers: the core's seqs are placeholders until the store's script gives the
+    real ones. A resend the store already held (its first ack was lost with a Redis
+    restart) is a duplicate there and takes no seq, so the core's head must come back to
+    the store's. Before, it stayed at the placeholder: Pongs and history replies told a
+    head one past the real one, readers asked history for it, got nothing and skipped the
+    seq as "no longer in history", then dropped the real line that took it
+    (tests/e2e/test_several_brokers.py, Redis restarted under load, CI 2026-12-01)."""
+    core = two_in_dev(heads={"dev": 5})
+    out = send(core, "alice", "a1", "c-resent", room="dev")
+    [placeholder] = out.store
+    assert placeholder.seq == 6 and core.heads["dev"] == 6
+    pong = Outcome()
+    core.request("b1", "bob", p.Ping(rid=3), 0.0, pong)  # a reply of the same turn, told before the store ran
+    out.replies += pong.replies
+    core.renumber(out, {placeholder.id: (4, "first-id", 1.5)}, {"dev": 5})  # the store held it as seq 4
+    assert out.store == [] and out.publish == []
+    assert core.heads["dev"] == 5
+    assert out.acks["a1"] == [p.Stored("c-resent", "dev", 4, "first-id", 1.5)]
+    [(_, told)] = [r for r in out.replies if isinstance(r[1], p.Pong)]
+    assert told.heads.get("dev", 5) == 5
+    again = Outcome()
+    core.request("b1", "bob", p.Ping(rid=4), 0.0, again)
+    [(_, later)] = again.replies
+    assert later.heads.get("dev", 5) == 5
+    nxt = send(core, "alice", "a1", "c-next", room="dev")
+    assert [m.seq for m in nxt.store] == [6]  # the next line's placeholder follows the real head
+
+
+def test_renumber_raises_the_head_to_the_stores_when_others_stored_first() -> None:
+    core = two_in_dev(heads={"dev": 5})
+    out = send(core, "alice", "a1", "c1", room="dev")
+    [placeholder] = out.store
+    core.renumber(out, {placeholder.id: (9, None, 0.0)}, {"dev": 9})  # other brokers took 6..8
+    assert [m.seq for m in out.store] == [9] and core.heads["dev"] == 9

@@ -313,7 +313,10 @@ class Sequencing:
         renamed: dict[str, p.Msg | None] = {}
         acked: dict[str, p.Stored] = {}
         store = []
+        before: dict[str, int] = {}  # room -> the core's head before this turn's placeholders
         for msg in out.store:
+            if msg.seq <= before.get(msg.room, msg.seq):
+                before[msg.room] = msg.seq - 1
             seq, first_id, first_ts = given[msg.id]
             if first_id is None:
                 new = msgspec.structs.replace(msg, seq=seq)
@@ -338,10 +341,12 @@ class Sequencing:
             for i, item in enumerate(items):
                 if item.id in acked:
                     items[i] = acked[item.id]
+        # The store's head is the real one: placeholders past it were never given out (a
+        # duplicate takes no seq), and a head left on one would be a seq no reader can
+        # ever fetch. What the core saw before this turn is real too (it came from the store).
         for room, head in heads.items():
-            if head > self.heads.get(room, 0):
-                self.heads[room] = head
-        self._retell_heads(out, heads, max)
+            self.heads[room] = max(head, before.get(room, self.heads.get(room, 0)))
+        self._retell_heads(out, heads, lambda told, real: real)
 
     def member_elsewhere(self, room: str, name: str, member: bool) -> bool:
         """Another broker changed ``room``'s membership (several brokers); whether that
