@@ -35,6 +35,9 @@ from zchat.storage import Storage, StorageUnavailable
 
 log = logging.getLogger(__package__)  # one logger for the whole broker: "zchat.broker"
 
+#: A turn this long (seconds) is logged at DEBUG with what it held (Broker._slow_turn).
+SLOW_TURN = 0.005
+
 
 class Broker(Startup, Zap, Edge, Inputs, Moderating, Searching, Liveness):
     """The broker process's state and loop; its parts (start-up, ZAP, edge requests,
@@ -96,6 +99,7 @@ class Broker(Startup, Zap, Edge, Inputs, Moderating, Searching, Liveness):
         self.engine: Engine = LocalEngine(storage)
         self._liveness_init()
         self.more_input = False  # an input stopped at its BATCH this turn (set by zchat.broker.inputs)
+        self.store_took = 0.0  # seconds the last turn's store took (for the slow-turn log)
 
     # ------------------------------------------------------------ set-up
 
@@ -259,7 +263,10 @@ class Broker(Startup, Zap, Edge, Inputs, Moderating, Searching, Liveness):
                 except Exception:  # never let one bad turn take the broker down
                     log.exception("failed to carry out a batch (%d to store)", len(out.store))
                 if read:
-                    self.stats.turn_seconds.observe(time.perf_counter() - turn)
+                    took = time.perf_counter() - turn
+                    self.stats.turn_seconds.observe(took)
+                    if took >= SLOW_TURN and log.isEnabledFor(logging.DEBUG):
+                        self._slow_turn(took, read, out)
                     self.stats.turn_items = read
                     if self.more_input:  # more is queued: let other tasks run, then look again
                         self.more_input = False
@@ -294,6 +301,14 @@ class Broker(Startup, Zap, Edge, Inputs, Moderating, Searching, Liveness):
             await self.storage.close()
             log.info("broker stopped; history closed cleanly")
             self.stopped.set()
+
+    def _slow_turn(self, took: float, read: int, out: Outcome) -> None:
+        """Say what a slow turn held (DEBUG): finding what made one user's call slow."""
+        log.debug(
+            "slow turn %.1f ms at %.3f: %d inputs, %d bytes, stored %d in %.1f ms, %d published, %d replies, %d acks",
+            took * 1e3, time.monotonic(), read, self.turn_bytes, len(out.store), self.store_took * 1e3,
+            len(out.publish), len(out.replies), len(out.acks),
+        )
 
     def _failed(self, what: str, now: float) -> None:
         """Log a bug met while handling input (with its traceback, at most once a second)."""
@@ -350,6 +365,7 @@ class Broker(Startup, Zap, Edge, Inputs, Moderating, Searching, Liveness):
         assert core is not None
         stats = self.stats
         now = time.monotonic()
+        self.store_took = 0.0
         if out.store or out.members or out.room_changes:
             began = time.perf_counter()
             rooms_stored = False
@@ -375,7 +391,8 @@ class Broker(Startup, Zap, Edge, Inputs, Moderating, Searching, Liveness):
             else:
                 if self.outage.since:
                     self.outage.stored(time.monotonic())
-            stats.append_seconds.observe(time.perf_counter() - began)
+            self.store_took = time.perf_counter() - began
+            stats.append_seconds.observe(self.store_took)
         if out.went or out.members or out.room_changes:
             await self.engine.after(core, out)
         if out.tombstones or out.cut or out.released or out.edits:
@@ -383,12 +400,13 @@ class Broker(Startup, Zap, Edge, Inputs, Moderating, Searching, Liveness):
         self._publish(out.publish)
         encode = p.encode
         router = self.router
+        weights = out.weights or {}
         for sid, body in out.replies:
             kind = type(body)
             if kind is p.Error:
                 stats.error(body.code, bool(body.cid))  # type: ignore[union-attr]
                 if body.code in COUNTED_REFUSALS:  # type: ignore[union-attr]
-                    self._refused(sid, body, now)  # type: ignore[arg-type]
+                    self._refused(sid, body, now, weights.get(id(body), 1.0))  # type: ignore[arg-type]
             elif kind is p.StatusReply:
                 body = fill_status(self, body)  # type: ignore[arg-type]
             send_parts(router, [sid.encode("latin-1"), encode(body)])
