@@ -14,8 +14,10 @@ key serves every history query) and a thread hop would cost more than it saves.
 
 Checkpoints (copying the WAL back into the main file, and fsyncs) stay off the broker's
 thread. Its connection has ``wal_autocheckpoint=0``; a daemon thread with a connection
-of its own runs a PASSIVE checkpoint, which never blocks the writer, every
-CHECKPOINT_EVERY seconds while there are writes. SQLite starts the WAL over only when a
+of its own runs a PASSIVE checkpoint, which never blocks the writer, once the broker
+wrote about CHECKPOINT_BYTES or CHECKPOINT_EVERY seconds after a write, whichever comes
+first (rarely: the commit after a full checkpoint syncs the WAL header on the broker's
+thread). SQLite starts the WAL over only when a
 write begins with every frame copied, which back-to-back commits can keep from ever
 happening: once the WAL passes WAL_LIMIT_BYTES, the thread copies until little is left
 and the broker's thread runs one PASSIVE checkpoint right after a commit, copying that
@@ -32,6 +34,7 @@ import os
 import secrets
 import sqlite3
 import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Sequence
@@ -55,10 +58,19 @@ log = logging.getLogger(__name__)
 _SQLITE_HEADER = b"SQLite format 3\x00"
 _COLUMNS = "room, seq, id, ts, sender, kind, text, to_name, cid, ref, edited"
 
-#: Seconds between background checkpoints while there are writes. A line a transaction
-#: rewrites the same pages over and over; a checkpoint copies each page once and fsyncs
-#: once, so 0.25 s (not 0.05) cut the checkpoint thread's CPU per quiet line by 3-4x.
-CHECKPOINT_EVERY = 0.25
+#: Most seconds between background checkpoints while there are writes... A line a
+#: transaction rewrites the same pages over and over; a checkpoint copies each page once
+#: and fsyncs once. And each checkpoint that copies the whole WAL makes the broker's next
+#: commit start the WAL over, and SQLite syncs the new WAL header then, even at
+#: synchronous=NORMAL (ticket ff5be73dee): an fdatasync on the broker's thread, in front
+#: of everyone (several ms on a VM, tens while the disk flushes a checkpoint). Every 0.25 s
+#: that was 3-4 such syncs a second at 10 lines a second; every 2 s, one in 2 s.
+CHECKPOINT_EVERY = 2.0
+#: ...or sooner, once the broker wrote about this much to the WAL since the last one
+#: (estimated: its lines' text and CHECKPOINT_PAGES pages a commit).
+CHECKPOINT_BYTES = 4 * 1024 * 1024
+#: The pages a commit is counted as besides its text (a table leaf, index leaves, meta).
+CHECKPOINT_PAGES = 4
 #: A WAL that has not started over by this size gets a checkpoint on the broker's thread...
 WAL_LIMIT_BYTES = 16 * 1024 * 1024
 #: ...once a background checkpoint had no more than this to copy (so the broker's is short).
@@ -233,6 +245,9 @@ class _Checkpointer(threading.Thread):
         self.path = path
         self.sync_fd = sync_fd  # the main file, opened (and closed) by SqliteStorage
         self.written = 0
+        # Bytes the broker estimates it wrote to the WAL since the last checkpoint began
+        # (its thread adds, this one zeroes: a lost update only moves one checkpoint).
+        self.pending = 0
         self.idle = False
         self.request: str | None = None
         self.wake = threading.Event()
@@ -259,6 +274,18 @@ class _Checkpointer(threading.Thread):
         finally:
             if conn is not None:
                 conn.close()
+
+    def _gather(self) -> bool:
+        """Wait until the broker wrote CHECKPOINT_BYTES or CHECKPOINT_EVERY passed (the
+        broker sets ``wake`` when the bytes are there); True: stop instead."""
+        deadline = time.monotonic() + CHECKPOINT_EVERY
+        while self.pending < CHECKPOINT_BYTES and not self.stopping:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                break
+            self.wake.wait(left)
+            self.wake.clear()
+        return self.stopping
 
     def _sync(self) -> None:
         """Flush what our checkpoints copied into the main file (see _loop)."""
@@ -289,9 +316,10 @@ class _Checkpointer(threading.Thread):
                 self.idle = False
                 continue
             # Let writes gather, then copy them back in one go.
-            if not hurries and self.wake.wait(CHECKPOINT_EVERY) and self.stopping:
+            if not hurries and self._gather():
                 break
             done = self.written
+            self.pending = 0
             try:
                 # frames: the WAL's length when the checkpoint began, all of it copied
                 # unless busy. It only shrinks when a write begins with nothing left to
@@ -339,6 +367,7 @@ class SqliteStorage:
         self._unindexed = 0  # lines this storage put in search_rows and not yet in search_text
         self._unindexed_bytes = 0  # and their text's length (INDEX_BATCH_BYTES)
         self.index_batch = INDEX_BATCH  # 1: every line indexed in the transaction storing it
+        self._commit_bytes = CHECKPOINT_PAGES * 4120  # a commit's WAL frames besides its text (open() reads page_size)
 
     # ------------------------------------------------------------ lifecycle
 
@@ -389,6 +418,7 @@ class SqliteStorage:
             self.epoch = conn.execute("SELECT value FROM meta WHERE key = 'epoch'").fetchone()[0]
             conn.execute("COMMIT")
             conn.execute("PRAGMA synchronous=NORMAL")
+            self._commit_bytes = CHECKPOINT_PAGES * (conn.execute("PRAGMA page_size").fetchone()[0] + 24)
         except sqlite3.Error as exc:
             conn.close()
             raise StorageError(f"cannot open SQLite history {self.path}: {exc}") from exc
@@ -481,13 +511,15 @@ class SqliteStorage:
             raise StorageError("SQLite storage is not open")
         return self._conn
 
-    def _wrote(self, count: int) -> None:
-        """Tell the checkpoint thread about a committed write; serve what it asked for."""
+    def _wrote(self, count: int, size: int = 0) -> None:
+        """Tell the checkpoint thread about a committed write of ``count`` rows and about
+        ``size`` bytes of text (plus CHECKPOINT_PAGES pages); serve what it asked for."""
         checkpointer = self._checkpointer
         if checkpointer is None:
             return
         checkpointer.written += count
-        if checkpointer.idle:
+        checkpointer.pending = pending = checkpointer.pending + size + self._commit_bytes
+        if checkpointer.idle or pending >= CHECKPOINT_BYTES:
             checkpointer.wake.set()
         if checkpointer.request is not None:
             self._serve(checkpointer)
@@ -549,7 +581,7 @@ class SqliteStorage:
         elif found:
             self._unindexed += len(found)
             self._unindexed_bytes += size
-        self._wrote(len(rows) + len(members))
+        self._wrote(len(rows) + len(members), sum(len(m.text) for m in messages))
 
     def _index(self) -> None:
         """Put the words of every line stored since the last batch into the FTS5 index
