@@ -186,6 +186,8 @@ class Broker(Startup, Zap, Edge, Inputs, Moderating, Searching, Liveness):
                     pass
 
             guard.on_gone = on_gone
+        timing = log.isEnabledFor(logging.DEBUG)  # slow turns are logged (_slow_turn)
+        cpu = 0.0
         try:
             while not self.stopping.is_set():
                 # The core runs on the monotonic clock (rate buckets, presence); it stamps
@@ -193,6 +195,8 @@ class Broker(Startup, Zap, Edge, Inputs, Moderating, Searching, Liveness):
                 # timestamps only.
                 now = time.monotonic()
                 turn = time.perf_counter()
+                if timing:  # DEBUG: this thread's CPU too, to tell work from waiting for a core
+                    cpu = time.thread_time()
                 self.core.wall_offset = time.time() - now
                 out = Outcome()
                 self.turn_bytes = 0  # the inputs' byte budget (zchat.broker.inputs)
@@ -258,6 +262,7 @@ class Broker(Startup, Zap, Edge, Inputs, Moderating, Searching, Liveness):
                     stale[XPUB] = True
                 if out.replies or out.acks or out.queries:
                     stale[ROUTER] = True
+                applying = time.perf_counter()
                 try:
                     await self._apply(out)
                 except Exception:  # never let one bad turn take the broker down
@@ -265,8 +270,8 @@ class Broker(Startup, Zap, Edge, Inputs, Moderating, Searching, Liveness):
                 if read:
                     took = time.perf_counter() - turn
                     self.stats.turn_seconds.observe(took)
-                    if took >= SLOW_TURN and log.isEnabledFor(logging.DEBUG):
-                        self._slow_turn(took, read, out)
+                    if timing and took >= SLOW_TURN:
+                        self._slow_turn(took, time.thread_time() - cpu, applying - turn, read, out)
                     self.stats.turn_items = read
                     if self.more_input:  # more is queued: let other tasks run, then look again
                         self.more_input = False
@@ -302,12 +307,14 @@ class Broker(Startup, Zap, Edge, Inputs, Moderating, Searching, Liveness):
             log.info("broker stopped; history closed cleanly")
             self.stopped.set()
 
-    def _slow_turn(self, took: float, read: int, out: Outcome) -> None:
-        """Say what a slow turn held (DEBUG): finding what made one user's call slow."""
+    def _slow_turn(self, took: float, cpu: float, reading: float, read: int, out: Outcome) -> None:
+        """Say what a slow turn held (DEBUG): finding what made one user's call slow. CPU
+        far below the wall time: the thread waited (for a core, the disk, the GIL)."""
         log.debug(
-            "slow turn %.1f ms at %.3f: %d inputs, %d bytes, stored %d in %.1f ms, %d published, %d replies, %d acks",
-            took * 1e3, time.monotonic(), read, self.turn_bytes, len(out.store), self.store_took * 1e3,
-            len(out.publish), len(out.replies), len(out.acks),
+            "slow turn %.1f ms (CPU %.1f) at %.3f: %d inputs, %d bytes read in %.1f ms, stored %d in %.1f ms, "
+            "%d published, %d replies, %d acks",
+            took * 1e3, cpu * 1e3, time.monotonic(), read, self.turn_bytes, reading * 1e3, len(out.store),
+            self.store_took * 1e3, len(out.publish), len(out.replies), len(out.acks),
         )
 
     def _failed(self, what: str, now: float) -> None:
