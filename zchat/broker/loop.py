@@ -100,6 +100,9 @@ class Broker(Startup, Zap, Edge, Inputs, Moderating, Searching, Liveness):
         self._liveness_init()
         self.more_input = False  # an input stopped at its BATCH this turn (set by zchat.broker.inputs)
         self.store_took = 0.0  # seconds the last turn's store took (for the slow-turn log)
+        # Work a store does while the loop has nothing to read (SqliteStorage.idle: search
+        # indexing of big lines, off the turns that store them); None: it has none.
+        self.storage_idle = getattr(storage, "idle", None)
 
     # ------------------------------------------------------------ set-up
 
@@ -289,6 +292,9 @@ class Broker(Startup, Zap, Edge, Inputs, Moderating, Searching, Liveness):
                             stale[i] = False
                 if any(stale):
                     continue
+                if self.storage_idle is not None and self._storage_idle(now):
+                    await asyncio.sleep(0)  # that took a moment: look at the sockets again first
+                    continue
                 self._wake = loop.create_future()
                 await self._wake  # a socket, stop() or the ticker
             await self._farewell()
@@ -316,6 +322,14 @@ class Broker(Startup, Zap, Edge, Inputs, Moderating, Searching, Liveness):
             took * 1e3, cpu * 1e3, time.monotonic(), read, self.turn_bytes, reading * 1e3, len(out.store),
             self.store_took * 1e3, len(out.publish), len(out.replies), len(out.acks),
         )
+
+    def _storage_idle(self, now: float) -> bool:
+        """One piece of the store's idle work; True if it did some (never raises)."""
+        try:
+            return bool(self.storage_idle())  # type: ignore[misc]
+        except Exception:
+            self._failed("the store's idle work", now)
+            return False
 
     def _failed(self, what: str, now: float) -> None:
         """Log a bug met while handling input (with its traceback, at most once a second)."""
