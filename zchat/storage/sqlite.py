@@ -129,8 +129,9 @@ DROP INDEX IF EXISTS messages_recent;
 # Full-text search (FTS5): search_rows numbers the text and /me lines in the order they
 # were stored (its id is the FTS row's rowid and the search position on the wire);
 # search_text holds their words. search_rows is written in the transaction that stores
-# the line; search_text a batch at a time (INDEX_BATCH lines, in the transaction of the
-# append that fills the batch), since each FTS5 commit writes a segment of its own: a
+# the line; search_text a batch at a time (INDEX_BATCH lines or INDEX_BATCH_BYTES, in the
+# transaction of the append that fills the batch, or, under a broker, in ``idle()`` when
+# its loop has nothing to read: INDEX_DEFER_BYTES), since each FTS5 commit writes a segment of its own: a
 # line a transaction made it five times dearer than the line itself. So search_text
 # always holds a prefix of search_rows (every id up to MAX(rowid)), and a search first
 # indexes what is past it, so it finds every stored line; so do open (what a killed
