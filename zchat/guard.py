@@ -495,8 +495,11 @@ class Refusals:
     previous ``retry_after`` ran out: the party ignored what it was told. So a heavy
     user that waits as told is never counted however often it is refused, while a
     peer that floods draws thousands a second. Refusals without one (bad input,
-    handshakes refused) always count. Sans I/O: the broker passes the time and carries
-    out the cut. The tables are bounded (MAX_REFUSAL_PARTIES); when full, the oldest go.
+    handshakes refused) always count. A refusal weighs what the refused line would have
+    cost (``weight``: its tokens, one per started 4 KiB, as ``zchat.core.limits.line_cost``),
+    so a flood of 32 KB lines is cut after 125 of them (4 MB read and decrypted), not 1,000
+    (32 MB). Sans I/O: the broker passes the time and carries out the cut. The tables are
+    bounded (MAX_REFUSAL_PARTIES); when full, the oldest go.
     """
 
     GRACE = 0.005  # seconds early a retry may come (clock and timer granularity)
@@ -510,9 +513,9 @@ class Refusals:
         self.cooling: dict[str, float] = {}  # party -> monotonic time its cool-off ends
         self.cuts = 0  # parties cut so far
 
-    def refused(self, party: str, now: float, retry_after: float = 0.0) -> bool:
-        """Note one refusal; True exactly when ``party`` crosses the limit (it cools off
-        from now: the caller cuts it and logs that once)."""
+    def refused(self, party: str, now: float, retry_after: float = 0.0, weight: float = 1.0) -> bool:
+        """Note one refusal weighing ``weight``; True exactly when ``party`` crosses the
+        limit (it cools off from now: the caller cuts it and logs that once)."""
         if self.limit <= 0:
             return False
         if retry_after > 0:
@@ -529,8 +532,9 @@ class Refusals:
             if entry is None and len(self.counts) >= MAX_REFUSAL_PARTIES:
                 self._prune(now)
             entry = self.counts[party] = [now, 0.0]
-        entry[1] += 1
-        if entry[1] != self.limit:
+        before = entry[1]
+        entry[1] = before + weight
+        if not before < self.limit <= entry[1]:
             return False
         if len(self.cooling) >= MAX_REFUSAL_PARTIES:
             self.cooling = {k: t for k, t in self.cooling.items() if t > now}

@@ -91,6 +91,45 @@ async def test_a_peer_flooding_past_retry_after_is_cut_and_cools_off(tmp_path: P
         await running.stop()
 
 
+async def test_a_flood_of_big_lines_is_cut_after_fewer_refusals_than_one_of_short_lines(tmp_path: Path) -> None:
+    """fails on main: every refusal weighed one, so 12 refused 32 KB lines (11 ignored,
+    96 tokens' worth of lines read and decrypted) were far from the limit of 50. A
+    refused line now weighs its tokens (8): the big flooder is cut, the short one not."""
+    running = await start(tmp_path)
+    short_dealer, short_push, short_sid = await flooder(running, "short")
+    big_dealer, big_push, big_sid = await flooder(running, "big")
+    big = "y" * 32 * 1024
+    try:
+        # The join took a token of 40: 39 short lines fit, 6 refused (5 ignored: 5 of 50).
+        for i in range(45):
+            await short_push.sock.send(p.encode(p.Send(sid=short_sid, cid=f"s{i}", room="spam", text=f"short {i}")))
+        acked, refused = 0, []
+        while acked + len(refused) < 45:  # acks come a turn's lines together
+            reply = p.decode_reply(await asyncio.wait_for(short_dealer.sock.recv(), 10))
+            if isinstance(reply, p.Ack):
+                acked += len(reply.stored)
+            else:
+                refused.append(reply)
+        assert acked + len(refused) == 45 and len(refused) >= 6
+        assert all(r.code == p.ErrorCode.RATE_LIMITED for r in refused)
+        assert isinstance(await short_dealer.request(p.Ping(rid=9)), p.Pong)  # every line taken: not cut
+        # 39 tokens: 4 big lines fit (8 each), 13 refused (12 ignored x 8 = 96 >= 50).
+        for i in range(17):
+            await big_push.sock.send(p.encode(p.Send(sid=big_sid, cid=f"b{i}", room="spam", text=big)))
+        await big_dealer.wait_event(zmq.EVENT_DISCONNECTED)
+        await big_push.wait_event(zmq.EVENT_DISCONNECTED)
+        again = Raw(running.broker.endpoint, "big", SECRET, server_key=running.broker.public_key)  # type: ignore[union-attr]
+        try:
+            assert await again.handshake() == zmq.EVENT_HANDSHAKE_FAILED_AUTH  # cooling off
+        finally:
+            again.close()
+        assert isinstance(await short_dealer.request(p.Ping(rid=10)), p.Pong)
+    finally:
+        for sock in (short_dealer, short_push, big_dealer, big_push):
+            sock.close()
+        await running.stop()
+
+
 async def test_a_heavy_user_that_backs_off_as_told_is_never_cut(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     """A bot bursting its whole bucket, then sending flat out and waiting retry_after
     whenever it is refused: refused more often than the limit, and never cut (it never

@@ -95,6 +95,45 @@ async def test_wal_starts_over_once_writes_pause(tmp_path: Path) -> None:
         await store.close()
 
 
+async def test_few_writes_wait_for_one_checkpoint(tmp_path: Path) -> None:
+    """fails on main: a checkpoint every 0.25 s while anything was written, so a user's
+    10 lines a second made 3-4 full checkpoints a second, each making the broker's next
+    commit start the WAL over (an fdatasync of the WAL header on the broker's thread)."""
+    store = SqliteStorage(tmp_path / "h.db")
+    await store.open()
+    try:
+        ck = checkpointer(store)
+        began = time.monotonic()
+        for seq in range(1, 11):  # a normal user's pace: one short line every 0.1 s
+            await store.append([msg("dev", seq, size=20)])
+            await asyncio.sleep(0.1)  # the workload's pace, not a wait for an event
+        took = time.monotonic() - began
+        assert ck.checkpoints <= 1 + int(took / 2.0), (ck.checkpoints, took)  # main: 4 in 1 s
+        await until(lambda: ck.checkpoints >= 1 and ck.idle, "the checkpoint after the writes")
+        assert (await store.last("dev", 1))[0].seq == 10
+    finally:
+        await store.close()
+
+
+async def test_much_written_is_checkpointed_without_waiting_for_the_period(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """fails on main (no byte trigger: it waits the whole period): once the broker wrote
+    CHECKPOINT_BYTES, the thread copies them back at once, so a burst never waits a
+    whole CHECKPOINT_EVERY to be copied and the WAL stays bounded by bytes, not time."""
+    monkeypatch.setattr(sqlite_storage, "CHECKPOINT_EVERY", 600.0)
+    store = SqliteStorage(tmp_path / "h.db")
+    await store.open()
+    try:
+        ck = checkpointer(store)
+        big = 128 * 1024
+        for seq in range(1, 41, 4):  # 40 lines of 128 KiB: 5 MiB, past CHECKPOINT_BYTES (4 MiB)
+            await store.append([msg("dev", s, size=big) for s in range(seq, seq + 4)])
+        await until(lambda: ck.checkpoints >= 1, "a checkpoint long before the period")
+    finally:
+        await store.close()
+
+
 async def test_wal_stays_bounded_under_writes_that_never_pause(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

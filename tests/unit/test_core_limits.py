@@ -281,6 +281,27 @@ def test_big_lines_cost_by_their_size_for_the_user_and_the_room() -> None:
     assert send(tiny, "bob", "s-bob", "t1", big, room="dev").store  # costs the whole bucket, not more
 
 
+def test_a_refused_big_line_weighs_its_tokens() -> None:
+    """The core says what each refused line would have cost (Outcome.weights, by the
+    Error's identity), so the broker counts a refused 32 KB line as 8 refusals; a short
+    line's refusal weighs one (no entry)."""
+    core = make(limits=Limits(rate=1.0, burst=8.0, request_rate=0, room_rate=0), members={"dev": {"eve"}})
+    hello(core, "s-eve", "eve")
+    big = "x" * 32 * 1024
+    assert send(core, "eve", "s-eve", "c0", big, room="dev").store
+    out = send(core, "eve", "s-eve", "c1", big, room="dev")
+    err = only_error(out, "s-eve")
+    assert err.code == E.RATE_LIMITED and out.weights == {id(err): 8.0}
+    short = send(core, "eve", "s-eve", "c2", "hi", room="dev")
+    assert only_error(short, "s-eve").code == E.RATE_LIMITED and short.weights is None
+    room = make(limits=Limits(rate=100.0, burst=100.0, request_rate=0, room_rate=1.0, room_burst=8.0), members={"dev": {"bob"}})
+    hello(room, "s-bob", "bob")
+    assert send(room, "bob", "s-bob", "r0", big, room="dev").store
+    out = send(room, "bob", "s-bob", "r1", big, room="dev")
+    err = only_error(out, "s-bob")
+    assert "too busy" in err.message and out.weights == {id(err): 8.0}
+
+
 def test_the_default_room_budget_is_far_above_a_busy_room() -> None:
     lim = Limits()
     assert lim.room_rate >= 10 * lim.rate and lim.room_burst >= 10 * lim.burst

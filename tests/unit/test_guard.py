@@ -42,3 +42,16 @@ def test_zero_limit_turns_it_off_and_the_tables_stay_bounded(monkeypatch) -> Non
         r.refused(f"p{i}", float(i), retry_after=1000.0)
     assert len(r.counts) <= 50 and len(r.cooling) <= 50 and len(r.told) <= 50
     assert r.left("p499", 499.0) > 0  # the newest kept
+
+
+def test_a_refusal_weighs_what_its_line_would_have_cost() -> None:
+    """A flood of 32 KB lines (8 tokens each) is cut after an eighth as many refusals as
+    one of short lines: what counts is what the broker read for the party, not frames."""
+    r = Refusals(limit=100, window=10.0, cooloff=60.0)
+    small = [r.refused("small", 1.0 + i * 0.001, retry_after=0.05) for i in range(101)]
+    big = [r.refused("big", 1.0 + i * 0.001, retry_after=0.05, weight=8.0) for i in range(101)]
+    assert small.index(True) == 100  # the first is no offence, then 100 ignored
+    assert big.index(True) == 13  # the first is no offence, then 13 x 8 >= 100
+    assert big.count(True) == small.count(True) == 1  # crossing once, however far past
+    assert r.refused("odd", 0.0, weight=150.0) is True  # one refusal past the limit at once
+    assert r.cuts == 3

@@ -95,7 +95,7 @@ class BrokerProc:
     """``zchat broker`` (CURVE, its keypair made in the row's folder) as a subprocess of
     ours, stopped by PID. ``server_key`` and ``address`` are what peers and clients need."""
 
-    def __init__(self, folder: Path, fd_limit: int | None = None) -> None:
+    def __init__(self, folder: Path, fd_limit: int | None = None, log_level: str = "WARNING") -> None:
         self.port = _free_port_base(4)
         self.router = f"tcp://127.0.0.1:{self.port}"
         self.pull = f"tcp://127.0.0.1:{self.port + 1}"
@@ -106,7 +106,7 @@ class BrokerProc:
         env["PYTHONPATH"] = os.pathsep.join([_checkout(), *filter(None, [env.get("PYTHONPATH")])])
         cmd = [
             sys.executable, "-m", "zchat", "broker", "--bind", self.router, "--db", str(folder / "history.db"),
-            "--log-level", "WARNING",
+            "--log-level", log_level,
         ]
 
         def preexec() -> None:
@@ -205,13 +205,15 @@ def attacker_source(wanted: str = "127.0.0.2") -> str:
         return "127.0.0.1"
 
 
-def run_row(name: str, seconds: float, folder: Path, rss_cap: int, source: str = "127.0.0.1", nice: int = 0) -> dict[str, Any]:
+def run_row(
+    name: str, seconds: float, folder: Path, rss_cap: int, source: str = "127.0.0.1", nice: int = 0, broker_log: str = "WARNING",
+) -> dict[str, Any]:
     """One attack (or idle) against a fresh broker; the row's figures."""
     folder.mkdir(parents=True)
     seeder = procs.spawn(seed, str(folder / "history.db"), name, log=str(folder / "seed.log"), name="abuse-seed")
     seeder.join(120)
     procs.stop(seeder)
-    broker = BrokerProc(folder, fd_limit=FD_LIMIT if name == "connection-flood" else None)
+    broker = BrokerProc(folder, fd_limit=FD_LIMIT if name == "connection-flood" else None, log_level=broker_log)
     row: dict[str, Any] = {"attack": name, "seconds": seconds, "broker_pid": broker.pid, "attacker_source": source}
     rss = Rss(broker.pid)
     mp = procs.mp()
@@ -298,6 +300,9 @@ def run_row(name: str, seconds: float, folder: Path, rss_cap: int, source: str =
             "rss_mib": {"before": _mib(before), "peak": _mib(peak), "after": _mib(after)},
             "send_ms": _stats([s for s in window if s[1] == "send"]),
             "history_ms": _stats([s for s in window if s[1] == "history"]),
+            # The slowest calls, with when they began (the broker's monotonic clock too:
+            # with --broker-log DEBUG its slow-turn lines say what it was doing then).
+            "slowest": [(round(t, 3), op, round(1e3 * took, 1)) for t, op, took, _ in sorted(window, key=lambda s: -s[2])[:5]],
             "normal_errors": done["errors"],
             "saw": saw or {},
             "alive": alive,
@@ -483,6 +488,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="run the attackers at niceness N (1-19): on one machine their own CPU (CURVE, "
                              "building frames flat out) otherwise competes with the broker and the normal user [0]")
     parser.add_argument("--keep", action="store_true", help="keep the temporary folder (broker logs, databases)")
+    parser.add_argument("--broker-log", default="WARNING", metavar="LEVEL", choices=("DEBUG", "INFO", "WARNING"),
+                        help="the brokers' log level; DEBUG logs each slow loop turn and what it held [WARNING]")
     parser.add_argument("--strict", action="store_true", help="exit 1 if any row misses a target")
     args = parser.parse_args(argv)
     if args.seconds is None:
@@ -522,7 +529,7 @@ def main(argv: list[str] | None = None) -> int:
         for i, name in enumerate(args.names, 1):
             print(f"[{i}/{len(args.names)}] {name} ({args.seconds:g} s) ...", file=sys.stderr, flush=True)
             try:
-                rows.append(run_row(name, args.seconds, tmp / name, int(args.rss_cap * 2**20), source, args.attacker_nice))
+                rows.append(run_row(name, args.seconds, tmp / name, int(args.rss_cap * 2**20), source, args.attacker_nice, args.broker_log))
             except Exception as exc:  # a row that could not be measured is said, not hidden
                 log.exception("row %s failed", name)
                 rows.append({"attack": name, "error": f"{type(exc).__name__}: {exc}"})

@@ -187,20 +187,20 @@ class Edge:
             self._note_connection("chat", frame)
         return True
 
-    def _refused(self, sid: str, err: p.Error, now: float) -> None:
-        """Count a refusal sent to ``sid``'s user; one that keeps ignoring retry_after
-        past the limit is cut: every connection of its keys, and its keys refused at ZAP
-        for the cool-off (logged once)."""
+    def _refused(self, sid: str, err: p.Error, now: float, weight: float = 1.0) -> None:
+        """Count a refusal sent to ``sid``'s user, weighing ``weight`` (a refused big line:
+        its tokens); one that keeps ignoring retry_after past the limit is cut: every
+        connection of its keys, and its keys refused at ZAP for the cool-off (logged once)."""
         session = self.core.sessions.get(sid)  # type: ignore[union-attr]
         if session is None or session.name == p.LOOKER:  # look-only sessions share one budget
             return
         name = session.name
-        if not self.refusals.refused(name, now, err.retry_after):
+        if not self.refusals.refused(name, now, err.retry_after, weight):
             return
         cooloff = self.refusals.cooloff
         cut = sum(self._cut_key(key, now + cooloff) for key in self.name_keys.get(name, ()))
         log.warning(
-            "%r ignores retry_after: %d refusals within %.0fs; %d connection(s) cut, its keys refused for %.0fs",
+            "%r ignores retry_after: refusals weighing %d (a line: a token per started 4 KiB) within %.0fs; %d connection(s) cut, its keys refused for %.0fs",
             name, self.refusals.limit, self.refusals.window, cut, cooloff,
         )
 

@@ -35,6 +35,9 @@ from zchat.storage import Storage, StorageUnavailable
 
 log = logging.getLogger(__package__)  # one logger for the whole broker: "zchat.broker"
 
+#: A turn this long (seconds) is logged at DEBUG with what it held (Broker._slow_turn).
+SLOW_TURN = 0.005
+
 
 class Broker(Startup, Zap, Edge, Inputs, Moderating, Searching, Liveness):
     """The broker process's state and loop; its parts (start-up, ZAP, edge requests,
@@ -96,6 +99,10 @@ class Broker(Startup, Zap, Edge, Inputs, Moderating, Searching, Liveness):
         self.engine: Engine = LocalEngine(storage)
         self._liveness_init()
         self.more_input = False  # an input stopped at its BATCH this turn (set by zchat.broker.inputs)
+        self.store_took = 0.0  # seconds the last turn's store took (for the slow-turn log)
+        # Work a store does while the loop has nothing to read (SqliteStorage.idle: search
+        # indexing of big lines, off the turns that store them); None: it has none.
+        self.storage_idle = getattr(storage, "idle", None)
 
     # ------------------------------------------------------------ set-up
 
@@ -182,6 +189,8 @@ class Broker(Startup, Zap, Edge, Inputs, Moderating, Searching, Liveness):
                     pass
 
             guard.on_gone = on_gone
+        timing = log.isEnabledFor(logging.DEBUG)  # slow turns are logged (_slow_turn)
+        cpu = 0.0
         try:
             while not self.stopping.is_set():
                 # The core runs on the monotonic clock (rate buckets, presence); it stamps
@@ -189,6 +198,8 @@ class Broker(Startup, Zap, Edge, Inputs, Moderating, Searching, Liveness):
                 # timestamps only.
                 now = time.monotonic()
                 turn = time.perf_counter()
+                if timing:  # DEBUG: this thread's CPU too, to tell work from waiting for a core
+                    cpu = time.thread_time()
                 self.core.wall_offset = time.time() - now
                 out = Outcome()
                 self.turn_bytes = 0  # the inputs' byte budget (zchat.broker.inputs)
@@ -254,12 +265,16 @@ class Broker(Startup, Zap, Edge, Inputs, Moderating, Searching, Liveness):
                     stale[XPUB] = True
                 if out.replies or out.acks or out.queries:
                     stale[ROUTER] = True
+                applying = time.perf_counter()
                 try:
                     await self._apply(out)
                 except Exception:  # never let one bad turn take the broker down
                     log.exception("failed to carry out a batch (%d to store)", len(out.store))
                 if read:
-                    self.stats.turn_seconds.observe(time.perf_counter() - turn)
+                    took = time.perf_counter() - turn
+                    self.stats.turn_seconds.observe(took)
+                    if timing and took >= SLOW_TURN:
+                        self._slow_turn(took, time.thread_time() - cpu, applying - turn, read, out)
                     self.stats.turn_items = read
                     if self.more_input:  # more is queued: let other tasks run, then look again
                         self.more_input = False
@@ -276,6 +291,9 @@ class Broker(Startup, Zap, Edge, Inputs, Moderating, Searching, Liveness):
                         else:
                             stale[i] = False
                 if any(stale):
+                    continue
+                if self.storage_idle is not None and self._storage_idle(now):
+                    await asyncio.sleep(0)  # that took a moment: look at the sockets again first
                     continue
                 self._wake = loop.create_future()
                 await self._wake  # a socket, stop() or the ticker
@@ -294,6 +312,24 @@ class Broker(Startup, Zap, Edge, Inputs, Moderating, Searching, Liveness):
             await self.storage.close()
             log.info("broker stopped; history closed cleanly")
             self.stopped.set()
+
+    def _slow_turn(self, took: float, cpu: float, reading: float, read: int, out: Outcome) -> None:
+        """Say what a slow turn held (DEBUG): finding what made one user's call slow. CPU
+        far below the wall time: the thread waited (for a core, the disk, the GIL)."""
+        log.debug(
+            "slow turn %.1f ms (CPU %.1f) at %.3f: %d inputs, %d bytes read in %.1f ms, stored %d in %.1f ms, "
+            "%d published, %d replies, %d acks",
+            took * 1e3, cpu * 1e3, time.monotonic(), read, self.turn_bytes, reading * 1e3, len(out.store),
+            self.store_took * 1e3, len(out.publish), len(out.replies), len(out.acks),
+        )
+
+    def _storage_idle(self, now: float) -> bool:
+        """One piece of the store's idle work; True if it did some (never raises)."""
+        try:
+            return bool(self.storage_idle())  # type: ignore[misc]
+        except Exception:
+            self._failed("the store's idle work", now)
+            return False
 
     def _failed(self, what: str, now: float) -> None:
         """Log a bug met while handling input (with its traceback, at most once a second)."""
@@ -350,6 +386,7 @@ class Broker(Startup, Zap, Edge, Inputs, Moderating, Searching, Liveness):
         assert core is not None
         stats = self.stats
         now = time.monotonic()
+        self.store_took = 0.0
         if out.store or out.members or out.room_changes:
             began = time.perf_counter()
             rooms_stored = False
@@ -375,7 +412,8 @@ class Broker(Startup, Zap, Edge, Inputs, Moderating, Searching, Liveness):
             else:
                 if self.outage.since:
                     self.outage.stored(time.monotonic())
-            stats.append_seconds.observe(time.perf_counter() - began)
+            self.store_took = time.perf_counter() - began
+            stats.append_seconds.observe(self.store_took)
         if out.went or out.members or out.room_changes:
             await self.engine.after(core, out)
         if out.tombstones or out.cut or out.released or out.edits:
@@ -383,12 +421,13 @@ class Broker(Startup, Zap, Edge, Inputs, Moderating, Searching, Liveness):
         self._publish(out.publish)
         encode = p.encode
         router = self.router
+        weights = out.weights or {}
         for sid, body in out.replies:
             kind = type(body)
             if kind is p.Error:
                 stats.error(body.code, bool(body.cid))  # type: ignore[union-attr]
                 if body.code in COUNTED_REFUSALS:  # type: ignore[union-attr]
-                    self._refused(sid, body, now)  # type: ignore[arg-type]
+                    self._refused(sid, body, now, weights.get(id(body), 1.0))  # type: ignore[arg-type]
             elif kind is p.StatusReply:
                 body = fill_status(self, body)  # type: ignore[arg-type]
             send_parts(router, [sid.encode("latin-1"), encode(body)])

@@ -175,12 +175,17 @@ class Budgets:
         self._sweep_rooms.append(room)
         return bucket
 
-    def _room_limited(self, sid: str, room: str, cid: str, wait: float, out: Outcome, *, rid: int = 0) -> None:
+    def _room_limited(self, sid: str, room: str, cid: str, wait: float, out: Outcome, *, rid: int = 0, cost: float = 1.0) -> None:
+        """Refuse a line over the room's budget; ``cost``: its tokens (the refusal's weight)."""
         self.count("room_limited")
-        out.error(sid, E.RATE_LIMITED, f"{room!r} is too busy: try again in {wait:.2f}s", rid=rid, cid=cid, retry_after=wait)
+        err = p.Error(code=E.RATE_LIMITED, message=f"{room!r} is too busy: try again in {wait:.2f}s", rid=rid, cid=cid, retry_after=wait)
+        if cost > 1.0:
+            out.weigh(err, cost)
+        out.replies.append((sid, err))
 
-    def _rate_limited(self, sid: str, cid: str, wait: float, out: Outcome, *, rid: int = 0) -> None:
-        """Refuse a line over the rate limit: this runs for every line of a flood."""
+    def _rate_limited(self, sid: str, cid: str, wait: float, out: Outcome, *, rid: int = 0, cost: float = 1.0) -> None:
+        """Refuse a line over the rate limit: this runs for every line of a flood. A line
+        of ``cost`` tokens weighs that many refusals (guard.Refusals)."""
         counters = self.counters
         counters["rate_limited"] = counters.get("rate_limited", 0) + 1
         # Lines of one turn share `now`, so a flood is refused with few distinct waits,
@@ -190,4 +195,7 @@ class Budgets:
             if len(self._wait_texts) >= 1024:
                 self._wait_texts.clear()
             message = self._wait_texts[wait] = f"slow down: try again in {wait:.2f}s"
-        out.replies.append((sid, p.Error(code=E.RATE_LIMITED, message=message, rid=rid, cid=cid, retry_after=wait)))
+        err = p.Error(code=E.RATE_LIMITED, message=message, rid=rid, cid=cid, retry_after=wait)
+        if cost > 1.0:
+            out.weigh(err, cost)
+        out.replies.append((sid, err))

@@ -117,7 +117,7 @@ class Lines:
             cost = 1.0 if len(text) <= _ONE_TOKEN_CHARS else line_cost(text, burst)
             wait = bucket.take(rate, burst, now, cost)
             if wait:
-                self._rate_limited(sid, cid, wait, out)
+                self._rate_limited(sid, cid, wait, out, cost=cost)
                 return
             if not to:  # (rate 0 turns the room budget off too: Limits.effective)
                 room_rate = lim.room_rate
@@ -136,7 +136,7 @@ class Lines:
                     else:
                         room_bucket.tokens = tokens
                         bucket.tokens += cost  # the line was not taken: the user keeps its tokens
-                        self._room_limited(sid, room, cid, (room_cost - tokens) / room_rate, out)
+                        self._room_limited(sid, room, cid, (room_cost - tokens) / room_rate, out, cost=cost)
                         return
         if new_dm:
             for member in (name, to):

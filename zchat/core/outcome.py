@@ -77,6 +77,16 @@ class Outcome:
     # Replies that may wait for the shell's next tick (pongs to lazy pings), made on the
     # first: most turns have none, and a list per turn is not free.
     later: list[tuple[str, p.Reply]] | None = None
+    # Refusals of big lines (guard.Refusals weighs them): id() of an Error in ``replies``
+    # -> the tokens its line would have cost. An identity map, not a wire field: the
+    # Error object stays in ``replies`` for the turn. Made on the first such refusal.
+    weights: dict[int, float] | None = None
+
+    def weigh(self, err: p.Error, weight: float) -> None:
+        """Say that refusal ``err`` weighs ``weight`` refusals (a line of that many tokens)."""
+        if self.weights is None:
+            self.weights = {}
+        self.weights[id(err)] = weight
 
     def error(self, sid: str, code: str, message: str, *, rid: int = 0, cid: str = "", retry_after: float = 0.0) -> None:
         self.replies.append((sid, p.Error(code=code, message=message, rid=rid, cid=cid, retry_after=retry_after)))

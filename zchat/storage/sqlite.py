@@ -14,8 +14,10 @@ key serves every history query) and a thread hop would cost more than it saves.
 
 Checkpoints (copying the WAL back into the main file, and fsyncs) stay off the broker's
 thread. Its connection has ``wal_autocheckpoint=0``; a daemon thread with a connection
-of its own runs a PASSIVE checkpoint, which never blocks the writer, every
-CHECKPOINT_EVERY seconds while there are writes. SQLite starts the WAL over only when a
+of its own runs a PASSIVE checkpoint, which never blocks the writer, once the broker
+wrote about CHECKPOINT_BYTES or CHECKPOINT_EVERY seconds after a write, whichever comes
+first (rarely: the commit after a full checkpoint syncs the WAL header on the broker's
+thread). SQLite starts the WAL over only when a
 write begins with every frame copied, which back-to-back commits can keep from ever
 happening: once the WAL passes WAL_LIMIT_BYTES, the thread copies until little is left
 and the broker's thread runs one PASSIVE checkpoint right after a commit, copying that
@@ -32,6 +34,7 @@ import os
 import secrets
 import sqlite3
 import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Sequence
@@ -55,10 +58,19 @@ log = logging.getLogger(__name__)
 _SQLITE_HEADER = b"SQLite format 3\x00"
 _COLUMNS = "room, seq, id, ts, sender, kind, text, to_name, cid, ref, edited"
 
-#: Seconds between background checkpoints while there are writes. A line a transaction
-#: rewrites the same pages over and over; a checkpoint copies each page once and fsyncs
-#: once, so 0.25 s (not 0.05) cut the checkpoint thread's CPU per quiet line by 3-4x.
-CHECKPOINT_EVERY = 0.25
+#: Most seconds between background checkpoints while there are writes... A line a
+#: transaction rewrites the same pages over and over; a checkpoint copies each page once
+#: and fsyncs once. And each checkpoint that copies the whole WAL makes the broker's next
+#: commit start the WAL over, and SQLite syncs the new WAL header then, even at
+#: synchronous=NORMAL (ticket ff5be73dee): an fdatasync on the broker's thread, in front
+#: of everyone (several ms on a VM, tens while the disk flushes a checkpoint). Every 0.25 s
+#: that was 3-4 such syncs a second at 10 lines a second; every 2 s, one in 2 s.
+CHECKPOINT_EVERY = 2.0
+#: ...or sooner, once the broker wrote about this much to the WAL since the last one
+#: (estimated: its lines' text and CHECKPOINT_PAGES pages a commit).
+CHECKPOINT_BYTES = 4 * 1024 * 1024
+#: The pages a commit is counted as besides its text (a table leaf, index leaves, meta).
+CHECKPOINT_PAGES = 4
 #: A WAL that has not started over by this size gets a checkpoint on the broker's thread...
 WAL_LIMIT_BYTES = 16 * 1024 * 1024
 #: ...once a background checkpoint had no more than this to copy (so the broker's is short).
@@ -69,6 +81,12 @@ INDEX_BATCH = 64
 #: ...or this many bytes of their text, whichever comes first: indexing costs by the
 #: word, so 64 lines of 32 KB in one append would hold a turn (and everyone) ~15 ms.
 INDEX_BATCH_BYTES = 64 * 1024
+#: Once the broker calls ``idle()`` (when its loop has nothing to read), a full batch is
+#: indexed there, a batch at a time, instead of in the append that filled it: indexing
+#: is 75% of storing a 32 KB line (1.24 ms of CPU for 3, 0.30 without), so a flood's
+#: burst of big lines held every turn 3-4x longer. Up to this much text waits; past it
+#: the append indexes as before (so a loop that is never idle still keeps it bounded).
+INDEX_DEFER_BYTES = 4 * 1024 * 1024
 #: Seconds close() waits for a checkpoint in progress before closing without it.
 CHECKPOINTER_JOIN_TIMEOUT = 5.0
 
@@ -111,8 +129,9 @@ DROP INDEX IF EXISTS messages_recent;
 # Full-text search (FTS5): search_rows numbers the text and /me lines in the order they
 # were stored (its id is the FTS row's rowid and the search position on the wire);
 # search_text holds their words. search_rows is written in the transaction that stores
-# the line; search_text a batch at a time (INDEX_BATCH lines, in the transaction of the
-# append that fills the batch), since each FTS5 commit writes a segment of its own: a
+# the line; search_text a batch at a time (INDEX_BATCH lines or INDEX_BATCH_BYTES, in the
+# transaction of the append that fills the batch, or, under a broker, in ``idle()`` when
+# its loop has nothing to read: INDEX_DEFER_BYTES), since each FTS5 commit writes a segment of its own: a
 # line a transaction made it five times dearer than the line itself. So search_text
 # always holds a prefix of search_rows (every id up to MAX(rowid)), and a search first
 # indexes what is past it, so it finds every stored line; so do open (what a killed
@@ -233,6 +252,9 @@ class _Checkpointer(threading.Thread):
         self.path = path
         self.sync_fd = sync_fd  # the main file, opened (and closed) by SqliteStorage
         self.written = 0
+        # Bytes the broker estimates it wrote to the WAL since the last checkpoint began
+        # (its thread adds, this one zeroes: a lost update only moves one checkpoint).
+        self.pending = 0
         self.idle = False
         self.request: str | None = None
         self.wake = threading.Event()
@@ -259,6 +281,18 @@ class _Checkpointer(threading.Thread):
         finally:
             if conn is not None:
                 conn.close()
+
+    def _gather(self) -> bool:
+        """Wait until the broker wrote CHECKPOINT_BYTES or CHECKPOINT_EVERY passed (the
+        broker sets ``wake`` when the bytes are there); True: stop instead."""
+        deadline = time.monotonic() + CHECKPOINT_EVERY
+        while self.pending < CHECKPOINT_BYTES and not self.stopping:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                break
+            self.wake.wait(left)
+            self.wake.clear()
+        return self.stopping
 
     def _sync(self) -> None:
         """Flush what our checkpoints copied into the main file (see _loop)."""
@@ -289,9 +323,10 @@ class _Checkpointer(threading.Thread):
                 self.idle = False
                 continue
             # Let writes gather, then copy them back in one go.
-            if not hurries and self.wake.wait(CHECKPOINT_EVERY) and self.stopping:
+            if not hurries and self._gather():
                 break
             done = self.written
+            self.pending = 0
             try:
                 # frames: the WAL's length when the checkpoint began, all of it copied
                 # unless busy. It only shrinks when a write begins with nothing left to
@@ -338,7 +373,9 @@ class SqliteStorage:
         self.searchable = False  # FTS5 is there (the sqlite3 build may lack it)
         self._unindexed = 0  # lines this storage put in search_rows and not yet in search_text
         self._unindexed_bytes = 0  # and their text's length (INDEX_BATCH_BYTES)
+        self._deferring = False  # full batches wait for idle() (set by its first call)
         self.index_batch = INDEX_BATCH  # 1: every line indexed in the transaction storing it
+        self._commit_bytes = CHECKPOINT_PAGES * 4120  # a commit's WAL frames besides its text (open() reads page_size)
 
     # ------------------------------------------------------------ lifecycle
 
@@ -389,6 +426,7 @@ class SqliteStorage:
             self.epoch = conn.execute("SELECT value FROM meta WHERE key = 'epoch'").fetchone()[0]
             conn.execute("COMMIT")
             conn.execute("PRAGMA synchronous=NORMAL")
+            self._commit_bytes = CHECKPOINT_PAGES * (conn.execute("PRAGMA page_size").fetchone()[0] + 24)
         except sqlite3.Error as exc:
             conn.close()
             raise StorageError(f"cannot open SQLite history {self.path}: {exc}") from exc
@@ -481,13 +519,15 @@ class SqliteStorage:
             raise StorageError("SQLite storage is not open")
         return self._conn
 
-    def _wrote(self, count: int) -> None:
-        """Tell the checkpoint thread about a committed write; serve what it asked for."""
+    def _wrote(self, count: int, size: int = 0) -> None:
+        """Tell the checkpoint thread about a committed write of ``count`` rows and about
+        ``size`` bytes of text (plus CHECKPOINT_PAGES pages); serve what it asked for."""
         checkpointer = self._checkpointer
         if checkpointer is None:
             return
         checkpointer.written += count
-        if checkpointer.idle:
+        checkpointer.pending = pending = checkpointer.pending + size + self._commit_bytes
+        if checkpointer.idle or pending >= CHECKPOINT_BYTES:
             checkpointer.wake.set()
         if checkpointer.request is not None:
             self._serve(checkpointer)
@@ -532,9 +572,10 @@ class SqliteStorage:
                 size = sum(len(m.text) for m in found)
                 indexing = (
                     self._unindexed + len(found) >= self.index_batch or self._unindexed_bytes + size >= INDEX_BATCH_BYTES
-                )
-                if indexing:
-                    db.execute(_INDEX_SQL)
+                ) and not (self._deferring and self._unindexed_bytes + size < INDEX_DEFER_BYTES)
+                if indexing:  # deferring: the oldest batch only (the cap bounds what waits)
+                    batch = max(len(found), self._batch(self._unindexed + len(found), self._unindexed_bytes + size)) if self._deferring else 0
+                    db.execute(f"{_INDEX_SQL} LIMIT {batch}" if batch else _INDEX_SQL)
             for room, name, member in members:
                 db.execute(_JOIN_SQL if member else _LEAVE_SQL, (room, name))
             db.execute("COMMIT")
@@ -544,28 +585,60 @@ class SqliteStorage:
                 raise StorageError(f"refused {len(rows)} messages: (room, seq) already stored: {exc}") from exc
             # Disk full, read-only file, I/O error, locked: the store, not the batch.
             raise StorageUnavailable(f"SQLite append failed: {exc}") from exc
-        if indexing:
-            self._unindexed = self._unindexed_bytes = 0
-        elif found:
+        if found:
             self._unindexed += len(found)
             self._unindexed_bytes += size
-        self._wrote(len(rows) + len(members))
+        if indexing:
+            self._indexed(batch)
+        self._wrote(len(rows) + len(members), sum(len(m.text) for m in messages))
 
-    def _index(self) -> None:
-        """Put the words of every line stored since the last batch into the FTS5 index
-        (one transaction), so a search finds every stored line."""
+    def idle(self) -> bool:
+        """The broker's loop has nothing to read: index one full batch of lines stored
+        since the last (at most INDEX_BATCH lines or about INDEX_BATCH_BYTES of text), if
+        there is one. True if it did (the caller looks at its inputs, then calls again).
+        From the first call on, appends leave full batches to it (INDEX_DEFER_BYTES)."""
+        self._deferring = True
+        pending, size = self._unindexed, self._unindexed_bytes
+        if pending < self.index_batch and size < INDEX_BATCH_BYTES:
+            return False
+        try:
+            self._index(self._batch(pending, size))
+        except StorageUnavailable as exc:  # the next append indexes in its transaction, or fails itself
+            log.warning("SQLite %s: %s", self.path, exc)
+            self._deferring = False
+            return False
+        return True
+
+    def _index(self, lines: int = 0) -> None:
+        """Put the words of every line stored since the last batch (or of its first
+        ``lines``) into the FTS5 index, in one transaction, so a search finds every
+        stored line."""
         if not self._unindexed:
             return
         db = self._db
+        some = 0 < lines < self._unindexed
         try:
             db.execute("BEGIN IMMEDIATE")
-            db.execute(_INDEX_SQL)
+            db.execute(f"{_INDEX_SQL} LIMIT {int(lines)}" if some else _INDEX_SQL)
             db.execute("COMMIT")
         except sqlite3.Error as exc:
             self._rollback(db)
             raise StorageUnavailable(f"SQLite could not index {self._unindexed} lines for search: {exc}") from exc
-        count, self._unindexed, self._unindexed_bytes = self._unindexed, 0, 0
-        self._wrote(count)
+        self._wrote(*self._indexed(lines if some else 0))
+
+    def _batch(self, pending: int, size: int) -> int:
+        """How many of ``pending`` lines (``size`` bytes of text) make one batch to index."""
+        return max(1, min(pending, self.index_batch, pending * INDEX_BATCH_BYTES // max(1, size)))
+
+    def _indexed(self, lines: int) -> tuple[int, int]:
+        """Count the first ``lines`` pending lines (0: all) as indexed; (lines, their bytes)."""
+        if 0 < lines < self._unindexed:
+            size = self._unindexed_bytes * lines // self._unindexed  # their share, about
+            self._unindexed -= lines
+            self._unindexed_bytes -= size
+            return lines, size
+        lines, size, self._unindexed, self._unindexed_bytes = self._unindexed, self._unindexed_bytes, 0, 0
+        return lines, size
 
     def _rollback(self, db: sqlite3.Connection) -> None:
         """End a failed transaction (SQLite may have rolled it back itself, e.g. on SQLITE_FULL)."""
