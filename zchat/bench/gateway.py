@@ -194,6 +194,18 @@ class _Tab(asyncio.Protocol):
             self.transport.close()
 
 
+def stamps(frame: bytes) -> list[float]:
+    """The send times of the sender's lines in a live ``events`` frame, read from its
+    bytes (a quote inside a JSON string is escaped, so LINE only ever starts a text)."""
+    out = []
+    at = frame.find(LINE)
+    while at >= 0:
+        start = at + len(LINE) - len(MARK)
+        out.append(common.stamp(frame[start:start + 30]))
+        at = frame.find(LINE, start)
+    return out
+
+
 async def _web_users(url: str, n: int, lines: int, gateway_pid: int, direct: Any, reader: str = "sans-io") -> dict[str, Any]:
     """Sign N users up and open a tab for each at once (as the page does), then read."""
     import aiohttp
@@ -215,12 +227,9 @@ async def _web_users(url: str, n: int, lines: int, gateway_pid: int, direct: Any
             # own, so it should cost the shared cores little (json.loads of every frame for
             # every tab was most of this reader; see docs/web.md, "session 4").
             t = common.now()
-            at = frame.find(LINE)
-            while at >= 0:
-                start = at + len(LINE) - len(MARK)
-                delays.append(t - common.stamp(frame[start:start + 30]))
-                got[i] += 1
-                at = frame.find(LINE, start)
+            sent = stamps(frame)
+            delays.extend(t - s for s in sent)
+            got[i] += len(sent)
             return
         data = json.loads(frame)
         if data["t"] == "welcome":
