@@ -28,10 +28,16 @@ def _garbage() -> weakref.ref:
 
 @pytest.fixture(autouse=True)
 def _unfrozen() -> Iterator[None]:
-    """Each test starts and ends with nothing frozen (the test process's heap is ours too)."""
+    """Each test starts and ends with nothing frozen (the test process's heap is ours too),
+    and the collector runs only when a test says so: an automatic collection between
+    making a cycle and the freeze would free it early."""
     gc.unfreeze()
-    yield
-    gc.unfreeze()
+    gc.disable()
+    try:
+        yield
+    finally:
+        gc.enable()
+        gc.unfreeze()
 
 
 async def test_a_settled_heap_is_frozen_and_given_back_on_stop() -> None:
