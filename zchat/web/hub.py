@@ -26,6 +26,7 @@ from zchat import protocol as p
 from zchat.accounts import Account
 from zchat.client import Client, ClientError, Event, StateChange
 from zchat.web import wire
+from zchat.web.collector import Collector
 from zchat.web.tab import (
     CLOSE_GONE,
     CLOSE_SIGNED_OUT,
@@ -290,6 +291,7 @@ class Gateway:
     def __init__(
         self, broker: str, *, max_users: int = 1000, max_tabs: int = 8, idle_close: float = 60.0,
         trust_new_broker: bool = False, default_rooms: tuple[str, ...] = DEFAULT_ROOMS,
+        collector: Collector | None = None,
     ) -> None:
         self.broker = broker
         self.max_users = max_users
@@ -299,6 +301,8 @@ class Gateway:
         self.default_rooms = default_rooms
         self.users: dict[str, UserHub] = {}
         self.shared = wire.Shared()  # live frames, encoded once for all the users they reach
+        # the settled heap out of the cyclic GC's full scans (zchat.web.collector)
+        self.collector = collector if collector is not None else Collector()
         self._starting: dict[str, asyncio.Lock] = {}
         # A Client has a few ZeroMQ sockets (DEALER, SUB, its monitor's pair); libzmq's
         # default of 1,023 sockets a context would stop the gateway near 250 users.
@@ -324,6 +328,7 @@ class Gateway:
                 hub = UserHub(self, client)
                 await hub.start(self.default_rooms)
                 self.users[account.name] = hub
+                self.collector.changed()
                 log.info("%s signed in (%d users)", account.name, len(self.users))
                 return hub
         finally:
@@ -335,7 +340,9 @@ class Gateway:
         if hub is not None:
             log.info("%s has no tab left: closing their client", name)
             await hub.close()
+            self.collector.changed(left=True)
 
     async def close(self) -> None:
         for name in list(self.users):
             await self.drop_user(name)
+        self.collector.stop()

@@ -169,14 +169,15 @@ def item(ev: object) -> dict | None:
 class _Bounded:
     """A dict of encodings bounded in entries and in total length; the oldest go first."""
 
-    def __init__(self, max_entries: int, max_size: int) -> None:
+    def __init__(self, max_entries: int, max_size: int, max_item: int | None = None) -> None:
         self.max_entries = max_entries
         self.max_size = max_size
+        self.max_item = max_size // 64 if max_item is None else max_item
         self.table: dict[object, tuple[object, int]] = {}  # key -> (value, its size)
         self.size = 0
 
     def keep(self, key: object, value: object, size: int, replace: bool = False) -> None:
-        if size > self.max_size // 64:
+        if size > self.max_item:
             return  # a big line is encoded per user rather than crowding out the rest
         old = self.table.pop(key, None) if replace else self.table.get(key)
         if old is not None:
@@ -204,7 +205,10 @@ class Shared:
 
     def __init__(self, max_entries: int = 1024, max_chars: int = 2 * 1024 * 1024) -> None:
         self._texts = _Bounded(max_entries, max_chars)  # event -> its item as JSON text
-        self._frames = _Bounded(max_entries, max_chars)  # a chunk (an event, or a tuple of them) -> its frames
+        # a chunk (an event, or a batch) -> its frames; a batch of 256 lines (a broker
+        # that fell behind) is about 50 KB of frames: kept too, or every user of the
+        # room would encode it again just when the gateway is behind already
+        self._frames = _Bounded(max_entries, max_chars, max_item=max_chars // 8)
         self.hits = 0  # encodings taken from here rather than made
 
     def text(self, ev: object) -> str | None:
@@ -248,7 +252,10 @@ def events(shared: Shared, evs: list) -> list[tuple[bytes, bytes]]:
     """The ``events`` frames of one chunk the client delivered, each as (UTF-8 JSON, the
     same with its WebSocket header): from ``shared`` when the chunk is lines and presence
     changes only (as nearly every chunk is), else made for this user."""
-    if evs and set(map(type, evs)) <= _SHAREABLE:
+    if len(evs) == 1:  # the usual chunk: one line
+        if type(evs[0]) in _SHAREABLE:
+            return shared.frames(evs)
+    elif evs and set(map(type, evs)) <= _SHAREABLE:
         return shared.frames(evs)
     texts = [t for t in map(shared.text, evs) if t is not None]
     return _events_frames(texts) if texts else []
