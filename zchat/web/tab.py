@@ -118,7 +118,10 @@ class Tab:
             log.info("dropping a tab that reads too slowly (%d bytes queued)", self._size + self._burst_size)
             self.drop(CLOSE_TOO_SLOW, "too slow: reconnect and catch up")
             return False
-        if self._burst_size + len(data) <= BURST_BYTES and (self._burst or self._idle()):
+        # Into the burst only while nothing older waits in the queue: the burst is written
+        # first (by the flusher, or by the writer before its queue), so a frame that fits
+        # it after a bigger one was queued would overtake that one.
+        if self._burst_size + len(data) <= BURST_BYTES and not self._queue and (self._burst or self._idle()):
             if not self._burst:
                 self._flusher.add(self)
             self._burst.append(whole or framed(data))
