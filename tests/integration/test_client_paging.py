@@ -106,7 +106,11 @@ def msg(room: str, seq: int) -> p.Msg:
 async def scripted(answer: Callable[[p.Request], list[p.Reply]], name: str = "alice", **kwargs: object) -> tuple[ScriptedBroker, Client]:
     broker = ScriptedBroker(answer).start()
     client = Client(broker.endpoint, name, "secret-of-alice-0123456789", **kwargs)  # type: ignore[arg-type]
-    await client.connect(timeout=30)  # an in-process broker on a loaded machine: 5 s was short (load 5)
+    try:
+        await client.connect(timeout=30)  # an in-process broker on a loaded machine: 5 s was short (load 5)
+    except BaseException:
+        await broker.stop()  # not left to the garbage collector: a Context destroyed there can hang the run
+        raise
     return broker, client
 
 
