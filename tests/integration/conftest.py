@@ -11,6 +11,8 @@ from typing import Iterator
 
 import pytest
 
+from tests.conftest import stop_process
+
 STARTUP_DEADLINE = 10.0
 
 
@@ -65,9 +67,4 @@ def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     try:
         yield f"redis://127.0.0.1:{port}/0"
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop_process(proc, timeout=10)

@@ -20,7 +20,7 @@ from typing import Iterator
 
 import pytest
 
-from tests.conftest import HEARTBEAT, free_port_base, wait_for
+from tests.conftest import HEARTBEAT, free_port_base, stop_process, wait_for
 from tests.integration.test_guard_names import clients, normal, start_broker  # noqa: F401 (fixture)
 from zchat.client import Client
 from zchat.guard import GuardConfig
@@ -121,15 +121,6 @@ def launch_low_fd_broker(tmp_path: Path, cli_env: dict[str, str], port: int) -> 
         return subprocess.Popen(cmd, env=cli_env, stdout=log, stderr=subprocess.STDOUT, preexec_fn=_low_fd_limit)
 
 
-def stop_broker(proc: subprocess.Popen) -> None:
-    proc.terminate()
-    try:
-        proc.wait(timeout=15)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
-
-
 @pytest.fixture
 def low_fd_broker(tmp_path: Path, cli_env: dict[str, str]) -> Iterator[tuple[subprocess.Popen, int]]:
     port = free_port_base()
@@ -145,7 +136,7 @@ def low_fd_broker(tmp_path: Path, cli_env: dict[str, str]) -> Iterator[tuple[sub
             raise RuntimeError("broker did not listen")
         time.sleep(0.02)  # polling interval, not a wait for an event
     yield proc, port
-    stop_broker(proc)
+    stop_process(proc)
 
 
 async def test_idle_connections_past_the_descriptor_limit_lock_nobody_out(low_fd_broker, tmp_path: Path) -> None:
@@ -233,7 +224,7 @@ async def test_a_flood_that_meets_the_broker_starting_does_not_stop_it(tmp_path:
         stop.set()
         await client.close()
         close_all(held)
-        stop_broker(proc)
+        stop_process(proc)
 
 
 async def test_the_total_cap_keeps_room_for_working_clients(tmp_path: Path, clients) -> None:  # noqa: F811
