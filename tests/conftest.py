@@ -163,6 +163,20 @@ class RunningBroker:
 
 
 @pytest.fixture(autouse=True)
+def _plaintext_declarations_end_with_the_test() -> Iterator[None]:
+    """A plaintext declaration (keys.declare_insecure) a test left behind would make a
+    later test's clients speak PLAIN to a CURVE broker that got the same port."""
+    before, env = set(keys.INSECURE_ENDPOINTS), os.environ.get(keys.INSECURE_ENV)
+    yield
+    keys.INSECURE_ENDPOINTS.clear()
+    keys.INSECURE_ENDPOINTS.update(before)
+    if env is None:
+        os.environ.pop(keys.INSECURE_ENV, None)
+    else:
+        os.environ[keys.INSECURE_ENV] = env
+
+
+@pytest.fixture(autouse=True)
 def _private_config_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """In-process clients pin brokers' keys (known_brokers) and keep secrets in
     CONFIG_DIR: never in the real user's."""

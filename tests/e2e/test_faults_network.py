@@ -211,3 +211,4 @@ async def test_flaky_network_for_60s_every_reader_has_every_acked_line_once(tmp_
             await client.close()
         await relay.close()
         await broker.stop()
+        keys.undeclare_insecure(f"tcp://127.0.0.1:{base}")

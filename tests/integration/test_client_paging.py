@@ -97,6 +97,7 @@ class ScriptedBroker:
             self.task.cancel()
             await asyncio.gather(self.task, return_exceptions=True)
         self.ctx.destroy(linger=0)
+        keys.undeclare_insecure(self.endpoint)  # a CURVE broker may get this port next
 
 
 def msg(room: str, seq: int) -> p.Msg:

@@ -84,3 +84,4 @@ async def test_a_connection_gone_silent_is_replaced_by_a_new_session(broker: Run
     finally:
         await alice.close()
         await proxy.close()
+        keys.undeclare_insecure(f"tcp://127.0.0.1:{proxy.port}")

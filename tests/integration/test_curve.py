@@ -114,6 +114,7 @@ async def test_the_wire_shows_no_text_names_dms_or_keys(tmp_path: Path, secure: 
         await running.stop()
         for relay in relays:
             await relay.stop()
+        keys.undeclare_insecure(endpoint)
     wire = bytes(b"".join(bytes(r.data) for r in relays[:3]))
     assert len(wire) > 1000  # the relay saw the whole session
     needles = [b"ROOM-TEXT-7f3e", b"DM-TEXT-91ab", b"qzalice", b"qzbob", b"qzroom"]
@@ -411,3 +412,27 @@ async def test_an_interactive_client_asks_once_then_the_pin_answers(tmp_path: Pa
         assert await keys.ask_to_pin(keyed, ctx, answer(False), loopback_trusted=False) and len(asked) == 2
     finally:
         await running.stop()
+
+
+async def test_a_stale_plaintext_declaration_never_makes_a_client_speak_plain_to_a_curve_broker(tmp_path: Path) -> None:
+    """fails on main (CI, session 5): a test stand-in's plaintext declaration outlived it; a
+    CURVE broker later bound on its port was spoken to in PLAIN and never answered ("no
+    answer from the broker within 5s", and the broker logged a mechanism mismatch)."""
+    endpoint = f"tcp://127.0.0.1:{free_port_base()}"
+    keys.declare_insecure(endpoint)  # as a stopped stand-in left it
+    try:
+        running = await RunningBroker(tmp_path / "h.db", LIMITS, bind=endpoint, secure=True, key_dir=tmp_path).start()
+        try:
+            # The broker's start ends the declaration: the bare endpoint is CURVE again...
+            alice = Client(endpoint, "alice", "secret-of-alice-0123456789")
+            assert (await alice.connect(timeout=15)).name == "alice"
+            await alice.close()
+            # ...and an address that names the key is CURVE whatever a parent process declared.
+            keys.declare_insecure(endpoint)
+            bob = Client(running.broker.address, "bob", "secret-of-bob-0123456789")  # type: ignore[union-attr]
+            assert (await bob.connect(timeout=15)).name == "bob"
+            await bob.close()
+        finally:
+            await running.stop()
+    finally:
+        keys.undeclare_insecure(endpoint)

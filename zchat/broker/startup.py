@@ -135,7 +135,8 @@ class Startup:
         if self.insecure_plaintext:
             keys.declare_insecure(self.endpoint)
             self.address = self.endpoint
-        else:
+        else:  # a CURVE broker holds this endpoint now: no stale plaintext declaration may outlive it
+            keys.undeclare_insecure(self.endpoint)
             self.keys_port = self._serve_key(base, port + keys.KEYS_PORT_OFFSET if port else 0)
             self.address = keys.keyed_address(self.endpoint, self.public_key)
             log.info("broker key %s (fingerprint %s); give users the address %s", self.public_key.decode(), keys.fingerprint(self.public_key), self.address)

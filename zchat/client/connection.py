@@ -91,10 +91,11 @@ class Connection:
 
         self._at = at % len(self.addresses)
         self.address = self.addresses[self._at]
-        self.broker, _ = keys.split_address(self.address)
+        self.broker, given = keys.split_address(self.address)
         self.base, _ = split_broker(self.broker)
-        # CURVE unless a broker in this very process was started in its test-only plaintext mode.
-        self.plaintext = keys.is_insecure(self.broker)
+        # CURVE unless a broker in this very process was started in its test-only plaintext
+        # mode there; an address that names a key means CURVE whatever was declared.
+        self.plaintext = given is None and keys.is_insecure(self.broker)
         self.server_key = None
 
     async def _learn_key(self, timeout: float = 2.0) -> None:
