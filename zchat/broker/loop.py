@@ -8,6 +8,7 @@ import asyncio
 import collections
 import logging
 import os
+import resource
 import time
 from typing import Any
 
@@ -190,7 +191,8 @@ class Broker(Startup, Zap, Edge, Inputs, Moderating, Searching, Liveness):
 
             guard.on_gone = on_gone
         timing = log.isEnabledFor(logging.DEBUG)  # slow turns are logged (_slow_turn)
-        cpu = 0.0
+        cpu = proc = 0.0
+        usage = resource.getrusage(resource.RUSAGE_THREAD)
         try:
             while not self.stopping.is_set():
                 # The core runs on the monotonic clock (rate buckets, presence); it stamps
@@ -199,7 +201,8 @@ class Broker(Startup, Zap, Edge, Inputs, Moderating, Searching, Liveness):
                 now = time.monotonic()
                 turn = time.perf_counter()
                 if timing:  # DEBUG: this thread's CPU too, to tell work from waiting for a core
-                    cpu = time.thread_time()
+                    cpu, proc = time.thread_time(), time.process_time()
+                    usage = resource.getrusage(resource.RUSAGE_THREAD)
                 self.core.wall_offset = time.time() - now
                 out = Outcome()
                 self.turn_bytes = 0  # the inputs' byte budget (zchat.broker.inputs)
@@ -274,7 +277,7 @@ class Broker(Startup, Zap, Edge, Inputs, Moderating, Searching, Liveness):
                     took = time.perf_counter() - turn
                     self.stats.turn_seconds.observe(took)
                     if timing and took >= SLOW_TURN:
-                        self._slow_turn(took, time.thread_time() - cpu, applying - turn, read, out)
+                        self._slow_turn(took, time.thread_time() - cpu, time.process_time() - proc, usage, applying - turn, read, out)
                     self.stats.turn_items = read
                     if self.more_input:  # more is queued: let other tasks run, then look again
                         self.more_input = False
@@ -313,13 +316,21 @@ class Broker(Startup, Zap, Edge, Inputs, Moderating, Searching, Liveness):
             log.info("broker stopped; history closed cleanly")
             self.stopped.set()
 
-    def _slow_turn(self, took: float, cpu: float, reading: float, read: int, out: Outcome) -> None:
+    def _slow_turn(
+        self, took: float, cpu: float, proc: float, usage: resource.struct_rusage, reading: float, read: int, out: Outcome,
+    ) -> None:
         """Say what a slow turn held (DEBUG): finding what made one user's call slow. CPU
-        far below the wall time: the thread waited (for a core, the disk, the GIL)."""
+        far below the wall time: the thread waited (for a core, the disk, the GIL); the
+        process's other threads' CPU meanwhile (libzmq's I/O thread decrypting, the guard)
+        says whether they took the core or the GIL. This thread's context switches: waits
+        (the GIL, a lock, the disk) or preemptions (a busy core); its page faults."""
+        now = resource.getrusage(resource.RUSAGE_THREAD)
         log.debug(
-            "slow turn %.1f ms (CPU %.1f) at %.3f: %d inputs, %d bytes read in %.1f ms, stored %d in %.1f ms, "
-            "%d published, %d replies, %d acks",
-            took * 1e3, cpu * 1e3, time.monotonic(), read, self.turn_bytes, reading * 1e3, len(out.store),
+            "slow turn %.1f ms (CPU %.1f, other threads %.1f; %d waits, %d preemptions, %d+%d faults) at %.3f: "
+            "%d inputs, %d bytes read in %.1f ms, stored %d in %.1f ms, %d published, %d replies, %d acks",
+            took * 1e3, cpu * 1e3, max(0.0, proc - cpu) * 1e3, now.ru_nvcsw - usage.ru_nvcsw, now.ru_nivcsw - usage.ru_nivcsw,
+            now.ru_minflt - usage.ru_minflt, now.ru_majflt - usage.ru_majflt, time.monotonic(),
+            read, self.turn_bytes, reading * 1e3, len(out.store),
             self.store_took * 1e3, len(out.publish), len(out.replies), len(out.acks),
         )
 
