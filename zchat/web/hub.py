@@ -35,6 +35,9 @@ from zchat.web.tab import (
     Tab,
 )
 
+#: Lines that change a room's members (the client keeps them): the heap grew.
+_MEMBERSHIP = frozenset({"join", "part", "kick", "ban"})
+
 log = logging.getLogger(__name__)
 
 #: Rooms a new user is put in, so a first sign-in shows a chat, not an empty page.
@@ -176,7 +179,9 @@ class UserHub:
         """Called by the client on the loop: the chunk's frames, encoded once for every
         user it reaches (``Gateway.shared``), go to every tab."""
         for ev in events:
-            if isinstance(ev, StateChange) and ev.state == "closed" and not self.closed:
+            if isinstance(ev, p.Presence) or (isinstance(ev, p.Msg) and ev.kind in _MEMBERSHIP):
+                self.gateway.collector.grew()  # members the client keeps: frozen once settled
+            elif isinstance(ev, StateChange) and ev.state == "closed" and not self.closed:
                 self._spawn(self.gateway.drop_user(self.name))
         if self.tabs:
             for data, whole in wire.events(self.gateway.shared, events):
