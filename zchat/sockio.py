@@ -72,3 +72,20 @@ def send_parts(sock: zmq.Socket, parts: Sequence[bytes]) -> None:
     last = len(parts) - 1
     for i, part in enumerate(parts):
         _send(sock, part, NOBLOCK | SNDMORE if i < last else NOBLOCK)
+
+
+def close_monitored(sock: zmq.Socket, monitor: zmq.Socket) -> None:
+    """Close a socket and the reader of its monitor, the monitor stopped first.
+
+    libzmq's I/O thread writes each monitor event with a blocking send on the monitor's
+    PAIR: once its reader is closed while the socket still emits (a reconnect, a
+    handshake finishing, its own teardown), that send waits for ever, and every socket
+    of the context stops moving (a whole test run's clients went silent so).
+    """
+    if not sock.closed:
+        try:
+            sock.disable_monitor()
+        except zmq.ZMQError:  # the context is terminating: nothing emits any more
+            pass
+    monitor.close(linger=0)
+    sock.close(linger=0)

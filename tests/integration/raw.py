@@ -18,6 +18,7 @@ from zmq.utils.monitor import parse_monitor_message
 
 from zchat import keys
 from zchat import protocol as p
+from zchat.sockio import close_monitored
 
 SECRET = "raw-peer-secret-0123456789abcdef"
 EVENTS = (
@@ -79,8 +80,7 @@ class Raw:
         return await self.sock.poll(0)
 
     def close(self) -> None:
-        self.monitor.close(linger=0)
-        self.sock.close(linger=0)
+        close_monitored(self.sock, self.monitor)
 
 
 async def claim(

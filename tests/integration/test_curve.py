@@ -20,6 +20,7 @@ from zchat import auth, keys
 from zchat import protocol as p
 from zchat.client import AuthError, BrokerKeyError, Client
 from zchat.core import Limits
+from zchat.sockio import close_monitored
 
 LIMITS = Limits(heartbeat=HEARTBEAT, rate=0)
 
@@ -375,8 +376,7 @@ async def test_a_key_claim_that_never_says_hello_is_released(tmp_path: Path) -> 
     await asyncio.wait_for(monitor.recv_multipart(), 5)
     await wait_for(lambda: "dave" in running.core.users, what="the claim")
     await wait_for(lambda: "dave" not in running.core.users, what="the unused claim to be released")
-    monitor.close(linger=0)
-    second.close(linger=0)
+    close_monitored(second, monitor)
     owner = Client(broker.address, "dave", "the-real-dave-0123456789")
     assert (await owner.connect()).name == "dave"
     with pytest.raises(AuthError):  # the squatter's key owns nothing any more

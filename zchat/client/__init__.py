@@ -47,6 +47,7 @@ from zchat.client.events import (
     StateChange,
 )
 from zchat.client.pump import _Pump
+from zchat.sockio import close_monitored
 from zchat.client.receiving import Receiving
 from zchat.client.requests import (
     MAX_IN_FLIGHT,
@@ -194,6 +195,9 @@ class Client(Connection, Requests, Sending, Receiving):
         if self._tasks:  # bounded: closing must never hang its caller
             await asyncio.wait(self._tasks, timeout=2.0)
         self._tasks.clear()
+        dealing = getattr(self, "_dealing", None)
+        if dealing is not None and dealing[1] in self._socks:  # its monitor stopped first (sockio.close_monitored)
+            close_monitored(dealing[0], dealing[1])
         for sock in self._socks:
             sock.close(linger=0)
         self._socks.clear()

@@ -24,6 +24,7 @@ from zchat.client.events import (
     StateChange,
 )
 from zchat.client.pump import _Pump
+from zchat.sockio import close_monitored
 from zchat.recovery import Gap, Tracker
 
 log = logging.getLogger(__package__)  # one logger for the whole library: "zchat.client"
@@ -253,9 +254,9 @@ class Connection:
         for task in tasks:
             task.cancel()
             self._tasks.remove(task)
-        for sock in (dealer, monitor):
-            sock.close(linger=0)
-            self._socks.remove(sock)
+        close_monitored(dealer, monitor)
+        self._socks.remove(dealer)
+        self._socks.remove(monitor)
         self.sid = secrets.token_hex(8)
 
     def _redial(self) -> None:
