@@ -20,8 +20,9 @@ from zchat import keys
 KEY = zmq.curve_keypair()[0].decode()  # any public key
 
 
-async def _endpoint_that_drops_the_first(port: int, ready: asyncio.Event, asked: list[bytes]) -> None:
-    """A key endpoint that never answers the first request it reads, then answers."""
+async def _key_endpoint(port: int, ready: asyncio.Event, asked: list[bytes], answer_from: int | None) -> None:
+    """A key endpoint that records each request's routing id and answers from the
+    ``answer_from``-th request on (None: never)."""
     ctx = zmq.asyncio.Context.instance()
     sock = ctx.socket(zmq.ROUTER)
     sock.linger = 0
@@ -29,9 +30,9 @@ async def _endpoint_that_drops_the_first(port: int, ready: asyncio.Event, asked:
     ready.set()
     try:
         while True:
-            peer, body = await sock.recv_multipart()
-            asked.append(body)
-            if len(asked) > 1:
+            peer, _body = await sock.recv_multipart()
+            asked.append(peer)
+            if answer_from is not None and len(asked) >= answer_from:
                 await sock.send_multipart([peer, keys.KEY_REPLY_PREFIX + KEY.encode()])
     finally:
         sock.close(linger=0)
@@ -41,7 +42,7 @@ async def test_an_unanswered_key_request_is_asked_again_within_the_timeout() -> 
     assert keys.valid_key(KEY)
     port = free_port_base()
     ready, asked = asyncio.Event(), []
-    server = asyncio.create_task(_endpoint_that_drops_the_first(port, ready, asked))
+    server = asyncio.create_task(_key_endpoint(port, ready, asked, answer_from=2))
     try:
         await ready.wait()
         ctx = zmq.asyncio.Context.instance()
@@ -57,21 +58,7 @@ async def test_a_silent_key_endpoint_is_asked_on_fresh_sockets_until_the_timeout
     connection is never answered); at the timeout the fetch gives up with None."""
     port = free_port_base()
     ready, asked = asyncio.Event(), []
-
-    async def silent() -> None:
-        ctx = zmq.asyncio.Context.instance()
-        sock = ctx.socket(zmq.ROUTER)
-        sock.linger = 0
-        sock.bind(f"tcp://127.0.0.1:{port + keys.KEYS_PORT_OFFSET}")
-        ready.set()
-        try:
-            while True:
-                peer, body = await sock.recv_multipart()
-                asked.append(peer)  # never answered
-        finally:
-            sock.close(linger=0)
-
-    server = asyncio.create_task(silent())
+    server = asyncio.create_task(_key_endpoint(port, ready, asked, answer_from=None))
     try:
         await ready.wait()
         ctx = zmq.asyncio.Context.instance()

@@ -47,7 +47,6 @@ from zchat.client.events import (
     StateChange,
 )
 from zchat.client.pump import _Pump
-from zchat.sockio import close_monitored
 from zchat.client.receiving import Receiving
 from zchat.client.requests import (
     MAX_IN_FLIGHT,
@@ -58,6 +57,7 @@ from zchat.client.requests import (
 )
 from zchat.client.sending import Sending, _Pending
 from zchat.recovery import Gap, Tracker
+from zchat.sockio import close_monitored
 
 __all__ = ["Client", "split_addresses", "ClientError", "AuthError", "ConnectError", "StateChange", "Recovered", "Gap", "Problem", "Event"]
 # Also importable from here, as before the split: BrokerKeyError, split_broker, Tracker, the

@@ -24,8 +24,8 @@ from zchat.client.events import (
     StateChange,
 )
 from zchat.client.pump import _Pump
-from zchat.sockio import close_monitored
 from zchat.recovery import Gap, Tracker
+from zchat.sockio import close_monitored
 
 log = logging.getLogger(__package__)  # one logger for the whole library: "zchat.client"
 
