@@ -99,6 +99,7 @@ class Stats:
         self.turn_seconds = Histogram()
         self.turn_items = 0  # inputs taken in the last busy turn: how deep the queues ran
         self.turn_bytes_max = 0  # most bytes of requests and lines one turn took (TURN_BYTES bounds it)
+        self.backlog_bytes_max = 0  # most bytes one input held read ahead (READ_AHEAD_BYTES bounds it)
         self.samples: deque[tuple[float, int, int, int, int]] = deque(maxlen=MAX_SAMPLES)
 
     def error(self, code: str, line: bool) -> None:
@@ -226,6 +227,7 @@ class BrokerCollector:
         ):
             yield HistogramMetricFamily(name, doc, buckets=hist.buckets(), sum_value=hist.sum)
         yield GaugeMetricFamily("zchat_turn_inputs", "Frames the last busy loop turn took (up to 128 a socket: the queues' depth).", value=stats.turn_items)
+        yield GaugeMetricFamily("zchat_read_ahead_bytes_max", "Most bytes one input (ROUTER, PULL) held read but not yet taken (bounded at 4 MiB).", value=stats.backlog_bytes_max)
         if core is not None:
             counters = _copy(core.counters)
             bad = CounterMetricFamily("zchat_bad_input", "Bad input from clients, by kind.", labels=["kind"])

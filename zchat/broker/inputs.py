@@ -1,6 +1,7 @@
 """The loop's inputs, each drained in bounded turns (BATCH frames, and BATCH_BYTES /
 TURN_BYTES bytes for requests and chat lines): subscriptions on the XPUB, requests on
-the ROUTER, chat lines on the PULL."""
+the ROUTER, chat lines on the PULL. Requests and chat lines are read ahead into a
+bounded queue per input and taken from it fairly by sender (zchat.broker.fair)."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import zmq
 
 from zchat import protocol as p
 from zchat.broker.constants import BATCH, EDGE_REQUESTS
+from zchat.broker.fair import FairQueue
 from zchat.core import Outcome
 from zchat.sockio import NOBLOCK, send_parts, take
 
@@ -24,6 +26,25 @@ log = logging.getLogger(__package__)  # one logger for the whole broker: "zchat.
 BATCH_BYTES = 64 * 1024
 TURN_BYTES = 96 * 1024
 
+#: Reading ahead (zchat.broker.fair): each input holds at most READ_AHEAD_BYTES (and
+#: READ_AHEAD_FRAMES) of frames read but not yet taken, and reads at most READ_FRAMES a
+#: turn. 4 MiB holds a whole opening burst of a flood (eight senders' allowed bursts of
+#: 32 KB lines, 3 MB), so a normal user's request is read, and served, in the turn after
+#: it came rather than after everything queued ahead of it. QUANTUM is the bytes a
+#: sender that keeps a queue is credited a round.
+READ_AHEAD_BYTES = 4 * 1024 * 1024
+READ_AHEAD_FRAMES = 4096
+READ_FRAMES = 4 * BATCH
+QUANTUM = 8 * 1024
+
+#: What a read-ahead queue holds: the frames, their sender (User-Id) and their bytes.
+Taken = tuple[list[zmq.Frame], str, int]
+
+
+def read_ahead_queue() -> FairQueue[Taken]:
+    """One input's read-ahead queue, with the bounds above."""
+    return FairQueue(QUANTUM, READ_AHEAD_BYTES, READ_AHEAD_FRAMES)
+
 
 class Inputs:
     """Reading the sockets (a mixin of Broker): each input taken in a bounded turn."""
@@ -31,6 +52,8 @@ class Inputs:
     # ------------------------------------------------------------ inputs
 
     turn_bytes = 0  # bytes of request and chat frames taken this turn (the loop resets it)
+    request_queue: FairQueue[Taken]  # frames read ahead from the ROUTER (Broker.__init__)
+    chat_queue: FairQueue[Taken]  # and from the PULL
 
     def _took(self, size: int) -> None:
         """Count ``size`` bytes taken this turn (and the most a turn ever took, in Stats)."""
@@ -75,20 +98,43 @@ class Inputs:
                 self.bad.warn("subscription", f"{user} may not subscribe to {topic[:80]!r}", now)
         self.more_input = True  # stopped at BATCH, not at an empty queue
 
-    def _requests(self, now: float, out: Outcome) -> int:
-        """Read requests and chat frames sent over the DEALER until about BATCH requests
-        and lines, or about BATCH_BYTES, were taken; return how many frames."""
+    def _read_ahead(self, sock: zmq.Socket, queue: FairQueue[Taken]) -> None:
+        """Read what ``sock`` (just found readable) has queued into ``queue``, each frame
+        under its sender, until the socket is empty, the queue full or READ_FRAMES were
+        read this turn."""
+        n = 0
+        while n < READ_FRAMES and queue.room():
+            try:
+                frames = take(sock, n)
+            except zmq.Again:
+                break
+            n += 1
+            try:
+                user = frames[-1].get("User-Id")
+            except zmq.ZMQError:  # no metadata (the peer is gone): a sender of its own
+                user = ""
+            size = sum(len(f) for f in frames)
+            queue.put(user, size, (frames, user, size))
+        self.stats.backlog_bytes_max = max(self.stats.backlog_bytes_max, queue.bytes)
+
+    def _requests(self, now: float, out: Outcome, fresh: bool = True) -> int:
+        """Read ahead what the ROUTER holds (requests and chat frames sent over the
+        DEALER) if ``fresh`` (found readable), then take from what was read, fairly,
+        until about BATCH requests and lines, or about BATCH_BYTES, were taken; return
+        how many frames."""
         core = self.core
         assert core is not None
+        queue = self.request_queue
+        if fresh:
+            self._read_ahead(self.router, queue)
         count = taken = mine = 0
         while taken < BATCH and self._room_for(mine):
-            try:
-                frames = take(self.router, count)
-            except zmq.Again:
+            item = queue.pop()
+            if item is None:
                 return count
+            frames, user, size = item
             count += 1
             taken += 1
-            size = sum(len(f) for f in frames)
             mine += size
             self._took(size)
             sid = frames[0].bytes.decode("latin-1")
@@ -98,8 +144,9 @@ class Inputs:
                 continue
             if self.barred and self._barred(frames[1], now):
                 continue  # a revoked or cooling-off key's frame: dropped, its connection cut
+            if not user:  # no metadata left (the peer is gone): nobody to answer
+                continue
             data = frames[1].bytes
-            user = frames[1].get("User-Id")
             try:
                 req = p.decode_router(data, self.limits.max_bytes)
             except p.ProtocolError as exc:
@@ -142,19 +189,22 @@ class Inputs:
         self.more_input = True  # stopped at a budget, not at an empty queue
         return count
 
-    def _chat(self, now: float, out: Outcome) -> int:
-        """Read PULL frames until about BATCH chat lines, or about BATCH_BYTES (what the
-        turn has left of TURN_BYTES), were taken; return how many frames."""
+    def _chat(self, now: float, out: Outcome, fresh: bool = True) -> int:
+        """Read ahead what the PULL holds, then take from it, fairly, until about BATCH
+        chat lines, or about BATCH_BYTES (what the turn has left of TURN_BYTES), were
+        taken; return how many frames."""
         core = self.core
         assert core is not None
+        queue = self.chat_queue
+        if fresh:
+            self._read_ahead(self.pull, queue)
         count = lines = mine = 0
         while lines < BATCH and self._room_for(mine):
-            try:
-                frames = take(self.pull, count)
-            except zmq.Again:
+            item = queue.pop()
+            if item is None:
                 return count
+            frames, user, size = item
             count += 1
-            size = sum(len(f) for f in frames)
             mine += size
             self._took(size)
             if len(frames) != 1:
@@ -166,7 +216,7 @@ class Inputs:
             if not self.insecure_plaintext and not self._pulled(frame, now):
                 lines += 1
                 continue
-            lines += self._lines(frame.get("User-Id"), frame.bytes, now, out)
+            lines += self._lines(user, frame.bytes, now, out)
         self.more_input = True  # stopped at a budget, not at an empty queue
         return count
 

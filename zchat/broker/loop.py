@@ -19,7 +19,7 @@ from zchat import protocol as p
 from zchat.broker.constants import MAX_PUBLICATION_BYTES
 from zchat.broker.edge import COUNTED_REFUSALS, Edge
 from zchat.broker.engines import Engine, LocalEngine
-from zchat.broker.inputs import Inputs
+from zchat.broker.inputs import Inputs, read_ahead_queue
 from zchat.broker.liveness import Liveness
 from zchat.broker.moderation import Moderating
 from zchat.broker.outage import RateLimitedLog, StorageOutage
@@ -100,6 +100,8 @@ class Broker(Startup, Zap, Edge, Inputs, Moderating, Searching, Liveness):
         self.engine: Engine = LocalEngine(storage)
         self._liveness_init()
         self.more_input = False  # an input stopped at its BATCH this turn (set by zchat.broker.inputs)
+        self.request_queue = read_ahead_queue()  # frames read ahead, taken fairly (zchat.broker.inputs)
+        self.chat_queue = read_ahead_queue()
         self.store_took = 0.0  # seconds the last turn's store took (for the slow-turn log)
         # Work a store does while the loop has nothing to read (SqliteStorage.idle: search
         # indexing of big lines, off the turns that store them); None: it has none.
@@ -229,15 +231,17 @@ class Broker(Startup, Zap, Edge, Inputs, Moderating, Searching, Liveness):
                         self._connections_gone(now, out)
                     except Exception:
                         self._failed("ended connections", now)
-                if ready(ROUTER):
+                fresh = ready(ROUTER)
+                if fresh or self.request_queue:  # new frames, or frames read ahead
                     try:
-                        read += self._requests(now, out)
+                        read += self._requests(now, out, fresh)
                     except Exception:
                         read += 1
                         self._failed("requests", now)
-                if ready(PULL):
+                fresh = ready(PULL)
+                if fresh or self.chat_queue:
                     try:
-                        read += self._chat(now, out)
+                        read += self._chat(now, out, fresh)
                     except Exception:
                         read += 1
                         self._failed("chat", now)
@@ -293,7 +297,7 @@ class Broker(Startup, Zap, Edge, Inputs, Moderating, Searching, Liveness):
                             known[i] = True  # the next turn reads it without asking again
                         else:
                             stale[i] = False
-                if any(stale):
+                if any(stale) or self.request_queue or self.chat_queue:
                     continue
                 if self.storage_idle is not None and self._storage_idle(now):
                     await asyncio.sleep(0)  # that took a moment: look at the sockets again first
@@ -362,6 +366,10 @@ class Broker(Startup, Zap, Edge, Inputs, Moderating, Searching, Liveness):
         out = Outcome()
         self.core.shutdown(time.monotonic(), out)  # type: ignore[union-attr]
         await self._apply(out)
+        shutting = p.encode(p.Error(code=p.ErrorCode.SHUTTING_DOWN, message="broker is shutting down"))
+        while (item := self.request_queue.pop()) is not None:  # read ahead, never taken: answered too
+            if len(item[0]) == 2:
+                send_parts(self.router, [item[0][0].bytes, shutting])
         deadline = time.monotonic() + 0.2
         while time.monotonic() < deadline:
             try:
@@ -370,7 +378,7 @@ class Broker(Startup, Zap, Edge, Inputs, Moderating, Searching, Liveness):
                 await asyncio.sleep(0.02)
                 continue
             if len(frames) == 2:
-                send_parts(self.router, [frames[0], p.encode(p.Error(code=p.ErrorCode.SHUTTING_DOWN, message="broker is shutting down"))])
+                send_parts(self.router, [frames[0], shutting])
 
     def _close(self) -> None:
         for sock in (self.router, self.pull, self.xpub, self.zap):

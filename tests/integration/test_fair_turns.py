@@ -1,0 +1,111 @@
+"""A normal user's line is not served after every big line queued ahead of it: the
+broker reads its inputs ahead and takes from them fairly by sender (zchat.broker.fair).
+
+One user floods over 16 connections, each with 3 lines of 30 KB queued, while the
+broker's loop is held in a store; then a normal user sends one small line. libzmq hands
+the broker one frame a connection in turn, so without the fair queue the normal line
+came after one line of each flooding connection (16); now it is taken in the first turn.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+from tests.conftest import RunningBroker
+from tests.integration.raw import Raw
+from zchat import protocol as p
+
+CONNECTIONS = 16
+LINES = 3  # per connection
+TEXT = "x" * 30_000
+ROOM = "busy"
+
+
+def _tcp_queues(port: int) -> list[tuple[int, int]]:
+    """(tx_queue, rx_queue) of every loopback TCP socket from or to ``port``."""
+    queues = []
+    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+        fields = line.split()
+        local, remote, tx_rx = fields[1], fields[2], fields[4]
+        if int(local.split(":")[1], 16) == port or int(remote.split(":")[1], 16) == port:
+            tx, rx = tx_rx.split(":")
+            queues.append((int(tx, 16), int(rx, 16)))
+    return queues
+
+
+async def _delivered(port: int, timeout: float = 20.0) -> None:
+    """Wait until every byte sent to or from ``port`` left the kernel's queues (so the
+    broker's libzmq holds it: its I/O thread reads on while the loop is held)."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while any(tx or rx for tx, rx in _tcp_queues(port)):
+        assert loop.time() < deadline, f"still queued in the kernel: {_tcp_queues(port)}"
+        await asyncio.sleep(0.02)
+
+
+async def _hello(peer: Raw, room: str) -> None:
+    assert isinstance(await peer.request(p.Hello(rid=1)), p.Welcome)
+    assert isinstance(await peer.request(p.Join(rid=2, room=room)), p.Joined)
+
+
+async def _acks(peer: Raw, want: int, timeout: float = 30.0) -> dict[str, int]:
+    """cid -> seq of the next ``want`` lines acked to ``peer``."""
+    got: dict[str, int] = {}
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while len(got) < want:
+        left = deadline - loop.time()
+        assert left > 0, f"{len(got)} of {want} acked"
+        reply = p.decode_reply(await asyncio.wait_for(peer.sock.recv(), left))
+        assert isinstance(reply, p.Ack), reply
+        for item in reply.stored:
+            assert isinstance(item, p.Stored), item
+            got[item.cid] = item.seq
+    return got
+
+
+async def test_a_small_line_is_taken_before_big_lines_queued_ahead_of_it(broker: RunningBroker) -> None:
+    assert broker.broker is not None
+    port = broker.broker.ports[0]
+    floods = [Raw(broker.endpoint, "flood", routing_id=f"flood-{i}".encode()) for i in range(CONNECTIONS)]
+    normal = Raw(broker.endpoint, "normal", routing_id=b"normal-session")
+    engine = broker.broker.engine
+    real_store = engine.store
+    held, release = asyncio.Event(), asyncio.Event()
+
+    async def held_store(core, out):  # type: ignore[no-untyped-def]
+        if out.store and not release.is_set():
+            held.set()
+            await release.wait()
+        await real_store(core, out)
+
+    try:
+        for peer in [*floods, normal]:
+            await _hello(peer, ROOM)
+        engine.store = held_store  # type: ignore[method-assign]
+        await floods[0].sock.send(p.encode(p.Send(sid="flood-0", cid="hold", text="hold", room=ROOM)))
+        await asyncio.wait_for(held.wait(), 10)  # the loop is held in that line's store
+        for n in range(LINES):
+            for i, peer in enumerate(floods):
+                await peer.sock.send(p.encode(p.Send(sid=f"flood-{i}", cid=f"f{i}-{n}", text=f"{i} {n} {TEXT}", room=ROOM)))
+        await _delivered(port)
+        await normal.sock.send(p.encode(p.Send(sid="normal-session", cid="normal", text="hello", room=ROOM)))
+        await _delivered(port)
+        release.set()
+        mine = (await _acks(normal, 1))["normal"]
+        flood_seqs: dict[str, int] = {}
+        for i, peer in enumerate(floods):
+            flood_seqs.update(await _acks(peer, LINES + (1 if i == 0 else 0)))
+    finally:
+        engine.store = real_store  # type: ignore[method-assign]
+        for peer in [*floods, normal]:
+            peer.close()
+    ahead = sorted(seq for cid, seq in flood_seqs.items() if cid != "hold" and seq < mine)
+    # One turn's worth at most (TURN_BYTES: three 30 KB lines); without the fair queue, 16.
+    assert len(ahead) <= 3, f"{len(ahead)} big lines were taken before the normal user's"
+    # Nothing loosened: every line stored once, each connection's in the order sent.
+    assert len(flood_seqs) == CONNECTIONS * LINES + 1
+    for i in range(CONNECTIONS):
+        seqs = [flood_seqs[f"f{i}-{n}"] for n in range(LINES)]
+        assert seqs == sorted(seqs), (i, seqs)

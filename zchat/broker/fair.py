@@ -1,0 +1,98 @@
+"""Fair reading: frames read ahead of processing into one FIFO per sender, and served
+by deficit round robin over bytes, new senders first (the sparse-flow rule of
+FQ-CoDel, RFC 8290).
+
+libzmq's ROUTER and PULL already take one message a peer in turn, but a turn of the
+broker's loop processes a bounded number of bytes. Eight peers queueing 32 KB lines
+put 256 KB (three turns of storing and publishing) ahead of a normal user's 100-byte
+request. Read ahead into this queue, the request is served in the next turn: a sender
+whose queue was empty is served first, for up to one quantum, and a sender that keeps
+a queue shares the rest by bytes. Each sender's frames keep their order.
+
+Plain Python (no sockets, no clock): the loop reads frames in with ``put`` and takes
+them out with ``pop``; the bounds are the caller's (``room``).
+"""
+
+from __future__ import annotations
+
+import collections
+from typing import Generic, Hashable, TypeVar
+
+T = TypeVar("T")
+
+
+class FairQueue(Generic[T]):
+    """Items of many senders, each sender's in order; ``pop`` is deficit round robin
+    by size, a sender with nothing queued before served first for one ``quantum``.
+
+    ``max_bytes`` and ``max_items`` bound what ``room`` allows: the reader stops
+    reading ahead at either (one item can pass the byte bound: it was read to be
+    measured).
+    """
+
+    def __init__(self, quantum: int, max_bytes: int, max_items: int) -> None:
+        if quantum <= 0 or max_bytes <= 0 or max_items <= 0:
+            raise ValueError("quantum, max_bytes and max_items must be positive")
+        self.quantum = quantum
+        self.max_bytes = max_bytes
+        self.max_items = max_items
+        self.bytes = 0
+        self.items = 0
+        self._queues: dict[Hashable, collections.deque[tuple[int, T]]] = {}
+        self._credit: dict[Hashable, int] = {}
+        self._new: collections.deque[Hashable] = collections.deque()  # senders whose queue was empty
+        self._old: collections.deque[Hashable] = collections.deque()  # senders that kept a queue
+
+    def __len__(self) -> int:
+        return self.items
+
+    def room(self) -> bool:
+        """Whether the reader may read another item ahead."""
+        return self.bytes < self.max_bytes and self.items < self.max_items
+
+    def senders(self) -> int:
+        """How many senders have something queued."""
+        return len(self._queues)
+
+    def put(self, sender: Hashable, size: int, item: T) -> None:
+        """Queue ``item`` (``size`` bytes) after ``sender``'s earlier ones."""
+        queue = self._queues.get(sender)
+        if queue is None:
+            queue = self._queues[sender] = collections.deque()
+            self._credit[sender] = self.quantum
+            self._new.append(sender)
+        queue.append((size, item))
+        self.bytes += size
+        self.items += 1
+
+    def pop(self) -> T | None:
+        """The next item in fair order; None when nothing is queued.
+
+        A sender at the head of its list is served while its credit covers its next
+        item; otherwise it gets a quantum more and goes to the back of the old list.
+        The loop ends: every pass through the lists adds a quantum to each sender.
+        """
+        queues, credit = self._queues, self._credit
+        while True:
+            if self._new:
+                line = self._new
+            elif self._old:
+                line = self._old
+            else:
+                return None
+            sender = line[0]
+            queue = queues[sender]
+            size, item = queue[0]
+            if size <= credit[sender]:
+                queue.popleft()
+                self.bytes -= size
+                self.items -= 1
+                if queue:
+                    credit[sender] -= size
+                else:  # emptied: forgotten, so its next item makes it a new sender again
+                    del queues[sender], credit[sender]
+                    line.popleft()
+                return item
+            line.popleft()
+            credit[sender] += self.quantum
+            self._old.append(sender)
