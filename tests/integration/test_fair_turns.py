@@ -15,6 +15,8 @@ from pathlib import Path
 from tests.conftest import RunningBroker
 from tests.integration.raw import Raw
 from zchat import protocol as p
+from zchat.broker.fair import FairQueue
+from zchat.broker.inputs import QUANTUM, READ_AHEAD_FRAMES
 
 CONNECTIONS = 16
 LINES = 3  # per connection
@@ -49,23 +51,32 @@ async def _hello(peer: Raw, room: str) -> None:
     assert isinstance(await peer.request(p.Join(rid=2, room=room)), p.Joined)
 
 
-async def _acks(peer: Raw, want: int, timeout: float = 30.0) -> dict[str, int]:
-    """cid -> seq of the next ``want`` lines acked to ``peer``."""
-    got: dict[str, int] = {}
+async def _answers(peer: Raw, want: int, timeout: float = 30.0) -> tuple[dict[str, int], set[str]]:
+    """The next ``want`` lines answered to ``peer``: cid -> seq of those stored, and the
+    cids refused rate_limited (nothing else is expected)."""
+    stored: dict[str, int] = {}
+    refused: set[str] = set()
     loop = asyncio.get_running_loop()
     deadline = loop.time() + timeout
-    while len(got) < want:
+    while len(stored) + len(refused) < want:
         left = deadline - loop.time()
-        assert left > 0, f"{len(got)} of {want} acked"
+        assert left > 0, f"{len(stored)} stored and {len(refused)} refused of {want}"
         reply = p.decode_reply(await asyncio.wait_for(peer.sock.recv(), left))
+        if isinstance(reply, p.Error):
+            assert reply.code == p.ErrorCode.RATE_LIMITED and reply.cid and reply.retry_after > 0, reply
+            refused.add(reply.cid)
+            continue
         assert isinstance(reply, p.Ack), reply
         for item in reply.stored:
             assert isinstance(item, p.Stored), item
-            got[item.cid] = item.seq
-    return got
+            stored[item.cid] = item.seq
+    return stored, refused
 
 
-async def test_a_small_line_is_taken_before_big_lines_queued_ahead_of_it(broker: RunningBroker) -> None:
+async def _flood_then_one_line(broker: RunningBroker) -> tuple[int, dict[str, int], set[str]]:
+    """Hold the loop in a store; queue CONNECTIONS x LINES big lines of one user, then
+    one small line of another; let go. Return the small line's seq, and the big lines
+    stored (cid -> seq) and refused."""
     assert broker.broker is not None
     port = broker.broker.ports[0]
     floods = [Raw(broker.endpoint, "flood", routing_id=f"flood-{i}".encode()) for i in range(CONNECTIONS)]
@@ -93,19 +104,48 @@ async def test_a_small_line_is_taken_before_big_lines_queued_ahead_of_it(broker:
         await normal.sock.send(p.encode(p.Send(sid="normal-session", cid="normal", text="hello", room=ROOM)))
         await _delivered(port)
         release.set()
-        mine = (await _acks(normal, 1))["normal"]
-        flood_seqs: dict[str, int] = {}
+        mine, _ = await _answers(normal, 1)
+        stored: dict[str, int] = {}
+        refused: set[str] = set()
         for i, peer in enumerate(floods):
-            flood_seqs.update(await _acks(peer, LINES + (1 if i == 0 else 0)))
+            got, no = await _answers(peer, LINES + (1 if i == 0 else 0))
+            stored.update(got)
+            refused |= no
     finally:
         engine.store = real_store  # type: ignore[method-assign]
         for peer in [*floods, normal]:
             peer.close()
-    ahead = sorted(seq for cid, seq in flood_seqs.items() if cid != "hold" and seq < mine)
+    assert "normal" in mine, "the normal user's line was refused"
+    return mine["normal"], stored, refused
+
+
+def _check(mine: int, stored: dict[str, int], refused: set[str]) -> None:
+    ahead = sorted(seq for cid, seq in stored.items() if cid != "hold" and seq < mine)
     # One turn's worth at most (TURN_BYTES: three 30 KB lines); without the fair queue, 16.
     assert len(ahead) <= 3, f"{len(ahead)} big lines were taken before the normal user's"
-    # Nothing loosened: every line stored once, each connection's in the order sent.
-    assert len(flood_seqs) == CONNECTIONS * LINES + 1
+    # Nothing loosened: every line answered once (stored or refused), each connection's
+    # stored in the order sent, and none after one of its own that was refused.
+    assert len(stored) + len(refused) == CONNECTIONS * LINES + 1 and not set(stored) & refused
     for i in range(CONNECTIONS):
-        seqs = [flood_seqs[f"f{i}-{n}"] for n in range(LINES)]
+        kept = [n for n in range(LINES) if f"f{i}-{n}" in stored]
+        assert kept == list(range(len(kept))), f"connection {i}: stored {kept}, after one of its own refused"
+        seqs = [stored[f"f{i}-{n}"] for n in kept]
         assert seqs == sorted(seqs), (i, seqs)
+
+
+async def test_a_small_line_is_taken_before_big_lines_queued_ahead_of_it(broker: RunningBroker) -> None:
+    mine, stored, refused = await _flood_then_one_line(broker)
+    assert not refused  # 1.4 MB: the queue holds it all
+    _check(mine, stored, refused)
+
+
+async def test_a_full_queue_still_takes_a_small_line_and_refuses_the_flood(broker: RunningBroker) -> None:
+    """With the read-ahead queue bounded at 200 KB, the flood fills it: the normal line
+    is still read (the queue reads past its bound) and taken at once; the flooding
+    user, past its share, is refused rate_limited until its queue empties."""
+    assert broker.broker is not None
+    broker.broker.request_queue = FairQueue(QUANTUM, 200_000, READ_AHEAD_FRAMES)
+    mine, stored, refused = await _flood_then_one_line(broker)
+    assert refused and broker.broker.stats.backlog_bytes_max <= 2 * 200_000
+    assert broker.core.counters.get("shed", 0) == len(refused)
+    _check(mine, stored, refused)

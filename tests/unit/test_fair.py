@@ -82,3 +82,29 @@ def test_room_stops_the_reader_at_either_bound() -> None:
 def test_bad_bounds_are_refused() -> None:
     with pytest.raises(ValueError):
         FairQueue(quantum=0, max_bytes=1, max_items=1)
+
+
+def test_past_the_bound_only_senders_within_their_share_are_admitted() -> None:
+    q: FairQueue[int] = FairQueue(quantum=1000, max_bytes=100_000, max_items=10_000)
+    n = 0
+    while q.admit("flood", 30_000):
+        q.put("flood", 30_000, n)
+        n += 1
+    assert n == 3 and q.held("flood") == 90_000  # free up to the bound
+    assert q.admit("normal", 200)  # within its share of the full queue
+    q.put("normal", 200, -1)
+    assert not q.admit("flood", 100)  # refused until its queue empties: nothing overtakes the refused item
+    while q.held("flood") > 30_000:
+        assert q.pop() is not None
+        assert not q.admit("flood", 100)
+    _drain(q)
+    assert q.admit("flood", 30_000) and q.held("flood") == 0
+
+
+def test_the_queue_never_holds_more_than_twice_its_bound() -> None:
+    q: FairQueue[int] = FairQueue(quantum=1000, max_bytes=100_000, max_items=10_000)
+    for i in range(1000):
+        sender = f"s{i}"
+        if q.admit(sender, 5_000):
+            q.put(sender, 5_000, i)
+    assert 100_000 <= q.bytes <= 200_000, q.bytes

@@ -207,6 +207,7 @@ def attacker_source(wanted: str = "127.0.0.2") -> str:
 
 def run_row(
     name: str, seconds: float, folder: Path, rss_cap: int, source: str = "127.0.0.1", nice: int = 0, broker_log: str = "WARNING",
+    idle: bool = False,
 ) -> dict[str, Any]:
     """One attack (or idle) against a fresh broker; the row's figures."""
     folder.mkdir(parents=True)
@@ -237,7 +238,7 @@ def run_row(
         cpu0 = procs.cpu_seconds(broker.pid)
         env = Env(router=broker.router, pull=broker.pull, pub=broker.pub, deadline=start + seconds, stop=stop,
                   victim_sid=ready["sid"], seconds=seconds, source=source, server_key=broker.server_key, address=broker.address,
-                  nice=nice)
+                  nice=nice, idle=idle)
         if name != IDLE:
             attack = procs.spawn(attacker, name, env, attack_q, log=str(folder / "attacker.log"), name=f"abuse-{name}")
         end = start + seconds
@@ -487,6 +488,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--attacker-nice", type=int, default=0, metavar="N", choices=range(0, 20),
                         help="run the attackers at niceness N (1-19): on one machine their own CPU (CURVE, "
                              "building frames flat out) otherwise competes with the broker and the normal user [0]")
+    parser.add_argument("--attacker-idle", action="store_true",
+                        help="run the attackers under SCHED_IDLE (Linux): they get only CPU nobody else wants, so on one "
+                             "machine what the table shows is what the attack costs the broker, not the attackers' own "
+                             "CPU taking the normal user's turns; they send as much as at nice 19")
     parser.add_argument("--keep", action="store_true", help="keep the temporary folder (broker logs, databases)")
     parser.add_argument("--broker-log", default="WARNING", metavar="LEVEL", choices=("DEBUG", "INFO", "WARNING"),
                         help="the brokers' log level; DEBUG logs each slow loop turn and what it held [WARNING]")
@@ -529,7 +534,7 @@ def main(argv: list[str] | None = None) -> int:
         for i, name in enumerate(args.names, 1):
             print(f"[{i}/{len(args.names)}] {name} ({args.seconds:g} s) ...", file=sys.stderr, flush=True)
             try:
-                rows.append(run_row(name, args.seconds, tmp / name, int(args.rss_cap * 2**20), source, args.attacker_nice, args.broker_log))
+                rows.append(run_row(name, args.seconds, tmp / name, int(args.rss_cap * 2**20), source, args.attacker_nice, args.broker_log, args.attacker_idle))
             except Exception as exc:  # a row that could not be measured is said, not hidden
                 log.exception("row %s failed", name)
                 rows.append({"attack": name, "error": f"{type(exc).__name__}: {exc}"})
@@ -555,6 +560,7 @@ def main(argv: list[str] | None = None) -> int:
             "machine": f"{platform.node()} {platform.machine()}, {os.cpu_count()} CPUs, Python {platform.python_version()}",
             "targets": TARGETS, "rss_cap_mib": args.rss_cap, "fd_limit_connection_flood": FD_LIMIT,
             "attacker_source": source, "normal_source": "127.0.0.1", "attacker_nice": args.attacker_nice,
+            "attacker_idle": args.attacker_idle,
         }
         Path(args.json).write_text(json.dumps(_plain({"meta": meta, "rows": rows}), indent=2))
     failed = [r for r in rows if "error" in r]

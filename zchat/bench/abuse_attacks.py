@@ -58,6 +58,7 @@ class Env:
     seconds: float = 10.0
     source: str = "127.0.0.1"  # the attacker's own loopback address (the normal user is 127.0.0.1)
     nice: int = 0  # the attack process's niceness (--attacker-nice): its CPU yields to the broker's
+    idle: bool = False  # the attack process runs under SCHED_IDLE (--attacker-idle): only on CPU nobody else wants
 
     def via(self, endpoint: str) -> str:
         """``endpoint`` connected from the attacker's source address (libzmq's
@@ -752,6 +753,8 @@ def attacker(name: str, env: Env, results: Any) -> None:
     logging.basicConfig(level=logging.ERROR)
     if env.nice > 0:
         os.nice(env.nice)
+    if env.idle:  # before any thread starts: libzmq's I/O threads inherit the policy
+        os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
     saw = Saw()
     try:
         ATTACKS[name](env, saw)

@@ -9,8 +9,11 @@ request. Read ahead into this queue, the request is served in the next turn: a s
 whose queue was empty is served first, for up to one quantum, and a sender that keeps
 a queue shares the rest by bytes. Each sender's frames keep their order.
 
-Plain Python (no sockets, no clock): the loop reads frames in with ``put`` and takes
-them out with ``pop``; the bounds are the caller's (``room``).
+When the queue is full, a sender holding more than its share of it is refused (the
+loop answers rate_limited) until its queue empties, and others are still admitted.
+
+Plain Python (no sockets, no clock): the loop reads frames in with ``admit`` and
+``put`` and takes them out with ``pop``.
 """
 
 from __future__ import annotations
@@ -25,9 +28,10 @@ class FairQueue(Generic[T]):
     """Items of many senders, each sender's in order; ``pop`` is deficit round robin
     by size, a sender with nothing queued before served first for one ``quantum``.
 
-    ``max_bytes`` and ``max_items`` bound what ``room`` allows: the reader stops
-    reading ahead at either (one item can pass the byte bound: it was read to be
-    measured).
+    ``max_bytes`` and ``max_items`` bound what ``room`` allows: the reader reads
+    ahead freely below both. Past them it may read a little more, and ``admit``
+    says which of those items to queue: it holds the queue under twice
+    ``max_bytes``, by refusing the senders with more than their share.
     """
 
     def __init__(self, quantum: int, max_bytes: int, max_items: int) -> None:
@@ -40,6 +44,8 @@ class FairQueue(Generic[T]):
         self.items = 0
         self._queues: dict[Hashable, collections.deque[tuple[int, T]]] = {}
         self._credit: dict[Hashable, int] = {}
+        self._held: dict[Hashable, int] = {}  # bytes queued per sender
+        self._shedding: set[Hashable] = set()  # refused until their queue empties (admit)
         self._new: collections.deque[Hashable] = collections.deque()  # senders whose queue was empty
         self._old: collections.deque[Hashable] = collections.deque()  # senders that kept a queue
 
@@ -54,14 +60,41 @@ class FairQueue(Generic[T]):
         """How many senders have something queued."""
         return len(self._queues)
 
+    def held(self, sender: Hashable) -> int:
+        """Bytes ``sender`` has queued."""
+        return self._held.get(sender, 0)
+
+    def admit(self, sender: Hashable, size: int) -> bool:
+        """Whether an item of ``size`` bytes that ``sender`` sent may be queued; False:
+        refuse it (the caller tells the sender to retry later).
+
+        Anything fits below ``max_bytes``. Past it, a sender may hold its share of
+        ``max_bytes`` (split among the senders queued, itself counted), up to twice
+        ``max_bytes`` in all: a normal user's request is still taken while a flood
+        fills the queue. A sender refused once is refused until its queue empties, so
+        what it sent after the refused item is never taken before it.
+        """
+        if sender in self._shedding:
+            return False
+        if self.bytes + size <= self.max_bytes:
+            return True
+        senders = len(self._queues) + (sender not in self._queues)
+        if self._held.get(sender, 0) + size <= self.max_bytes // senders and self.bytes + size <= 2 * self.max_bytes:
+            return True
+        if sender in self._queues:  # cleared when its queue empties (pop)
+            self._shedding.add(sender)
+        return False
+
     def put(self, sender: Hashable, size: int, item: T) -> None:
         """Queue ``item`` (``size`` bytes) after ``sender``'s earlier ones."""
         queue = self._queues.get(sender)
         if queue is None:
             queue = self._queues[sender] = collections.deque()
             self._credit[sender] = self.quantum
+            self._held[sender] = 0
             self._new.append(sender)
         queue.append((size, item))
+        self._held[sender] += size
         self.bytes += size
         self.items += 1
 
@@ -89,8 +122,10 @@ class FairQueue(Generic[T]):
                 self.items -= 1
                 if queue:
                     credit[sender] -= size
+                    self._held[sender] -= size
                 else:  # emptied: forgotten, so its next item makes it a new sender again
-                    del queues[sender], credit[sender]
+                    del queues[sender], credit[sender], self._held[sender]
+                    self._shedding.discard(sender)
                     line.popleft()
                 return item
             line.popleft()

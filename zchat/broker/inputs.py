@@ -26,16 +26,25 @@ log = logging.getLogger(__package__)  # one logger for the whole broker: "zchat.
 BATCH_BYTES = 64 * 1024
 TURN_BYTES = 96 * 1024
 
-#: Reading ahead (zchat.broker.fair): each input holds at most READ_AHEAD_BYTES (and
-#: READ_AHEAD_FRAMES) of frames read but not yet taken, and reads at most READ_FRAMES a
-#: turn. 4 MiB holds a whole opening burst of a flood (eight senders' allowed bursts of
-#: 32 KB lines, 3 MB), so a normal user's request is read, and served, in the turn after
-#: it came rather than after everything queued ahead of it. QUANTUM is the bytes a
+#: Reading ahead (zchat.broker.fair): each input reads freely until it holds
+#: READ_AHEAD_BYTES (or READ_AHEAD_FRAMES) of frames read but not yet taken, at most
+#: READ_FRAMES a turn, and holds at most twice READ_AHEAD_BYTES (senders past their
+#: share are refused, below). A normal user's request is read, and served, in the turn
+#: after it came rather than after everything queued ahead of it. QUANTUM is the bytes a
 #: sender that keeps a queue is credited a round.
 READ_AHEAD_BYTES = 4 * 1024 * 1024
 READ_AHEAD_FRAMES = 4096
 READ_FRAMES = 4 * BATCH
 QUANTUM = 8 * 1024
+
+#: Once an input's queue is full, it still reads up to OVER_READS frames a turn (about
+#: 30 us each to refuse): a flood holds the queue full, and a normal user's request,
+#: one of the next few frames libzmq hands over (one a connection in turn), is still
+#: read and taken at once. A flooding sender over its share is refused rate_limited,
+#: retry after SHED_RETRY seconds, until its queue empties; 32 refusals a turn bound
+#: what refusing costs (about 1 ms).
+OVER_READS = 32
+SHED_RETRY = 0.25
 
 #: What a read-ahead queue holds: the frames, their sender (User-Id) and their bytes.
 Taken = tuple[list[zmq.Frame], str, int]
@@ -44,6 +53,24 @@ Taken = tuple[list[zmq.Frame], str, int]
 def read_ahead_queue() -> FairQueue[Taken]:
     """One input's read-ahead queue, with the bounds above."""
     return FairQueue(QUANTUM, READ_AHEAD_BYTES, READ_AHEAD_FRAMES)
+
+
+#: A frame that made no work (refused: rate limited, malformed, too many items) is
+#: charged this share of its bytes against the turn's budget: refusing a 32 KB line
+#: took about 70 us here, storing and publishing it 300. Charged in full, a flood's
+#: refused lines went three to a turn and held everyone behind them.
+REFUSED_SHARE = 4
+
+
+def charge(size: int, worked: bool) -> int:
+    """The bytes a frame of ``size`` costs the turn: all of them if it made work to
+    store, publish or query; a share if it was refused."""
+    return size if worked else size // REFUSED_SHARE
+
+
+def _work(out: Outcome) -> int:
+    """How much storing, publishing and querying ``out`` holds (to tell refused frames)."""
+    return len(out.store) + len(out.publish) + len(out.queries)
 
 
 class Inputs:
@@ -98,12 +125,15 @@ class Inputs:
                 self.bad.warn("subscription", f"{user} may not subscribe to {topic[:80]!r}", now)
         self.more_input = True  # stopped at BATCH, not at an empty queue
 
-    def _read_ahead(self, sock: zmq.Socket, queue: FairQueue[Taken]) -> None:
+    def _read_ahead(self, sock: zmq.Socket, queue: FairQueue[Taken], now: float, out: Outcome) -> None:
         """Read what ``sock`` (just found readable) has queued into ``queue``, each frame
-        under its sender, until the socket is empty, the queue full or READ_FRAMES were
-        read this turn."""
-        n = 0
-        while n < READ_FRAMES and queue.room():
+        under its sender, until the socket is empty or READ_FRAMES were read this turn.
+        Past the queue's bound, a frame is queued only if its sender is within its
+        share (FairQueue.admit) and refused otherwise (_shed); OVER_READS such frames
+        (read while full, or refused) end the turn's reading."""
+        n = over = 0
+        while n < READ_FRAMES and over < OVER_READS:
+            full = not queue.room()
             try:
                 frames = take(sock, n)
             except zmq.Again:
@@ -114,8 +144,44 @@ class Inputs:
             except zmq.ZMQError:  # no metadata (the peer is gone): a sender of its own
                 user = ""
             size = sum(len(f) for f in frames)
-            queue.put(user, size, (frames, user, size))
+            if queue.admit(user, size):
+                queue.put(user, size, (frames, user, size))
+                over += full
+            else:
+                over += 1
+                self._shed(frames, user, now, out)
         self.stats.backlog_bytes_max = max(self.stats.backlog_bytes_max, queue.bytes)
+
+    def _shed(self, frames: list[zmq.Frame], user: str, now: float, out: Outcome) -> None:
+        """Refuse a frame read past the full queue from a sender over its share: each
+        request and line in it is answered rate_limited (retry after SHED_RETRY), so
+        the sender learns at once, and one that ignores it is cut like any other."""
+        core = self.core
+        assert core is not None
+        core.count("shed")
+        message = f"the broker is busy with your earlier frames: try again in {SHED_RETRY:.2f}s"
+        if len(frames) == 2:  # ROUTER: the session it came on is its routing id
+            sid = frames[0].bytes.decode("latin-1")
+            try:
+                req = p.decode_router(frames[1].bytes, self.limits.max_bytes)
+            except p.ProtocolError as exc:
+                out.error(sid, exc.code, exc.message, rid=exc.rid, cid=exc.cid)
+                return
+            kind = type(req)
+            if kind is p.Send or kind is p.Sends:
+                for msg in [req] if kind is p.Send else req.items:  # type: ignore[union-attr]
+                    out.error(sid, p.ErrorCode.RATE_LIMITED, message, cid=msg.cid[: p.MAX_CID_LEN], retry_after=SHED_RETRY)
+            else:
+                out.error(sid, p.ErrorCode.RATE_LIMITED, message, rid=req.rid, retry_after=SHED_RETRY)  # type: ignore[union-attr]
+            return
+        try:  # PULL: each line names its sender's session
+            msgs, _ = p.decode_sends(frames[0].bytes, self.limits.max_bytes)
+        except p.ProtocolError:
+            return
+        for msg in msgs:
+            session = core.sessions.get(msg.sid)
+            if session is not None and session.name == user:
+                out.error(msg.sid, p.ErrorCode.RATE_LIMITED, message, cid=msg.cid, retry_after=SHED_RETRY)
 
     def _requests(self, now: float, out: Outcome, fresh: bool = True) -> int:
         """Read ahead what the ROUTER holds (requests and chat frames sent over the
@@ -126,7 +192,7 @@ class Inputs:
         assert core is not None
         queue = self.request_queue
         if fresh:
-            self._read_ahead(self.router, queue)
+            self._read_ahead(self.router, queue, now, out)
         count = taken = mine = 0
         while taken < BATCH and self._room_for(mine):
             item = queue.pop()
@@ -134,60 +200,67 @@ class Inputs:
                 return count
             frames, user, size = item
             count += 1
-            taken += 1
-            mine += size
-            self._took(size)
-            sid = frames[0].bytes.decode("latin-1")
-            if len(frames) != 2:
-                core.count("bad_frame")
-                out.error(sid, p.ErrorCode.BAD_FRAME, f"expected 1 body frame, got {len(frames) - 1}")
-                continue
-            if self.barred and self._barred(frames[1], now):
-                continue  # a revoked or cooling-off key's frame: dropped, its connection cut
-            if not user:  # no metadata left (the peer is gone): nobody to answer
-                continue
-            data = frames[1].bytes
-            try:
-                req = p.decode_router(data, self.limits.max_bytes)
-            except p.ProtocolError as exc:
-                if exc.code != p.ErrorCode.TOO_LARGE:
-                    try:  # a sound sends frame with some bad lines: take the good ones
-                        msgs, bad = p.decode_sends(data, self.limits.max_bytes)
-                    except p.ProtocolError:
-                        pass
-                    else:
-                        self._take(user, msgs, bad, now, out, sid)
-                        taken += len(msgs) + len(bad)
-                        continue
-                core.count(exc.code)
-                self.bad.warn(exc.code, exc.message, now)
-                out.error(sid, exc.code, exc.message, rid=exc.rid, cid=exc.cid)
-                continue
-            kind = type(req)
-            if kind in EDGE_REQUESTS:  # the broker's, not the core's: keys and names are the edge's
-                self._edge_request(sid, frames[1], req, now, out)
-                continue
-            if kind is p.Hello and not self.insecure_plaintext:
-                self._note_connection("requests", frames[1])
-            if kind is p.Send or kind is p.Sends:
-                lines = [req] if kind is p.Send else req.items  # type: ignore[union-attr]
-                self._take(user, lines, [], now, out, sid)  # type: ignore[arg-type]
-                taken += len(lines) - 1
-                continue
-            if kind is p.Hello and sid not in core.sessions:
-                # Session ids stay out of INFO logs: whoever reads the log must not get a route.
-                log.info("%s connected (%s)", user, req.client[:40] or "unknown client")  # type: ignore[union-attr]
-                log.debug("session %s is %s", sid, user)
-            elif kind is p.Bye:
-                log.info("%s said goodbye", user)
-            self._seen_on(sid, frames[1])  # its session ends with this connection
-            try:
-                core.request(sid, user, req, now, out)  # type: ignore[arg-type]
-            except Exception:  # a bug met by one request costs that request only
-                self._failed("a request", now)
-                out.error(sid, p.ErrorCode.INTERNAL, "the broker failed to handle this request", rid=req.rid)  # type: ignore[union-attr]
+            work = _work(out)
+            taken += self._request(frames, user, now, out)
+            cost = charge(size, _work(out) > work)
+            mine += cost
+            self._took(cost)
         self.more_input = True  # stopped at a budget, not at an empty queue
         return count
+
+    def _request(self, frames: list[zmq.Frame], user: str, now: float, out: Outcome) -> int:
+        """Handle one ROUTER message (a request, or chat lines sent over the DEALER);
+        return how many requests and lines it held."""
+        core = self.core
+        assert core is not None
+        sid = frames[0].bytes.decode("latin-1")
+        if len(frames) != 2:
+            core.count("bad_frame")
+            out.error(sid, p.ErrorCode.BAD_FRAME, f"expected 1 body frame, got {len(frames) - 1}")
+            return 1
+        if self.barred and self._barred(frames[1], now):
+            return 1  # a revoked or cooling-off key's frame: dropped, its connection cut
+        if not user:  # no metadata left (the peer is gone): nobody to answer
+            return 1
+        data = frames[1].bytes
+        try:
+            req = p.decode_router(data, self.limits.max_bytes)
+        except p.ProtocolError as exc:
+            if exc.code != p.ErrorCode.TOO_LARGE:
+                try:  # a sound sends frame with some bad lines: take the good ones
+                    msgs, bad = p.decode_sends(data, self.limits.max_bytes)
+                except p.ProtocolError:
+                    pass
+                else:
+                    self._take(user, msgs, bad, now, out, sid)
+                    return max(1, len(msgs) + len(bad))
+            core.count(exc.code)
+            self.bad.warn(exc.code, exc.message, now)
+            out.error(sid, exc.code, exc.message, rid=exc.rid, cid=exc.cid)
+            return 1
+        kind = type(req)
+        if kind in EDGE_REQUESTS:  # the broker's, not the core's: keys and names are the edge's
+            self._edge_request(sid, frames[1], req, now, out)
+            return 1
+        if kind is p.Hello and not self.insecure_plaintext:
+            self._note_connection("requests", frames[1])
+        if kind is p.Send or kind is p.Sends:
+            lines = [req] if kind is p.Send else req.items  # type: ignore[union-attr]
+            self._take(user, lines, [], now, out, sid)  # type: ignore[arg-type]
+            return max(1, len(lines))
+        if kind is p.Hello and sid not in core.sessions:
+            # Session ids stay out of INFO logs: whoever reads the log must not get a route.
+            log.info("%s connected (%s)", user, req.client[:40] or "unknown client")  # type: ignore[union-attr]
+            log.debug("session %s is %s", sid, user)
+        elif kind is p.Bye:
+            log.info("%s said goodbye", user)
+        self._seen_on(sid, frames[1])  # its session ends with this connection
+        try:
+            core.request(sid, user, req, now, out)  # type: ignore[arg-type]
+        except Exception:  # a bug met by one request costs that request only
+            self._failed("a request", now)
+            out.error(sid, p.ErrorCode.INTERNAL, "the broker failed to handle this request", rid=req.rid)  # type: ignore[union-attr]
+        return 1
 
     def _chat(self, now: float, out: Outcome, fresh: bool = True) -> int:
         """Read ahead what the PULL holds, then take from it, fairly, until about BATCH
@@ -197,7 +270,7 @@ class Inputs:
         assert core is not None
         queue = self.chat_queue
         if fresh:
-            self._read_ahead(self.pull, queue)
+            self._read_ahead(self.pull, queue, now, out)
         count = lines = mine = 0
         while lines < BATCH and self._room_for(mine):
             item = queue.pop()
@@ -205,20 +278,24 @@ class Inputs:
                 return count
             frames, user, size = item
             count += 1
-            mine += size
-            self._took(size)
-            if len(frames) != 1:
-                core.count("bad_frame")
-                self.bad.warn("bad_frame", f"chat line with {len(frames)} frames", now)
-                lines += 1
-                continue
-            frame = frames[0]
-            if not self.insecure_plaintext and not self._pulled(frame, now):
-                lines += 1
-                continue
-            lines += self._lines(user, frame.bytes, now, out)
+            work = _work(out)
+            lines += self._pulled_frame(frames, user, now, out)
+            cost = charge(size, _work(out) > work)
+            mine += cost
+            self._took(cost)
         self.more_input = True  # stopped at a budget, not at an empty queue
         return count
+
+    def _pulled_frame(self, frames: list[zmq.Frame], user: str, now: float, out: Outcome) -> int:
+        """Handle one PULL message; return how many lines it held."""
+        if len(frames) != 1:
+            self.core.count("bad_frame")  # type: ignore[union-attr]
+            self.bad.warn("bad_frame", f"chat line with {len(frames)} frames", now)
+            return 1
+        frame = frames[0]
+        if not self.insecure_plaintext and not self._pulled(frame, now):
+            return 1
+        return self._lines(user, frame.bytes, now, out)
 
     def _lines(self, user: str, data: bytes, now: float, out: Outcome) -> int:
         """Decode a PULLed ``send``/``sends`` body and take its lines; return how many."""
