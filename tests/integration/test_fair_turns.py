@@ -1,7 +1,7 @@
 """A normal user's line is not served after every big line queued ahead of it: the
 broker reads its inputs ahead and takes from them fairly by sender (zchat.broker.fair).
 
-One user floods over 16 connections, each with 3 lines of 30 KB queued, while the
+Two users flood over 16 connections, each with 3 lines of 30 KB queued, while the
 broker's loop is held in a store; then a normal user sends one small line. libzmq hands
 the broker one frame a connection in turn, so without the fair queue the normal line
 came after one line of each flooding connection (16); now it is taken in the first turn.
@@ -22,6 +22,7 @@ CONNECTIONS = 16
 LINES = 3  # per connection
 TEXT = "x" * 30_000
 ROOM = "busy"
+FLOODERS = ("flood", "flood2")  # two users: past its bound the queue refuses whoever is over its share
 
 
 def _tcp_queues(port: int) -> list[tuple[int, int]]:
@@ -79,7 +80,7 @@ async def _flood_then_one_line(broker: RunningBroker) -> tuple[int, dict[str, in
     stored (cid -> seq) and refused."""
     assert broker.broker is not None
     port = broker.broker.ports[0]
-    floods = [Raw(broker.endpoint, "flood", routing_id=f"flood-{i}".encode()) for i in range(CONNECTIONS)]
+    floods = [Raw(broker.endpoint, FLOODERS[i % len(FLOODERS)], routing_id=f"flood-{i}".encode()) for i in range(CONNECTIONS)]
     normal = Raw(broker.endpoint, "normal", routing_id=b"normal-session")
     engine = broker.broker.engine
     real_store = engine.store
@@ -121,8 +122,9 @@ async def _flood_then_one_line(broker: RunningBroker) -> tuple[int, dict[str, in
 
 def _check(mine: int, stored: dict[str, int], refused: set[str]) -> None:
     ahead = sorted(seq for cid, seq in stored.items() if cid != "hold" and seq < mine)
-    # One turn's worth at most (TURN_BYTES: three 30 KB lines); without the fair queue, 16.
-    assert len(ahead) <= 3, f"{len(ahead)} big lines were taken before the normal user's"
+    # A turn's worth (TURN_BYTES: three 30 KB lines), two if the normal line reached the
+    # broker's queue just after the first turn read it; without the fair queue, 16.
+    assert len(ahead) <= 6, f"{len(ahead)} big lines were taken before the normal user's"
     # Nothing loosened: every line answered once (stored or refused), each connection's
     # stored in the order sent, and none after one of its own that was refused.
     assert len(stored) + len(refused) == CONNECTIONS * LINES + 1 and not set(stored) & refused
@@ -142,10 +144,10 @@ async def test_a_small_line_is_taken_before_big_lines_queued_ahead_of_it(broker:
 async def test_a_full_queue_still_takes_a_small_line_and_refuses_the_flood(broker: RunningBroker) -> None:
     """With the read-ahead queue bounded at 200 KB, the flood fills it: the normal line
     is still read (the queue reads past its bound) and taken at once; the flooding
-    user, past its share, is refused rate_limited until its queue empties."""
+    users, past their share, are refused rate_limited until their queue empties."""
     assert broker.broker is not None
     broker.broker.request_queue = FairQueue(QUANTUM, 200_000, READ_AHEAD_FRAMES)
     mine, stored, refused = await _flood_then_one_line(broker)
-    assert refused and broker.broker.stats.backlog_bytes_max <= 2 * 200_000
+    assert refused and broker.broker.stats.backlog_bytes_max <= 2 * 200_000 + len(TEXT) + 200
     assert broker.core.counters.get("shed", 0) == len(refused)
     _check(mine, stored, refused)

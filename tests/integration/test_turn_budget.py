@@ -60,7 +60,10 @@ async def test_a_flood_of_big_lines_is_taken_a_bounded_number_of_bytes_a_turn(br
         deadline = loop.time() + 60
         while len(acked) < SENDERS * LINES:
             left = deadline - loop.time()
-            assert left > 0, f"only {len(acked)} of {SENDERS * LINES} lines acked"
+            assert left > 0, (
+                f"only {len(acked)} of {SENDERS * LINES} lines acked; read ahead: {len(broker.broker.chat_queue)} lines, "
+                f"counters {broker.broker.core.counters}"  # type: ignore[union-attr]
+            )
             if not await dealer.poll(int(left * 1000)):
                 continue
             reply = p.decode_reply(await dealer.recv())

@@ -9,8 +9,9 @@ request. Read ahead into this queue, the request is served in the next turn: a s
 whose queue was empty is served first, for up to one quantum, and a sender that keeps
 a queue shares the rest by bytes. Each sender's frames keep their order.
 
-When the queue is full, a sender holding more than its share of it is refused (the
-loop answers rate_limited) until its queue empties, and others are still admitted.
+When the queue is full and several senders wait in it, a sender holding more than its
+share is refused (the loop answers rate_limited) until its queue empties, and the
+others are still admitted; a sender alone is held back by the bound, as before.
 
 Plain Python (no sockets, no clock): the loop reads frames in with ``admit`` and
 ``put`` and takes them out with ``pop``.
@@ -30,8 +31,8 @@ class FairQueue(Generic[T]):
 
     ``max_bytes`` and ``max_items`` bound what ``room`` allows: the reader reads
     ahead freely below both. Past them it may read a little more, and ``admit``
-    says which of those items to queue: it holds the queue under twice
-    ``max_bytes``, by refusing the senders with more than their share.
+    says which of those items to queue, refusing senders past their share; ``full``
+    (twice either bound) stops it.
     """
 
     def __init__(self, quantum: int, max_bytes: int, max_items: int) -> None:
@@ -68,22 +69,32 @@ class FairQueue(Generic[T]):
         """Whether an item of ``size`` bytes that ``sender`` sent may be queued; False:
         refuse it (the caller tells the sender to retry later).
 
-        Anything fits below ``max_bytes``. Past it, a sender may hold its share of
-        ``max_bytes`` (split among the senders queued, itself counted), up to twice
-        ``max_bytes`` in all: a normal user's request is still taken while a flood
-        fills the queue. A sender refused once is refused until its queue empties, so
-        what it sent after the refused item is never taken before it.
+        Anything fits below ``max_bytes`` and ``max_items``. Past them, a sender alone
+        in the queue is still admitted (nobody waits behind it; the reader stops at
+        ``full``, and libzmq holds the rest: back-pressure, as without a queue). With
+        others waiting, a sender may hold its share of ``max_bytes`` (split among the
+        senders queued, itself counted): a normal user's request is still taken while
+        a flood fills the queue, and a flooder over its share is refused, and then
+        refused until its queue empties, so what it sent after the refused item is
+        never taken before it.
         """
         if sender in self._shedding:
             return False
-        if self.bytes + size <= self.max_bytes:
+        if self.bytes + size <= self.max_bytes and self.items < self.max_items:
             return True
-        senders = len(self._queues) + (sender not in self._queues)
-        if self._held.get(sender, 0) + size <= self.max_bytes // senders and self.bytes + size <= 2 * self.max_bytes:
+        others = len(self._queues) - (sender in self._queues)
+        if not others:
+            return True
+        if self._held.get(sender, 0) + size <= self.max_bytes // (others + 1):
             return True
         if sender in self._queues:  # cleared when its queue empties (pop)
             self._shedding.add(sender)
         return False
+
+    def full(self) -> bool:
+        """Whether the reader must stop reading: twice either bound (what ``admit``
+        lets in past the bounds, a frame at most past this)."""
+        return self.bytes >= 2 * self.max_bytes or self.items >= 2 * self.max_items
 
     def put(self, sender: Hashable, size: int, item: T) -> None:
         """Queue ``item`` (``size`` bytes) after ``sender``'s earlier ones."""

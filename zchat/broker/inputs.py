@@ -28,21 +28,21 @@ TURN_BYTES = 96 * 1024
 
 #: Reading ahead (zchat.broker.fair): each input reads freely until it holds
 #: READ_AHEAD_BYTES (or READ_AHEAD_FRAMES) of frames read but not yet taken, at most
-#: READ_FRAMES a turn, and holds at most twice READ_AHEAD_BYTES (senders past their
-#: share are refused, below). A normal user's request is read, and served, in the turn
-#: after it came rather than after everything queued ahead of it. QUANTUM is the bytes a
-#: sender that keeps a queue is credited a round.
+#: READ_FRAMES a turn, and never past twice that (FairQueue.full). A normal user's
+#: request is read, and served, in the turn after it came rather than after everything
+#: queued ahead of it. QUANTUM is the bytes a sender that keeps a queue is credited a
+#: round.
 READ_AHEAD_BYTES = 4 * 1024 * 1024
 READ_AHEAD_FRAMES = 4096
 READ_FRAMES = 4 * BATCH
 QUANTUM = 8 * 1024
 
-#: Once an input's queue is full, it still reads up to OVER_READS frames a turn (about
-#: 30 us each to refuse): a flood holds the queue full, and a normal user's request,
-#: one of the next few frames libzmq hands over (one a connection in turn), is still
-#: read and taken at once. A flooding sender over its share is refused rate_limited,
-#: retry after SHED_RETRY seconds, until its queue empties; 32 refusals a turn bound
-#: what refusing costs (about 1 ms).
+#: Once an input's queue is past its bound, it still reads up to OVER_READS frames a
+#: turn (about 30 us each to refuse): a flood holds the queue full, and a normal user's
+#: request, one of the next few frames libzmq hands over (one a connection in turn), is
+#: still read and taken at once. With others waiting, a flooding sender over its share
+#: is refused rate_limited, retry after SHED_RETRY seconds, until its queue empties; a
+#: sender alone in the queue is held back instead (libzmq's queue, then TCP).
 OVER_READS = 32
 SHED_RETRY = 0.25
 
@@ -132,7 +132,7 @@ class Inputs:
         share (FairQueue.admit) and refused otherwise (_shed); OVER_READS such frames
         (read while full, or refused) end the turn's reading."""
         n = over = 0
-        while n < READ_FRAMES and over < OVER_READS:
+        while n < READ_FRAMES and over < OVER_READS and not queue.full():
             full = not queue.room()
             try:
                 frames = take(sock, n)
@@ -155,11 +155,19 @@ class Inputs:
     def _shed(self, frames: list[zmq.Frame], user: str, now: float, out: Outcome) -> None:
         """Refuse a frame read past the full queue from a sender over its share: each
         request and line in it is answered rate_limited (retry after SHED_RETRY), so
-        the sender learns at once, and one that ignores it is cut like any other."""
+        the sender learns at once."""
         core = self.core
         assert core is not None
         core.count("shed")
         message = f"the broker is busy with your earlier frames: try again in {SHED_RETRY:.2f}s"
+
+        def refuse(sid: str, rid: int = 0, cid: str = "") -> None:
+            # Weighing nothing: a client cannot help the frames it had in flight when
+            # the broker got busy (a bulk sender would be cut for them otherwise).
+            err = p.Error(code=p.ErrorCode.RATE_LIMITED, message=message, rid=rid, cid=cid, retry_after=SHED_RETRY)
+            out.weigh(err, 0.0)
+            out.replies.append((sid, err))
+
         if len(frames) == 2:  # ROUTER: the session it came on is its routing id
             sid = frames[0].bytes.decode("latin-1")
             try:
@@ -170,9 +178,9 @@ class Inputs:
             kind = type(req)
             if kind is p.Send or kind is p.Sends:
                 for msg in [req] if kind is p.Send else req.items:  # type: ignore[union-attr]
-                    out.error(sid, p.ErrorCode.RATE_LIMITED, message, cid=msg.cid[: p.MAX_CID_LEN], retry_after=SHED_RETRY)
+                    refuse(sid, cid=msg.cid[: p.MAX_CID_LEN])
             else:
-                out.error(sid, p.ErrorCode.RATE_LIMITED, message, rid=req.rid, retry_after=SHED_RETRY)  # type: ignore[union-attr]
+                refuse(sid, rid=req.rid)  # type: ignore[union-attr]
             return
         try:  # PULL: each line names its sender's session
             msgs, _ = p.decode_sends(frames[0].bytes, self.limits.max_bytes)
@@ -181,7 +189,7 @@ class Inputs:
         for msg in msgs:
             session = core.sessions.get(msg.sid)
             if session is not None and session.name == user:
-                out.error(msg.sid, p.ErrorCode.RATE_LIMITED, message, cid=msg.cid, retry_after=SHED_RETRY)
+                refuse(msg.sid, cid=msg.cid)
 
     def _requests(self, now: float, out: Outcome, fresh: bool = True) -> int:
         """Read ahead what the ROUTER holds (requests and chat frames sent over the
