@@ -10,13 +10,15 @@ came after one line of each flooding connection (16); now it is taken in the fir
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 from pathlib import Path
 
-from tests.conftest import RunningBroker
+from tests.conftest import HEARTBEAT, TEST_EDGE, RunningBroker
 from tests.integration.raw import Raw
 from zchat import protocol as p
 from zchat.broker.fair import FairQueue
 from zchat.broker.inputs import QUANTUM, READ_AHEAD_FRAMES
+from zchat.core import Limits
 
 CONNECTIONS = 16
 LINES = 3  # per connection
@@ -74,7 +76,7 @@ async def _answers(peer: Raw, want: int, timeout: float = 30.0) -> tuple[dict[st
     return stored, refused
 
 
-async def _flood_then_one_line(broker: RunningBroker) -> tuple[int, dict[str, int], set[str]]:
+async def _flood_then_one_line(broker: RunningBroker, after: bool = False) -> tuple[int, dict[str, int], set[str]]:
     """Hold the loop in a store; queue CONNECTIONS x LINES big lines of one user, then
     one small line of another; let go. Return the small line's seq, and the big lines
     stored (cid -> seq) and refused."""
@@ -112,6 +114,9 @@ async def _flood_then_one_line(broker: RunningBroker) -> tuple[int, dict[str, in
             got, no = await _answers(peer, LINES + (1 if i == 0 else 0))
             stored.update(got)
             refused |= no
+        if after:  # every flooding connection still answered: none was cut for its refusals
+            for i, peer in enumerate(floods):
+                assert isinstance(await peer.request(p.Ping(rid=100 + i)), p.Pong), f"connection {i} was cut"
     finally:
         engine.store = real_store  # type: ignore[method-assign]
         for peer in [*floods, normal]:
@@ -151,3 +156,23 @@ async def test_a_full_queue_still_takes_a_small_line_and_refuses_the_flood(broke
     assert refused and broker.broker.stats.backlog_bytes_max <= 2 * 200_000 + len(TEXT) + 200
     assert broker.core.counters.get("shed", 0) == len(refused)
     _check(mine, stored, refused)
+
+
+async def test_refusals_of_a_full_queue_never_get_a_sender_cut(tmp_path: Path) -> None:
+    """A client cannot help the frames it had in flight when the queue filled: those
+    refusals weigh nothing toward the cut for ignoring retry_after (here at 4; the
+    plaintext test broker has no keys to cut, so the weights are read)."""
+    running = await RunningBroker(
+        tmp_path / "h.db", Limits(heartbeat=HEARTBEAT, rate=0), guard=dataclasses.replace(TEST_EDGE, max_refusals=4),
+    ).start()
+    try:
+        assert running.broker is not None
+        running.broker.request_queue = FairQueue(QUANTUM, 200_000, READ_AHEAD_FRAMES)
+        mine, stored, refused = await _flood_then_one_line(running, after=True)
+        assert len(refused) > 4, refused
+        # What each flooder's refusals weighed toward the cut (guard.Refusals): nothing.
+        weighed = {name: running.broker.refusals.counts.get(name, [0.0, 0.0])[1] for name in FLOODERS}
+        assert weighed == dict.fromkeys(FLOODERS, 0.0), weighed
+        _check(mine, stored, refused)
+    finally:
+        await running.stop()
