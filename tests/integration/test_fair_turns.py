@@ -13,6 +13,8 @@ import asyncio
 import dataclasses
 from pathlib import Path
 
+import zmq
+
 from tests.conftest import HEARTBEAT, TEST_EDGE, RunningBroker
 from tests.integration.raw import Raw
 from zchat import protocol as p
@@ -176,3 +178,21 @@ async def test_refusals_of_a_full_queue_never_get_a_sender_cut(tmp_path: Path) -
         _check(mine, stored, refused)
     finally:
         await running.stop()
+
+
+async def test_frames_read_ahead_when_the_broker_stops_are_answered_shutting_down(tmp_path: Path) -> None:
+    """A request read ahead but not yet taken when the broker stops is answered, as one
+    still in libzmq's queue is: the client learns at once, not at its timeout."""
+    running = await RunningBroker(tmp_path / "h.db", Limits(heartbeat=HEARTBEAT, rate=0)).start()
+    peer = Raw(running.endpoint, "normal", routing_id=b"normal-session")
+    try:
+        await _hello(peer, ROOM)
+        assert running.broker is not None
+        body = p.encode(p.Ping(rid=7))
+        frames = [zmq.Frame(b"normal-session"), zmq.Frame(body)]
+        running.broker.request_queue.put("normal", len(body), (frames, "normal", len(body)))
+        await running.stop()  # no await between: the loop cannot take it first
+        reply = p.decode_reply(await asyncio.wait_for(peer.sock.recv(), 5))
+        assert isinstance(reply, p.Error) and reply.code == p.ErrorCode.SHUTTING_DOWN, reply
+    finally:
+        peer.close()

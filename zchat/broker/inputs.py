@@ -6,6 +6,7 @@ bounded queue per input and taken from it fairly by sender (zchat.broker.fair)."
 from __future__ import annotations
 
 import logging
+from typing import Callable
 
 import zmq
 
@@ -196,11 +197,17 @@ class Inputs:
         DEALER) if ``fresh`` (found readable), then take from what was read, fairly,
         until about BATCH requests and lines, or about BATCH_BYTES, were taken; return
         how many frames."""
-        core = self.core
-        assert core is not None
-        queue = self.request_queue
+        return self._take_fairly(self.router, self.request_queue, self._request, fresh, now, out)
+
+    def _take_fairly(
+        self, sock: zmq.Socket, queue: FairQueue[Taken], handle: Callable[[list[zmq.Frame], str, float, Outcome], int],
+        fresh: bool, now: float, out: Outcome,
+    ) -> int:
+        """One input's turn: read ahead if ``fresh``, then hand frames to ``handle`` in
+        fair order until BATCH requests and lines (what ``handle`` returns) or the byte
+        budget were taken; return how many frames."""
         if fresh:
-            self._read_ahead(self.router, queue, now, out)
+            self._read_ahead(sock, queue, now, out)
         count = taken = mine = 0
         while taken < BATCH and self._room_for(mine):
             item = queue.pop()
@@ -209,7 +216,7 @@ class Inputs:
             frames, user, size = item
             count += 1
             work = _work(out)
-            taken += self._request(frames, user, now, out)
+            taken += handle(frames, user, now, out)
             cost = charge(size, _work(out) > work)
             mine += cost
             self._took(cost)
@@ -274,25 +281,7 @@ class Inputs:
         """Read ahead what the PULL holds, then take from it, fairly, until about BATCH
         chat lines, or about BATCH_BYTES (what the turn has left of TURN_BYTES), were
         taken; return how many frames."""
-        core = self.core
-        assert core is not None
-        queue = self.chat_queue
-        if fresh:
-            self._read_ahead(self.pull, queue, now, out)
-        count = lines = mine = 0
-        while lines < BATCH and self._room_for(mine):
-            item = queue.pop()
-            if item is None:
-                return count
-            frames, user, size = item
-            count += 1
-            work = _work(out)
-            lines += self._pulled_frame(frames, user, now, out)
-            cost = charge(size, _work(out) > work)
-            mine += cost
-            self._took(cost)
-        self.more_input = True  # stopped at a budget, not at an empty queue
-        return count
+        return self._take_fairly(self.pull, self.chat_queue, self._pulled_frame, fresh, now, out)
 
     def _pulled_frame(self, frames: list[zmq.Frame], user: str, now: float, out: Outcome) -> int:
         """Handle one PULL message; return how many lines it held."""
