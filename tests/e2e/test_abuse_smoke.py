@@ -129,3 +129,30 @@ def test_the_verdicts_say_what_the_attacker_saw_and_what_was_missed() -> None:
     assert "broker died" in missed(dead, idle)
     text = table([idle, quiet, dead])
     assert HEADER in text and "broker DEAD" in text
+
+
+def test_an_attack_that_ends_before_its_time_comes_back_until_the_deadline(monkeypatch: pytest.MonkeyPatch) -> None:
+    """stalled-subscriber and throwaway-names end on their own bounds within seconds; the
+    normal user must be measured under them for the whole time, so they start again
+    (a new round: fresh names and cids) until the deadline. Other attacks run once."""
+    import queue
+    import threading
+    import time
+
+    from zchat.bench.abuse_attacks import REPEATED, ROUND_GAP, Env, attacker
+
+    rounds: list[int] = []
+    monkeypatch.setitem(ATTACKS, "throwaway-names", lambda env, saw: rounds.append(env.round))
+    monkeypatch.setitem(ATTACKS, "heavy-frame", lambda env, saw: rounds.append(-1))
+    assert "throwaway-names" in REPEATED and "heavy-frame" not in REPEATED
+    results: queue.Queue = queue.Queue()
+    t0 = time.monotonic()
+    env = Env(router="", pull="", pub="", deadline=t0 + 2.4 * ROUND_GAP, stop=threading.Event())
+    attacker("throwaway-names", env, results)
+    assert time.monotonic() - t0 < 4 * ROUND_GAP, "the rounds outlived the deadline"
+    assert rounds[0] == 0 and len(rounds) >= 2 and rounds == list(range(len(rounds))), rounds
+    tag, saw = results.get_nowait()
+    assert tag == "saw" and saw["notes"]["rounds"] == len(rounds)
+    rounds.clear()
+    attacker("heavy-frame", Env(router="", pull="", pub="", deadline=time.monotonic() + 5, stop=threading.Event()), results)
+    assert rounds == [-1], "an attack that runs to its deadline itself is not repeated"

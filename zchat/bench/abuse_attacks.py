@@ -59,6 +59,7 @@ class Env:
     source: str = "127.0.0.1"  # the attacker's own loopback address (the normal user is 127.0.0.1)
     nice: int = 0  # the attack process's niceness (--attacker-nice): its CPU yields to the broker's
     idle: bool = False  # the attack process runs under SCHED_IDLE (--attacker-idle): only on CPU nobody else wants
+    round: int = 0  # which round of a repeated attack this is (REPEATED): fresh names and cids each round
 
     def via(self, endpoint: str) -> str:
         """``endpoint`` connected from the attacker's source address (libzmq's
@@ -376,18 +377,20 @@ def stalled_flood(env: Env, saw: Saw) -> None:
     peers = [_helper(ctx, env, saw, i) for i in range(8)]
     rid = Rids()
     for peer in peers:
-        peer.call(p.encode(p.Join(rid=rid(), room=BUSY)), rid.n, 5.0)
+        if env.over():
+            break
+        peer.call(p.encode(p.Join(rid=rid(), room=BUSY)), rid.n, min(5.0, max(0.1, env.left())))
     text = "y" * 32_000
     n = 0
     while not env.over() and n < 200_000:
         for peer in peers:
             n += 1
-            peer.send(p.encode(p.Send(sid=peer.sid, cid=f"f-{n:x}", text=text, room=BUSY)))
+            peer.send(p.encode(p.Send(sid=peer.sid, cid=f"f{env.round}-{n:x}", text=text, room=BUSY)))
         for peer in peers:
             peer.drain(1000)
         if n % 64 == 0:
             env.stop.wait(0.001)
-    saw.notes["lines_sent"] = n
+    saw.notes["lines_sent"] = saw.notes.get("lines_sent", 0) + n
     saw.notes["lines_stored"] = saw.stored
     for peer in peers:
         peer.close()
@@ -576,7 +579,7 @@ def throwaway_names(env: Env, saw: Saw) -> None:
     for i in range(0, 200, 50):
         if env.over():
             break
-        peers += _claim_wave(ctx, env, saw, [f"tw-{j:03d}" for j in range(i, i + 50)], rid)
+        peers += _claim_wave(ctx, env, saw, [f"tw{env.round}-{j:03d}" for j in range(i, i + 50)], rid)
     live: list[Peer] = []
     for peer in peers:
         if env.over():
@@ -584,7 +587,7 @@ def throwaway_names(env: Env, saw: Saw) -> None:
         if peer.hello(rid(), timeout=min(3.0, max(0.1, env.left()))):
             if peer.call(p.encode(p.Join(rid=rid(), room=LOBBY)), rid.n, min(3.0, max(0.1, env.left()))):
                 live.append(peer)
-    saw.notes["names_in_room"] = len(live)
+    saw.notes["names_in_room"] = saw.notes.get("names_in_room", 0) + len(live)
     counts = {id(peer): 0 for peer in live}
     while not env.over() and any(c < 150 for c in counts.values()):
         for peer in live:
@@ -748,6 +751,15 @@ ATTACKS: dict[str, Callable[[Env, Saw], None]] = {
 }
 
 
+#: Attacks whose own bounds end them before the deadline (8 senders cut and their
+#: 200,000 frames spent; 150 lines from each name let in): they start again, with
+#: fresh connections, names and cids, ROUND_GAP seconds after each round, up to
+#: MAX_ROUNDS, so the normal user is measured under the attack for the whole time.
+REPEATED = frozenset({"stalled-subscriber", "throwaway-names"})
+ROUND_GAP = 0.5
+MAX_ROUNDS = 100
+
+
 def attacker(name: str, env: Env, results: Any) -> None:
     """Process entry: run one attack, then report what it saw (also after a crash)."""
     logging.basicConfig(level=logging.ERROR)
@@ -757,7 +769,18 @@ def attacker(name: str, env: Env, results: Any) -> None:
         os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
     saw = Saw()
     try:
-        ATTACKS[name](env, saw)
+        rounds = 0
+        while True:  # an attack that ends before its time comes back, as a hostile user would
+            env.round = rounds
+            ATTACKS[name](env, saw)
+            rounds += 1
+            if name not in REPEATED or rounds >= MAX_ROUNDS:
+                break
+            env.stop.wait(min(ROUND_GAP, env.left()))
+            if env.over():
+                break
+        if name in REPEATED:
+            saw.notes["rounds"] = rounds
     except Exception as exc:  # report it: a crashed attacker is a result, not a hang
         log.exception("attack %s failed", name)
         saw.notes["attacker_error"] = f"{type(exc).__name__}: {exc}"
