@@ -69,6 +69,11 @@ _ALSO = (
 )
 
 
+#: Bytes of events a client queues for its caller before it stops reading the fan-out
+#: (what was dropped meanwhile is fetched from history once the caller reads again).
+UNREAD_LIMIT = 16 * 2**20
+
+
 class Client(Connection, Requests, Sending, Receiving):
     """A connection to one broker as one user.
 
@@ -79,6 +84,11 @@ class Client(Connection, Requests, Sending, Receiving):
     broker restart) everything is fetched from history, page by page, however far behind.
 
     ``name`` protocol.LOOKER (see ``Client.looker``) is a look-only session.
+
+    Events wait for ``events()``/``batches()`` in a queue bounded at ``unread_limit``
+    bytes (about: texts plus a fixed weight an event): a caller that stops reading
+    costs that much, then the fan-out is held back, and what it missed meanwhile comes
+    from history when it reads again, in order. A ``listen()`` handler has no queue.
 
     A poster that never reads a room (a bot, ``zchat send``, a notifier) joins it with
     ``join(room, receive=False)`` and pays nothing for the room's traffic; a bulk of
@@ -98,6 +108,7 @@ class Client(Connection, Requests, Sending, Receiving):
         sub_hwm: int = 100_000,
         trust_new_broker: bool = False,
         invite: str = "",
+        unread_limit: int = UNREAD_LIMIT,
     ) -> None:
         if name != p.LOOKER and not p.valid_name(name):
             raise ClientError(p.ErrorCode.BAD_NAME, f"bad name {name!r}: use a-z, 0-9, '_', '-' (1-{p.MAX_NAME_LEN} characters, lowercase)")
@@ -156,6 +167,10 @@ class Client(Connection, Requests, Sending, Receiving):
         self._cid_base = secrets.token_hex(6) + "-"  # cids: random per client, then a counter
         self._cid_count = 0
         self._events: asyncio.Queue[list | None] = asyncio.Queue()  # lists of events, in order
+        self.unread_limit = unread_limit  # bytes of events queued unread before the fan-out is held back
+        self._unread = 0  # about how many bytes the queued events hold (receiving.weigh)
+        self._reading = asyncio.Event()  # clear: the caller is behind (see Receiving._hold_back)
+        self._reading.set()
         self._listener: Callable[[list[Event]], None] | None = None
         self._want_fill: set[str] = set()
         self._fill_wake = asyncio.Event()

@@ -174,6 +174,8 @@ class Connection:
         sub.connect(f"{self.base}:{pub_port}")
         self._sub_at = (self.base, pub_port, self.server_key)
         self._sub = _Pump(sub, self._on_event)
+        if not self._reading.is_set():  # the caller is still behind: the new SUB waits too
+            self._sub.pause()
         topics = [p.SYSTEM_TOPIC] if self.looking else [p.SYSTEM_TOPIC, p.inbox_topic(self.name)]
         topics += [p.room_topic(room) for room in sorted(self._subscribed)]
         for topic in topics:

@@ -35,6 +35,7 @@ class _Pump:
         self._scheduled = False
         self._closed = False
         self._fd: int | None = None
+        self.paused = False  # reads held back (the caller is behind): libzmq's queue, then the sender's, fill
 
     def submit(self, op: Callable[[zmq.Socket], None]) -> None:
         self.ops.append(op)
@@ -77,6 +78,18 @@ class _Pump:
                 safety.cancel()
             self.stop()
 
+    def pause(self) -> None:
+        """Stop reading (operations still run) until ``resume()``."""
+        self.paused = True
+
+    def resume(self) -> None:
+        """Read again, starting in a callback of its own."""
+        if self.paused:
+            self.paused = False
+            if not self._scheduled and self._loop is not None:
+                self._scheduled = True
+                self._loop.call_soon(self._service)
+
     def stop(self) -> None:
         """Stop serving the socket now (before it is closed): no callback touches it after."""
         if not self._closed:
@@ -95,7 +108,7 @@ class _Pump:
                 op(self.sync)
             except zmq.Again:
                 log.debug("socket full; the operation will be retried by its owner")
-        if self.on_recv is not None and self._drain() and not self._scheduled:
+        if self.on_recv is not None and not self.paused and self._drain() and not self._scheduled:
             self._scheduled = True  # more is queued: carry on after others had a turn
             self._loop.call_soon(self._service)  # type: ignore[union-attr]
 
@@ -103,14 +116,14 @@ class _Pump:
         """Read what is queued (a bounded amount); True if more is left."""
         sync, deliver = self.sync, self._deliver
         for _ in range(1000):
-            if not readable(sync):
+            if self.paused or not readable(sync):  # (a handler may pause it)
                 return False
             try:
                 frames = recv_parts(sync)
             except zmq.Again:
                 return False
             deliver(frames)
-        return True
+        return not self.paused
 
     def _deliver(self, frames: list[bytes]) -> None:
         try:

@@ -18,6 +18,20 @@ log = logging.getLogger(__package__)  # one logger for the whole library: "zchat
 #: Lines whose ``to`` names us: an invite to a room, or our removal from it.
 _ABOUT_ME = frozenset({"invite", "kick", "ban"})
 
+#: What an event weighs in the unread queue besides a line's text (a rough size of
+#: the decoded object: the bound is on memory, so text counts by its length).
+EVENT_WEIGHT = 200
+
+
+def weigh(events: list[Event]) -> int:
+    """Roughly the memory ``events`` hold while unread (bytes)."""
+    total = EVENT_WEIGHT * len(events)
+    for event in events:
+        text = getattr(event, "text", None)
+        if text:
+            total += len(text)
+    return total
+
 
 class Receiving:
     """Events in (a mixin of Client): ordered per room, gaps filled from history."""
@@ -36,6 +50,32 @@ class Receiving:
                 log.exception("event listener failed")
         else:
             self._events.put_nowait(events)
+            self._unread += weigh(events)
+            if self._unread > self.unread_limit:
+                self._hold_back()
+
+    # Unread events are bounded (unread_limit bytes): past it the SUB is not read, so
+    # libzmq's queue and then the broker's send queue for us fill and drop, and the
+    # filler waits; once the caller has read half of it back, reading resumes and the
+    # trackers fetch whatever was dropped from history. Nothing is lost, nothing grows.
+
+    def _hold_back(self) -> None:
+        if not self._reading.is_set():
+            return
+        self._reading.clear()
+        sub = getattr(self, "_sub", None)
+        if sub is not None:
+            sub.pause()
+        log.info("%d bytes of events unread (bound %d): not reading the fan-out until they are", self._unread, self.unread_limit)
+
+    def _took(self, chunk: list[Event]) -> None:
+        """The caller took ``chunk`` from the queue: resume once half the bound is free."""
+        self._unread = max(0, self._unread - weigh(chunk))
+        if not self._reading.is_set() and self._unread <= self.unread_limit // 2:
+            self._reading.set()
+            sub = getattr(self, "_sub", None)
+            if sub is not None:
+                sub.resume()
 
     def listen(self, handler: Callable[[list[Event]], None] | None) -> None:
         """Hand events to ``handler`` as they arrive instead of queueing them for
@@ -58,6 +98,7 @@ class Receiving:
                 closed = True
             else:
                 queued += chunk
+                self._took(chunk)
         if queued:
             self._hand_over(queued)
         if closed:
@@ -69,6 +110,7 @@ class Receiving:
             chunk = await self._events.get()
             if chunk is None:
                 return
+            self._took(chunk)
             for event in chunk:
                 yield event
 
@@ -82,6 +124,7 @@ class Receiving:
             chunk = await self._events.get()
             if chunk is None:
                 return
+            self._took(chunk)
             yield chunk
 
     def cursors(self) -> dict[str, tuple[str, int]]:
@@ -238,6 +281,7 @@ class Receiving:
         far behind it was. Only the first catch-up after being away (a cursor from an
         earlier run) is cut to the newest ``recover_limit``, with a Gap for the rest."""
         while True:
+            await self._reading.wait()  # the caller is behind: fetch more once it has read
             tracker = self._trackers.get(room)
             if tracker is None or (gap := tracker.missing()) is None:
                 self._catch_up.discard(room)
