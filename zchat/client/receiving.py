@@ -66,7 +66,7 @@ class Receiving:
         sub = getattr(self, "_sub", None)
         if sub is not None:
             sub.pause()
-        log.info("%d bytes of events unread (bound %d): not reading the fan-out until they are", self._unread, self.unread_limit)
+        log.debug("%d bytes of events unread (bound %d): not reading the fan-out until half are read", self._unread, self.unread_limit)
 
     def _took(self, chunk: list[Event]) -> None:
         """The caller took ``chunk`` from the queue: resume once half the bound is free."""
