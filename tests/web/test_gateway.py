@@ -12,7 +12,7 @@ import aiohttp
 import pytest
 from yarl import URL
 
-from tests.conftest import RunningBroker, chat
+from tests.conftest import RunningBroker, chat, wait_for
 from tests.web.conftest import PASSWORD, RunningWeb, since_of
 from zchat import protocol as p
 from zchat.web.app import WRONG
@@ -156,7 +156,11 @@ async def test_a_fresh_tab_gets_the_newest_then_older_pages(users, connect) -> N
     await carol.join("general")
     for i in range(60):
         carol.post("general", f"line {i}")
-    await carol.send("general", "line 60")
+    last = (await carol.send("general", "line 60")).seq
+    # The tab's page is cut at what alice's gateway session has seen: wait until that is
+    # line 60 (the fan-out to it can trail carol's ack; CI once opened the tab at seq 2).
+    hub = alice.site.gateway.users["alice"]
+    await wait_for(lambda: hub.client.cursors().get("general", ("", 0))[1] >= last, what="alice's session at line 60")
     tab = await alice.tab()
     first = await tab.until(lambda t: [f for f in t.of("replay") if f["room"] == "general"], what="replay")
     reset = [f for f in tab.of("reset") if f["room"] == "general"]
