@@ -1,5 +1,5 @@
-"""Search in the shared storage suite: SQLite answers from FTS5 kept with every write
-(indexed a batch at a time, and before every search);
+"""Search in the shared storage suite: SQLite answers from FTS5 in an index file of its
+own, kept by a thread of its own (a search waits until it has every stored line);
 Redis says clearly that it cannot (SearchUnsupported, which the broker turns into
 ``not_supported``)."""
 
@@ -14,9 +14,11 @@ from pathlib import Path
 import pytest
 
 from tests.integration.test_storage import Backend, backend, msg, storage  # noqa: F401  (fixtures)
-from zchat.storage import SearchUnsupported, Storage, StorageError
+from tests.conftest import wait_for
+from zchat.storage import SearchUnsupported, Storage, StorageError, StorageUnavailable, sqlite_search
 from zchat.storage.redis import RedisStorage
 from zchat.storage.sqlite import SqliteStorage
+from zchat.storage.sqlite_search import index_path
 
 
 def found(page: list) -> list[tuple[str, int]]:  # type: ignore[type-arg]
@@ -73,34 +75,6 @@ async def test_tombstones_and_retention_leave_the_index(storage: Storage) -> Non
     assert [m.seq for m in await storage.search("needle", 10)] == [4]
 
 
-async def test_an_older_file_gets_its_index_once_at_open(tmp_path: Path) -> None:
-    path = tmp_path / "history.db"
-    store = SqliteStorage(path)
-    await store.open()
-    await store.append([msg("dev", 1, "before search existed"), msg("dev", 2, "more words")])
-    await store.close()
-    db = sqlite3.connect(path)  # what a file from before search looks like
-    db.executescript("DROP TABLE search_text; DROP TABLE search_rows; DELETE FROM meta WHERE key = 'search';")
-    db.close()
-    for _ in range(2):  # idempotent: the second open builds nothing twice
-        store = SqliteStorage(path)
-        await store.open()
-        assert [m.seq for m in await store.search("search", 10)] == [1]
-        assert [m.seq for m in await store.search("words", 10)] == [2]
-        await store.append([msg("dev", 3, "search again")])
-        assert [m.seq for m in await store.search("search", 10)][0] == 3
-        await store.close()
-        db = sqlite3.connect(path)
-        db.execute("DELETE FROM messages WHERE seq = 3")
-        db.execute("DELETE FROM search_text WHERE rowid IN (SELECT id FROM search_rows WHERE seq = 3)")
-        db.execute("DELETE FROM search_rows WHERE seq = 3")
-        db.commit()
-        db.close()
-    db = sqlite3.connect(path)
-    assert db.execute("SELECT COUNT(*) FROM search_rows").fetchone()[0] == 2
-    db.close()
-
-
 async def test_a_failed_append_indexes_nothing(storage: Storage) -> None:
     await searchable(storage)
     await storage.append([msg("dev", 1, "first")])
@@ -111,13 +85,96 @@ async def test_a_failed_append_indexes_nothing(storage: Storage) -> None:
     assert [m.seq for m in await storage.search("orphan", 10)] == [2]
 
 
+def _indexed(history: Path, word: str = "") -> int:
+    """Lines in the FTS5 index file (those with ``word``), read by a connection of its
+    own: what the index thread committed."""
+    db = sqlite3.connect(index_path(history))
+    try:
+        if word:
+            return db.execute("SELECT COUNT(*) FROM search_text WHERE search_text MATCH ?", (word,)).fetchone()[0]
+        return db.execute("SELECT COUNT(*) FROM search_text").fetchone()[0]
+    finally:
+        db.close()
+
+
+async def until_indexed(history: Path, count: int, word: str = "") -> None:
+    await wait_for(lambda: _indexed(history, word) == count, what=f"{count} lines in the index file")
+
+
+async def test_the_append_stores_the_line_and_the_thread_indexes_it(tmp_path: Path) -> None:
+    """fails on the old storage (the words went into the history file, in the broker's
+    thread): the history file holds no index, the index file gets every text and /me
+    line, and a search right after an append finds its line."""
+    path = tmp_path / "history.db"
+    store = SqliteStorage(path)
+    await store.open()
+    await store.append([msg("dev", 1, "hello there"), msg("dev", 2, "", kind="join"), msg("ops", 1, "waves", kind="me")])
+    await store.append([msg("dev", 3, "fresh words")])
+    assert [m.seq for m in await store.search("fresh", 10)] == [3]  # found right after its append
+    await until_indexed(path, 3)
+    db = sqlite3.connect(path)
+    tables = {row[0] for row in db.execute("SELECT name FROM sqlite_master")}
+    db.close()
+    assert not {"search_text", "search_rows"} & tables
+    await store.close()
+
+
+async def test_changed_lines_leave_the_index_file_too(tmp_path: Path) -> None:
+    """A tombstone, an edit, retention, of lines indexed or not yet: searches find the
+    lines as they are, and the words taken away are gone from the index file (not only
+    skipped by the search's join)."""
+    path = tmp_path / "history.db"
+    store = SqliteStorage(path)
+    await store.open()
+    await store.append([msg("dev", n, f"before {n}") for n in range(1, 4)])
+    await until_indexed(path, 3)
+    await store.append([msg("dev", 4, "before 4")])
+    await store.append([msg("dev", 5, "before 5")])
+    assert await store.tombstone("dev", 5)
+    assert await store.edit("dev", 4, "after edit", by=1)
+    assert await store.tombstone("dev", 3)
+    assert await store.prune("dev", keep=3) == 2  # seqs 1 and 2
+    assert await store.search("before", 10) == []
+    assert [(m.seq, m.text) for m in await store.search("after", 10)] == [(4, "after edit")]
+    await until_indexed(path, 1)
+    assert _indexed(path, "before") == 0 and _indexed(path, "after") == 1
+    await store.close()
+
+
+async def test_a_file_of_the_old_layout_is_indexed_at_open(tmp_path: Path) -> None:
+    """A file from before the index file (its words in search_rows/search_text), or
+    from before search: its old tables go, and every line is found."""
+    path = tmp_path / "history.db"
+    store = SqliteStorage(path)
+    await store.open()
+    await store.append([msg("dev", 1, "before search existed"), msg("dev", 2, "more words")])
+    await store.close()
+    index_path(path).unlink()
+    db = sqlite3.connect(path)  # what the old layout kept in the history file
+    db.executescript(
+        "CREATE TABLE search_rows (id INTEGER PRIMARY KEY, room TEXT NOT NULL, seq INTEGER NOT NULL);"
+        "CREATE VIRTUAL TABLE search_text USING fts5(text); INSERT INTO meta VALUES ('search', '1');"
+    )
+    db.close()
+    for _ in range(2):  # idempotent
+        store = SqliteStorage(path)
+        await store.open()
+        assert [m.seq for m in await store.search("search", 10)] == [1]
+        assert [m.seq for m in await store.search("words", 10)] == [2]
+        await store.close()
+    db = sqlite3.connect(path)
+    assert not db.execute("SELECT name FROM sqlite_master WHERE name IN ('search_rows', 'search_text')").fetchall()
+    db.close()
+
+
 async def test_what_an_older_broker_did_to_the_file(tmp_path: Path) -> None:
-    """A broker from before search, run on the file: what it deleted is never found; what
-    it stored is found once the index is built again (meta 'search' deleted)."""
+    """A broker from before search, run on the file: what it deleted is never found;
+    what it stored is found (past the index's cursor)."""
     path = tmp_path / "history.db"
     store = SqliteStorage(path)
     await store.open()
     await store.append([msg("dev", 1, "indexed words"), msg("dev", 2, "doomed words"), msg("dev", 3, "pruned words")])
+    await until_indexed(path, 3)
     await store.close()
     db = sqlite3.connect(path)  # what a broker from before search does to the file
     db.execute("INSERT INTO messages (room, seq, id, ts, sender, kind, text, to_name, cid) "
@@ -128,91 +185,53 @@ async def test_what_an_older_broker_did_to_the_file(tmp_path: Path) -> None:
     db.close()
     store = SqliteStorage(path)
     await store.open()
-    assert [m.seq for m in await store.search("words", 10)] == [1]
-    await store.close()
-    db = sqlite3.connect(path)
-    db.execute("DELETE FROM meta WHERE key = 'search'")  # docs/operations.md, Upgrading
-    db.commit()
-    db.close()
-    store = SqliteStorage(path)
-    await store.open()
     assert [m.seq for m in await store.search("words", 10)] == [4, 1]
     await store.close()
 
 
-def _indexed(path: Path) -> int:
-    """Lines in the FTS5 index, read by a connection of its own (what is committed)."""
-    db = sqlite3.connect(path)
-    try:
-        return db.execute("SELECT COUNT(*) FROM search_text").fetchone()[0]
-    finally:
-        db.close()
-
-
-async def test_lines_a_transaction_each_are_indexed_a_batch_at_a_time_and_found_at_once(tmp_path: Path) -> None:
-    """The broker's quiet path stores a line a transaction; each FTS5 commit writes a
-    segment, so the index is filled INDEX_BATCH lines at a time, yet a search right
-    after an append finds its line."""
+async def test_an_index_that_does_not_match_the_history_is_rebuilt(tmp_path: Path) -> None:
+    """fails without the check at open: an older copy of the history put back (a
+    restore) leaves the index ahead of it, so the new lines at those seqs would never be
+    indexed and the old words would find them. A new epoch rebuilds it too."""
     path = tmp_path / "history.db"
     store = SqliteStorage(path)
     await store.open()
-    batch = store.index_batch
-    assert batch > 1
-    for seq in range(1, batch):
-        await store.append([msg("dev", seq, f"needle {seq}")])
-    assert _indexed(path) == 0  # not one FTS5 commit yet
-    await store.append([msg("dev", batch, f"needle {batch}")])
-    assert _indexed(path) == batch  # the append that filled the batch indexed it
-    await store.append([msg("dev", batch + 1, "haystack fresh")])
-    assert _indexed(path) == batch
-    assert [m.seq for m in await store.search("fresh", 10)] == [batch + 1]  # found right after its append
-    assert [m.seq for m in await store.search("needle", 3)] == [batch, batch - 1, batch - 2]
+    await store.append([msg("dev", 1, "kept words"), msg("dev", 2, "kept words")])
     await store.close()
-
-
-async def test_big_lines_are_indexed_before_a_batch_of_them_grows_large(tmp_path: Path) -> None:
-    """The batch is bounded in bytes too: 64 lines of 30 KB held for one append would
-    make that append (and the broker's turn) index 2 MB of words at once."""
-    from zchat.storage.sqlite import INDEX_BATCH_BYTES
-
-    path = tmp_path / "history.db"
+    copy = path.read_bytes()  # closed: no WAL
     store = SqliteStorage(path)
     await store.open()
-    big = 30 * 1024
-    per_batch = -(-INDEX_BATCH_BYTES // big)  # lines whose text reaches the byte bound
-    assert per_batch < store.index_batch
-    for seq in range(1, per_batch):
-        await store.append([msg("dev", seq, "word " * (big // 5))])
-    assert _indexed(path) == 0
-    await store.append([msg("dev", per_batch, "word " * (big // 5))])
-    assert _indexed(path) == per_batch  # indexed at the byte bound, not at the 64th line
+    await store.append([msg("dev", 3, "lost words"), msg("dev", 4, "lost words")])
+    await until_indexed(path, 4)
     await store.close()
-
-
-async def test_lines_not_yet_indexed_are_changed_like_the_others(tmp_path: Path) -> None:
-    """A tombstone, an edit or retention of a line stored since the last batch: the batch
-    indexes the line as it is by then (or not at all)."""
-    store = SqliteStorage(tmp_path / "history.db")
+    path.write_bytes(copy)  # the restore
+    store = SqliteStorage(path)
     await store.open()
-    await store.append([msg("dev", n, f"before {n}") for n in range(1, 4)])
-    await store.append([msg("dev", 4, "before 4")])  # one line a transaction: not indexed yet
-    await store.append([msg("dev", 5, "before 5")])
-    assert await store.tombstone("dev", 5)
-    assert await store.edit("dev", 4, "after edit", by=1)
-    assert await store.prune("dev", keep=3) == 2  # seqs 1 and 2
-    assert [m.seq for m in await store.search("before", 10)] == [3]
-    assert [(m.seq, m.text) for m in await store.search("after", 10)] == [(4, "after edit")]
-    assert await store.search("before 4", 10) == []
+    await store.append([msg("dev", 3, "new words"), msg("dev", 4, "new words")])
+    assert await store.search("lost", 10) == []
+    assert [m.seq for m in await store.search("new", 10)] == [4, 3]
+    await store.close()
+    db = sqlite3.connect(index_path(path))
+    db.execute("UPDATE meta SET value = 'another' WHERE key = 'epoch'")
+    db.execute("DELETE FROM search_text")
+    db.commit()
+    db.close()
+    store = SqliteStorage(path)
+    await store.open()
+    assert [m.seq for m in await store.search("words", 10)] == [4, 3, 2, 1]
     await store.close()
 
 
 async def test_lines_a_killed_broker_had_not_indexed_are_found_after_it(tmp_path: Path) -> None:
-    """A broker killed between two batches: the next open indexes what it stored."""
+    """A broker killed before its index thread reached its last lines: the next open's
+    thread finds them past the cursors."""
     path = tmp_path / "history.db"
     script = (
         "import asyncio, os, sys\n"
         "from zchat.protocol import Msg\n"
+        "from zchat.storage import sqlite_search\n"
         "from zchat.storage.sqlite import SqliteStorage\n"
+        "sqlite_search.PASS_DELAY = 3600  # the thread's first pass, then nothing before the kill\n"
         "async def main():\n"
         "    store = SqliteStorage(sys.argv[1])\n"
         "    await store.open()\n"
@@ -226,23 +245,43 @@ async def test_lines_a_killed_broker_had_not_indexed_are_found_after_it(tmp_path
     assert _indexed(path) == 0
     store = SqliteStorage(path)
     await store.open()
-    assert _indexed(path) == 3  # indexed in the transaction that opened the file
     assert [m.seq for m in await store.search("orphan", 10)] == [3, 2, 1]
     await store.close()
 
 
 async def test_the_index_stays_whole_whoever_wrote_the_file_last(tmp_path: Path) -> None:
     """Two storages on one file (a tool beside the broker): each indexes what is past the
-    index itself, never what another already indexed."""
+    index's cursors, never what the other already indexed."""
     path = tmp_path / "history.db"
     first = SqliteStorage(path)
     await first.open()
     await first.append([msg("dev", 1, "shared words one")])
     second = SqliteStorage(path)
-    await second.open()  # indexes what the first had not
+    await second.open()
     await second.append([msg("dev", 2, "shared words two")])
-    await second.close()  # and its own line
+    assert [m.seq for m in await second.search("shared", 10)] == [2, 1]
+    await second.close()
     await first.append([msg("dev", 3, "shared words three")])
     assert [m.seq for m in await first.search("shared", 10)] == [3, 2, 1]
     assert _indexed(path) == 3
     await first.close()
+
+
+async def test_a_search_waits_for_the_index_a_bounded_time(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """An index thread that cannot keep up (here: stopped) costs a search WAIT_FOR_INDEX
+    and a clear error, never a wrong answer or a broker that waits for ever."""
+    monkeypatch.setattr(sqlite_search, "WAIT_FOR_INDEX", 0.3)
+    store = SqliteStorage(tmp_path / "history.db")
+    await store.open()
+    await store.append([msg("dev", 1, "early words")])
+    assert [m.seq for m in await store.search("early", 10)] == [1]
+    index = store._search
+    assert index is not None and index._thread is not None
+    index._stopping = True
+    index._wake.set()
+    index._hurry.set()
+    index._thread.join(5)
+    await store.append([msg("dev", 2, "late words")])
+    with pytest.raises(StorageUnavailable, match="behind"):
+        await store.search("words", 10)
+    await store.close()

@@ -103,9 +103,6 @@ class Broker(Startup, Zap, Edge, Inputs, Moderating, Searching, Liveness):
         self.request_queue = read_ahead_queue()  # frames read ahead, taken fairly (zchat.broker.inputs)
         self.chat_queue = read_ahead_queue()
         self.store_took = 0.0  # seconds the last turn's store took (for the slow-turn log)
-        # Work a store does while the loop has nothing to read (SqliteStorage.idle: search
-        # indexing of big lines, off the turns that store them); None: it has none.
-        self.storage_idle = getattr(storage, "idle", None)
 
     # ------------------------------------------------------------ set-up
 
@@ -299,9 +296,6 @@ class Broker(Startup, Zap, Edge, Inputs, Moderating, Searching, Liveness):
                             stale[i] = False
                 if any(stale) or self.request_queue or self.chat_queue:
                     continue
-                if self.storage_idle is not None and self._storage_idle(now):
-                    await asyncio.sleep(0)  # that took a moment: look at the sockets again first
-                    continue
                 self._wake = loop.create_future()
                 await self._wake  # a socket, stop() or the ticker
             await self._farewell()
@@ -337,14 +331,6 @@ class Broker(Startup, Zap, Edge, Inputs, Moderating, Searching, Liveness):
             read, self.turn_bytes, reading * 1e3, len(out.store),
             self.store_took * 1e3, len(out.publish), len(out.replies), len(out.acks),
         )
-
-    def _storage_idle(self, now: float) -> bool:
-        """One piece of the store's idle work; True if it did some (never raises)."""
-        try:
-            return bool(self.storage_idle())  # type: ignore[misc]
-        except Exception:
-            self._failed("the store's idle work", now)
-            return False
 
     def _failed(self, what: str, now: float) -> None:
         """Log a bug met while handling input (with its traceback, at most once a second)."""

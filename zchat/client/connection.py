@@ -438,6 +438,8 @@ class Connection:
         async with self._rehello_lock:
             if self.boot != boot:
                 return  # another task has just said hello to the new broker
+            if not hasattr(self, "_sub_at"):
+                return  # connect() has not opened the fan-out yet: its own hello is the one that counts
             try:
                 await self._hello_again()
             except (ClientError, asyncio.TimeoutError) as exc:

@@ -53,6 +53,8 @@ from zchat.storage.base import (
     search_terms,
 )
 
+from zchat.storage.sqlite_search import REDO_SCHEMA, REDO_SQL, TRIM_SQL, SearchIndex, search_rows
+
 log = logging.getLogger(__name__)
 
 _SQLITE_HEADER = b"SQLite format 3\x00"
@@ -75,18 +77,6 @@ CHECKPOINT_PAGES = 4
 WAL_LIMIT_BYTES = 16 * 1024 * 1024
 #: ...once a background checkpoint had no more than this to copy (so the broker's is short).
 HANDOFF_BYTES = 1024 * 1024
-#: Search lines stored but not yet in the FTS5 index that make the append reaching them
-#: index them all, in its transaction: one FTS5 segment for the batch instead of one a line.
-INDEX_BATCH = 64
-#: ...or this many bytes of their text, whichever comes first: indexing costs by the
-#: word, so 64 lines of 32 KB in one append would hold a turn (and everyone) ~15 ms.
-INDEX_BATCH_BYTES = 64 * 1024
-#: Once the broker calls ``idle()`` (when its loop has nothing to read), a full batch is
-#: indexed there, a batch at a time, instead of in the append that filled it: indexing
-#: is 75% of storing a 32 KB line (1.24 ms of CPU for 3, 0.30 without), so a flood's
-#: burst of big lines held every turn 3-4x longer. Up to this much text waits; past it
-#: the append indexes as before (so a loop that is never idle still keeps it bounded).
-INDEX_DEFER_BYTES = 4 * 1024 * 1024
 #: Seconds close() waits for a checkpoint in progress before closing without it.
 CHECKPOINTER_JOIN_TIMEOUT = 5.0
 
@@ -125,50 +115,6 @@ CREATE TABLE IF NOT EXISTS room_roles (
 -- Earlier versions kept a partial index on ts for recent(), at a cost to every insert.
 DROP INDEX IF EXISTS messages_recent;
 """
-
-# Full-text search (FTS5): search_rows numbers the text and /me lines in the order they
-# were stored (its id is the FTS row's rowid and the search position on the wire);
-# search_text holds their words. search_rows is written in the transaction that stores
-# the line; search_text a batch at a time (INDEX_BATCH lines or INDEX_BATCH_BYTES, in the
-# transaction of the append that fills the batch, or, under a broker, in ``idle()`` when
-# its loop has nothing to read: INDEX_DEFER_BYTES), since each FTS5 commit writes a segment of its own: a
-# line a transaction made it five times dearer than the line itself. So search_text
-# always holds a prefix of search_rows (every id up to MAX(rowid)), and a search first
-# indexes what is past it, so it finds every stored line; so do open (what a killed
-# broker left) and close. Both are changed with the line (tombstones, edits, retention;
-# a change to a line not yet indexed finds no FTS row, and the batch reads the line's
-# text as it is then). Built once for a file
-# made before search existed (meta 'search'), in the transaction that opens it. A broker
-# from before search, run on the file, stores lines without them: delete meta 'search'
-# to build the index again (docs/operations.md, Upgrading). What it deletes or prunes
-# only leaves rows the search query's join and kind filter skip.
-_SEARCH_SCHEMA = (
-    "CREATE TABLE IF NOT EXISTS search_rows (id INTEGER PRIMARY KEY, room TEXT NOT NULL, seq INTEGER NOT NULL)",
-    "CREATE UNIQUE INDEX IF NOT EXISTS search_rows_line ON search_rows (room, seq)",
-    "CREATE VIRTUAL TABLE IF NOT EXISTS search_text USING fts5(text, tokenize = 'unicode61 remove_diacritics 2')",
-)
-_SEARCH_BUILD = (
-    "DELETE FROM search_text",
-    "DELETE FROM search_rows",
-    f"INSERT INTO search_rows (room, seq) SELECT room, seq FROM messages WHERE kind IN {TOMBSTONED_KINDS!r} ORDER BY ts, room, seq",
-    "INSERT INTO search_text (rowid, text) SELECT s.id, m.text FROM search_rows s JOIN messages m ON m.room = s.room AND m.seq = s.seq",
-)
-# The words of the lines past the index, as they are now. "Past" is read from the index
-# itself (MAX(rowid), about 10 us), not from this process's count, so it stays right
-# whoever wrote the file last.
-_INDEX_SQL = (
-    "INSERT INTO search_text (rowid, text) SELECT s.id, m.text FROM search_rows s "
-    "JOIN messages m ON m.room = s.room AND m.seq = s.seq "
-    "WHERE s.id > (SELECT COALESCE(MAX(rowid), 0) FROM search_text) ORDER BY s.id"
-)
-_SEARCH_SQL = """
-SELECT s.id, m.room, m.seq, m.id, m.ts, m.sender, m.kind, m.text, m.to_name, m.cid, m.ref, m.edited
-FROM search_text JOIN search_rows s ON s.id = search_text.rowid JOIN messages m ON m.room = s.room AND m.seq = s.seq
-WHERE search_text MATCH ? AND search_text.rowid < ? AND m.kind IN ('text', 'me') {room} ORDER BY search_text.rowid DESC
-"""
-_UNSEARCH_SQL = "DELETE FROM search_text WHERE rowid IN (SELECT id FROM search_rows WHERE room = ? AND seq {op} ?)"
-_UNSEARCH_ROWS_SQL = "DELETE FROM search_rows WHERE room = ? AND seq {op} ?"
-
 
 def fts_query(text: str) -> str:
     """``text`` as an FTS5 query: every word quoted (no FTS syntax gets through), all
@@ -371,10 +317,8 @@ class SqliteStorage:
         self._sync_fd: int | None = None
         self.epoch = ""
         self.searchable = False  # FTS5 is there (the sqlite3 build may lack it)
-        self._unindexed = 0  # lines this storage put in search_rows and not yet in search_text
-        self._unindexed_bytes = 0  # and their text's length (INDEX_BATCH_BYTES)
-        self._deferring = False  # full batches wait for idle() (set by its first call)
-        self.index_batch = INDEX_BATCH  # 1: every line indexed in the transaction storing it
+        self._search: SearchIndex | None = None  # the index file and its thread (zchat.storage.sqlite_search)
+        self._trimmed = 0  # search_redo rows up to this n deleted (the index thread applied them)
         self._commit_bytes = CHECKPOINT_PAGES * 4120  # a commit's WAL frames besides its text (open() reads page_size)
 
     # ------------------------------------------------------------ lifecycle
@@ -441,32 +385,35 @@ class SqliteStorage:
                 log.warning("SQLite %s: no fd for background fsyncs: %s", self.path, exc)
             self._checkpointer = _Checkpointer(self.path, self._sync_fd)
             self._checkpointer.start()
+        self._start_search()
         log.info("opened SQLite history %s (epoch %s)", self.path, self.epoch)
         return self.epoch
 
     def _open_search(self, conn: sqlite3.Connection) -> None:
-        """Create the search tables (and fill them, once, for an older file); without
-        FTS5 the broker still runs, and answers searches ``not_supported``."""
+        """The history's side of search: the redo table; and the index tables an earlier
+        version kept in this file, dropped (the index now has a file of its own)."""
+        conn.execute(REDO_SCHEMA)
         try:
             conn.execute("SAVEPOINT search")
-            for statement in _SEARCH_SCHEMA:
-                conn.execute(statement)
-            built = conn.execute("SELECT 1 FROM meta WHERE key = 'search'").fetchone() is not None
-            if not built:
-                for statement in _SEARCH_BUILD:
-                    conn.execute(statement)
-                built = conn.execute("SELECT COUNT(*) FROM search_rows").fetchone()[0]
-                conn.execute("INSERT INTO meta (key, value) VALUES ('search', '1')")
-                if built:
-                    log.info("SQLite %s: search index built for %d existing lines", self.path, built)
+            conn.execute("DROP TABLE IF EXISTS search_text")
+            conn.execute("DROP TABLE IF EXISTS search_rows")
+            conn.execute("DELETE FROM meta WHERE key = 'search'")
             conn.execute("RELEASE search")
-        except sqlite3.OperationalError as exc:
+        except sqlite3.OperationalError as exc:  # no FTS5 here to drop it with
             conn.execute("ROLLBACK TO search")
             conn.execute("RELEASE search")
-            log.warning("SQLite %s: no full-text search (%s): searches are answered not_supported", self.path, exc)
-            return
-        self.searchable = True
-        conn.execute(_INDEX_SQL)  # what was stored, not yet indexed, when the last broker stopped
+            log.warning("SQLite %s: the old search tables stay (%s)", self.path, exc)
+
+    def _start_search(self) -> None:
+        """Open (or rebuild) the index file and start its thread; without FTS5 (or a
+        writable index file) the broker still runs, and answers searches ``not_supported``."""
+        index = SearchIndex(self.path, self.epoch)
+        try:
+            self.searchable = index.open(dict(self._db.execute(_HEADS_SQL)))
+        except sqlite3.Error as exc:
+            log.error("SQLite %s: no search index (%s): searches are answered not_supported", self.path, exc)
+            self.searchable = False
+        self._search = index if self.searchable else None
 
     def _check_header(self) -> None:
         """Refuse a non-SQLite file before sqlite3 gets a chance to write to it."""
@@ -484,12 +431,11 @@ class SqliteStorage:
             )
 
     async def close(self) -> None:
-        """Index what is pending, stop the checkpoint thread, fold the WAL into the file, close."""
-        if self._conn is not None:
-            try:
-                self._index()  # the file is left with its index whole
-            except StorageError as exc:
-                log.warning("SQLite %s: %s; the next open indexes them", self.path, exc)
+        """Stop the search index and checkpoint threads, fold the WAL into the file, close
+        (what the index had not reached, the next open's index finds past its cursors)."""
+        search, self._search = self._search, None
+        if search is not None:
+            search.close()
         conn, self._conn = self._conn, None
         checkpointer, self._checkpointer = self._checkpointer, None
         sync_fd, self._sync_fd = self._sync_fd, None
@@ -561,21 +507,10 @@ class SqliteStorage:
         if not messages and not members:
             return
         rows = [(m.room, m.seq, m.id, m.ts, m.sender, m.kind, m.text, m.to, m.cid, m.ref, m.edited) for m in messages]
-        found = [m for m in messages if m.kind in TOMBSTONED_KINDS] if self.searchable else []
         db = self._db
         try:
             db.execute("BEGIN IMMEDIATE")
             db.executemany(_INSERT_SQL, rows)
-            indexing = False
-            if found:  # ids in the order stored: SQLite's next rowid
-                db.executemany("INSERT INTO search_rows (room, seq) VALUES (?, ?)", [(m.room, m.seq) for m in found])
-                size = sum(len(m.text) for m in found)
-                indexing = (
-                    self._unindexed + len(found) >= self.index_batch or self._unindexed_bytes + size >= INDEX_BATCH_BYTES
-                ) and not (self._deferring and self._unindexed_bytes + size < INDEX_DEFER_BYTES)
-                if indexing:  # deferring: the oldest batch only (the cap bounds what waits)
-                    batch = max(len(found), self._batch(self._unindexed + len(found), self._unindexed_bytes + size)) if self._deferring else 0
-                    db.execute(f"{_INDEX_SQL} LIMIT {batch}" if batch else _INDEX_SQL)
             for room, name, member in members:
                 db.execute(_JOIN_SQL if member else _LEAVE_SQL, (room, name))
             db.execute("COMMIT")
@@ -585,60 +520,28 @@ class SqliteStorage:
                 raise StorageError(f"refused {len(rows)} messages: (room, seq) already stored: {exc}") from exc
             # Disk full, read-only file, I/O error, locked: the store, not the batch.
             raise StorageUnavailable(f"SQLite append failed: {exc}") from exc
-        if found:
-            self._unindexed += len(found)
-            self._unindexed_bytes += size
-        if indexing:
-            self._indexed(batch)
+        search = self._search
+        if search is not None:
+            rooms = {m.room for m in messages if m.kind in TOMBSTONED_KINDS}
+            if rooms:
+                search.stored(rooms)  # its thread indexes them (zchat.storage.sqlite_search)
         self._wrote(len(rows) + len(members), sum(len(m.text) for m in messages))
 
-    def idle(self) -> bool:
-        """The broker's loop has nothing to read: index one full batch of lines stored
-        since the last (at most INDEX_BATCH lines or about INDEX_BATCH_BYTES of text), if
-        there is one. True if it did (the caller looks at its inputs, then calls again).
-        From the first call on, appends leave full batches to it (INDEX_DEFER_BYTES)."""
-        self._deferring = True
-        pending, size = self._unindexed, self._unindexed_bytes
-        if pending < self.index_batch and size < INDEX_BATCH_BYTES:
-            return False
-        try:
-            self._index(self._batch(pending, size))
-        except StorageUnavailable as exc:  # the next append indexes in its transaction, or fails itself
-            log.warning("SQLite %s: %s", self.path, exc)
-            self._deferring = False
-            return False
-        return True
-
-    def _index(self, lines: int = 0) -> None:
-        """Put the words of every line stored since the last batch (or of its first
-        ``lines``) into the FTS5 index, in one transaction, so a search finds every
-        stored line."""
-        if not self._unindexed:
+    def _redo(self, db: sqlite3.Connection, room: str, lo: int, hi: int) -> None:
+        """In a change's transaction: tell the index thread to read room's lo..hi again
+        (and forget the changes it applied)."""
+        search = self._search
+        if search is None:
             return
-        db = self._db
-        some = 0 < lines < self._unindexed
-        try:
-            db.execute("BEGIN IMMEDIATE")
-            db.execute(f"{_INDEX_SQL} LIMIT {int(lines)}" if some else _INDEX_SQL)
-            db.execute("COMMIT")
-        except sqlite3.Error as exc:
-            self._rollback(db)
-            raise StorageUnavailable(f"SQLite could not index {self._unindexed} lines for search: {exc}") from exc
-        self._wrote(*self._indexed(lines if some else 0))
+        db.execute(REDO_SQL, (room, lo, hi))
+        done = search.redo_done
+        if done > self._trimmed:
+            db.execute(TRIM_SQL, (done,))
+            self._trimmed = done
 
-    def _batch(self, pending: int, size: int) -> int:
-        """How many of ``pending`` lines (``size`` bytes of text) make one batch to index."""
-        return max(1, min(pending, self.index_batch, pending * INDEX_BATCH_BYTES // max(1, size)))
-
-    def _indexed(self, lines: int) -> tuple[int, int]:
-        """Count the first ``lines`` pending lines (0: all) as indexed; (lines, their bytes)."""
-        if 0 < lines < self._unindexed:
-            size = self._unindexed_bytes * lines // self._unindexed  # their share, about
-            self._unindexed -= lines
-            self._unindexed_bytes -= size
-            return lines, size
-        lines, size, self._unindexed, self._unindexed_bytes = self._unindexed, self._unindexed_bytes, 0, 0
-        return lines, size
+    def _changed(self) -> None:
+        if self._search is not None:
+            self._search.changed()
 
     def _rollback(self, db: sqlite3.Connection) -> None:
         """End a failed transaction (SQLite may have rolled it back itself, e.g. on SQLITE_FULL)."""
@@ -680,13 +583,12 @@ class SqliteStorage:
         try:
             db.execute("BEGIN IMMEDIATE")
             deleted = db.execute("DELETE FROM messages WHERE room = ? AND seq <= ?", (room, cut)).rowcount
-            if self.searchable:
-                db.execute(_UNSEARCH_SQL.format(op="<="), (room, cut))
-                db.execute(_UNSEARCH_ROWS_SQL.format(op="<="), (room, cut))
+            self._redo(db, room, rows[0][0], cut)
             db.execute("COMMIT")
         except sqlite3.Error as exc:
             self._rollback(db)
             raise StorageUnavailable(f"SQLite prune of {room!r} failed: {exc}") from exc
+        self._changed()
         self._wrote(deleted)
         return deleted
 
@@ -830,13 +732,14 @@ class SqliteStorage:
                 f"UPDATE messages SET kind = 'deleted', text = '' WHERE room = ? AND seq = ? AND kind IN {TOMBSTONED_KINDS!r}",
                 (room, seq),
             )
-            if cur.rowcount and self.searchable:
-                db.execute(_UNSEARCH_SQL.format(op="="), (room, seq))
-                db.execute(_UNSEARCH_ROWS_SQL.format(op="="), (room, seq))
+            if cur.rowcount:
+                self._redo(db, room, seq, seq)
             db.execute("COMMIT")
         except sqlite3.Error as exc:
             self._rollback(db)
             raise StorageUnavailable(f"SQLite tombstone failed: {exc}") from exc
+        if cur.rowcount:
+            self._changed()
         self._wrote(1)
         return cur.rowcount == 1
 
@@ -848,12 +751,14 @@ class SqliteStorage:
                 f"UPDATE messages SET text = ?, edited = ? WHERE room = ? AND seq = ? AND kind IN {TOMBSTONED_KINDS!r} AND edited < ?",
                 (text, by, room, seq, by),
             )
-            if cur.rowcount and self.searchable:
-                db.execute("UPDATE search_text SET text = ? WHERE rowid = (SELECT id FROM search_rows WHERE room = ? AND seq = ?)", (text, room, seq))
+            if cur.rowcount:
+                self._redo(db, room, seq, seq)
             db.execute("COMMIT")
         except sqlite3.Error as exc:
             self._rollback(db)
             raise StorageUnavailable(f"SQLite edit failed: {exc}") from exc
+        if cur.rowcount:
+            self._changed()
         self._wrote(1)
         return cur.rowcount == 1
 
@@ -861,18 +766,20 @@ class SqliteStorage:
         self, text: str, limit: int, before: int = 0, room: str = "", readable: Callable[[str], bool] | None = None,
         max_bytes: int = 0,
     ) -> Found:
-        """Newest first along search_rows' ids (the order lines were stored), one row at a
-        time, skipping rooms ``readable`` refuses (see Storage.search)."""
-        if not self.searchable:
+        """Newest first along the index's positions (the order lines were stored), one
+        row at a time, skipping rooms ``readable`` refuses (see Storage.search); once the
+        index thread has every line stored before the call."""
+        search = self._search
+        if search is None:
             raise SearchUnsupported("this broker's SQLite has no full-text search (FTS5)")
         found = Found()
         query = fts_query(text)
         if not query or limit <= 0:
             return found
-        self._index()  # the lines stored since the last batch: found like every other
-        params: tuple[Any, ...] = (query, before if before > 0 else _MAX_SEQ) + ((room,) if room else ())
+        await search.caught_up()
+        rows = None
         try:
-            rows = self._db.execute(_SEARCH_SQL.format(room="AND s.room = ?" if room else ""), params)
+            rows = search_rows(search.reader, query, before if before > 0 else _MAX_SEQ, room)
             size = scanned = 0
             for row in rows:
                 scanned += 1
@@ -890,6 +797,9 @@ class SqliteStorage:
                     break
         except sqlite3.Error as exc:
             raise StorageError(f"SQLite search failed: {exc}") from exc
+        finally:
+            if rows is not None:
+                rows.close()  # an open read of both files would hold their WALs back
         return found
 
     async def release_user(self, name: str, digest: bytes | None = None) -> bool:
