@@ -1,8 +1,9 @@
-"""What full-text search costs SQLite: append rate without the FTS5 index, with it kept
-in every append's transaction (``index_batch`` 1, as before) and with it batched (the
-default, INDEX_BATCH lines a transaction), at appends of ``--batch`` lines (1: a
-transaction a line, the broker's quiet path); the time of a search, and the file size.
-Prints figures; asserts nothing.
+"""What full-text search costs SQLite: appends without the FTS5 index and with it (kept
+in a file of its own by a thread of its own, zchat/storage/sqlite_search.py), at
+appends of ``--batch`` lines (1: a transaction a line, the broker's quiet path): lines a
+second until a search finds the last, the appending thread's CPU a line (the broker's
+thread), the other threads' (the index and checkpoint threads); the time of a search,
+and the files' sizes. Prints figures; asserts nothing.
 
     python scripts/measure_search.py [--lines 100000] [--batch 100 1]
 """
@@ -11,16 +12,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import os
 import tempfile
 import time
 from pathlib import Path
 
 from zchat.protocol import Msg
-from zchat.storage.sqlite import INDEX_BATCH, SqliteStorage
-
-#: name -> (searchable, index_batch)
-MODES = {"without the search index": (False, 1), "index in every append": (True, 1), f"index {INDEX_BATCH} lines at a time": (True, INDEX_BATCH)}
+from zchat.storage.sqlite import SqliteStorage
+from zchat.storage.sqlite_search import index_path
 
 
 def lines(count: int) -> list[Msg]:
@@ -32,20 +30,23 @@ def lines(count: int) -> list[Msg]:
     ]
 
 
-async def append_rate(path: Path, msgs: list[Msg], batch: int, search: bool, index_batch: int) -> tuple[float, float]:
-    """Lines a second (wall clock, the close's last index batch included) and this
-    thread's CPU per line in microseconds (the checkpoint thread's excluded)."""
-    store = SqliteStorage(path)
+async def append_rate(path: Path, msgs: list[Msg], batch: int, search: bool) -> tuple[float, float, float]:
+    """Lines a second (wall clock, until a search finds the last line), this thread's
+    CPU a line and the other threads' (both in microseconds)."""
+    store = SqliteStorage(path, search=search)
     await store.open()
-    store.searchable = search  # off: the appends of a build without the index
-    store.index_batch = index_batch
-    began, cpu = time.perf_counter(), time.thread_time()
+    began, cpu, proc = time.perf_counter(), time.thread_time(), time.process_time()
     for i in range(0, len(msgs), batch):
         await store.append(msgs[i : i + batch])
-    await store.search("deploy", 1) if search else None  # indexes the last batch
-    elapsed, cpu = time.perf_counter() - began, time.thread_time() - cpu
+    if search:
+        await store.search("deploy", 1)  # waits for the index thread to have every line
+    elapsed, cpu, proc = time.perf_counter() - began, time.thread_time() - cpu, time.process_time() - proc
     await store.close()
-    return len(msgs) / elapsed, cpu / len(msgs) * 1e6
+    return len(msgs) / elapsed, cpu / len(msgs) * 1e6, (proc - cpu) / len(msgs) * 1e6
+
+
+def size(path: Path) -> float:
+    return sum(p.stat().st_size for p in (path, index_path(path)) if p.exists()) / 1e6
 
 
 async def main() -> None:
@@ -56,12 +57,13 @@ async def main() -> None:
     msgs = lines(args.lines)
     with tempfile.TemporaryDirectory() as tmp:
         for batch in args.batch:
-            for n, (mode, (search, index_batch)) in enumerate(MODES.items()):
-                path = Path(tmp) / f"{batch}-{n}.db"
-                rate, cpu = await append_rate(path, msgs, batch, search, index_batch)
-                print(f"append, {batch} lines a transaction, {mode}: {rate:,.0f} lines/s, {cpu:.1f} us CPU a line, "
-                      f"file {os.path.getsize(path) / 1e6:.1f} MB", flush=True)
-        store = SqliteStorage(Path(tmp) / f"{args.batch[0]}-2.db")
+            for search in (False, True):
+                path = Path(tmp) / f"{batch}-{search}.db"
+                rate, cpu, others = await append_rate(path, msgs, batch, search)
+                mode = "with the search index" if search else "without the search index"
+                print(f"append, {batch} lines a transaction, {mode}: {rate:,.0f} lines/s, {cpu:.1f} us CPU a line on the "
+                      f"appending thread, {others:.1f} us on the others, files {size(path):.1f} MB", flush=True)
+        store = SqliteStorage(Path(tmp) / f"{args.batch[0]}-True.db")
         await store.open()
         for query, kwargs in (("deploy", {}), ("deploy", {"room": "r7"}), ("deploy", {"readable": lambda r: r == "r7"}),
                               ("coffee number 4*", {}), ("nothing-like-this", {})):

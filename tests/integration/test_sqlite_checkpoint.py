@@ -148,16 +148,21 @@ async def test_wal_stays_bounded_under_writes_that_never_pause(
         deadline = time.monotonic() + DEADLINE
         # Back-to-back commits rarely leave the thread a moment in which the whole WAL is
         # copied, so the WAL passes the limit and the broker's thread is asked to finish.
-        while ck.catch_ups < 2:
-            assert time.monotonic() < deadline, "the WAL was never handed back to the broker's thread"
+        # A catch-up copies everything, so the next write starts the WAL over and SQLite
+        # trims the file to journal_size_limit (4 * WAL_LIMIT_BYTES); unless the search
+        # index thread was reading the history just then (it reads for a moment a pass),
+        # and the next catch-up does it.
+        while True:
+            assert time.monotonic() < deadline, "the WAL was never handed back to the broker's thread, or never started over"
+            catch_ups = ck.catch_ups
             await store.append([msg("dev", s) for s in range(seq + 1, seq + 21)])
             seq += 20
+            if ck.catch_ups > catch_ups >= 1:
+                await store.append([msg("dev", seq + 1)])
+                seq += 1
+                if wal_of(store).stat().st_size <= 4 * limit:
+                    break
         assert ck.checkpoints >= 2
-        # The catch-up copied everything, so this write starts the WAL over and SQLite
-        # trims the file to journal_size_limit (4 * WAL_LIMIT_BYTES).
-        await store.append([msg("dev", seq + 1)])
-        seq += 1
-        assert wal_of(store).stat().st_size <= 4 * limit
     finally:
         await store.close()
     reopened = SqliteStorage(tmp_path / "h.db")

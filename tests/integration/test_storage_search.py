@@ -285,3 +285,14 @@ async def test_a_search_waits_for_the_index_a_bounded_time(tmp_path: Path, monke
     with pytest.raises(StorageUnavailable, match="behind"):
         await store.search("words", 10)
     await store.close()
+
+
+async def test_a_backlog_is_indexed_a_bounded_pass_at_a_time(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A rebuild, or a flood across many rooms, is indexed PASS_LINES lines a transaction;
+    a search still waits for all of it, and finds it."""
+    monkeypatch.setattr(sqlite_search, "PASS_LINES", 7)
+    store = SqliteStorage(tmp_path / "history.db")
+    await store.open()
+    await store.append([msg(f"r{r}", n, f"many {r} {n}") for r in range(4) for n in range(1, 11)])
+    assert len(await store.search("many", 100)) == 40
+    await store.close()

@@ -310,8 +310,9 @@ class _Checkpointer(threading.Thread):
 class SqliteStorage:
     """The Storage interface on one SQLite file (see zchat.storage.base)."""
 
-    def __init__(self, path: str | Path) -> None:
+    def __init__(self, path: str | Path, search: bool = True) -> None:
         self.path = Path(path)
+        self.search_wanted = search  # False: no index file, no thread (searches not_supported)
         self._conn: sqlite3.Connection | None = None
         self._checkpointer: _Checkpointer | None = None
         self._sync_fd: int | None = None
@@ -407,6 +408,8 @@ class SqliteStorage:
     def _start_search(self) -> None:
         """Open (or rebuild) the index file and start its thread; without FTS5 (or a
         writable index file) the broker still runs, and answers searches ``not_supported``."""
+        if not self.search_wanted:
+            return
         index = SearchIndex(self.path, self.epoch)
         try:
             self.searchable = index.open(dict(self._db.execute(_HEADS_SQL)))
@@ -778,8 +781,9 @@ class SqliteStorage:
             return found
         await search.caught_up()
         rows = None
+        reader = search.reader()
         try:
-            rows = search_rows(search.reader, query, before if before > 0 else _MAX_SEQ, room)
+            rows = search_rows(reader, query, before if before > 0 else _MAX_SEQ, room)
             size = scanned = 0
             for row in rows:
                 scanned += 1
@@ -799,7 +803,8 @@ class SqliteStorage:
             raise StorageError(f"SQLite search failed: {exc}") from exc
         finally:
             if rows is not None:
-                rows.close()  # an open read of both files would hold their WALs back
+                rows.close()
+            reader.close()
         return found
 
     async def release_user(self, name: str, digest: bytes | None = None) -> bool:
