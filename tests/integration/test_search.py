@@ -4,15 +4,17 @@ broker's clear not_supported."""
 
 from __future__ import annotations
 
+import asyncio
 import secrets
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import HEARTBEAT, RunningBroker
+from tests.conftest import HEARTBEAT, RunningBroker, wait_for
 from zchat import protocol as p
 from zchat.client import Client, ClientError
 from zchat.core import Limits
+from zchat.storage import sqlite_search
 
 
 def where(msgs: list[p.Msg]) -> list[tuple[str, str]]:
@@ -93,3 +95,29 @@ async def test_a_redis_broker_says_search_is_not_supported(tmp_path: Path, redis
     finally:
         await client.close()
         await running.stop()
+
+
+async def test_a_search_waiting_for_the_index_holds_nobody_else(broker: RunningBroker, connect, monkeypatch: pytest.MonkeyPatch) -> None:  # type: ignore[no-untyped-def]
+    """fails on the loop that awaited the search in its turn: a search waits for the
+    index thread to have every line stored before it, and the whole broker waited with
+    it. Now it waits in a task of its own; here the thread is stopped, so the search
+    ends in a clear storage_unavailable after WAIT_FOR_INDEX, and bob's ping, sent after
+    it, is answered first."""
+    monkeypatch.setattr(sqlite_search, "WAIT_FOR_INDEX", 3.0)
+    alice, bob = await connect("alice"), await connect("bob")
+    await alice.join("general")
+    await alice.send("general", "findable words")
+    assert where((await alice.search("findable"))[0]) == [("general", "findable words")]
+    index = broker.broker.storage._search  # type: ignore[attr-defined]
+    index._stopping = True
+    index._wake.set()
+    index._hurry.set()
+    index._thread.join(5)
+    await alice.send("general", "more words")  # past what the stopped thread indexed
+    search = asyncio.ensure_future(alice.search("words"))
+    await wait_for(lambda: bool(broker.broker.searching), what="the search under way")
+    await bob.ping()
+    assert not search.done()
+    with pytest.raises(ClientError) as info:
+        await search
+    assert info.value.code == p.ErrorCode.STORAGE_UNAVAILABLE

@@ -103,6 +103,8 @@ class Broker(Startup, Zap, Edge, Inputs, Moderating, Searching, Liveness):
         self.request_queue = read_ahead_queue()  # frames read ahead, taken fairly (zchat.broker.inputs)
         self.chat_queue = read_ahead_queue()
         self.store_took = 0.0  # seconds the last turn's store took (for the slow-turn log)
+        self.searched: list[tuple[str, bytes]] = []  # search replies ready to send (zchat.broker.search)
+        self.searching: set[asyncio.Task] = set()  # searches under way
 
     # ------------------------------------------------------------ set-up
 
@@ -267,6 +269,9 @@ class Broker(Startup, Zap, Edge, Inputs, Moderating, Searching, Liveness):
                     self._hold_pongs(out)
                 if out.publish:
                     stale[XPUB] = True
+                if self.searched:
+                    self._send_searched()
+                    stale[ROUTER] = True
                 if out.replies or out.acks or out.queries:
                     stale[ROUTER] = True
                 applying = time.perf_counter()
@@ -301,6 +306,8 @@ class Broker(Startup, Zap, Edge, Inputs, Moderating, Searching, Liveness):
             await self._farewell()
         finally:
             ticker.cancel()
+            for task in list(self.searching):  # their replies would have nobody to send them
+                task.cancel()
             if guard is not None:
                 guard.on_gone = None
             for fd in fds:
@@ -443,7 +450,7 @@ class Broker(Startup, Zap, Edge, Inputs, Moderating, Searching, Liveness):
         stats.acks += len(out.acks)
         for query in out.queries:
             if type(query) is SearchQuery:
-                send_parts(router, [query.sid.encode("latin-1"), encode(await self._answer_search(query))])
+                self._search_later(query)  # its reply comes in a later turn (zchat.broker.search)
                 continue
             if type(query) is EditQuery:
                 await self._edit_line(query)

@@ -42,7 +42,7 @@ log = logging.getLogger(__name__)
 
 #: Seconds the thread lets new lines gather before a pass (each FTS5 commit writes a
 #: segment: a line a pass made the index five times dearer than the line itself)...
-PASS_DELAY = 0.05
+PASS_DELAY = 0.25
 #: ...and the most lines a pass looks at (a rebuild goes in such steps).
 PASS_LINES = 20_000
 #: Changes (edits, tombstones, prunes) a pass applies at most.
