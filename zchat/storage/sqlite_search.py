@@ -126,7 +126,7 @@ class SearchIndex:
             why = self._distrust(conn, heads)
             if why:
                 conn.close()
-                log.info("SQLite %s: search index %s: rebuilding it from the history", self.history, why)
+                log.info("SQLite %s: search index %s: indexing the history into %s", self.history, why, self.path.name)
                 for suffix in ("", "-wal", "-shm"):
                     try:
                         os.unlink(f"{self.path}{suffix}")
