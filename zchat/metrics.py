@@ -256,6 +256,11 @@ class BrokerCollector:
         kind, size = storage_size(broker.storage)
         if size >= 0:
             yield GaugeMetricFamily("zchat_storage_bytes", "Bytes the history takes on disk (SQLite file, WAL and shm).", value=size)
+        index = getattr(broker.storage, "search_index", None)
+        searching = index() if index is not None else None
+        if searching is not None:
+            yield GaugeMetricFamily("zchat_search_index_behind", "Commits whose lines the search index thread has not indexed yet (SQLite).", value=searching[0])
+            yield GaugeMetricFamily("zchat_search_index_bytes", "Bytes the search index file takes on disk (history.db-search, WAL and shm).", value=searching[1])
         outage = getattr(broker, "outage", None)
         since = getattr(outage, "since", 0.0)
         yield GaugeMetricFamily("zchat_storage_unavailable_seconds", "Seconds the store has refused writes (disk full, read-only); 0 while it writes.",

@@ -89,3 +89,24 @@ async def test_retention_counts_what_it_pruned(tmp_path: Path, cli_env: dict[str
         assert value(last, "zchat_retention_busy_seconds_total") > 0
     finally:
         again.stop()
+
+
+async def test_the_search_index_shows_how_far_behind_it_is(broker: RunningBroker) -> None:
+    """An index thread that stopped (a stuck disk, say) shows in metrics: the commits it
+    has not indexed, and the size of its file; a working one comes back to 0."""
+    client = Client(broker.endpoint, "indexer", "secret-of-indexer-0123456789")
+    await client.connect()
+    try:
+        await client.join("general")
+        await client.send("general", "indexed words")
+        await wait_for(lambda: value(read(broker), "zchat_search_index_behind") == 0, what="the index caught up")
+        assert value(read(broker), "zchat_search_index_bytes") > 0
+        index = broker.broker.storage._search  # type: ignore[attr-defined]
+        index._stopping = True
+        index._wake.set()
+        index._hurry.set()
+        index._thread.join(5)
+        await client.send("general", "left behind")
+        assert value(read(broker), "zchat_search_index_behind") >= 1
+    finally:
+        await client.close()

@@ -542,6 +542,11 @@ class SqliteStorage:
             db.execute(TRIM_SQL, (done,))
             self._trimmed = done
 
+    def search_index(self) -> tuple[int, int] | None:
+        """(commits not yet indexed, bytes of the index file), or None without search (metrics)."""
+        search = self._search
+        return None if search is None else (search.behind, search.size())
+
     def _changed(self) -> None:
         if self._search is not None:
             self._search.changed()

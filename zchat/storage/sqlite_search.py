@@ -206,6 +206,21 @@ class SearchIndex:
         if not self._wake.is_set():
             self._wake.set()
 
+    @property
+    def behind(self) -> int:
+        """Commits with lines to index that the thread has not indexed yet (metrics)."""
+        return max(0, self.commits - self.done)
+
+    def size(self) -> int:
+        """Bytes the index file takes on disk (with its WAL and shm)."""
+        total = 0
+        for suffix in ("", "-wal", "-shm"):
+            try:
+                total += os.stat(f"{self.path}{suffix}").st_size
+            except OSError:
+                continue
+        return total
+
     def changed(self) -> None:
         """A change committed its search_redo row."""
         self.commits += 1
