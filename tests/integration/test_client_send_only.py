@@ -108,6 +108,10 @@ async def test_kicked_send_only_client_is_no_longer_a_member(connect) -> None:
     await op.join("general")
     bot = await connect("bot")
     await bot.join("general", receive=False)
+    # The kick reaches a send-only client on its inbox only: make sure that is live
+    # first (a full CI run once kicked before the bot's SUB took effect, and lost it).
+    await op.send_dm("bot", "inbox live?")
+    await collect(bot, 1, where=lambda e: getattr(e, "text", "") == "inbox live?")
     await op.kick("general", "bot", "spam")
     kick = (await collect(bot, 1, where=lambda e: getattr(e, "kind", "") == "kick"))[0]
     assert kick.room == "general"
