@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import ipaddress
 import logging
-import os
 import time
 from bisect import bisect_left
 from collections import deque
@@ -143,13 +142,9 @@ def storage_size(storage: object) -> tuple[str, int]:
     ask Redis, ``INFO memory`` and the size of its RDB/AOF files)."""
     path = getattr(storage, "path", None)
     if isinstance(path, Path):
-        total = 0
-        for suffix in ("", "-wal", "-shm"):
-            try:
-                total += os.stat(f"{path}{suffix}").st_size
-            except OSError:
-                continue
-        return f"sqlite {path}", total
+        from zchat.storage.sqlite_search import file_bytes
+
+        return f"sqlite {path}", file_bytes(path)
     return type(storage).__name__.removesuffix("Storage").lower() or "unknown", -1
 
 

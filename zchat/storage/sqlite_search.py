@@ -84,6 +84,17 @@ WHERE search_text MATCH ? AND search_text.rowid < ? AND m.kind IN {_KINDS} {{roo
 """
 
 
+def file_bytes(path: Path) -> int:
+    """Bytes an SQLite file takes on disk with its WAL and shm (0 for what is missing)."""
+    total = 0
+    for suffix in ("", "-wal", "-shm"):
+        try:
+            total += os.stat(f"{path}{suffix}").st_size
+        except OSError:
+            continue
+    return total
+
+
 def index_path(history: Path) -> Path:
     return history.with_name(history.name + "-search")
 
@@ -213,13 +224,7 @@ class SearchIndex:
 
     def size(self) -> int:
         """Bytes the index file takes on disk (with its WAL and shm)."""
-        total = 0
-        for suffix in ("", "-wal", "-shm"):
-            try:
-                total += os.stat(f"{self.path}{suffix}").st_size
-            except OSError:
-                continue
-        return total
+        return file_bytes(self.path)
 
     def changed(self) -> None:
         """A change committed its search_redo row."""
