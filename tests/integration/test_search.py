@@ -121,3 +121,35 @@ async def test_a_search_waiting_for_the_index_holds_nobody_else(broker: RunningB
     with pytest.raises(ClientError) as info:
         await search
     assert info.value.code == p.ErrorCode.STORAGE_UNAVAILABLE
+
+
+async def test_a_search_refused_at_the_cap_is_answered_at_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """fails on the loop that slept with the refusal queued (until its tick, 30 s here):
+    past MAX_SEARCHING searches under way, the next is refused rate_limited in the turn
+    that read it; the reply waits in ``searched``, which the loop must count as work
+    before it sleeps."""
+    from zchat.broker import search as searching
+
+    monkeypatch.setattr(sqlite_search, "WAIT_FOR_INDEX", 20.0)
+    monkeypatch.setattr(searching, "MAX_SEARCHING", 1)
+    monkeypatch.setattr(searching, "SEARCHING_RETRY", 100.0)  # past the client's own retries: it raises
+    running = await RunningBroker(tmp_path / "h.db", Limits(heartbeat=60), tick=30).start()
+    alice = Client(running.endpoint, "alice", "secret-of-alice-0123456789")
+    try:
+        await alice.connect()
+        await alice.join("general")
+        index = running.broker.storage._search  # type: ignore[union-attr]
+        index._stopping = True
+        index._wake.set()
+        index._hurry.set()
+        index._thread.join(5)
+        await alice.send("general", "words the stopped index never sees")
+        first = asyncio.ensure_future(alice.search("words"))
+        await wait_for(lambda: bool(running.broker.searching), what="the first search under way")  # type: ignore[union-attr]
+        with pytest.raises(ClientError) as info:
+            await asyncio.wait_for(alice.search("words"), 2.0)  # the client resends after 3 s
+        assert info.value.code == p.ErrorCode.RATE_LIMITED
+        first.cancel()
+    finally:
+        await alice.close()
+        await running.stop()

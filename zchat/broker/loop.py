@@ -299,7 +299,7 @@ class Broker(Startup, Zap, Edge, Inputs, Moderating, Searching, Liveness):
                             known[i] = True  # the next turn reads it without asking again
                         else:
                             stale[i] = False
-                if any(stale) or self.request_queue or self.chat_queue:
+                if any(stale) or self.request_queue or self.chat_queue or self.searched:
                     continue
                 self._wake = loop.create_future()
                 await self._wake  # a socket, stop() or the ticker
