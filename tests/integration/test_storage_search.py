@@ -296,3 +296,24 @@ async def test_a_backlog_is_indexed_a_bounded_pass_at_a_time(tmp_path: Path, mon
     await store.append([msg(f"r{r}", n, f"many {r} {n}") for r in range(4) for n in range(1, 11)])
     assert len(await store.search("many", 100)) == 40
     await store.close()
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="a thread's own nice value is Linux's")
+async def test_the_index_thread_gives_way_to_the_broker(tmp_path: Path) -> None:
+    """fails with the thread at the broker's priority: on a busy machine, storing and
+    delivering come first and indexing catches up after."""
+    store = SqliteStorage(tmp_path / "h.db")
+    await store.open()
+    try:
+        await store.append([msg("dev", 1, "a word")])
+        assert found(await store.search("word", 10)) == [("dev", 1)]  # the thread runs
+        index = store._search
+        assert index is not None and index.native_id
+
+        def nice(stat: str) -> int:
+            return int(Path(stat).read_text().rsplit(")", 1)[1].split()[16])
+
+        mine = nice("/proc/thread-self/stat")  # the broker's own thread keeps its priority
+        assert nice(f"/proc/self/task/{index.native_id}/stat") == max(mine, sqlite_search.INDEX_NICE) > mine
+    finally:
+        await store.close()
