@@ -165,10 +165,19 @@ def status(broker: Broker, body: p.StatusReply) -> p.StatusReply:
         reserved_names=",".join(sorted(broker.reserved)),
     )
     since = broker.outage.since
+    behind, index_bytes = search_index(broker.storage) or (-1, -1)
     return msgspec.structs.replace(
         body, version=__version__, uptime=round(now - stats.started, 3), storage=kind, storage_bytes=size,
         rates=stats.rates(now), limits=limits, storage_unavailable=round(now - since, 3) if since else 0.0,
+        search_behind=behind, search_bytes=index_bytes,
     )
+
+
+def search_index(storage: Any) -> tuple[int, int] | None:
+    """(commits the search index has not reached, bytes of its file), or None for a store
+    without one (Redis, SQLite with search off)."""
+    index = getattr(storage, "search_index", None)
+    return index() if index is not None else None
 
 
 # ------------------------------------------------------------------ Prometheus
@@ -251,8 +260,7 @@ class BrokerCollector:
         kind, size = storage_size(broker.storage)
         if size >= 0:
             yield GaugeMetricFamily("zchat_storage_bytes", "Bytes the history takes on disk (SQLite file, WAL and shm).", value=size)
-        index = getattr(broker.storage, "search_index", None)
-        searching = index() if index is not None else None
+        searching = search_index(broker.storage)
         if searching is not None:
             yield GaugeMetricFamily("zchat_search_index_behind", "Commits whose lines the search index thread has not indexed yet (SQLite).", value=searching[0])
             yield GaugeMetricFamily("zchat_search_index_bytes", "Bytes the search index file takes on disk (history.db-search, WAL and shm).", value=searching[1])

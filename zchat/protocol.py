@@ -475,6 +475,8 @@ class StatusReply(_Body, tag="brokerstatus"):
     limits: dict[str, LimitValue] = {}
     counters: dict[str, int] = {}
     storage_unavailable: float = 0.0  # seconds the store has refused writes (disk full...); 0: writing
+    search_behind: int = -1  # commits the search index has not reached yet; -1: no index (Redis, search off)
+    search_bytes: int = -1  # bytes the search index file takes on disk; -1: no index
 
 
 class Invited(_Body, tag="invited"):

@@ -178,6 +178,7 @@ def test_status_through_the_cli(broker_proc: BrokerProcess, cli_env: dict[str, s
     assert before["messages"] == 0 and before["rooms"] == 0
     assert before["sessions"] == 1 and before["users_online"] == 0  # itself, a look-only session
     assert before["uptime"] > 0
+    assert before["search_behind"] >= 0 and before["search_bytes"] > 0  # SQLite's index file (its lag: test_search_index_lag_in_status)
     assert before["limits"]["heartbeat"] == 0.5  # as the broker was started
     assert before["limits"]["max_per_address"] == 100000 and before["limits"]["claims_per_minute"] == 0
     assert before["limits"]["reserved_names"] == "admin,root,system,zchat"
@@ -198,7 +199,7 @@ def test_status_through_the_cli(broker_proc: BrokerProcess, cli_env: dict[str, s
     assert after["rates"]["lines_received"] > 0 and after["rates"]["messages_stored"] > 0
     text = zchat(cli_env, "status", "--broker", b)
     assert text.returncode == 0, text.stderr
-    for label in ("uptime", "epoch      " + before["epoch"], "storage    sqlite", "messages   4", "limits", "rate=20.0"):
+    for label in ("uptime", "epoch      " + before["epoch"], "storage    sqlite", "search     index ", "messages   4", "limits", "rate=20.0"):
         assert label in text.stdout, (label, text.stdout)
 
 

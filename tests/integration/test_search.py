@@ -153,3 +153,21 @@ async def test_a_search_refused_at_the_cap_is_answered_at_once(tmp_path: Path, m
     finally:
         await alice.close()
         await running.stop()
+
+
+async def test_search_index_lag_in_status(broker: RunningBroker, connect) -> None:  # type: ignore[no-untyped-def]
+    """fails with the status that had no word of the index: an operator sees how far
+    the index thread is behind (and its file's size), not only Prometheus."""
+    alice = await connect("alice")
+    await alice.join("general")
+    await alice.send("general", "findable words")
+    await alice.search("findable")  # the thread has every line
+    status = await alice.status()
+    assert status.search_behind == 0 and status.search_bytes > 0
+    index = broker.broker.storage._search  # type: ignore[attr-defined]
+    index._stopping = True
+    index._wake.set()
+    index._hurry.set()
+    index._thread.join(5)
+    await alice.send("general", "lines the stopped thread never indexes")
+    assert (await alice.status()).search_behind >= 1

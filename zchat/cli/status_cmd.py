@@ -40,6 +40,7 @@ def as_text(s: p.StatusReply, broker: str) -> str:
         f"epoch      {s.epoch}",
         f"storage    {s.storage} ({_bytes(s.storage_bytes)})"
         + (f", REFUSING WRITES for {s.storage_unavailable:.0f}s (disk full or read-only?)" if s.storage_unavailable else ""),
+        *([f"search     index {s.search_behind} commits behind ({_bytes(s.search_bytes)})"] if s.search_bytes >= 0 else []),
         f"sessions   {s.sessions} ({s.users_online} users online of {s.users})",
         f"rooms      {s.rooms} rooms, {s.conversations} direct conversations",
         f"messages   {s.messages}",
