@@ -21,6 +21,15 @@ def where(msgs: list[p.Msg]) -> list[tuple[str, str]]:
     return [(m.room, m.text) for m in msgs]
 
 
+def stop_index_thread(running: RunningBroker) -> None:
+    """Stop the broker's search index thread: what is stored next is never indexed."""
+    index = running.broker.storage._search  # type: ignore[union-attr]
+    index._stopping = True
+    index._wake.set()
+    index._hurry.set()
+    index._thread.join(5)
+
+
 async def test_search_finds_only_what_the_user_may_read(broker: RunningBroker, connect) -> None:  # type: ignore[no-untyped-def]
     alice, bob, carol = await connect("alice"), await connect("bob"), await connect("carol")
     await alice.join("general")
@@ -108,11 +117,7 @@ async def test_a_search_waiting_for_the_index_holds_nobody_else(broker: RunningB
     await alice.join("general")
     await alice.send("general", "findable words")
     assert where((await alice.search("findable"))[0]) == [("general", "findable words")]
-    index = broker.broker.storage._search  # type: ignore[attr-defined]
-    index._stopping = True
-    index._wake.set()
-    index._hurry.set()
-    index._thread.join(5)
+    stop_index_thread(broker)
     await alice.send("general", "more words")  # past what the stopped thread indexed
     search = asyncio.ensure_future(alice.search("words"))
     await wait_for(lambda: bool(broker.broker.searching), what="the search under way")
@@ -138,11 +143,7 @@ async def test_a_search_refused_at_the_cap_is_answered_at_once(tmp_path: Path, m
     try:
         await alice.connect()
         await alice.join("general")
-        index = running.broker.storage._search  # type: ignore[union-attr]
-        index._stopping = True
-        index._wake.set()
-        index._hurry.set()
-        index._thread.join(5)
+        stop_index_thread(running)
         await alice.send("general", "words the stopped index never sees")
         first = asyncio.ensure_future(alice.search("words"))
         await wait_for(lambda: bool(running.broker.searching), what="the first search under way")  # type: ignore[union-attr]
@@ -164,10 +165,6 @@ async def test_search_index_lag_in_status(broker: RunningBroker, connect) -> Non
     await alice.search("findable")  # the thread has every line
     status = await alice.status()
     assert status.search_behind == 0 and status.search_bytes > 0
-    index = broker.broker.storage._search  # type: ignore[attr-defined]
-    index._stopping = True
-    index._wake.set()
-    index._hurry.set()
-    index._thread.join(5)
+    stop_index_thread(broker)
     await alice.send("general", "lines the stopped thread never indexes")
     assert (await alice.status()).search_behind >= 1
