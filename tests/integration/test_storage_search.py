@@ -317,3 +317,33 @@ async def test_the_index_thread_gives_way_to_the_broker(tmp_path: Path) -> None:
         assert nice(f"/proc/self/task/{index.native_id}/stat") == max(mine, sqlite_search.INDEX_NICE) > mine
     finally:
         await store.close()
+
+
+async def test_changes_made_with_search_off_are_not_found_by_their_old_words(tmp_path: Path) -> None:
+    """fails on the index a later run trusted: a run with search off applied an edit and
+    a tombstone that no index thread heard of, so the old words stayed in the index file
+    and the edited line was found by them. That run marks the history; the next run with
+    search makes its index again (and clears the mark)."""
+    path = tmp_path / "history.db"
+    store = SqliteStorage(path)
+    await store.open()
+    await store.append([msg("dev", 1, "oldword one"), msg("dev", 2, "oldword two"), msg("dev", 3, "kept words")])
+    await until_indexed(path, 3)
+    await store.close()
+    store = SqliteStorage(path, search=False)
+    await store.open()
+    assert await store.edit("dev", 1, "newword one", by=4)
+    assert await store.tombstone("dev", 2)
+    await store.close()
+    for _ in range(2):  # the second run trusts the index made by the first
+        store = SqliteStorage(path)
+        await store.open()
+        assert await store.search("oldword", 10) == []
+        assert [(m.seq, m.text) for m in await store.search("newword", 10)] == [(1, "newword one")]
+        assert found(await store.search("kept", 10)) == [("dev", 3)]
+        await until_indexed(path, 2)
+        assert _indexed(path, "oldword") == 0
+        await store.close()
+    db = sqlite3.connect(path)
+    assert db.execute("SELECT 1 FROM meta WHERE key = 'search_stale'").fetchone() is None
+    db.close()

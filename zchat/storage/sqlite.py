@@ -320,6 +320,7 @@ class SqliteStorage:
         self.searchable = False  # FTS5 is there (the sqlite3 build may lack it)
         self._search: SearchIndex | None = None  # the index file and its thread (zchat.storage.sqlite_search)
         self._trimmed = 0  # search_redo rows up to this n deleted (the index thread applied them)
+        self._stale_noted = False  # meta's search_stale set by a change made without an index (_redo)
         self._commit_bytes = CHECKPOINT_PAGES * 4120  # a commit's WAL frames besides its text (open() reads page_size)
 
     # ------------------------------------------------------------ lifecycle
@@ -411,11 +412,17 @@ class SqliteStorage:
         if not self.search_wanted:
             return
         index = SearchIndex(self.path, self.epoch)
+        db = self._db
+        # Lines changed (edited, deleted, pruned) by a run without an index: the index
+        # file may still hold their old words, so it is made again.
+        stale = db.execute("SELECT 1 FROM meta WHERE key = 'search_stale'").fetchone() is not None
         try:
-            self.searchable = index.open(dict(self._db.execute(_HEADS_SQL)))
+            self.searchable = index.open(dict(db.execute(_HEADS_SQL)), stale=stale)
         except sqlite3.Error as exc:
             log.error("SQLite %s: no search index (%s): searches are answered not_supported", self.path, exc)
             self.searchable = False
+        if self.searchable and stale:  # the new file holds nothing stale
+            db.execute("DELETE FROM meta WHERE key = 'search_stale'")
         self._search = index if self.searchable else None
 
     def _check_header(self) -> None:
@@ -534,7 +541,10 @@ class SqliteStorage:
         """In a change's transaction: tell the index thread to read room's lo..hi again
         (and forget the changes it applied)."""
         search = self._search
-        if search is None:
+        if search is None:  # no thread to tell: the next one with search rebuilds its index
+            if not self._stale_noted:
+                db.execute("INSERT OR REPLACE INTO meta (key, value) VALUES ('search_stale', '1')")
+                self._stale_noted = True
             return
         db.execute(REDO_SQL, (room, lo, hi))
         done = search.redo_done

@@ -130,8 +130,9 @@ class SearchIndex:
 
     # ------------------------------------------------------------ lifecycle (broker's thread)
 
-    def open(self, heads: dict[str, int]) -> bool:
-        """Make or check the file and start the thread; False if this SQLite lacks FTS5."""
+    def open(self, heads: dict[str, int], stale: bool = False) -> bool:
+        """Make or check the file and start the thread; False if this SQLite lacks FTS5.
+        ``stale``: the history changed lines while no index was kept (made again)."""
         try:
             conn = self._connect()
         except sqlite3.OperationalError as exc:
@@ -140,7 +141,7 @@ class SearchIndex:
                 return False
             raise
         try:
-            why = self._distrust(conn, heads)
+            why = "may hold the words of lines changed while search was off" if stale else self._distrust(conn, heads)
             if why:
                 conn.close()
                 log.info("SQLite %s: search index %s: indexing the history into %s", self.history, why, self.path.name)
