@@ -101,6 +101,15 @@ async def until_indexed(history: Path, count: int, word: str = "") -> None:
     await wait_for(lambda: _indexed(history, word) == count, what=f"{count} lines in the index file")
 
 
+async def indexed_history(path: Path, lines: list) -> None:  # type: ignore[type-arg]
+    """A history at ``path`` holding ``lines`` (text lines), every one in its index file, closed."""
+    store = SqliteStorage(path)
+    await store.open()
+    await store.append(lines)
+    await until_indexed(path, len(lines))
+    await store.close()
+
+
 async def test_the_append_stores_the_line_and_the_thread_indexes_it(tmp_path: Path) -> None:
     """fails on the old storage (the words went into the history file, in the broker's
     thread): the history file holds no index, the index file gets every text and /me
@@ -171,11 +180,7 @@ async def test_what_an_older_broker_did_to_the_file(tmp_path: Path) -> None:
     """A broker from before search, run on the file: what it deleted is never found;
     what it stored is found (past the index's cursor)."""
     path = tmp_path / "history.db"
-    store = SqliteStorage(path)
-    await store.open()
-    await store.append([msg("dev", 1, "indexed words"), msg("dev", 2, "doomed words"), msg("dev", 3, "pruned words")])
-    await until_indexed(path, 3)
-    await store.close()
+    await indexed_history(path, [msg("dev", 1, "indexed words"), msg("dev", 2, "doomed words"), msg("dev", 3, "pruned words")])
     db = sqlite3.connect(path)  # what a broker from before search does to the file
     db.execute("INSERT INTO messages (room, seq, id, ts, sender, kind, text, to_name, cid) "
                "VALUES ('dev', 4, 'x', 1700000004.0, 'bob', 'text', 'unindexed words', '', '')")
@@ -325,11 +330,7 @@ async def test_changes_made_with_search_off_are_not_found_by_their_old_words(tmp
     and the edited line was found by them. That run marks the history; the next run with
     search makes its index again (and clears the mark)."""
     path = tmp_path / "history.db"
-    store = SqliteStorage(path)
-    await store.open()
-    await store.append([msg("dev", 1, "oldword one"), msg("dev", 2, "oldword two"), msg("dev", 3, "kept words")])
-    await until_indexed(path, 3)
-    await store.close()
+    await indexed_history(path, [msg("dev", 1, "oldword one"), msg("dev", 2, "oldword two"), msg("dev", 3, "kept words")])
     store = SqliteStorage(path, search=False)
     await store.open()
     assert await store.edit("dev", 1, "newword one", by=4)

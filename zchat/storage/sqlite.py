@@ -320,7 +320,6 @@ class SqliteStorage:
         self.searchable = False  # FTS5 is there (the sqlite3 build may lack it)
         self._search: SearchIndex | None = None  # the index file and its thread (zchat.storage.sqlite_search)
         self._trimmed = 0  # search_redo rows up to this n deleted (the index thread applied them)
-        self._stale_noted = False  # meta's search_stale set by a change made without an index (_redo)
         self._commit_bytes = CHECKPOINT_PAGES * 4120  # a commit's WAL frames besides its text (open() reads page_size)
 
     # ------------------------------------------------------------ lifecycle
@@ -542,9 +541,7 @@ class SqliteStorage:
         (and forget the changes it applied)."""
         search = self._search
         if search is None:  # no thread to tell: the next one with search rebuilds its index
-            if not self._stale_noted:
-                db.execute("INSERT OR REPLACE INTO meta (key, value) VALUES ('search_stale', '1')")
-                self._stale_noted = True
+            db.execute("INSERT OR REPLACE INTO meta (key, value) VALUES ('search_stale', '1')")
             return
         db.execute(REDO_SQL, (room, lo, hi))
         done = search.redo_done
